@@ -1,0 +1,29 @@
+# embed[experiment, split]: L2-normalised embeddings (float16) with an id table in the same order.
+
+rule embed:
+    input:
+        model=f"{R}/experiments/{{experiment}}/train/model.pt",
+        shards=lambda w: shard_dirs(w.split),
+    output:
+        embeddings=f"{R}/experiments/{{experiment}}/embed/{{split}}.npy",
+        ids=f"{R}/experiments/{{experiment}}/embed/{{split}}.ids.parquet",
+    params:
+        s=lambda w: experiment(w.experiment, "embed"),
+        image_size=lambda w: (f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
+                              if experiment(w.experiment, "embed")["image_size"] else ""),
+        flip=lambda w: "--flip-tta" if experiment(w.experiment, "embed")["flip_tta"] else "",
+        scales=lambda w: " ".join(str(s) for s in experiment(w.experiment, "embed")["scales"]),
+    log:
+        f"{LOGS}/embed/{{experiment}}-{{split}}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=6 * 60,
+        gpu=lambda w: experiment(w.experiment, "embed")["gpus"],
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m landmarks.embed --model {input.model:q} --shards {input.shards:q} --out {output.embeddings:q} "
+        "{params.image_size} --batch-size {params.s[batch_size]} {params.flip} --scales {params.scales} "
+        "--dtype {params.s[dtype]} --workers {params.s[workers]} --threads {threads} "
+        "> {log:q} 2>&1"

@@ -1,0 +1,162 @@
+"""config.yaml: loading, JSON-schema validation with defaults, per-experiment settings.
+
+The Snakefile validates the whole config at start-up with `validate_config`; stages run on their
+own read the same file with `load_config`. Errors name the key (`train.epochs`) or the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import yaml
+from jsonschema import Draft202012Validator
+
+from .common import StageError
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+EXPERIMENT_SECTIONS = ("train", "embed", "retrieve")
+
+
+class ConfigError(StageError):
+    """The configuration is wrong; the message names the key or the file."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _with_defaults(validator_class):
+    """A validator that also fills in each property's `default` (the jsonschema FAQ recipe)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _with_defaults(Draft202012Validator)
+
+
+def _key_path(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    parts = [prefix] if prefix else []
+    parts += [str(p) for p in error.absolute_path]
+    return ".".join(parts) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    key = _key_path(error, prefix)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        where = f"under '{key}'" if key != "(top level)" else "at the top level"
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key {', '.join(repr(u) for u in unknown)} {where}{hint}"
+    return f"key '{key}': {error.message}"
+
+
+def _validate(instance, schema: dict, source: str, prefix: str = "") -> None:
+    validator = _DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        lines = "\n  ".join(_describe(e, prefix) for e in errors)
+        raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Validate `config` in place, filling defaults; also validate each experiment's merged sections."""
+    schema = load_schema()
+    _validate(config, schema, source)
+    for name in config["experiments"]:
+        experiment_settings(config, name, source=source)
+    return config
+
+
+def load_config(path: str | Path | None) -> dict:
+    """Read and validate a config file (None: all defaults, i.e. the demo)."""
+    if path is None:
+        return validate_config({}, "defaults")
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as fh:
+            config = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return validate_config(config, str(path))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (override wins)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def section_settings(section: str, values: dict | None, source: str = "settings", prefix: str | None = None) -> dict:
+    """One experiment section (train/embed/retrieve) validated on its own, defaults filled in."""
+    values = copy.deepcopy(values or {})
+    schema = load_schema()
+    _validate(values, {**schema["$defs"][section], "$defs": schema["$defs"]}, source, prefix=prefix or section)
+    return values
+
+
+def experiment_settings(config: dict, name: str, source: str = "config") -> dict:
+    """The train/embed/retrieve sections of experiment `name`: global sections + its overrides."""
+    if name not in config["experiments"]:
+        known = ", ".join(sorted(config["experiments"]))
+        raise ConfigError(f"{source}: unknown experiment {name!r} (defined: {known})")
+    overrides = config["experiments"][name] or {}
+    return {section: section_settings(section, deep_merge(config[section], overrides.get(section, {})),
+                                      source, prefix=f"experiments.{name}.{section}")
+            for section in EXPERIMENT_SECTIONS}
+
+
+def demo_mode(config: dict) -> bool:
+    """No URL list configured: run the built-in offline demo."""
+    return not config["input"]["urls_csv"]
+
+
+def urls_csv_path(config: dict) -> str:
+    """The URL list the workflow starts from: the user's CSV, or the demo's generated one."""
+    if demo_mode(config):
+        return str(Path(config["demo"]["out_dir"]) / "urls.csv")
+    return config["input"]["urls_csv"]
+
+
+def check_input_files(config: dict, source: str = "config", base: Path | None = None) -> None:
+    """Fail early, naming the key and the path, when a file the config points at is missing."""
+    base = base or Path.cwd()
+
+    def must_exist(key: str, value, kind: str = "file") -> None:
+        if value is None:
+            return
+        path = Path(value) if Path(value).is_absolute() else base / value
+        ok = path.is_dir() if kind == "folder" else path.is_file()
+        if not ok:
+            raise ConfigError(f"{source}: key '{key}': {kind} not found: {value}")
+
+    must_exist("input.urls_csv", config["input"]["urls_csv"])
+    must_exist("input.solution_csv", config["input"]["solution_csv"])
+    must_exist("places365.weights", config["places365"]["weights"])
+    must_exist("places365.labels_dir", config["places365"]["labels_dir"], kind="folder")
+    for name in config["experiments"]:
+        pretrained = experiment_settings(config, name, source)["train"]["pretrained"]
+        if pretrained not in ("timm", "none", "efficientnet_lite0_pypi"):
+            must_exist(f"experiments.{name}.train.pretrained", pretrained)

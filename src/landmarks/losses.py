@@ -1,0 +1,133 @@
+"""Classification heads and metric-learning losses for the `train` stage.
+
+Every head takes the embedding batch and the class numbers and returns the loss; `logits` gives
+per-class scores (used for monitoring training accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def inverse_log_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Weights 1/log(count), normalised to mean 1 over the classes (rare classes count more)."""
+    weights = 1.0 / torch.log(counts.float().clamp(min=2.0))
+    return weights / weights.mean()
+
+
+def dynamic_margins(counts: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Per-class ArcFace margins that grow for rare classes (GLR2020 winners): m ∝ count^-1/4,
+    rescaled linearly into [low, high]."""
+    x = counts.float().clamp(min=1.0).pow(-0.25)
+    span = (x.max() - x.min()).clamp(min=1e-12)
+    return low + (high - low) * (x - x.min()) / span
+
+
+class ArcMarginHead(nn.Module):
+    """ArcFace (k=1) and sub-center ArcFace (k>1): logit of the true class is s*cos(theta + m).
+
+    With k sub-centers per class the class cosine is the max over its sub-centers. `margins` may be a
+    scalar or a per-class tensor (dynamic margins).
+    """
+
+    def __init__(self, embedding_dim: int, n_classes: int, s: float = 30.0, m: float | torch.Tensor = 0.3,
+                 k: int = 1, class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.n_classes, self.k, self.s = n_classes, k, s
+        self.weight = nn.Parameter(torch.empty(n_classes * k, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+        margins = torch.as_tensor(m, dtype=torch.float32).expand(n_classes).clone()
+        self.register_buffer("margins", margins)
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(n_classes))
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+        return cos.view(-1, self.n_classes, self.k).amax(dim=2)
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.s * self.cosine(embeddings)
+
+    def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = self.cosine(embeddings).clamp(-1 + 1e-7, 1 - 1e-7)
+        m = self.margins[labels].unsqueeze(1)
+        # cos(theta + m) = cos*cos(m) - sin*sin(m); past theta + m > pi the function stops being
+        # monotonic, so there use the usual linear fallback cos - m*sin(m) ("easy margin" off).
+        sin = torch.sqrt(1.0 - cos * cos)
+        cos_margin = cos * torch.cos(m) - sin * torch.sin(m)
+        cos_margin = torch.where(cos > torch.cos(math.pi - m), cos_margin, cos - m * torch.sin(m))
+        one_hot = F.one_hot(labels, self.n_classes).bool()
+        return self.s * torch.where(one_hot, cos_margin, cos)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.margin_logits(embeddings, labels), labels, weight=self.class_weights)
+
+
+class SoftmaxHead(nn.Module):
+    """Plain linear classifier with softmax cross-entropy (or one-vs-all binary cross-entropy)."""
+
+    def __init__(self, embedding_dim: int, n_classes: int, binary: bool = False,
+                 class_weights: torch.Tensor | None = None):
+        super().__init__()
+        self.fc = nn.Linear(embedding_dim, n_classes)
+        self.binary, self.n_classes = binary, n_classes
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(n_classes))
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.fc(embeddings.float())
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(embeddings)
+        if self.binary:
+            target = F.one_hot(labels, self.n_classes).float()
+            per_sample = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
+            return (per_sample * self.class_weights[labels]).mean()
+        return F.cross_entropy(logits, labels, weight=self.class_weights)
+
+
+class BatchHardTripletLoss(nn.Module):
+    """Batch-hard triplet loss on L2-normalised embeddings: for each anchor the farthest positive and
+    the closest negative in the batch; soft margin log(1 + exp(d_ap - d_an)) when `margin` is None."""
+
+    def __init__(self, margin: float | None = None):
+        super().__init__()
+        self.margin = margin
+
+    def logits(self, embeddings: torch.Tensor) -> None:
+        return None
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(embeddings.float(), dim=1)
+        distances = torch.cdist(x, x)
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        positives = same & ~eye
+        valid = positives.any(1) & (~same).any(1)
+        if not valid.any():
+            return distances.sum() * 0.0  # no anchor has both a positive and a negative in this batch
+        hardest_positive = distances.masked_fill(~positives, float("-inf")).amax(1)
+        hardest_negative = distances.masked_fill(same, float("inf")).amin(1)
+        gap = (hardest_positive - hardest_negative)[valid]
+        if self.margin is None:
+            return F.softplus(gap).mean()
+        return F.relu(gap + self.margin).mean()
+
+
+def build_head(settings: dict, n_classes: int, class_counts: torch.Tensor) -> nn.Module:
+    """The head/loss named by `settings['loss']` (train section of config.yaml)."""
+    weights = inverse_log_class_weights(class_counts) if settings["class_weights"] == "inverse_log" else None
+    loss, dim = settings["loss"], settings["embedding_dim"]
+    if loss in ("arcface", "subcenter_arcface"):
+        margin = settings["arcface_m"]
+        if settings["dynamic_margin"]:
+            margin = dynamic_margins(class_counts, settings["dynamic_margin_min"], settings["dynamic_margin_max"])
+        k = settings["subcenters"] if loss == "subcenter_arcface" else 1
+        return ArcMarginHead(dim, n_classes, settings["arcface_s"], margin, k, weights)
+    if loss in ("softmax", "bce"):
+        return SoftmaxHead(dim, n_classes, binary=(loss == "bce"), class_weights=weights)
+    if loss == "triplet":
+        return BatchHardTripletLoss(settings["triplet_margin"])
+    raise ValueError(f"unknown loss {loss!r}")

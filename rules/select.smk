@@ -11,6 +11,7 @@ rule select:
     params:
         s=config["select"],
         scenes_flag="--scenes" if config["places365"]["enabled"] else "",
+        outdoor_rule=config["select"]["outdoor_rule"] if config["places365"]["enabled"] else "none",
         exclude=" ".join(str(c) for c in config["select"]["exclude_classes"]),
         top_n=config["select"]["top_n_classes"] or 0,
         max_per_class=config["select"]["max_images_per_class"] or 0,
@@ -25,7 +26,7 @@ rule select:
     shell:
         "python -m landmarks.select --manifests {input.manifests:q} {params.scenes_flag} {input.scenes:q} "
         "--out {output.selection:q} --report {output.report:q} "
-        "--outdoor-rule {params.s[outdoor_rule]} --min-outdoor-votes {params.s[min_outdoor_votes]} "
+        "--outdoor-rule {params.outdoor_rule} --min-outdoor-votes {params.s[min_outdoor_votes]} "
         "--outdoor-top-k {params.s[outdoor_top_k]} --min-images-per-class {params.s[min_images_per_class]} "
         "--top-n-classes {params.top_n} --max-images-per-class {params.max_per_class} "
         "--exclude-classes {params.exclude} --val-fraction {params.s[val_fraction]} "

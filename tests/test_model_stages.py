@@ -202,3 +202,14 @@ def test_reranking_rules_by_hand():
     # query 2: label 9 -> 0.6-0.0=0.6, label 7 -> (0.5-0.3)+(0.4-0.2)=0.4; minus C=0.1
     assert labels.tolist() == [7, 9]
     assert confidence == pytest.approx([1.4 - 0.5, 0.6 - 0.1])
+
+
+def test_random_access_by_offset_matches_streaming(shards):
+    from landmarks.loader import ShardDataset, ShardIndex, ShardMapDataset
+    index = ShardIndex.from_dirs([shards / "train" / "part-00"])
+    as_bytes = lambda image: image.tobytes()
+    streamed = {p: data for data, _, p in ShardDataset(index, as_bytes)}
+    mapped = ShardMapDataset(index, as_bytes)
+    assert len(mapped) == len(streamed)
+    for position in (0, 7, len(index) - 1):
+        assert mapped[position][0] == streamed[position]

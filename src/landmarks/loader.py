@@ -41,7 +41,7 @@ class ShardIndex:
             frame = read_table(index_path)
             frame["shard"] = [str(folder / name) for name in frame["shard"]]
             frames.append(frame)
-        columns = ["shard", "key", "id", "landmark_id", "width", "height"]
+        columns = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
         table["landmark_id"] = table["landmark_id"].astype("Int64")
         return cls(table.reset_index(drop=True))
@@ -58,6 +58,38 @@ def read_sample(shard: str, key: str) -> Image.Image:
     """One image by key (for reports; training streams instead)."""
     with tarfile.open(shard) as tar:
         return Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())).convert("RGB")
+
+
+class ShardMapDataset(torch.utils.data.Dataset):
+    """Random access to the shards' images by index position, via the byte offsets in the index.
+
+    For samplers that pick images by class (P x K batches); sequential passes should prefer the
+    streaming ShardDataset. Each DataLoader worker keeps its own open file handles.
+    """
+
+    def __init__(self, index: ShardIndex, transform, labels: dict | None = None):
+        self.index, self.transform, self.labels = index, transform, labels or {}
+        table = index.table
+        self._where = list(zip(table["shard"], table["offset"].astype("int64"), table["size"].astype("int64")))
+        self._landmark = table["landmark_id"].tolist()
+        self._files = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __getitem__(self, position: int):
+        shard, offset, size = self._where[position]
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._files[shard] = open(shard, "rb")
+        handle.seek(offset)
+        image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+        landmark = self._landmark[position]
+        label = -1 if pd.isna(landmark) else self.labels.get(int(landmark), -1)
+        return self.transform(image), label, position
+
+    def __getstate__(self):  # file handles don't travel to worker processes
+        return {**self.__dict__, "_files": {}}
 
 
 def iter_shard(path: str):

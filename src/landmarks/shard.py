@@ -1,7 +1,7 @@
 """Stage `shard`: resize the selected images once and pack them into WebDataset tar shards.
 
 One job handles part k of K of one split. It writes `shard-<k>-<n>.tar` files (each `<key>.jpg`,
-`<key>.cls`, `<key>.json`) and `index.parquet` (shard, key, id, landmark_id, width, height) into its
+`<key>.cls`, `<key>.json`) and `index.parquet` (shard, key, id, landmark_id, width, height, offset, size) into its
 output folder. Images that cannot be decoded are recorded in `skipped.parquet`, never fatal.
 
     python -m landmarks.shard --selection results/select/selection.parquet --images results/download/images \
@@ -31,6 +31,8 @@ log = logging.getLogger("landmarks.shard")
 
 RESIZE_MODES = ("shorter_side", "longer_side", "center_crop", "pad", "none")
 SPLITS = ("train", "val", "test", "nonlandmark")
+# offset/size locate the JPEG bytes inside the tar, for random access (e.g. P x K class sampling).
+INDEX_COLUMNS = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
 # Pillow refuses images above this many pixels by default; the download stage already rejects bombs.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
@@ -132,7 +134,7 @@ class ShardWriter:
         self.name = f"{self.prefix}-{self.number:05d}.tar"
         self._atomic = atomic_path(self.out_dir / self.name)
         tmp = self._atomic.__enter__()
-        self.tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)  # PAX: ids longer than 100 characters
         self.count, self.size = 0, 0
 
     def _close(self):
@@ -141,20 +143,25 @@ class ShardWriter:
             self._atomic.__exit__(None, None, None)
             self.tar, self.number = None, self.number + 1
 
-    def write(self, key: str, members: dict[str, bytes]) -> str:
+    def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
+        """Add one sample; returns (shard name, byte offset, size) of its first member's data, so
+        readers can also fetch the image by seeking instead of streaming the whole tar."""
         sample_bytes = sum(len(v) for v in members.values())
         if self.tar is not None and (self.count >= self.max_count or
                                      self.size + sample_bytes > self.max_bytes):
             self._close()
         if self.tar is None:
             self._open()
+        first = None
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: reproducible bytes
             self.tar.addfile(info, io.BytesIO(data))
+            if first is None:  # the data ends at tar.offset, padded to a 512-byte block
+                first = self.tar.offset - tarfile.BLOCKSIZE * -(-len(data) // tarfile.BLOCKSIZE), len(data)
         self.count += 1
         self.size += sample_bytes
-        return self.name
+        return self.name, first[0], first[1]
 
     def close(self):
         self._close()
@@ -196,13 +203,13 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
             key = webdataset_key(row["id"])
             meta = {"id": row["id"], "landmark_id": landmark, "split": split,
                     "width": width, "height": height}
-            shard_name = writer.write(key, {
+            shard_name, offset, size = writer.write(key, {
                 "jpg": data,
                 "cls": str(-1 if landmark is None else landmark).encode(),
                 "json": json.dumps(meta, sort_keys=True).encode(),
             })
             index.append({"shard": shard_name, "key": key, "id": row["id"], "landmark_id": landmark,
-                          "width": width, "height": height})
+                          "width": width, "height": height, "offset": offset, "size": size})
     except BaseException:
         writer.abort()
         raise
@@ -213,7 +220,7 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
             pool.close()
             pool.join()
     elapsed = time.perf_counter() - started
-    index_df = pd.DataFrame(index, columns=["shard", "key", "id", "landmark_id", "width", "height"])
+    index_df = pd.DataFrame(index, columns=INDEX_COLUMNS)
     index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
     write_table(pd.DataFrame(skipped, columns=["id", "path", "error"]), out_dir / "skipped.parquet")
     write_table(index_df, out_dir / "index.parquet")

@@ -62,14 +62,19 @@ rule all:
         f"{R}/summary.md",
 
 
-# The demo's URLs point at a local HTTP server: it runs for as long as the workflow does.
+# The demo's URLs point at a local HTTP server (127.0.0.1, so demo download jobs must run on this
+# machine: locally, or on a single-node cluster). It runs for as long as the workflow does, and exits by
+# itself if Snakemake is killed.
 _demo_server = {}
 
 onstart:
     if DEMO:
+        import os
         from landmarks.demo import start_server_process
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
         _demo_server["process"] = start_server_process(
-            config["demo"]["out_dir"], config["demo"]["host"], config["demo"]["port"])
+            config["demo"]["out_dir"], config["demo"]["host"], config["demo"]["port"],
+            log_path=f"{LOGS}/demo_server.log")
 
 onsuccess:
     if _demo_server:

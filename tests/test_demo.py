@@ -1,0 +1,435 @@
+"""The offline demo: the synthetic photo generator and the fault-injecting HTTP server.
+
+Everything is small (5 landmarks x 4 views, 6 non-landmarks) and every network call goes to
+127.0.0.1 with a short timeout, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from landmarks import demo
+from landmarks.common import StageError
+
+SMALL = dict(seed=7, n_landmarks=5, views_per_landmark=4, n_nonlandmarks=6, broken_fraction=0.3)
+N_ROWS = 5 * 4 + 6
+BASE_URL = "http://127.0.0.1:8765"
+TIMEOUT = 5.0
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    counts = demo.generate(out, workers=1, **SMALL)
+    return out, counts
+
+
+@pytest.fixture(scope="module")
+def server(demo_set):
+    root, _ = demo_set
+    with demo.DemoServer(root, slow_seconds=5) as srv:
+        yield srv
+
+
+def read_rows(root: Path) -> list[dict]:
+    with open(root / "urls.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read_faults(root: Path) -> dict[str, str]:
+    with open(root / "faults.csv", newline="") as fh:
+        return {row["id"]: row["fault"] for row in csv.DictReader(fh)}
+
+
+def local_url(srv: demo.DemoServer, url: str) -> str:
+    """The URL on the test server (it listens on a free port, not the default 8765)."""
+    assert url.startswith(BASE_URL)
+    return srv.base_url + url[len(BASE_URL):]
+
+
+def file_of(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def raw_get(port: int, path: str) -> tuple[int, dict, bytes]:
+    """GET a path exactly as written (urllib and aiohttp clients would normalise '..')."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+def test_same_arguments_give_identical_bytes(demo_set, tmp_path):
+    root, _ = demo_set
+    again = tmp_path / "again"
+    demo.generate(again, workers=2, **SMALL)  # other process count, same bytes
+    first, second = tree_hashes(root), tree_hashes(again)
+    assert len(first) == N_ROWS + 3  # images + urls.csv, faults.csv, demo.json
+    assert first == second
+
+
+def test_other_seed_gives_other_photos(demo_set, tmp_path):
+    root, _ = demo_set
+    other = tmp_path / "other"
+    demo.generate(other, workers=1, **{**SMALL, "seed": 8})
+    assert not set(tree_hashes(root).values()) & set(tree_hashes(other).values())
+
+
+def test_counts_and_urls_csv_format(demo_set):
+    root, counts = demo_set
+    assert counts["images"] == N_ROWS
+    assert counts["landmark_images"] == 20 and counts["nonlandmark_images"] == 6
+    with open(root / "urls.csv", newline="") as fh:
+        assert fh.readline().strip() == "id,url,landmark_id"
+    rows = read_rows(root)
+    assert len(rows) == N_ROWS
+    ids = [row["id"] for row in rows]
+    assert len(set(ids)) == N_ROWS
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids)
+    url_pattern = re.compile(re.escape(BASE_URL) + r"/(images|fault/[a-z_]+)/([0-9a-f]{16})\.(jpg|png)$")
+    for row in rows:
+        match = url_pattern.match(row["url"])
+        assert match, row["url"]
+        assert match.group(2) == row["id"]
+    labels = [row["landmark_id"] for row in rows]
+    assert labels.count("") == 6  # non-landmarks have an empty landmark_id
+    landmark_labels = [int(label) for label in labels if label]
+    assert len(set(landmark_labels)) == 5
+    assert all(landmark_labels.count(label) == 4 for label in set(landmark_labels))
+    # urls.csv is written last: nothing it names is missing.
+    assert all((root / "images" / file_of(row["url"])).is_file() for row in rows)
+    meta = json.loads((root / "demo.json").read_text())
+    assert meta["arguments"]["seed"] == 7 and meta["counts"]["images"] == N_ROWS
+
+
+def test_broken_links_cover_every_fault_kind(demo_set):
+    root, counts = demo_set
+    rows = {row["id"]: row for row in read_rows(root)}
+    faults = read_faults(root)
+    # round(0.3 * 20) landmark rows + round(0.3 * 6) non-landmark rows
+    assert len(faults) == counts["broken"] == 6 + 2
+    assert set(faults.values()) == set(demo.FAULT_KINDS)
+    assert any(rows[i]["landmark_id"] for i in faults) and any(not rows[i]["landmark_id"] for i in faults)
+    for image_id, row in rows.items():
+        if image_id in faults:
+            assert f"/fault/{faults[image_id]}/" in row["url"]
+        else:
+            assert "/images/" in row["url"]
+
+
+def test_every_file_variant_is_present(demo_set):
+    root, _ = demo_set
+    faults = read_faults(root)
+    seen, aspects = set(), set()
+    for row in read_rows(root):
+        path = root / "images" / file_of(row["url"])
+        with Image.open(path) as image:
+            orientation = image.getexif().get(demo.EXIF_ORIENTATION_TAG)
+            assert (image.format == "PNG") == path.name.endswith(".png")
+            upright = ImageOps.exif_transpose(image)
+            assert 200 <= max(upright.size) <= 900
+            aspects.add(round(upright.size[0] / upright.size[1], 1))
+            if row["id"] not in faults:
+                seen.add((image.format, image.mode, orientation))
+            image.load()
+    assert ("PNG", "RGB", None) in seen
+    assert ("PNG", "RGBA", None) in seen
+    assert ("JPEG", "L", None) in seen
+    assert ("JPEG", "CMYK", None) in seen
+    assert ("JPEG", "RGB", None) in seen
+    assert {o for _, _, o in seen if o} == {3, 6, 8}
+    assert len(aspects) >= 3
+
+
+@pytest.mark.parametrize("variant", ["exif_3", "exif_6", "exif_8", "cmyk_jpeg", "gray_jpeg", "png", "rgba_png"])
+def test_variants_decode_back_to_the_upright_photo(variant):
+    yy, xx = np.mgrid[0:120, 0:200]
+    upright = np.stack([xx * 255 // 200, yy * 255 // 120, np.full_like(xx, 90)], axis=2).astype(np.uint8)
+    upright[:30, :40] = (250, 20, 20)  # a red top-left corner shows any rotation or flip
+    data, ext = demo.encode(Image.fromarray(upright), variant, np.random.default_rng(0))
+    assert ext == (".png" if variant.endswith("png") else ".jpg")
+    with Image.open(io.BytesIO(data)) as image:
+        if variant.startswith("exif_"):
+            assert image.size == ((120, 200) if variant in ("exif_6", "exif_8") else (200, 120))
+        restored = ImageOps.exif_transpose(image).convert("RGB")
+    assert restored.size == (200, 120)
+    if variant == "gray_jpeg":
+        expected = np.asarray(Image.fromarray(upright).convert("L").convert("RGB"), np.int16)
+    else:
+        expected = upright.astype(np.int16)
+        assert np.asarray(restored)[5:25, 5:35, 0].mean() > 200  # the red corner is still top-left
+    assert np.abs(np.asarray(restored, np.int16) - expected).mean() < 8, variant
+
+
+def test_corrupt_jpeg_keeps_its_header_but_does_not_decode(demo_set):
+    root, _ = demo_set
+    jpeg = next(p for p in sorted((root / "images").glob("*.jpg")))
+    data = jpeg.read_bytes()
+    broken = demo.corrupt_jpeg(data)
+    assert broken[:2] == b"\xff\xd8" and broken == demo.corrupt_jpeg(data)
+    with Image.open(io.BytesIO(broken)) as image:
+        assert image.format == "JPEG" and image.size == Image.open(jpeg).size
+        with pytest.raises(OSError):
+            image.load()
+
+
+def test_rerun_with_fewer_photos_removes_stale_files(tmp_path):
+    demo.generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=3)
+    demo.generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=1)
+    files = {p.name for p in (tmp_path / "images").iterdir()}
+    assert files == {file_of(row["url"]) for row in read_rows(tmp_path)}
+    assert len(files) == 5
+
+
+def test_invalid_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(StageError, match="broken_fraction"):
+        demo.generate(tmp_path, broken_fraction=1.5)
+    with pytest.raises(StageError, match="base_url"):
+        demo.generate(tmp_path, base_url="ftp://example")
+
+
+def test_lookalike_pairs_share_their_structure_family():
+    specs = demo.landmark_specs(2026, 48)
+    twins = [s for s in specs if s.twin_of is not None]
+    assert len(twins) == 6
+    assert all(s.family == specs[s.twin_of].family for s in twins)
+    assert len({s.family for s in specs}) == len(demo.STRUCTURE_FAMILIES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------------
+
+def test_good_urls_return_the_file_bytes(demo_set, server):
+    root, _ = demo_set
+    faults = read_faults(root)
+    good = [row for row in read_rows(root) if row["id"] not in faults]
+    assert good
+    for row in good:
+        name = file_of(row["url"])
+        with urllib.request.urlopen(local_url(server, row["url"]), timeout=TIMEOUT) as resp:
+            assert resp.status == 200
+            expected_type = "image/png" if name.endswith(".png") else "image/jpeg"
+            assert resp.headers["Content-Type"] == expected_type
+            assert resp.read() == (root / "images" / name).read_bytes()
+
+
+def fault_url(root: Path, srv: demo.DemoServer, kind: str) -> tuple[str, str]:
+    faults = read_faults(root)
+    row = next(r for r in read_rows(root) if faults.get(r["id"]) == kind)
+    return local_url(srv, row["url"]), file_of(row["url"])
+
+
+@pytest.mark.parametrize("kind, status", [("not_found", 404), ("server_error", 500)])
+def test_error_status_faults_always_fail(demo_set, server, kind, status):
+    url, _ = fault_url(demo_set[0], server, kind)
+    for _ in range(2):  # retrying does not help
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url, timeout=TIMEOUT)
+        assert err.value.code == status
+
+
+def test_html_fault_is_a_web_page(demo_set, server):
+    url, _ = fault_url(demo_set[0], server, "html")
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/html")
+        assert resp.read().startswith(b"<!DOCTYPE html>")
+
+
+def test_corrupt_fault_is_an_undecodable_jpeg(demo_set, server):
+    url, name = fault_url(demo_set[0], server, "corrupt")
+    with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
+        data = resp.read()
+    assert data == demo.corrupt_jpeg((demo_set[0] / "images" / name).read_bytes())
+    with Image.open(io.BytesIO(data)) as image:
+        with pytest.raises(OSError):
+            image.load()
+
+
+def test_truncated_fault_sends_less_than_its_content_length(demo_set, server):
+    url, name = fault_url(demo_set[0], server, "truncated")
+    size = (demo_set[0] / "images" / name).stat().st_size
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", url[len(server.base_url):])
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.headers["Content-Length"]) == size
+        with pytest.raises(http.client.IncompleteRead) as err:
+            resp.read()
+        assert 0 < len(err.value.partial) < size
+    finally:
+        conn.close()
+
+
+def test_slow_fault_outlasts_the_client_timeout(demo_set, server):
+    url, _ = fault_url(demo_set[0], server, "slow")
+    started = time.monotonic()
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        urllib.request.urlopen(url, timeout=0.5).read()
+    assert time.monotonic() - started < 3
+
+
+def test_slow_requests_do_not_block_shutdown(demo_set):
+    url_path = None
+    outcome = {}
+    with demo.DemoServer(demo_set[0], slow_seconds=120) as srv:
+        url_path, _ = fault_url(demo_set[0], srv, "slow")
+
+        def client():
+            try:
+                urllib.request.urlopen(url_path, timeout=30).read()
+                outcome["result"] = "answered"
+            except Exception as err:  # noqa: BLE001 - any failure is what we expect here
+                outcome["result"] = type(err).__name__
+
+        thread = threading.Thread(target=client, daemon=True)
+        thread.start()
+        time.sleep(0.3)  # the request is now waiting inside the server
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    thread.join(10)
+    assert not thread.is_alive() and outcome["result"] != "answered"
+
+
+@pytest.mark.parametrize("path", [
+    "/images/../urls.csv",
+    "/images/..%2Furls.csv",
+    "/images/%2e%2e/urls.csv",
+    "/images/..%2F..%2Fetc%2Fpasswd",
+    "/fault/html/..%2Furls.csv",
+    "/fault/truncated/..%2Fdemo.json",
+    "/images/.hidden.jpg",
+    "/urls.csv",
+])
+def test_path_traversal_is_refused(server, path):
+    status, _, body = raw_get(server.port, path)
+    assert status in (400, 403, 404)
+    assert b"id,url" not in body and b"root:" not in body
+
+
+def test_files_are_looked_up_per_request(tmp_path):
+    with demo.DemoServer(tmp_path / "not-yet") as srv:
+        name = "0123456789abcdef.jpg"
+        assert raw_get(srv.port, f"/images/{name}")[0] == 404
+        (tmp_path / "not-yet" / "images").mkdir(parents=True)
+        (tmp_path / "not-yet" / "images" / name).write_bytes(b"\xff\xd8data")
+        status, headers, body = raw_get(srv.port, f"/images/{name}")
+        assert status == 200 and body == b"\xff\xd8data" and headers["Content-Type"] == "image/jpeg"
+        assert raw_get(srv.port, "/healthz")[2] == b"ok\n"
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(StageError, match=f"port {port}"):
+            demo.DemoServer(tmp_path, port=port).start()
+        result = subprocess.run(
+            [sys.executable, "-m", "landmarks.demo", "serve", "--root", str(tmp_path), "--port", str(port)],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+
+
+def test_start_and_stop_server_process(demo_set, tmp_path):
+    log_path = tmp_path / "server.log"
+    proc = demo.start_server_process(demo_set[0], "127.0.0.1", free_port(), timeout=30, log_path=log_path)
+    try:
+        port = int(proc.args[proc.args.index("--port") + 1])
+        assert raw_get(port, "/healthz")[0] == 200
+    finally:
+        code = demo.stop_server_process(proc)
+    assert code == 0
+    assert "demo server stopped" in log_path.read_text()
+
+
+def test_start_server_process_reports_a_failed_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(StageError, match="already in use"):
+            demo.start_server_process(tmp_path, "127.0.0.1", port, timeout=30)
+
+
+# The intermediate parent: starts the server as its child, waits until it is ready, then exits.
+INTERMEDIATE = """
+import os, subprocess, sys, time
+root, port, ready = sys.argv[1:4]
+server = subprocess.Popen([sys.executable, "-m", "landmarks.demo", "serve", "--root", root, "--port", port,
+                           "--parent-pid", str(os.getpid()), "--ready-file", ready],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+deadline = time.monotonic() + 30
+while not os.path.exists(ready) and time.monotonic() < deadline and server.poll() is None:
+    time.sleep(0.05)
+print(server.pid, flush=True)
+"""
+
+
+def test_serve_exits_when_its_parent_process_is_gone(tmp_path):
+    ready = tmp_path / "ready.json"
+    port = free_port()
+    result = subprocess.run([sys.executable, "-c", INTERMEDIATE, str(tmp_path), str(port), str(ready)],
+                            capture_output=True, text=True, timeout=60)
+    server_pid = int(result.stdout.strip())
+    try:
+        info = json.loads(ready.read_text())
+        assert info["pid"] == server_pid and info["port"] == port
+        deadline = time.monotonic() + 10  # the server polls its parent every second
+        while demo.process_alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not demo.process_alive(server_pid)
+        assert not ready.exists()  # removed on a clean exit
+    finally:
+        if demo.process_alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "landmarks.demo", "--help"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0 and "/fault/truncated/" in result.stdout

@@ -1,8 +1,17 @@
 """Stage `shard`: resize the selected images once and pack them into WebDataset tar shards.
 
-One job handles part k of K of one split. It writes `shard-<k>-<n>.tar` files (each `<key>.jpg`,
-`<key>.cls`, `<key>.json`) and `index.parquet` (shard, key, id, landmark_id, width, height, offset, size) into its
-output folder. Images that cannot be decoded are recorded in `skipped.parquet`, never fatal.
+One job handles part k of K of one split. It writes `shard-<k>-<n>.tar` files (each sample is
+`<key>.jpg`, `<key>.cls`, `<key>.json`), `index.parquet` (shard, key, id, landmark_id, width, height,
+offset, size; offset/size locate the JPEG bytes inside the tar), `skipped.parquet` (images that could
+not be decoded, with the reason: recorded, never fatal) and `shard.json` (settings and counts) into its
+output folder. index.parquet is written last: a folder without it is unfinished.
+
+Resize modes (`--resize-mode`, never enlarging unless `--upscale`):
+  shorter_side  shorter side to --size, aspect ratio kept
+  longer_side   longer side to --size, aspect ratio kept
+  center_crop   shorter side to --size, then the centred square
+  pad           longer side to --size, then padded with black borders to a square
+  none          decoded and re-encoded at its own size (an upright RGB JPEG is copied as it is)
 
     python -m landmarks.shard --selection results/select/selection.parquet --images results/download/images \
         --split train --part 0 --parts 1 --out-dir results/shards/train/part-00
@@ -14,31 +23,51 @@ import argparse
 import io
 import json
 import logging
-import math
+import os
+import re
 import tarfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 
-from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
+from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_json_atomic, write_table
 
 log = logging.getLogger("landmarks.shard")
 
 RESIZE_MODES = ("shorter_side", "longer_side", "center_crop", "pad", "none")
 SPLITS = ("train", "val", "test", "nonlandmark")
-# offset/size locate the JPEG bytes inside the tar, for random access (e.g. P x K class sampling).
 INDEX_COLUMNS = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
+SKIPPED_COLUMNS = ["id", "path", "error"]
 # Pillow refuses images above this many pixels by default; the download stage already rejects bombs.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that makes the stored pixels upright (orientations 5-8 swap w and h).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SHARD_NAME = re.compile(r"^shard-(\d{2,})-(\d{5,})\.tar$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding and resizing one image
+
 
 def target_scale(width: int, height: int, mode: str, size: int, upscale: bool) -> float:
-    """The factor the image is scaled by (1.0 = unchanged); rotation by EXIF doesn't change it."""
+    """The factor an upright image of this size is scaled by (1.0 = unchanged)."""
     if mode == "none":
         return 1.0
     side = max(width, height) if mode in ("longer_side", "pad") else min(width, height)
@@ -46,63 +75,166 @@ def target_scale(width: int, height: int, mode: str, size: int, upscale: bool) -
     return scale if (scale < 1.0 or upscale) else 1.0
 
 
+def output_size(width: int, height: int, mode: str, size: int, upscale: bool) -> tuple[int, int]:
+    """Size after scaling (before the square crop or padding of center_crop/pad)."""
+    scale = target_scale(width, height, mode, size, upscale)
+    if scale == 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_8bit_gray(image: Image.Image) -> Image.Image:
+    """16/32-bit grayscale to 8 bits by keeping the high byte (a plain convert would clip to white)."""
+    array = np.asarray(image).astype(np.int64)
+    if image.mode.startswith("I;16") or array.max(initial=0) > 255:
+        array = array >> 8
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for every input mode: CMYK, 16-bit, palette, grayscale; transparency composited onto white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: keep the top 8 bits instead of clipping everything to white.
-        array = np.asarray(image, dtype=np.uint32) >> 8 if image.mode != "I" else np.asarray(image)
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA"):
+    """RGB for every input mode: 16-bit and 32-bit grayscale, palette, grayscale, CMYK, YCbCr;
+    transparency (alpha channel, or a palette/PNG tRNS transparent colour) composited onto white."""
+    if image.mode.startswith("I"):
+        image = _to_8bit_gray(image)
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA")  # tRNS: the transparent index or colour becomes alpha 0
+    elif image.mode == "P":
+        image = image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode != "RGB":
-        return image.convert("RGB")
+        return image.convert("RGB")  # L, 1, CMYK (Adobe-inverted JPEGs are handled by Pillow), YCbCr
     return image
 
 
-def load_resized(path: str | Path, mode: str, size: int, upscale: bool = False) -> Image.Image:
-    """Decode `path` to an upright RGB image resized per `mode`.
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright); a malformed EXIF block counts as upright, not as an error."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - broken metadata must not lose a decodable photo
+        return 1
+    return value if value in UPRIGHT else 1
 
-    For JPEGs, `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), so a 4000-px photo
-    is never fully decoded to make a 256-px image.
-    """
-    with Image.open(path) as image:
-        scale = target_scale(image.width, image.height, mode, size, upscale)
-        if scale < 1.0 and image.format == "JPEG":
-            image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-        image = ImageOps.exif_transpose(image)
-        image = to_rgb(image)
-    if mode == "none":
-        return image
-    scale = target_scale(image.width, image.height, mode, size, upscale)
-    new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    if mode == "center_crop":
+
+def _square(image: Image.Image, mode: str) -> Image.Image:
+    if mode == "center_crop" and image.width != image.height:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    elif mode == "pad":
+        return image.crop((left, top, left + side, top + side))
+    if mode == "pad" and image.width != image.height:
         side = max(image.size)
         canvas = Image.new("RGB", (side, side), (0, 0, 0))
         canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = canvas
+        return canvas
     return image
 
 
+def _decode(image: Image.Image, mode: str, size: int, upscale: bool, draft: bool) -> tuple[Image.Image, bool]:
+    """(upright RGB image in its final size, whether the pixels are the file's own, untouched).
+
+    For JPEGs, `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), so a 4000-px photo
+    is never fully decoded to make a 256-px image; the exact size then comes from a small resize.
+    """
+    orientation = exif_orientation(image)
+    swapped = orientation in (5, 6, 7, 8)
+    stored_w, stored_h = image.size
+    upright_w, upright_h = (stored_h, stored_w) if swapped else (stored_w, stored_h)
+    target_w, target_h = output_size(upright_w, upright_h, mode, size, upscale)
+    stored_target = (target_h, target_w) if swapped else (target_w, target_h)
+    original_mode = image.mode
+    if draft and isinstance(image, JpegImagePlugin.JpegImageFile) and stored_target[0] < stored_w:  # MPO too
+        image.draft("RGB", stored_target)  # picks the largest DCT scale that stays >= the target
+    image.load()
+    drafted = image.size != (stored_w, stored_h)
+    image = to_rgb(image)
+    resized = image.size != stored_target
+    if resized:
+        image = image.resize(stored_target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if orientation != 1:
+        image = image.transpose(UPRIGHT[orientation])
+    squared = _square(image, mode)
+    untouched = original_mode == "RGB" and not (drafted or resized) and orientation == 1 and squared is image
+    return squared, untouched
+
+
+def load_resized(path: str | Path, mode: str, size: int, upscale: bool = False, *, draft: bool = True) -> Image.Image:
+    """Decode `path` to an upright RGB image resized per `mode` (see the module docstring)."""
+    with Image.open(path) as image:
+        result, _ = _decode(image, mode, size, upscale, draft)
+    return result
+
+
+def encode_resized(path: str | Path, mode: str, size: int, upscale: bool = False, quality: int = 90,
+                   *, draft: bool = True) -> tuple[bytes, int, int]:
+    """(JPEG bytes, width, height) of the resized image. A JPEG that needs no change (upright RGB at its
+    target size) is stored as it is: re-encoding it would only lose quality."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    with Image.open(io.BytesIO(data)) as image:
+        source_format = image.format
+        result, untouched = _decode(image, mode, size, upscale, draft)
+    if untouched and source_format == "JPEG":
+        return data, result.width, result.height
+    buffer = io.BytesIO()
+    result.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), result.width, result.height
+
+
 def _encode_one(task):
-    """Worker: (row index, path, settings) -> (row index, jpeg bytes, width, height, error)."""
-    index, path, mode, size, upscale, quality = task
+    """Worker: (row, path, mode, size, upscale, quality) -> (row, jpeg bytes, width, height, error)."""
+    row, path, mode, size, upscale, quality = task
+    if path is None:
+        return row, None, None, None, "no image path in the selection"
     try:
-        image = load_resized(path, mode, size, upscale)
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=quality)
-        return index, buffer.getvalue(), image.width, image.height, None
-    except Exception as err:  # any decode failure is recorded and skipped, never fatal
-        return index, None, None, None, f"{type(err).__name__}: {err}"
+        data, width, height = encode_resized(path, mode, size, upscale, quality)
+        return row, data, width, height, None
+    except Exception as err:  # noqa: BLE001 - any decode failure is recorded and skipped, never fatal
+        return row, None, None, None, f"{type(err).__name__}: {err}"
+
+
+def _encode_chunk(tasks):
+    return [_encode_one(task) for task in tasks]
+
+
+def encode_all(tasks: list, processes: int, chunk: int = 8):
+    """Yield `_encode_one` results in task order, decoding in `processes` worker processes.
+
+    At most a few chunks per process are in flight, so memory stays flat however long the split is; a
+    crashed worker raises BrokenProcessPool instead of hanging the stage.
+    """
+    if processes <= 1 or len(tasks) <= chunk:
+        yield from map(_encode_one, tasks)
+        return
+    # forkserver, not fork: the parent may hold threads (pyarrow's pool) that make fork unsafe. The server
+    # imports the heavy dependencies once and forks the workers from it, so each starts in a fraction of
+    # the second a fresh interpreter needs to import pandas (this module itself is re-run per worker).
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["numpy", "pandas", "PIL.Image", "landmarks.common"])
+    pool = ProcessPoolExecutor(processes, mp_context=context)
+    try:
+        in_flight = deque()
+        for start in range(0, len(tasks), chunk):
+            in_flight.append(pool.submit(_encode_chunk, tasks[start:start + chunk]))
+            if len(in_flight) >= 4 * processes:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def usable_cores() -> int:
+    """Cores this job may use (SLURM and taskset restrict the affinity mask, not os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which rows a job writes
 
 
 def webdataset_key(image_id: str) -> str:
@@ -110,22 +242,52 @@ def webdataset_key(image_id: str) -> str:
     return image_id.replace(".", "_")
 
 
-def part_rows(selection: pd.DataFrame, split: str, part: int, parts: int, seed: int) -> pd.DataFrame:
-    """Rows of `split` handled by job `part`: a seeded shuffle (mixes classes across shards), then every
-    `parts`-th row. Sorting by id first makes the result independent of the selection's row order."""
-    rows = selection[selection["split"] == split].sort_values("id", kind="stable")
+def split_rows(selection: pd.DataFrame, split: str, seed: int) -> pd.DataFrame:
+    """All rows of `split` in shard order: sorted by id (independent of the selection's row order), then
+    a seeded shuffle, which mixes classes across shards. Duplicate ids or colliding keys are errors."""
+    rows = selection[selection["split"] == split].sort_values("id", kind="stable").reset_index(drop=True)
+    duplicated = rows.loc[rows["id"].duplicated(), "id"]
+    if len(duplicated):
+        raise StageError(f"selection: id {duplicated.iloc[0]!r} appears more than once in split {split!r} "
+                         f"({len(duplicated)} duplicated ids)")
+    keys = rows["id"].map(webdataset_key)
+    clash = keys.duplicated(keep=False)
+    if clash.any():
+        ids = rows.loc[clash, "id"].tolist()[:2]
+        raise StageError(f"selection: ids {ids[0]!r} and {ids[1]!r} map to the same WebDataset key "
+                         f"{webdataset_key(ids[0])!r} ('.' becomes '_'); rename one of them")
     order = np.random.default_rng(seed).permutation(len(rows))
-    rows = rows.iloc[order]
-    return rows.iloc[part::parts].reset_index(drop=True)
+    return rows.iloc[order].reset_index(drop=True)
+
+
+def part_rows(selection: pd.DataFrame, split: str, part: int, parts: int, seed: int) -> pd.DataFrame:
+    """Rows of `split` that job `part` of `parts` writes: every `parts`-th row of the shard order, so the
+    parts are disjoint, cover the split, and differ in size by at most one image."""
+    if not 0 <= part < parts:
+        raise StageError(f"--part {part} is outside 0..{parts - 1} (--parts {parts})")
+    return split_rows(selection, split, seed).iloc[part::parts].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing tar shards
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 class ShardWriter:
-    """Writes numbered tar shards atomically, starting a new one at a count or byte limit."""
+    """Writes numbered tar shards atomically, starting a new one before a sample would break the image
+    count or the byte limit. The byte limit is the tar file's size on disk (headers, padding and the
+    end-of-archive record included); a single sample larger than the limit gets a shard of its own."""
+
+    ENCODING = "utf-8"
 
     def __init__(self, out_dir: Path, prefix: str, max_count: int, max_bytes: int):
         self.out_dir, self.prefix = out_dir, prefix
         self.max_count, self.max_bytes = max_count, max_bytes
-        self.number, self.count, self.size = 0, 0, 0
+        self.number, self.count = 0, 0
+        self.names: list[str] = []
         self.tar = None
         self._atomic = None
         self.name = None
@@ -134,34 +296,44 @@ class ShardWriter:
         self.name = f"{self.prefix}-{self.number:05d}.tar"
         self._atomic = atomic_path(self.out_dir / self.name)
         tmp = self._atomic.__enter__()
-        self.tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)  # PAX: ids longer than 100 characters
-        self.count, self.size = 0, 0
+        # PAX: ids longer than 100 characters; a fixed encoding keeps the bytes the same everywhere.
+        self.tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, encoding=self.ENCODING)
+        self.count = 0
 
     def _close(self):
         if self.tar is not None:
             self.tar.close()
             self._atomic.__exit__(None, None, None)
+            self.names.append(self.name)
             self.tar, self.number = None, self.number + 1
+
+    def _file_size_with(self, extra: int) -> int:
+        """The shard's size on disk if it were closed after `extra` more bytes of members."""
+        end = self.tar.offset + extra + 2 * tarfile.BLOCKSIZE
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def write(self, key: str, members: dict[str, bytes]) -> tuple[str, int, int]:
         """Add one sample; returns (shard name, byte offset, size) of its first member's data, so
-        readers can also fetch the image by seeking instead of streaming the whole tar."""
-        sample_bytes = sum(len(v) for v in members.values())
-        if self.tar is not None and (self.count >= self.max_count or
-                                     self.size + sample_bytes > self.max_bytes):
-            self._close()
-        if self.tar is None:
-            self._open()
-        first = None
+        readers can fetch or range-read the image without parsing the tar."""
+        entries = []
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: reproducible bytes
+            entries.append((info, data, info.tobuf(tarfile.PAX_FORMAT, self.ENCODING, "surrogateescape")))
+        sample_bytes = sum(len(header) + _padded(len(data)) for _, data, header in entries)
+        if self.tar is not None and (self.count >= self.max_count or
+                                     self._file_size_with(sample_bytes) > self.max_bytes):
+            self._close()
+        if self.tar is None:
+            self._open()
+            if self._file_size_with(sample_bytes) > self.max_bytes:
+                log.warning("%s alone (%d bytes in tar) exceeds max_shard_bytes=%d: it gets a shard of its own",
+                            key, sample_bytes, self.max_bytes)
+        offset = self.tar.offset + len(entries[0][2])  # the first member's data follows its header
+        for info, data, _ in entries:
             self.tar.addfile(info, io.BytesIO(data))
-            if first is None:  # the data ends at tar.offset, padded to a 512-byte block
-                first = self.tar.offset - tarfile.BLOCKSIZE * -(-len(data) // tarfile.BLOCKSIZE), len(data)
         self.count += 1
-        self.size += sample_bytes
-        return self.name, first[0], first[1]
+        return self.name, offset, len(entries[0][1])
 
     def close(self):
         self._close()
@@ -175,23 +347,41 @@ class ShardWriter:
             self.tar = None
 
 
+def _remove_stale_outputs(out_dir: Path, part: int) -> list[Path]:
+    """Earlier results of this part in `out_dir`: its tables and its numbered shards."""
+    stale = [out_dir / name for name in ("index.parquet", "skipped.parquet", "shard.json")]
+    stale += [p for p in out_dir.glob(f"shard-{part:02d}-*.tar") if SHARD_NAME.match(p.name)]
+    return [p for p in stale if p.exists()]
+
+
 def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: int, parts: int,
                 out_dir: Path, *, resize_mode: str = "shorter_side", size: int = 160,
                 upscale: bool = False, jpeg_quality: int = 90, images_per_shard: int = 1000,
                 max_shard_bytes: int = 1_000_000_000, seed: int = 0, threads: int = 1) -> dict:
     """Resize and shard one part of one split; returns counts. Writes index.parquet last."""
     if resize_mode not in RESIZE_MODES:
-        raise StageError(f"unknown resize mode {resize_mode!r} (choose from {', '.join(RESIZE_MODES)})")
+        raise StageError(f"shard.resize_mode: unknown mode {resize_mode!r} (choose from {', '.join(RESIZE_MODES)})")
+    for name, value, low in (("size", size, 1), ("jpeg_quality", jpeg_quality, 1),
+                             ("images_per_shard", images_per_shard, 1), ("max_shard_bytes", max_shard_bytes, 1)):
+        if value < low:
+            raise StageError(f"shard.{name}: must be at least {low}, got {value}")
+    if not 1 <= jpeg_quality <= 100:
+        raise StageError(f"shard.jpeg_quality: must be 1..100, got {jpeg_quality}")
     rows = part_rows(selection, split, part, parts, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = [(i, str(images_root / p), resize_mode, size, upscale, jpeg_quality)
+    # The old index must go first: it would describe shards that this run overwrites.
+    stale = _remove_stale_outputs(out_dir, part)
+    for path in stale:
+        if path.suffix != ".tar":
+            path.unlink()
+    processes = max(1, min(threads, usable_cores()))
+    tasks = [(i, None if pd.isna(p) else str(images_root / p), resize_mode, size, upscale, jpeg_quality)
              for i, p in enumerate(rows["path"])]
     writer = ShardWriter(out_dir, f"shard-{part:02d}", images_per_shard, max_shard_bytes)
     index, skipped = [], []
     started = time.perf_counter()
-    pool = get_context("spawn").Pool(threads) if threads > 1 and len(tasks) > 1 else None
     try:
-        results = pool.imap(_encode_one, tasks, chunksize=8) if pool else map(_encode_one, tasks)
+        results = encode_all(tasks, processes)
         for i, data, width, height, error in tqdm(results, total=len(tasks), desc=f"shard {split}/{part}",
                                                   unit="img", mininterval=2.0):
             row = rows.iloc[i]
@@ -201,33 +391,35 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
                 continue
             landmark = None if pd.isna(row["landmark_id"]) else int(row["landmark_id"])
             key = webdataset_key(row["id"])
-            meta = {"id": row["id"], "landmark_id": landmark, "split": split,
-                    "width": width, "height": height}
-            shard_name, offset, size = writer.write(key, {
+            meta = {"id": row["id"], "landmark_id": landmark, "split": split, "width": width, "height": height}
+            shard_name, offset, nbytes = writer.write(key, {
                 "jpg": data,
                 "cls": str(-1 if landmark is None else landmark).encode(),
                 "json": json.dumps(meta, sort_keys=True).encode(),
             })
             index.append({"shard": shard_name, "key": key, "id": row["id"], "landmark_id": landmark,
-                          "width": width, "height": height, "offset": offset, "size": size})
+                          "width": width, "height": height, "offset": offset, "size": nbytes})
     except BaseException:
         writer.abort()
         raise
-    else:
-        writer.close()
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
+    writer.close()
+    for path in stale:  # shards of an earlier, longer run that this one did not overwrite
+        if path.suffix == ".tar" and path.name not in writer.names:
+            path.unlink()
     elapsed = time.perf_counter() - started
     index_df = pd.DataFrame(index, columns=INDEX_COLUMNS)
     index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
-    write_table(pd.DataFrame(skipped, columns=["id", "path", "error"]), out_dir / "skipped.parquet")
+    counts = {"split": split, "part": part, "parts": parts, "rows": len(rows), "written": len(index_df),
+              "skipped": len(skipped), "shards": writer.number, "processes": processes,
+              "seconds": round(elapsed, 2)}
+    settings = {"resize_mode": resize_mode, "size": size, "upscale": upscale, "jpeg_quality": jpeg_quality,
+                "images_per_shard": images_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed}
+    write_table(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), out_dir / "skipped.parquet")
+    write_json_atomic(out_dir / "shard.json", {**counts, "settings": settings, "shard_files": writer.names})
     write_table(index_df, out_dir / "index.parquet")
-    counts = {"split": split, "part": part, "rows": len(rows), "written": len(index_df),
-              "skipped": len(skipped), "shards": writer.number, "seconds": round(elapsed, 2)}
-    log.info("%s part %d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s)", split, part,
-             len(rows), len(index_df), writer.number, len(skipped), len(index_df) / max(elapsed, 1e-9))
+    log.info("%s part %d/%d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s on %d processes)",
+             split, part, parts, len(rows), len(index_df), writer.number, len(skipped),
+             len(index_df) / max(elapsed, 1e-9), processes)
     return counts
 
 
@@ -237,21 +429,25 @@ def main(argv=None) -> int:
     parser.add_argument("--selection", required=True, help="selection.parquet from the select stage")
     parser.add_argument("--images", required=True, help="images root the selection's paths are relative to")
     parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--part", type=int, default=0, help="which part of the split this job writes")
-    parser.add_argument("--parts", type=int, default=1, help="how many shard jobs share the split")
+    parser.add_argument("--part", type=int, default=0, help="which part of the split this job writes (0-based)")
+    parser.add_argument("--parts", type=int, default=1, help="how many shard jobs share the split (shard.parts)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--resize-mode", default="shorter_side", choices=RESIZE_MODES)
     parser.add_argument("--size", type=int, default=160, help="target side in pixels (see --resize-mode)")
     parser.add_argument("--upscale", action="store_true", help="also enlarge images smaller than --size")
-    parser.add_argument("--jpeg-quality", type=int, default=90)
-    parser.add_argument("--images-per-shard", type=int, default=1000)
-    parser.add_argument("--max-shard-bytes", type=int, default=1_000_000_000)
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the re-encoded JPEGs (1-100)")
+    parser.add_argument("--images-per-shard", type=int, default=1000, help="at most this many images per tar")
+    parser.add_argument("--max-shard-bytes", type=int, default=1_000_000_000,
+                        help="at most this many bytes per tar file on disk")
     parser.add_argument("--seed", type=int, default=0, help="order of images in the shards")
-    parser.add_argument("--threads", type=int, default=1, help="decode/resize processes")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="decode/resize processes (capped at the cores this job may use)")
     args = parser.parse_args(argv)
     setup_logging()
+    if args.parts < 1:
+        raise StageError(f"--parts must be at least 1, got {args.parts}")
     if not 0 <= args.part < args.parts:
-        raise StageError(f"--part {args.part} is outside 0..{args.parts - 1}")
+        raise StageError(f"--part {args.part} is outside 0..{args.parts - 1} (--parts {args.parts})")
     selection = read_table(args.selection)
     missing = {"id", "landmark_id", "split", "path"} - set(selection.columns)
     if missing:

@@ -69,9 +69,7 @@ _demo_server = {}
 
 onstart:
     if DEMO:
-        import os
         from landmarks.demo import start_server_process
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")]))
         _demo_server["process"] = start_server_process(
             config["demo"]["out_dir"], config["demo"]["host"], config["demo"]["port"],
             log_path=f"{LOGS}/demo_server.log")

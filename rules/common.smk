@@ -12,3 +12,8 @@ def experiment(name, section):
 
 def shard_dirs(split):
     return expand(f"{R}/shards/{split}/part-{{k}}", k=SHARD_PARTS)
+
+
+def download_settings():
+    """The download section for the stage's --settings (null values mean "the stage's default")."""
+    return as_json({k: v for k, v in config["download"].items() if v is not None})

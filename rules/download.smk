@@ -1,22 +1,77 @@
 # download[part]: fetch one partition's URLs into the shared image tree; one manifest row per URL.
 # Resumable: a rerun after a crash fetches only what is missing (its journal lives beside the manifest).
+# download.mode gldv2: gldv2_fetch[k] jobs fetch and verify the official tar shards instead, and each
+# download[part] builds the same manifest from the shards' indexes.
 
-rule download:
-    input:
-        f"{R}/split/part-{{part}}.parquet",
-    output:
-        f"{R}/download/part-{{part}}/manifest.parquet",
-    params:
-        images=IMAGES,
-        settings=as_json(config["download"]),
-    log:
-        f"{LOGS}/download/part-{{part}}.log",
-    threads: config["download"]["threads"]
-    resources:
-        mem_mb=2000,
-        runtime=24 * 60,
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m landmarks.download --part {input:q} --images {params.images:q} --out {output:q} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+GLDV2 = config["download"]["mode"] == "gldv2"
+
+
+if GLDV2:
+    GLDV2_INDEX = f"{R}/download/gldv2"
+
+    rule gldv2_fetch:
+        output:
+            # fetch job k writes the indexes of shards k, k+P, k+2P, ...; this marker says it finished
+            touch(f"{GLDV2_INDEX}/fetch-{{part}}.done"),
+        params:
+            images=IMAGES,
+            index_dir=GLDV2_INDEX,
+            jobs=len(PARTS),
+            shards=config["download"]["gldv2_shards"],
+            tar_url=config["download"]["gldv2_tar_url"],
+            md5_url=config["download"]["gldv2_md5_url"],
+            settings=download_settings(),
+        log:
+            f"{LOGS}/download/gldv2-fetch-{{part}}.log",
+        threads: config["download"]["threads"]
+        resources:
+            mem_mb=4000,
+            runtime=24 * 60,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m landmarks.gldv2 fetch --shards {params.shards:q} --jobs {params.jobs} --job {wildcards.part} "
+            "--images {params.images:q} --index-dir {params.index_dir:q} --tar-url {params.tar_url:q} "
+            "--md5-url {params.md5_url:q} --settings {params.settings:q} > {log:q} 2>&1"
+
+    rule download:
+        input:
+            part=f"{R}/split/part-{{part}}.parquet",
+            fetched=expand(f"{GLDV2_INDEX}/fetch-{{part}}.done", part=PARTS),
+        output:
+            f"{R}/download/part-{{part}}/manifest.parquet",
+        params:
+            index_dir=GLDV2_INDEX,
+        log:
+            f"{LOGS}/download/part-{{part}}.log",
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=60,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m landmarks.gldv2 manifest --part {input.part:q} --index-dir {params.index_dir:q} "
+            "--out {output:q} > {log:q} 2>&1"
+
+else:
+
+    rule download:
+        input:
+            f"{R}/split/part-{{part}}.parquet",
+        output:
+            f"{R}/download/part-{{part}}/manifest.parquet",
+        params:
+            images=IMAGES,
+            settings=download_settings(),
+        log:
+            f"{LOGS}/download/part-{{part}}.log",
+        threads: config["download"]["threads"]
+        resources:
+            mem_mb=2000,
+            runtime=24 * 60,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m landmarks.download --part {input:q} --images {params.images:q} --out {output:q} "
+            "--settings {params.settings:q} --no-progress > {log:q} 2>&1"

@@ -1396,8 +1396,10 @@ def corrupt_jpeg(data: bytes) -> bytes:
     scan = data[scan_start:]
     keep = max(16, len(scan) * 2 // 5)
     noise = random.Random(zlib.crc32(data))
-    garbage = bytes(noise.randrange(256) for _ in range(min(4096, max(64, len(scan) // 10))))
-    return data[:scan_start] + scan[:keep] + garbage
+    # No 0xFF in the garbage, so it can never hold an end-of-image marker that would make the damaged
+    # file decode "cleanly"; the invalid marker 0xFF02 right after the kept scan makes libjpeg fail.
+    garbage = bytes(noise.randrange(255) for _ in range(min(4096, max(64, len(scan) // 10))))
+    return data[:scan_start] + scan[:keep] + b"\xff\x02" + garbage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1873,7 +1875,10 @@ def start_server_process(root, host: str = "127.0.0.1", port: int = 8765, timeou
     if slow_seconds is not None:
         command += ["--slow-seconds", str(slow_seconds)]
     with open(log_file, "ab") as log_fh:
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh)
+        # The child imports this very package, installed or not (e.g. the Snakefile's src/ checkout).
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=log_fh, env=env)
     proc.demo_tmp_dir = tmp_dir  # removed by stop_server_process
     deadline = time.monotonic() + timeout
     while not ready_file.exists():

@@ -29,6 +29,7 @@ never on the order of the manifests.
 from __future__ import annotations
 
 import argparse
+import re
 import hashlib
 import json
 import logging
@@ -156,8 +157,10 @@ def read_scenes(paths: list[Path]) -> Scenes:
             raise StageError(f"{path}: unknown scene_status values {sorted(bad) or ['null']}")
         if (frame["scene_status"] == STATUS_NO_WEIGHTS).any():
             note = read_metadata(path).get("note")
-            if note and note not in notes:
-                notes.append(note)
+            # Parts differ only in their image count ("kept all 208 images ..."): keep one of each.
+            generic = re.sub(r"kept all [\d,]+ images", "kept all images", note or "")
+            if generic and generic not in notes:
+                notes.append(generic)
         frame["source_scenes"] = str(path)
         frames.append(frame[list(SCENE_COLUMNS) + ["source_scenes"]])
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCENE_COLUMNS))

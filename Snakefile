@@ -3,6 +3,7 @@
 # point `python -m landmarks.<stage>` (which also runs on its own). See README.md.
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -39,7 +40,7 @@ wildcard_constraints:
     part=r"\d{3}",
     shardpart=r"\d{2}",
     split="|".join(SPLITS),
-    experiment="|".join(map(__import__("re").escape, EXPERIMENTS)) or "none",
+    experiment="|".join(map(re.escape, EXPERIMENTS)) or "none",
 
 
 include: "rules/common.smk"

@@ -17,3 +17,37 @@ def shard_dirs(split):
 def download_settings():
     """The download section for the stage's --settings (null values mean "the stage's default")."""
     return as_json({k: v for k, v in config["download"].items() if v is not None})
+
+
+# train: settings and launcher per experiment (see rules/train.smk)
+
+
+def train_settings(w):
+    return experiment(w.experiment, "train")
+
+
+def train_processes_per_node(w):
+    return max(1, train_settings(w)["gpus"])
+
+
+def train_threads_per_process(w):
+    """Cores per training process: its DataLoader workers + the loop (on a CPU-only job, 4 for the math)."""
+    s = train_settings(w)
+    return s["workers"] + (1 if s["gpus"] else 4)
+
+
+def train_torch_threads(w, threads):
+    """torch's threads per process: the cores Snakemake granted (it caps `threads` at --cores) left over
+    by the DataLoader workers; more threads than cores only slows torch down."""
+    per_process = threads // train_processes_per_node(w) if train_settings(w)["nodes"] == 1 else threads
+    return max(1, per_process - train_settings(w)["workers"])
+
+
+def train_launcher(w):
+    s = train_settings(w)
+    if s["nodes"] > 1:
+        return f"srun --nodes={s['nodes']} --ntasks-per-node={train_processes_per_node(w)} --kill-on-bad-exit=1 " \
+               "python -m landmarks.train"
+    if s["gpus"] > 1:
+        return f"torchrun --standalone --nproc_per_node={s['gpus']} -m landmarks.train"
+    return "python -m landmarks.train"

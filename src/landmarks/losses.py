@@ -1,7 +1,9 @@
 """Classification heads and metric-learning losses for the `train` stage.
 
-Every head takes the embedding batch and the class numbers and returns the loss; `logits` gives
-per-class scores (used for monitoring training accuracy).
+Every head takes the embedding batch and the class numbers and returns the loss;
+`loss_and_logits` also returns the per-class scores it computed on the way (None for the triplet
+loss), which the training loop uses for the training accuracy without a second matrix product.
+Heads compute in float32 whatever the autocast state: margins on cosines near 1 need the precision.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ class ArcMarginHead(nn.Module):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(n_classes))
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
-        cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+        with torch.autocast(embeddings.device.type, enabled=False):
+            cos = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
         return cos.view(-1, self.n_classes, self.k).amax(dim=2)
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.s * self.cosine(embeddings)
 
     def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cos = self.cosine(embeddings).clamp(-1 + 1e-7, 1 - 1e-7)
+        return self._apply_margin(self.cosine(embeddings), labels)
+
+    def _apply_margin(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cos = cos.clamp(-1 + 1e-7, 1 - 1e-7)
         m = self.margins[labels].unsqueeze(1)
         # cos(theta + m) = cos*cos(m) - sin*sin(m); past theta + m > pi the function stops being
         # monotonic, so there use the usual linear fallback cos - m*sin(m) ("easy margin" off).
@@ -62,8 +68,13 @@ class ArcMarginHead(nn.Module):
         one_hot = F.one_hot(labels, self.n_classes).bool()
         return self.s * torch.where(one_hot, cos_margin, cos)
 
+    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        cos = self.cosine(embeddings)
+        loss = F.cross_entropy(self._apply_margin(cos, labels), labels, weight=self.class_weights)
+        return loss, self.s * cos.detach()
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.margin_logits(embeddings, labels), labels, weight=self.class_weights)
+        return self.loss_and_logits(embeddings, labels)[0]
 
 
 class SoftmaxHead(nn.Module):
@@ -77,15 +88,21 @@ class SoftmaxHead(nn.Module):
         self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(n_classes))
 
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.fc(embeddings.float())
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.fc(embeddings.float())
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
         logits = self.logits(embeddings)
         if self.binary:
             target = F.one_hot(labels, self.n_classes).float()
             per_sample = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
-            return (per_sample * self.class_weights[labels]).mean()
-        return F.cross_entropy(logits, labels, weight=self.class_weights)
+            loss = (per_sample * self.class_weights[labels]).sum() / self.class_weights[labels].sum()
+        else:
+            loss = F.cross_entropy(logits, labels, weight=self.class_weights)
+        return loss, logits.detach()
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss_and_logits(embeddings, labels)[0]
 
 
 class BatchHardTripletLoss(nn.Module):
@@ -98,6 +115,9 @@ class BatchHardTripletLoss(nn.Module):
 
     def logits(self, embeddings: torch.Tensor) -> None:
         return None
+
+    def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
+        return self.forward(embeddings, labels), None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = F.normalize(embeddings.float(), dim=1)

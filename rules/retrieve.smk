@@ -1,5 +1,6 @@
 # retrieve[experiment]: faiss kNN of test queries against the train database, reranked with the
-# non-landmark bank; writes the neighbours table and a Kaggle submission CSV.
+# non-landmark bank; writes the neighbours table, a Kaggle submission CSV and retrieve.json (sizes,
+# timings, and the recall of an approximate index against exact search).
 
 rule retrieve:
     input:
@@ -10,10 +11,12 @@ rule retrieve:
         neighbours=f"{R}/experiments/{{experiment}}/retrieve/neighbours.parquet",
         predictions=f"{R}/experiments/{{experiment}}/retrieve/predictions.parquet",
         submission=f"{R}/experiments/{{experiment}}/retrieve/submission.csv",
+        summary=f"{R}/experiments/{{experiment}}/retrieve/retrieve.json",
     params:
         s=lambda w: experiment(w.experiment, "retrieve"),
         out_dir=lambda w: f"{R}/experiments/{w.experiment}/retrieve",
         device=lambda w: "gpu" if experiment(w.experiment, "retrieve")["gpus"] else "auto",
+        exclude_self=lambda w: "--exclude-self" if experiment(w.experiment, "retrieve")["exclude_self"] else "--no-exclude-self",
     log:
         f"{LOGS}/retrieve/{{experiment}}.log",
     threads: 2
@@ -30,4 +33,5 @@ rule retrieve:
         "--neighbours-per-label {params.s[glr2020_neighbours_per_label]} "
         "--query-bank-k {params.s[glr2020_query_bank_k]} --index {params.s[index]} "
         "--ivf-lists {params.s[ivf_lists]} --pq-m {params.s[pq_m]} --nprobe {params.s[nprobe]} "
-        "--device {params.device} > {log:q} 2>&1"
+        "--recall-sample {params.s[recall_sample]} {params.exclude_self} "
+        "--device {params.device} --threads {threads} > {log:q} 2>&1"

@@ -6,6 +6,7 @@ rule score:
     input:
         predictions=f"{R}/experiments/{{experiment}}/retrieve/predictions.parquet",
         neighbours=f"{R}/experiments/{{experiment}}/retrieve/neighbours.parquet",
+        retrieve_summary=f"{R}/experiments/{{experiment}}/retrieve/retrieve.json",
         selection=f"{R}/select/selection.parquet",
         train_summary=f"{R}/experiments/{{experiment}}/train/train.json",
         shards=shard_dirs("test") + shard_dirs("train"),
@@ -30,5 +31,6 @@ rule score:
     shell:
         "python -m landmarks.score --predictions {input.predictions:q} --neighbours {input.neighbours:q} "
         "--selection {input.selection:q} {params.solution} --shards {input.shards:q} "
-        "--train-summary {input.train_summary:q} --experiment {wildcards.experiment} "
+        "--train-summary {input.train_summary:q} --retrieve-summary {input.retrieve_summary:q} "
+        "--experiment {wildcards.experiment} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -17,6 +17,8 @@ STAGES = ["demo", "split", "download", "places365", "select", "shard", "train", 
           "summary"]
 
 
+# runpy warns when a stage module was already imported by another test: harmless for --help.
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
 def test_every_stage_entry_point_has_help(capsys, monkeypatch):
     for stage in STAGES:
         monkeypatch.setattr(sys, "argv", [f"landmarks.{stage}", "--help"])

@@ -1,8 +1,15 @@
 """Stage `embed`: L2-normalised embeddings of one split's images with a trained model.
 
-Writes `<split>.npy` (float16 by default, rows in the order of the shards' index) and
-`<split>.ids.parquet` (id, landmark_id) in the same order. Optional test-time augmentation: horizontal
-flip and several scales, averaged and then L2-normalised again.
+Writes `<split>.npy` (float16 by default; row i is the i-th image of the shards' index) and
+`<split>.ids.parquet` with the same rows in the same order (id, landmark_id, and the shard and key each
+row came from). Images are read once, in batches; on a GPU the model runs under bf16 autocast (AMP).
+
+Test-time augmentation (optional): the image at several scales (`--scales 1.0 0.75`) and, with
+`--flip-tta`, each of those mirrored. Every view's embedding is L2-normalised, the views are averaged,
+and the average is L2-normalised again, so every stored row has unit length.
+
+The array is written straight into a memory-mapped temporary file (renamed into place at the end), so
+memory stays flat however many images the split holds.
 
     python -m landmarks.embed --model results/experiments/X/train/model.pt \
         --shards results/shards/test/part-00 --out results/experiments/X/embed/test.npy
@@ -11,8 +18,8 @@ flip and several scales, averaged and then L2-normalised again.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -21,23 +28,28 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from tqdm import tqdm
 
-from .common import StageError, atomic_path, run_cli, setup_logging, write_table
+from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
 from .loader import ShardDataset, ShardIndex
+
+try:  # the loader owns the evaluation transform (training's validation pass uses it too)
+    from .loader import eval_transform
+except ImportError:  # a loader from before that move
+    from torchvision import transforms
+
+    def eval_transform(image_size: int, mean, std):
+        """Shorter side to `image_size`, centre crop, normalise: no augmentation at evaluation time."""
+        return transforms.Compose([
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
 
 log = logging.getLogger("landmarks.embed")
 
-
-def eval_transform(image_size: int, mean, std):
-    """Shorter side to `image_size`, centre crop, normalise: no augmentation at evaluation time."""
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+ID_COLUMNS = ["id", "landmark_id", "shard", "key"]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -48,37 +60,80 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def tta_sizes(image_size: int, scales) -> list[int]:
+    """Input size of each TTA scale (at least 16 px), in the order given."""
+    if not scales:
+        raise StageError("embed: at least one TTA scale is needed (embed.scales)")
+    if any(s <= 0 for s in scales):
+        raise StageError(f"embed.scales: scales must be positive, got {list(scales)}")
+    return [max(16, int(round(image_size * scale))) for scale in scales]
+
+
+class MultiScaleTransform:
+    """One decoded image -> a tuple of tensors, one per TTA size (so each image is read only once)."""
+
+    def __init__(self, sizes, mean, std):
+        self.transforms = [eval_transform(size, mean, std) for size in sizes]
+
+    def __call__(self, image):
+        return tuple(transform(image) for transform in self.transforms)
+
+
 @torch.no_grad()
 def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size: int = 64, workers: int = 0,
                        device: torch.device | None = None, flip: bool = False, scales=(1.0,),
-                       progress: bool = True) -> np.ndarray:
-    """float32 array (len(index), dim) of L2-normalised embeddings in index order."""
+                       progress: bool = True, amp: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    """L2-normalised embeddings (len(index), dim) in index order.
+
+    `out`, when given, is filled and returned (e.g. a float16 memory map); otherwise a float32 array is
+    allocated. Each view (scale x flip) is normalised, the views averaged, the average normalised.
+    """
     device = device or torch.device("cpu")
+    sizes = tta_sizes(image_size, scales)
+    n, dim = len(index), model.embedding_dim
+    if out is None:
+        out = np.zeros((n, dim), np.float32)
+    elif out.shape != (n, dim):
+        raise StageError(f"embed: output array has shape {out.shape}, expected {(n, dim)}")
     was_training = model.training
     model.eval().to(device)
-    total = torch.zeros(len(index), model.embedding_dim)
-    for scale in scales:
-        size = max(16, int(round(image_size * scale)))
-        transform = eval_transform(size, model.data_config["mean"], model.data_config["std"])
-        loader = DataLoader(ShardDataset(index, transform), batch_size=batch_size, num_workers=workers,
-                            pin_memory=device.type == "cuda")
-        bar = tqdm(loader, total=-(-len(index) // batch_size), desc=f"embed @{size}px", unit="batch",
-                   disable=not progress, mininterval=2.0)
-        for images, _, positions in bar:
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    dataset = ShardDataset(index, MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"]))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    written = np.zeros(n, bool)
+    interactive = sys.stderr.isatty()
+    bar = tqdm(loader, total=-(-n // batch_size), desc=f"embed {n} images @{'/'.join(map(str, sizes))}px",
+               unit="batch", disable=not progress, mininterval=2.0 if interactive else 30.0)
+    try:
+        for views_by_scale, _, positions in bar:
+            total = None
+            for images in views_by_scale:
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
                 views = [images, torch.flip(images, dims=[3])] if flip else [images]
                 for view in views:
-                    total[positions] += F.normalize(model(view).float(), dim=1).cpu()
-    model.train(was_training)
-    return F.normalize(total, dim=1).numpy()
-
-
-def write_embeddings(embeddings: np.ndarray, ids: pd.DataFrame, out: Path, dtype: str = "float16") -> None:
-    """Array and id table side by side, each written atomically; the id table is the second file."""
-    with atomic_path(out, suffix=".npy") as tmp:
-        np.save(tmp, embeddings.astype(dtype))
-    write_table(ids.reset_index(drop=True), ids_path(out))
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                        embedding = model(view)
+                    embedding = F.normalize(embedding.float(), dim=1)
+                    total = embedding if total is None else total + embedding
+            batch = F.normalize(total, dim=1).cpu().numpy()
+            rows = positions.numpy()
+            if not np.isfinite(batch).all():
+                bad = index.table["id"].to_numpy()[rows[~np.isfinite(batch).all(axis=1)]]
+                raise StageError(f"embed: non-finite embeddings for images {bad.tolist()[:5]}")
+            out[rows] = batch
+            written[rows] = True
+    finally:
+        bar.close()
+        model.train(was_training)
+    if not written.all():
+        missing = index.table.loc[~written, ["id", "shard", "key"]].head(3).to_dict("records")
+        raise StageError(f"embed: {int((~written).sum())} images of the index were not found in their shards, "
+                         f"e.g. {missing}")
+    return out
 
 
 def ids_path(embeddings_path: str | Path) -> Path:
@@ -86,15 +141,61 @@ def ids_path(embeddings_path: str | Path) -> Path:
     return embeddings_path.with_name(embeddings_path.stem + ".ids.parquet")
 
 
-def load_embeddings(path: str | Path) -> tuple[np.ndarray, pd.DataFrame]:
-    """(float32 embeddings, id table) and a check that they line up."""
+def id_table(index: ShardIndex) -> pd.DataFrame:
+    """The rows of the embedding array: id, landmark_id (nullable) and where each image came from."""
+    table = index.table
+    return pd.DataFrame({"id": table["id"].astype(str).to_numpy(),
+                         "landmark_id": table["landmark_id"].astype("Int64").to_numpy(),
+                         "shard": table["shard"].astype(str).to_numpy(),
+                         "key": table["key"].astype(str).to_numpy()})
+
+
+def write_embeddings(embeddings: np.ndarray, ids: pd.DataFrame, out: Path, dtype: str = "float16") -> None:
+    """Array and id table side by side, each written atomically; the id table is the second file."""
+    if len(ids) != len(embeddings):
+        raise StageError(f"{out}: {len(embeddings)} embeddings but {len(ids)} ids")
+    with atomic_path(out, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(embeddings).astype(dtype))
+    write_table(ids.reset_index(drop=True), ids_path(out))
+
+
+def embed_to_file(model, index: ShardIndex, image_size: int, out: Path, *, dtype: str = "float16",
+                  **options) -> None:
+    """Embed `index` into `out` (.npy, via a memory map renamed into place) and its id table beside it."""
+    if dtype not in ("float16", "float32"):
+        raise StageError(f"embed.dtype: {dtype!r} is not float16 or float32")
+    with atomic_path(out, suffix=".npy") as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(index), model.embedding_dim))
+        compute_embeddings(model, index, image_size, out=array, **options)
+        array.flush()
+        del array
+    write_table(id_table(index), ids_path(out))
+
+
+def load_embeddings(path: str | Path, *, mmap: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+    """(embeddings, id table), checked to line up.
+
+    float32 by default; with `mmap`, the array as stored (float16 or float32), memory-mapped, for
+    callers that stream through databases larger than memory.
+    """
     path = Path(path)
     if not path.exists():
         raise StageError(f"{path}: embeddings not found")
-    embeddings = np.load(path).astype(np.float32)
-    ids = pd.read_parquet(ids_path(path))
+    if not ids_path(path).exists():
+        raise StageError(f"{path}: its id table {ids_path(path)} is missing")
+    try:
+        embeddings = np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError) as err:
+        raise StageError(f"{path}: not a readable .npy array ({err})") from err
+    if embeddings.ndim != 2:
+        raise StageError(f"{path}: expected a 2-d array (images x dimensions), got shape {embeddings.shape}")
+    if not mmap:
+        embeddings = embeddings.astype(np.float32)
+    ids = read_table(ids_path(path))
     if len(ids) != len(embeddings):
         raise StageError(f"{path}: {len(embeddings)} embeddings but {len(ids)} ids in {ids_path(path)}")
+    if "id" not in ids.columns or "landmark_id" not in ids.columns:
+        raise StageError(f"{ids_path(path)}: expected columns id and landmark_id, found {list(ids.columns)}")
     return embeddings, ids
 
 
@@ -109,26 +210,35 @@ def main(argv=None) -> int:
     parser.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast on a GPU (ignored on the CPU)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        raise StageError(f"--batch-size must be at least 1, got {args.batch_size}")
     from .model import model_from_checkpoint
+    if not Path(args.model).exists():
+        raise StageError(f"{args.model}: model checkpoint not found")
     device = pick_device(args.device)
     model, checkpoint = model_from_checkpoint(args.model)
     image_size = args.image_size or checkpoint["settings"]["image_size"]
     index = ShardIndex.from_dirs(args.shards)
     started = time.perf_counter()
-    embeddings = compute_embeddings(model, index, image_size, batch_size=args.batch_size, workers=args.workers,
-                                    device=device, flip=args.flip_tta, scales=args.scales)
+    embed_to_file(model, index, image_size, Path(args.out), dtype=args.dtype, batch_size=args.batch_size,
+                  workers=args.workers, device=device, flip=args.flip_tta, scales=args.scales,
+                  progress=not args.no_progress, amp=args.amp)
     elapsed = time.perf_counter() - started
-    write_embeddings(embeddings, index.table[["id", "landmark_id"]], Path(args.out), args.dtype)
-    log.info("embedded %d images (%d-d, %s) on %s in %.1f s (%.1f images/s); TTA flip=%s scales=%s",
-             len(index), embeddings.shape[1] if len(embeddings.shape) == 2 else 0, args.dtype, device, elapsed,
-             len(index) / max(elapsed, 1e-9), args.flip_tta, args.scales)
+    views = len(args.scales) * (2 if args.flip_tta else 1)
+    log.info("embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s) on %s%s in %.1f s (%.1f images/s)"
+             " -> %s", len(index), model.embedding_dim, args.dtype, views, args.scales, args.flip_tta, device,
+             " with bf16 AMP" if args.amp and device.type == "cuda" else "", elapsed,
+             len(index) / max(elapsed, 1e-9), args.out)
     return 0
 
 

@@ -1,0 +1,251 @@
+"""retrieve stage: exact and approximate kNN, the prediction and reranking rules, the files it writes."""
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from landmarks import retrieve
+from landmarks.common import StageError
+from landmarks.embed import write_embeddings
+from landmarks.metrics import read_submission_csv, score_predictions
+
+
+def _unit(rows):
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def _write(path, vectors, ids, labels=None):
+    labels = labels if labels is not None else [None] * len(ids)
+    write_embeddings(_unit(vectors), pd.DataFrame({"id": ids, "landmark_id": pd.array(labels, dtype="Int64")}), path,
+                     dtype="float32")
+    return path
+
+
+# ---- predict(): the vectorised rules against a plain loop over each query -------------------------------------
+
+def _reference(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
+    """The documented rules, one query at a time: candidates are found neighbours with a label; ties go to
+    the label whose first candidate ranks higher."""
+    labels, confidence, base = [], [], []
+    for cos_row, pos_row, bank in zip(cosines, positions, query_bank):
+        candidates = [(rank, db_labels[p], float(c), p) for rank, (c, p) in enumerate(zip(cos_row, pos_row))
+                      if p >= 0 and db_labels[p] >= 0]
+        if not candidates:
+            labels.append(-1), confidence.append(-np.inf), base.append(-np.inf)
+            continue
+        per_label = {}
+        for rank, label, cos, p in candidates:
+            per_label.setdefault(label, []).append((rank, cos, p))
+        if rule == "top1":
+            best = candidates[0][1]
+            total = None
+        else:
+            def total_of(label):
+                hits = per_label[label]
+                if rule == "glr2020":
+                    return sum(min(max(c, 0.0), 1.0) - db_bank[p] for _, c, p in hits[:cap])
+                return sum(c for _, c, _ in hits)
+            best = min(per_label, key=lambda label: (-total_of(label), per_label[label][0][0]))
+            total = total_of(best)
+        top = max(c for _, c, _ in per_label[best])
+        labels.append(best)
+        base.append(top)
+        if rule == "glr2020":
+            confidence.append(total - bank)
+        else:
+            confidence.append(top - bank)
+    return np.array(labels), np.array(confidence), np.array(base)
+
+
+@pytest.mark.parametrize("prediction, rerank", [("top1", "none"), ("top1", "seed004"), ("vote", "none"),
+                                                ("vote", "seed004"), ("top1", "glr2020")])
+def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
+    rng = np.random.default_rng(1)
+    n_queries, k, n_db = 400, 8, 60
+    # Cosines on a coarse grid so that votes tie; missing neighbours at the end of some rows.
+    cosines = -np.sort(-np.round(rng.uniform(-0.2, 1.0, (n_queries, k)), 1), axis=1).astype(np.float32)
+    positions = rng.integers(0, n_db, (n_queries, k))
+    found = rng.integers(0, k + 1, n_queries)
+    found[:5] = 0  # some queries find nothing
+    missing = np.arange(k) >= found[:, None]
+    positions[missing], cosines[missing] = -1, -np.inf
+    db_labels = rng.integers(0, 6, n_db)
+    db_labels[::7] = -1  # database images without a landmark id
+    query_bank = rng.uniform(0, 0.5, n_queries).astype(np.float32)
+    db_bank = rng.uniform(0, 0.3, n_db).astype(np.float32)
+    labels, confidence, base = retrieve.predict(cosines, positions, db_labels, prediction=prediction, rerank=rerank,
+                                                query_bank=query_bank, db_bank=db_bank, neighbours_per_label=2)
+    rule = "glr2020" if rerank == "glr2020" else prediction
+    bank = query_bank if rerank != "none" else np.zeros(n_queries)
+    expected_labels, expected_confidence, expected_base = _reference(cosines, positions, db_labels, rule, bank,
+                                                                     db_bank, 2)
+    assert labels.tolist() == expected_labels.tolist()
+    assert confidence == pytest.approx(expected_confidence, abs=1e-6)
+    assert base == pytest.approx(expected_base, abs=1e-6)
+    assert (labels == -1).sum() >= 5
+
+
+def test_ties_go_to_the_label_of_the_nearer_neighbour():
+    # Label 9 at rank 1 and label 7 at ranks 2-3: votes tie at 0.8 each (0.8 vs 0.5 + 0.3).
+    cosines = np.array([[0.8, 0.5, 0.3]], np.float32)
+    positions = np.array([[0, 1, 2]])
+    db_labels = np.array([9, 7, 7])
+    labels, confidence, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
+    assert labels.tolist() == [9] and confidence == pytest.approx([0.8])
+    labels, _, _ = retrieve.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
+    assert labels.tolist() == [7]  # now label 7 ranks first
+
+
+def test_reranking_needs_its_bank_similarities():
+    cosines, positions = np.array([[0.9]], np.float32), np.array([[0]])
+    with pytest.raises(StageError, match="query_bank"):
+        retrieve.predict(cosines, positions, np.array([1]), rerank="seed004")
+    with pytest.raises(StageError, match="db_bank"):
+        retrieve.predict(cosines, positions, np.array([1]), rerank="glr2020", query_bank=np.zeros(1))
+
+
+# ---- knn -----------------------------------------------------------------------------------------------------------
+
+def test_exact_knn_matches_numpy_and_pads_short_databases():
+    rng = np.random.default_rng(2)
+    database, queries = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(25, 16)))
+    cosines, positions = retrieve.knn(database, queries, 7)
+    similarity = queries @ database.T
+    expected = np.argsort(-similarity, axis=1)[:, :7]
+    assert positions.tolist() == expected.tolist()
+    assert cosines == pytest.approx(np.take_along_axis(similarity, expected, axis=1), abs=1e-5)
+    cosines, positions = retrieve.knn(database[:3], queries, 5)
+    assert (positions[:, 3:] == -1).all() and np.isneginf(cosines[:, 3:]).all()
+    assert sorted(positions[0, :3].tolist()) == [0, 1, 2]
+
+
+def test_equal_cosines_are_ordered_by_database_row():
+    database = _unit(np.tile([[1.0, 0.0]], (6, 1)))  # six identical database images
+    _, positions = retrieve.knn(database, _unit([[1.0, 0.2]]), 4)
+    assert positions.tolist() == [[0, 1, 2, 3]]
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def clustered(tmp_path):
+    """12 landmarks x 20 train images around a centre each, queries near some centres, and a bank."""
+    rng = np.random.default_rng(3)
+    dim = 32
+    centres = rng.normal(size=(12, dim))
+    train_labels = np.repeat(np.arange(12), 20)
+    train = centres[train_labels] + 0.35 * rng.normal(size=(len(train_labels), dim))
+    query_labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    queries = np.vstack([centres[query_labels] + 0.35 * rng.normal(size=(8, dim)), rng.normal(size=(6, dim))])
+    bank = rng.normal(size=(30, dim))
+    paths = {
+        "database": _write(tmp_path / "train.npy", train, [f"t{i}" for i in range(len(train))], train_labels + 100),
+        "queries": _write(tmp_path / "test.npy", queries, [f"q{i}" for i in range(len(queries))]),
+        "bank": _write(tmp_path / "bank.npy", bank, [f"b{i}" for i in range(len(bank))]),
+    }
+    return paths, query_labels + 100
+
+
+def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_same(clustered, tmp_path):
+    paths, truth_labels = clustered
+    out = tmp_path / "out"
+    assert retrieve.main(["--database", str(paths["database"]), "--queries", str(paths["queries"]), "--bank",
+                          str(paths["bank"]), "--out-dir", str(out), "--k", "5", "--threads", "1"]) == 0
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert predictions["landmark_id"].iloc[:8].tolist() == truth_labels.tolist()  # well separated clusters
+    neighbours = pd.read_parquet(out / "neighbours.parquet")
+    assert len(neighbours) == 14 * 5 and neighbours.groupby("query_id")["rank"].apply(list).map(
+        lambda r: r == [1, 2, 3, 4, 5]).all()
+    truth = {f"q{i}": ([int(truth_labels[i])] if i < 8 else []) for i in range(14)}
+    submission = read_submission_csv(out / "submission.csv")
+    assert score_predictions(submission, truth) == score_predictions(predictions, truth)
+    summary = json.loads((out / "retrieve.json").read_text())
+    assert summary["index"] == {"type": "flat", "device": "cpu"} and summary["recall"] is None
+    assert summary["database"]["images"] == 240 and summary["bank"]["images"] == 30
+
+
+def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
+    paths, _ = clustered
+    retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, k=6, rerank="glr2020",
+                      bank_k=5, query_bank_k=10, neighbours_per_label=3)
+    database = np.load(paths["database"])
+    queries, bank = np.load(paths["queries"]), np.load(paths["bank"])
+    db_labels = pd.read_parquet(str(paths["database"]).replace(".npy", ".ids.parquet"))["landmark_id"].to_numpy()
+    b = np.sort(database @ bank.T, axis=1)[:, -5:].mean(axis=1)  # B_j
+    c = np.sort(queries @ bank.T, axis=1)[:, -10:].mean(axis=1)  # C_i
+    similarity = queries @ database.T
+    predictions = pd.read_parquet(tmp_path / "predictions.parquet")
+    for i, row in predictions.iterrows():
+        top = np.argsort(-similarity[i])[:6]
+        sums = {}
+        for j in top:
+            hits = sums.setdefault(db_labels[j], [])
+            if len(hits) < 3:
+                hits.append(min(max(similarity[i, j], 0), 1) - b[j])
+        best = max(sums, key=lambda label: sum(sums[label]))
+        assert row["landmark_id"] == best
+        assert row["score"] == pytest.approx(sum(sums[best]) - c[i], abs=1e-4)
+        assert row["bank_cosine"] == pytest.approx(c[i], abs=1e-4)
+
+
+def test_a_query_that_is_also_in_the_database_is_not_its_own_neighbour(clustered, tmp_path, caplog):
+    paths, _ = clustered
+    database = paths["database"]  # the train images queried against themselves
+    with caplog.at_level(logging.WARNING, logger="landmarks.retrieve"):
+        retrieve.retrieve(database, database, paths["bank"], tmp_path / "loo", k=4)
+    assert "240 of 240 queries are also in the database" in caplog.text
+    neighbours = pd.read_parquet(tmp_path / "loo" / "neighbours.parquet")
+    assert (neighbours["query_id"] != neighbours["neighbour_id"]).all()
+    assert (neighbours.groupby("query_id").size() == 4).all()
+    retrieve.retrieve(database, database, paths["bank"], tmp_path / "self", k=4, exclude_self=False)
+    first = pd.read_parquet(tmp_path / "self" / "neighbours.parquet").query("rank == 1")
+    assert (first["query_id"] == first["neighbour_id"]).all()
+
+
+def test_ivfpq_reports_its_recall_against_exact_search(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(40, 32))
+    labels = rng.integers(0, 40, 3000)
+    database = centres[labels] + 0.3 * rng.normal(size=(3000, 32))
+    queries = centres[labels[:300]] + 0.3 * rng.normal(size=(300, 32))
+    _write(tmp_path / "db.npy", database, [f"d{i}" for i in range(3000)], labels)
+    _write(tmp_path / "q.npy", queries, [f"q{i}" for i in range(300)])
+    assert retrieve.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
+                          "--out-dir", str(tmp_path / "out"), "--rerank", "none", "--index", "ivfpq",
+                          "--ivf-lists", "16", "--pq-m", "8", "--nprobe", "4", "--recall-sample", "300",
+                          "--threads", "1"]) == 0
+    summary = json.loads((tmp_path / "out" / "retrieve.json").read_text())
+    assert summary["index"]["type"] == "ivfpq" and summary["index"]["ivf_lists"] == 16
+    recall = summary["recall"]
+    assert recall["queries"] == 300 and recall["k"] == 10
+    assert "recall against exact search on 300 sampled queries" in capsys.readouterr().err  # the log
+    # The sample is every query here: the reported recall is what the neighbours table shows.
+    neighbours = pd.read_parquet(tmp_path / "out" / "neighbours.parquet")
+    found = neighbours.groupby("query_id")["neighbour_id"].apply(lambda ids: {int(i[1:]) for i in ids})
+    exact = np.argsort(-(_unit(queries) @ _unit(database).T), axis=1)[:, :10]
+    approx = [found[f"q{i}"] for i in range(300)]
+    assert recall["top1_in_top_k"] == pytest.approx(np.mean([exact[i, 0] in approx[i] for i in range(300)]))
+    assert recall["recall_at_k"] == pytest.approx(np.mean([len(set(exact[i]) & approx[i]) / 10 for i in range(300)]))
+    assert recall["recall_at_k"] < 1  # 8 sub-quantisers of 4 dimensions: approximate, and it says so
+    predictions = pd.read_parquet(tmp_path / "out" / "predictions.parquet")
+    assert (predictions["landmark_id"].to_numpy() == labels[:300]).mean() > 0.9  # labels survive the approximation
+
+
+def test_bad_inputs_are_refused_with_the_file_or_key_named(clustered, tmp_path):
+    paths, _ = clustered
+    with pytest.raises(StageError, match="also in the non-landmark bank"):
+        retrieve.retrieve(paths["database"], paths["bank"], paths["bank"], tmp_path, rerank="seed004")
+    with pytest.raises(StageError, match="retrieve.pq_m: 5 sub-quantisers do not divide the embedding dimension 32"):
+        retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, index_type="ivfpq", pq_m=5)
+    other = _write(tmp_path / "other.npy", np.ones((3, 8)), ["x", "y", "z"])
+    with pytest.raises(StageError, match="other.npy: 8-d embeddings, but the queries .* are 32-d"):
+        retrieve.retrieve(other, paths["queries"], paths["bank"], tmp_path)
+    twice = _write(tmp_path / "twice.npy", np.ones((2, 32)), ["same", "same"], [1, 1])
+    with pytest.raises(StageError, match="twice.npy: 1 duplicate ids"):
+        retrieve.retrieve(twice, paths["queries"], paths["bank"], tmp_path)
+    with pytest.raises(StageError, match="needs a non-empty non-landmark bank"):
+        retrieve.retrieve(paths["database"], paths["queries"], None, tmp_path, rerank="glr2020")

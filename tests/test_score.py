@@ -1,0 +1,127 @@
+"""score and summary stages: metrics as the metric module defines them, Public/Private, the report's
+figures and tables."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from landmarks import report, score, summary
+from landmarks.common import StageError
+from landmarks.metrics import score_predictions
+
+
+@pytest.fixture()
+def results(tmp_path):
+    """Ten test queries (six landmark, four non-landmark) with predictions whose reranked score puts the
+    non-landmark queries last while the raw cosine does not; one landmark query is predicted wrong and one
+    has no prediction."""
+    selection = pd.DataFrame({
+        "id": [f"q{i}" for i in range(10)] + ["t0", "t1"],
+        "landmark_id": pd.array([1, 2, 3, 4, 5, 6, None, None, None, None, 1, 2], dtype="Int64"),
+        "split": ["test"] * 10 + ["train"] * 2,
+    })
+    selection.to_parquet(tmp_path / "selection.parquet")
+    predictions = pd.DataFrame({
+        "id": [f"q{i}" for i in range(10)],
+        "landmark_id": pd.array([1, 2, 3, 9, 5, None, 1, 2, 3, 4], dtype="Int64"),
+        "score": [0.9, 0.8, 0.7, 0.65, 0.6, np.nan, 0.1, 0.05, 0.02, 0.01],
+        "top_cosine": np.array([0.7, 0.6, 0.65, 0.9, 0.5, np.nan, 0.95, 0.55, 0.4, 0.3], np.float32),
+    })
+    predictions.to_parquet(tmp_path / "predictions.parquet")
+    neighbours = pd.DataFrame({"query_id": np.repeat(predictions["id"], 2).to_numpy(), "rank": [1, 2] * 10,
+                               "neighbour_id": ["t0", "t1"] * 10,
+                               "neighbour_landmark_id": pd.array([1, 2] * 10, dtype="Int64"),
+                               "cosine": np.tile([0.7, 0.6], 10).astype(np.float32)})
+    neighbours.to_parquet(tmp_path / "neighbours.parquet")
+    truth = {f"q{i}": ([i + 1] if i < 6 else []) for i in range(10)}
+    return tmp_path, predictions, truth
+
+
+def test_metrics_are_the_kaggle_gap_with_and_without_reranking(results):
+    folder, predictions, truth = results
+    assert score.main(["--predictions", str(folder / "predictions.parquet"), "--selection",
+                       str(folder / "selection.parquet"), "--neighbours", str(folder / "neighbours.parquet"),
+                       "--experiment", "exp", "--out-dir", str(folder / "score")]) == 0
+    metrics = json.loads((folder / "score" / "metrics.json").read_text())
+    expected = score_predictions(predictions, truth)
+    raw = score_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
+    assert metrics["gap"] == pytest.approx(expected.gap)
+    assert metrics["gap"] == pytest.approx((1 + 1 + 1 + 4 / 5) / 6)  # by hand: q3 wrong at rank 4, q5 unranked
+    assert metrics["gap_landmarks_only"] == pytest.approx(expected.gap_landmarks_only)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["gap_without_rerank"] == pytest.approx(raw.gap) and raw.gap < expected.gap
+    assert (metrics["queries"], metrics["landmark_queries"], metrics["predictions"]) == (10, 6, 9)
+    for figure in score.FIGURES:
+        assert (folder / "score" / figure).read_bytes()[:4] == b"\x89PNG"
+    text = (folder / "score" / "report.md").read_text()
+    assert f"| GAP (all test queries, Kaggle definition) | {expected.gap:.4f} |" in text
+    assert "![examples](examples.png)" in text and "| 4 | 0.00 | 1 |" in text  # q3's class among the hardest
+
+
+def test_solution_csv_gives_public_and_private_scores(results):
+    folder, predictions, truth = results
+    usage = ["Public", "Private", "Public", "Private", "Public", "Private", "Public", "Private", "Ignored", "Public"]
+    rows = ["id,landmarks,Usage"] + [f"q{i},{' '.join(map(str, truth[f'q{i}']))},{usage[i]}" for i in range(10)]
+    (folder / "solution.csv").write_text("\n".join(rows) + "\n")
+    result = score.score(folder / "predictions.parquet", folder / "out", solution_path=folder / "solution.csv",
+                         selection_path=folder / "selection.parquet")
+    scored = {q: labels for q, labels in truth.items() if q != "q8"}
+    public = {q: truth[q] for q, u in zip(truth, usage) if u == "Public"}
+    private = {q: truth[q] for q, u in zip(truth, usage) if u == "Private"}
+    assert result["gap"] == pytest.approx(score_predictions(predictions, scored).gap)
+    assert result["gap_public"] == pytest.approx(score_predictions(predictions, public).gap)
+    assert result["gap_private"] == pytest.approx(score_predictions(predictions, private).gap)
+    assert result["queries"] == 9  # the Ignored row is not scored
+
+
+def test_precision_curve_is_the_ranking_gap_walks(results):
+    _, predictions, truth = results
+    truth_table = pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())})
+    ranked = score.ranked_predictions(predictions, truth_table)
+    assert ranked["id"].tolist()[:4] == ["q0", "q1", "q2", "q3"] and len(ranked) == 9
+    gap = ranked.loc[ranked["correct"], "precision_at_rank"].sum() / 6
+    assert gap == pytest.approx(score_predictions(predictions, truth).gap)
+
+
+def test_examples_show_wrong_landmarks_and_non_landmark_queries(results):
+    _, predictions, truth = results
+    ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
+    picked = [(group, row["id"]) for group, row in report.pick_examples(ranked, per_group=2)]
+    assert picked == [("most confident correct", "q0"), ("most confident correct", "q1"),
+                      ("least confident correct", "q4"), ("least confident correct", "q2"),
+                      ("most confident wrong landmark", "q3"),
+                      ("most confident non-landmark query", "q6"), ("most confident non-landmark query", "q7")]
+
+
+def test_bad_predictions_are_named(results):
+    folder, predictions, _ = results
+    predictions.drop(columns=["score"]).to_parquet(folder / "bad.parquet")
+    with pytest.raises(StageError, match=r"bad\.parquet: missing column\(s\) \['score'\]"):
+        score.score(folder / "bad.parquet", folder / "out", selection_path=folder / "selection.parquet")
+    pd.concat([predictions, predictions.head(1)]).to_parquet(folder / "twice.parquet")
+    with pytest.raises(StageError, match="twice.parquet: cannot be scored: .*duplicate query id 'q0'"):
+        score.score(folder / "twice.parquet", folder / "out", selection_path=folder / "selection.parquet")
+
+
+def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
+    rows = {"a": {"experiment": "a", "gap": 0.5, "accuracy": 0.7, "rerank": "seed004", "queries": 10},
+            "b": {"gap": 0.625, "accuracy": 0.6, "rerank": "glr2020", "queries": 10}}
+    paths = []
+    for name, row in rows.items():
+        path = tmp_path / "experiments" / name / "score" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(row))
+        paths.append(str(path))
+    out = tmp_path / "summary.md"
+    assert summary.main(["--metrics", *paths, "--descriptions", json.dumps({"a": "first", "b": "second"}),
+                         "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[2] == "| experiment | GAP | top-1 accuracy | reranking | test queries |"
+    assert lines[4] == "| a | 0.5000 | **0.7000** | seed004 | 10 |"
+    assert lines[5] == "| b | **0.6250** | 0.6000 | glr2020 | 10 |"  # named after its folder
+    assert "- **b**: second" in lines
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(StageError, match="broken.json: cannot read metrics"):
+        summary.main(["--metrics", str(tmp_path / "broken.json"), "--out", str(out)])

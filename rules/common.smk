@@ -7,7 +7,9 @@ def as_json(obj):
 
 
 def experiment(name, section):
-    return lmconfig.experiment_settings(config, name, CONFIG_SOURCE)[section]
+    """An experiment's merged settings, keys sorted: Snakemake compares params as text, so reordering
+    keys in config.yaml must not look like an edit."""
+    return json.loads(as_json(lmconfig.experiment_settings(config, name, CONFIG_SOURCE)[section]))
 
 
 def shard_dirs(split):

@@ -9,7 +9,7 @@ rule select:
         selection=f"{R}/select/selection.parquet",
         report=report(f"{R}/select/report.md", category="Data", caption="../report/select.rst"),
     params:
-        s=config["select"],
+        s=dict(sorted(config["select"].items())),  # sorted: reordering keys in config.yaml reruns nothing
         scenes_flag="--scenes" if config["places365"]["enabled"] else "",
         outdoor_rule=config["select"]["outdoor_rule"] if config["places365"]["enabled"] else "none",
         exclude=" ".join(str(c) for c in config["select"]["exclude_classes"]),

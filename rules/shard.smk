@@ -7,7 +7,7 @@ rule shard:
         directory(f"{R}/shards/{{split}}/part-{{shardpart}}"),
     params:
         images=IMAGES,
-        s=config["shard"],
+        s=dict(sorted(config["shard"].items())),  # sorted: reordering keys in config.yaml reruns nothing
         parts=len(SHARD_PARTS),
         upscale="--upscale" if config["shard"]["upscale"] else "",
     log:

@@ -80,8 +80,11 @@ if MULTINODE_EXPERIMENTS:
             # the same number on every node; srun in the shell command starts the tasks.
             gpu=lambda w: train_settings(w)["nodes"] * train_settings(w)["gpus"],
             tasks=lambda w: train_settings(w)["nodes"] * train_processes_per_node(w),
-            tasks_per_gpu=1,
-            slurm_extra=lambda w: f"--ntasks-per-node={train_processes_per_node(w)}",
+            # tasks_per_gpu=0: the plugin would otherwise add --ntasks-per-gpu, which sbatch refuses beside
+            # --ntasks-per-node; the GPUs are spread per node instead.
+            tasks_per_gpu=0,
+            slurm_extra=lambda w: f"--ntasks-per-node={train_processes_per_node(w)} "
+                                  f"--gpus-per-node={train_settings(w)['gpus']}",
             mpi="srun",
         conda:
             "../envs/torch.yaml"

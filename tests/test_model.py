@@ -8,13 +8,7 @@ from landmarks.common import StageError
 from landmarks.model import GeM, LandmarkModel, build_backbone, model_from_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_gem_between_average_and_max_pooling_with_a_learnable_p():

@@ -13,7 +13,6 @@ import copy
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,12 +29,6 @@ START_SCRIPT = "../shared/slurm/start-local-slurm.sh"
 DAG_RULES = {"demo", "split", "download", "places365", "select", "shard", "train", "embed", "retrieve", "score",
              "summary"}
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_config(port: int) -> dict:

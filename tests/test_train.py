@@ -24,13 +24,7 @@ TINY = {"backbone": "test_efficientnet", "pretrained": "none", "image_size": 32,
         "batch_size": 4, "workers": 0, "lr": 0.01, "warmup_epochs": 0.5, "arcface_s": 8.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: extra threads only add contention (and timing noise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

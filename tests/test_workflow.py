@@ -4,23 +4,17 @@ edits rerun exactly the stages that depend on them."""
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import free_port
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_config(port: int) -> dict:

@@ -31,21 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
-from .loader import ShardDataset, ShardIndex
-
-try:  # the loader owns the evaluation transform (training's validation pass uses it too)
-    from .loader import eval_transform
-except ImportError:  # a loader from before that move
-    from torchvision import transforms
-
-    def eval_transform(image_size: int, mean, std):
-        """Shorter side to `image_size`, centre crop, normalise: no augmentation at evaluation time."""
-        return transforms.Compose([
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
+from .loader import ShardDataset, ShardIndex, eval_transform  # the loader owns the eval transform
 
 log = logging.getLogger("landmarks.embed")
 

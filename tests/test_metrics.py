@@ -8,12 +8,17 @@ import random
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from landmarks.common import StageError
 from landmarks.metrics import (
     GapScores,
     _argsort_ids,
+    _hex_keys,
+    _ranking,
+    _sortable_ids,
+    _stable_argsort_u64,
     accuracy_reference,
     gap_reference,
     main,
@@ -312,6 +317,221 @@ def test_vectorised_equals_reference_on_a_larger_case():
     assert scores.gap == gap_reference(pred, truth)  # exactly: same summation order
     assert scores.gap_landmarks_only == gap_reference(pred, truth, ignore_non_landmarks=True)
     assert scores.accuracy == accuracy_reference(pred, truth)
+
+
+# ---------------------------------------------------------------------------- fast paths
+# GLDv2 ids (lowercase hex, one length) are matched and sorted as uint64 numbers, Arrow-backed
+# id columns are read without Python strings, and sorts pack positions into uint64 values.
+# Each must give exactly what the general path and the reference loops give.
+
+
+def _hex_ids(rng: random.Random, count: int, width: int = 16, prefix: str = "") -> list[str]:
+    """`count` distinct random ids of `width` lowercase hex digits (fewer if there are fewer)."""
+    digits = "0123456789abcdef"
+    prefix = prefix[: width - 1]
+    count = min(count, 16 ** (width - len(prefix)))
+    ids = set()
+    while len(ids) < count:
+        ids.add(prefix + "".join(rng.choice(digits) for _ in range(width - len(prefix))))
+    return sorted(ids)
+
+
+def _scores_and_references(pred: dict, truth: dict) -> tuple:
+    scores = score_predictions(_frame(pred), truth)
+    return scores, (
+        gap_reference(pred, truth),
+        gap_reference(pred, truth, ignore_non_landmarks=True),
+        accuracy_reference(pred, truth),
+    )
+
+
+def _assert_equals_references(scores: GapScores, references: tuple, context: str = "") -> None:
+    gap, gap_landmarks_only, accuracy = references
+    assert _same(scores.gap, gap), context
+    assert _same(scores.gap_landmarks_only, gap_landmarks_only), context
+    assert _same(scores.accuracy, accuracy), context
+
+
+@pytest.mark.parametrize("width", [2, 4, 8, 10, 16])
+def test_hex_keys_sort_and_compare_like_the_ids(width):
+    rng = random.Random(width)
+    # A shared prefix makes ids differ only in their last digits, where "9" < "a" matters.
+    ids = _hex_ids(rng, 300, width, prefix="0f" * (width // 4))
+    rng.shuffle(ids)
+    for source in (ids, np.array(ids, dtype=object), pa.array(ids), pa.array(["x"] + ids)[1:]):
+        found = _hex_keys(source)
+        assert found is not None and found[0] == width
+        keys = found[1]
+        assert keys.dtype == np.uint64
+        assert [ids[i] for i in np.argsort(keys)] == sorted(ids)
+        assert len(np.unique(keys)) == len(ids)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["0A", "0b"],  # uppercase: "0A" and "0a" would read as the same number
+        ["0a", "0abc"],  # different lengths
+        ["abcd", "ef", "123456"],  # the same total length as 3 ids of 4 characters
+        ["abc", "def"],  # odd length
+        ["0" * 18, "1" * 18],  # more than 16 digits
+        ["abcd", "ab  "],  # spaces inside an id
+        ["abcd", "ab\tc"],
+        [" abc", "abcd"],
+        ["0x12", "0012"],  # not a hex digit
+        ["é1", "a1"],  # not ASCII
+        ["", "ab"],
+    ],
+)  # fmt: skip
+def test_ids_that_are_not_one_length_lowercase_hex_take_the_general_path(ids):
+    assert _hex_keys(ids) is None
+    assert _hex_keys(pa.array(ids)) is None
+    # The general path gives the right scores: "ab" < "ab  " etc. as Python strings.
+    pred = {qid: (1, 0.5) for qid in ids}
+    truth = {qid: [1] if k % 2 else [2] for k, qid in enumerate(ids)}
+    scores, references = _scores_and_references(pred, truth)
+    _assert_equals_references(scores, references)
+
+
+def test_non_string_and_missing_ids_are_not_hex():
+    assert _hex_keys([12, "ab"]) is None and _hex_keys(["ab", 12]) is None
+    assert _hex_keys(pa.array(["ab", None])) is None
+    assert _hex_keys([]) == (0, pytest.approx(np.zeros(0)))
+
+
+def test_hex_ids_with_one_odd_id_fall_back_with_identical_scores():
+    rng = random.Random(3)
+    ids = _hex_ids(rng, 200, prefix="00ff")
+    truth = {q: [rng.randrange(4)] if rng.random() < 0.5 else [] for q in ids}
+    pred = {q: (rng.randrange(4), rng.choice([0.5, 0.25, 1.0])) for q in ids if rng.random() < 0.9}
+    fast, references = _scores_and_references(pred, truth)
+    _assert_equals_references(fast, references)
+    assert _sortable_ids(ids, list(pred))[0].dtype == np.uint64  # the fast path was taken
+
+    # A prediction for an unknown, non-hex id: ignored, and the rest scores the same.
+    odd_pred = dict(pred, **{"not-hex": (1, 99.0)})
+    assert _sortable_ids(ids, list(odd_pred))[0].dtype.kind == "S"
+    scores, odd_references = _scores_and_references(odd_pred, truth)
+    assert odd_references == references
+    _assert_equals_references(scores, references)
+    assert (scores.n_predictions, scores.n_ignored) == (fast.n_predictions, 1)
+
+    # An uppercase id in the truth is another query than its lowercase spelling.
+    upper = ids[0].upper()
+    assert upper != ids[0]
+    odd_truth = dict(truth, **{upper: [1]})
+    odd_pred = dict(pred, **{upper: (1, 0.75)})
+    scores, references = _scores_and_references(odd_pred, odd_truth)
+    _assert_equals_references(scores, references)
+    assert scores.n_queries == len(truth) + 1 and scores.n_ignored == 0
+
+
+def test_hex_ids_of_different_lengths_are_different_queries():
+    # Each side is hex of one length, but not the same one: "00ab" is not "ab".
+    scores = score_predictions(_frame({"ab": (1, 0.5), "cd": (2, 0.5)}), {"00ab": [1], "00cd": [2]})
+    assert (scores.gap, scores.n_predictions, scores.n_ignored) == (0.0, 0, 2)
+    # Both lengths on one side.
+    truth = {"00ab": [1], "ab": [2]}
+    pred = {"ab": (2, 0.5), "00ab": (1, 0.4)}
+    assert score_predictions(_frame(pred), truth).gap == 1.0 == gap_reference(pred, truth)
+
+
+def test_duplicate_hex_ids_are_reported():
+    ids = ["00000000000000aa", "00000000000000ab", "00000000000000aa"]
+    with pytest.raises(ValueError, match="truth: duplicate query id '00000000000000aa'"):
+        score_predictions(_frame({ids[0]: (1, 0.5)}), pd.DataFrame({"id": ids, "landmarks": [[1]] * 3}))
+    pred = pd.DataFrame({"id": pd.Series(ids, dtype="str"), "landmark_id": 1, "score": 0.5})
+    with pytest.raises(ValueError, match="predictions: duplicate query id '00000000000000aa'"):
+        score_predictions(pred, {ids[0]: [1]})
+
+
+@pytest.mark.parametrize("id_dtype", ["str", pd.ArrowDtype(pa.string()), object])
+@pytest.mark.parametrize("hex_ids", [True, False])
+def test_arrow_backed_id_columns_give_the_same_scores(id_dtype, hex_ids):
+    # pandas' default `str` columns (e.g. read from Parquet) hold their ids in Arrow arrays.
+    rng = random.Random(11)
+    ids = _hex_ids(rng, 120) if hex_ids else [f"img_{k}" for k in range(120)]
+    truth = {q: [rng.randrange(3)] if rng.random() < 0.4 else [] for q in ids}
+    pred = {q: (rng.randrange(3), rng.choice([0.1, 0.2, 0.3])) for q in ids[5:] if rng.random() < 0.9}
+    expected, references = _scores_and_references(pred, truth)
+    _assert_equals_references(expected, references)
+
+    pred_frame = _frame(pred).astype({"id": id_dtype})
+    # Rows without a prediction are filtered out; the truth column comes in two Arrow chunks.
+    pred_frame.loc[len(pred_frame)] = [ids[0], pd.NA, np.nan]
+    truth_frame = pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())})
+    halves = [truth_frame.iloc[:50], truth_frame.iloc[50:]]
+    truth_frame = pd.concat([half.astype({"id": id_dtype}) for half in halves], ignore_index=True)
+    assert score_predictions(pred_frame, truth_frame) == expected
+    assert score_predictions(pred_frame.iloc[1:], truth_frame) == score_predictions(
+        _frame(pred).iloc[1:], truth
+    )
+
+
+def test_missing_id_in_an_arrow_column_is_refused():
+    pred = pd.DataFrame({"id": pd.Series(["ab", None], dtype="str"), "landmark_id": 1, "score": 0.5})
+    with pytest.raises(TypeError, match="strings"):
+        score_predictions(pred, {"ab": [1]})
+
+
+def test_ids_with_nul_are_refused():
+    # numpy strings drop trailing NULs, so "a\x00" would be taken for "a".
+    with pytest.raises(ValueError, match="NUL"):
+        score_predictions(_frame({"a": (1, 0.5)}), {"a": [1], "a\x00": [2]})
+
+
+def test_vectorised_equals_reference_on_random_hex_cases():
+    rng = random.Random(99)
+    for case in range(150):
+        # A long shared prefix and few ids: many ids differ in one digit; few scores: ties.
+        ids = _hex_ids(rng, rng.randint(1, 40), width=rng.choice([2, 8, 16]),
+                       prefix=rng.choice(["", "", "0", "ffffff"]))  # fmt: skip
+        queries = rng.sample(ids, rng.randint(0, len(ids)))
+        truth = {q: rng.sample(range(5), rng.choice([0, 0, 1, 2])) for q in queries}
+        pred = {
+            q: (rng.randrange(5), rng.choice([0.0, -0.0, 0.5, 1.0, -1.0, rng.random()]))
+            for q in ids
+            if rng.random() < 0.8
+        }
+        if rng.random() < 0.2:  # one id that is not hex: the general path
+            pred["zz"] = (0, rng.random())
+        scores, references = _scores_and_references(pred, truth)
+        _assert_equals_references(scores, references, f"case {case}: pred={pred} truth={truth}")
+        assert scores.n_ignored == sum(1 for q in pred if q not in truth)
+
+
+def _u64(values) -> np.ndarray:
+    return np.array(values, dtype=np.uint64)
+
+
+def test_stable_argsort_u64_equals_numpy_stable_argsort():
+    rng = np.random.default_rng(5)
+    top = np.iinfo(np.uint64).max
+    cases = [
+        _u64([]), _u64([7]), _u64([3, 3]), _u64([top, 0, top, 1]),
+        rng.integers(0, 2**63, 5000, dtype=np.uint64) * np.uint64(2),  # full range: bits dropped
+        rng.integers(0, 10, 5000, dtype=np.uint64),  # narrow range with ties: nothing dropped
+        # Keys that differ only in low bits, spread over the full range: dropped bits tie them.
+        np.repeat(rng.integers(0, 2**63, 50, dtype=np.uint64), 40) + rng.integers(0, 4, 2000, dtype=np.uint64),
+        np.concatenate([_u64([0, top]), rng.integers(2**40, 2**40 + 3, 3000, dtype=np.uint64)]),
+    ]  # fmt: skip
+    for keys in cases:
+        assert np.array_equal(_stable_argsort_u64(keys), np.argsort(keys, kind="stable"))
+
+
+def test_ranking_is_score_descending_then_position():
+    rng = np.random.default_rng(8)
+    tiny = np.nextafter(0.5, 1.0)
+    special = [0.0, -0.0, np.inf, -np.inf, -1.0, 0.5, tiny, 5e-324, -5e-324, 1e308, -1e308]
+    for scores in (
+        np.array(special * 30),
+        np.round(rng.standard_normal(3000), 1),
+        rng.random(3000) * 1e-300,
+        np.float32(rng.random(3000)).astype(np.float64),
+    ):
+        rng.shuffle(scores)
+        expected = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        assert _ranking(scores).tolist() == expected
 
 
 # ---------------------------------------------------------------------------- CSV files

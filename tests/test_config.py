@@ -37,6 +37,9 @@ def test_shipped_config_yaml_is_valid():
     ({"experiments": {"x": {"train": {"lr": -1}}}}, "key 'experiments.x.train.lr'"),
     ({"experiments": {"x": {"train": {"bogus": 1}}}}, "unknown key 'bogus' under 'experiments.x.train'"),
     ({"experiments": {"bad/name": {}}}, "experiments"),
+    ({"train": {"lr": 0.001, "min_lr": 0.01}}, "key 'train.min_lr': 0.01 is above 'lr'"),
+    ({"experiments": {"x": {"train": {"min_lr": 0.1}}}}, "key 'experiments.x.train.min_lr'"),
+    ({"train": {"augment": {"translate": 0.7}}}, "key 'train.augment.translate'"),
 ])
 def test_wrong_values_name_the_key(bad, expected):
     with pytest.raises(ConfigError) as err:

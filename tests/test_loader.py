@@ -227,7 +227,8 @@ def test_invalid_dataset_arguments(index):
         ShardDataset(index, _nothing, rank=3, world_size=3)
 
 
-AUGMENT = {"random_resized_crop_scale": [0.5, 1.0], "hflip": True, "rotation_degrees": 10, "color_jitter": 0.2}
+AUGMENT = {"random_resized_crop_scale": [0.5, 1.0], "hflip": True, "rotation_degrees": 10, "translate": 0.1,
+           "color_jitter": 0.2}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -237,14 +238,16 @@ def test_train_transform_augments_from_config_and_eval_does_not():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     train = loader.train_transform({"image_size": 32, "augment": AUGMENT}, MEAN, STD)
     names = [type(step).__name__ for step in train.transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation", "ColorJitter", "ToTensor",
-                     "Normalize"]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation", "RandomAffine", "ColorJitter",
+                     "ToTensor", "Normalize"]
+    shift = train.transforms[3]
+    assert shift.translate == (0.1, 0.1) and shift.degrees == [0.0, 0.0]
     torch.manual_seed(0)
     a, b = train(image), train(image)
     torch.manual_seed(0)
     assert a.shape == (3, 32, 32) and not torch.equal(a, b) and torch.equal(train(image), a)
     plain = loader.train_transform({"image_size": 32, "augment": {**AUGMENT, "hflip": False, "rotation_degrees": 0,
-                                                                  "color_jitter": 0}}, MEAN, STD)
+                                                                  "translate": 0, "color_jitter": 0}}, MEAN, STD)
     assert [type(step).__name__ for step in plain.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
     evaluate = loader.eval_transform(32, MEAN, STD)
     x = evaluate(image)

@@ -138,6 +138,15 @@ def test_subspace_clusters_group_similar_classes():
         assert len(classes) == 3 and len({clusters[c] for c in classes}) == 1
 
 
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    factors = [train.warmup_cosine(step, total_steps=100, warmup_steps=10, final=0.01) for step in range(101)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.505)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[100] == pytest.approx(0.01)  # seed 002: 1e-3 -> 1e-5
+    assert train.warmup_cosine(100, total_steps=100, warmup_steps=0) == pytest.approx(0.0)
+
+
 def test_slurm_and_torchrun_process_layout():
     assert train.process_layout({}) == (0, 1, 0)
     assert train.process_layout({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == (2, 4, 0)

@@ -76,6 +76,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     """Validate `config` in place, filling defaults; also validate each experiment's merged sections."""
     schema = load_schema()
     _validate(config, schema, source)
+    _check_min_lr(config["train"], source, "train")  # here, so that the error names the key that was set
     for name in config["experiments"]:
         experiment_settings(config, name, source=source)
     return config
@@ -114,7 +115,15 @@ def section_settings(section: str, values: dict | None, source: str = "settings"
     values = copy.deepcopy(values or {})
     schema = load_schema()
     _validate(values, {**schema["$defs"][section], "$defs": schema["$defs"]}, source, prefix=prefix or section)
+    if section == "train":
+        _check_min_lr(values, source, prefix or section)
     return values
+
+
+def _check_min_lr(train: dict, source: str, prefix: str) -> None:
+    if train["min_lr"] > train["lr"]:
+        raise ConfigError(f"{source}: key '{prefix}.min_lr': {train['min_lr']} is above 'lr' ({train['lr']}); "
+                          "the schedule decays from lr down to min_lr")
 
 
 def experiment_settings(config: dict, name: str, source: str = "config") -> dict:

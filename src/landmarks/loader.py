@@ -418,7 +418,7 @@ def make_loader(dataset, batch_size: int, *, workers: int = 0, device: str | tor
 def train_transform(settings: dict, mean, std):
     """Train-time augmentation from the `train` config section: random resized crop to
     `image_size` (scale `augment.random_resized_crop_scale`), horizontal flip, small rotations,
-    colour jitter (brightness, contrast, saturation), then normalisation. A 0/false turns a step off."""
+    random shifts (`augment.translate`), colour jitter (brightness, contrast, saturation), then normalisation. A 0/false turns a step off."""
     aug = settings["augment"]
     steps = [transforms.RandomResizedCrop(settings["image_size"], scale=tuple(aug["random_resized_crop_scale"]),
                                           interpolation=transforms.InterpolationMode.BICUBIC)]
@@ -426,6 +426,9 @@ def train_transform(settings: dict, mean, std):
         steps.append(transforms.RandomHorizontalFlip())
     if aug["rotation_degrees"]:
         steps.append(transforms.RandomRotation(aug["rotation_degrees"]))
+    if aug["translate"]:
+        shift = aug["translate"]
+        steps.append(transforms.RandomAffine(degrees=0, translate=(shift, shift)))
     if aug["color_jitter"]:
         j = aug["color_jitter"]
         steps.append(transforms.ColorJitter(j, j, j))

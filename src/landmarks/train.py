@@ -224,12 +224,12 @@ def data_fingerprint(*indexes: ShardIndex) -> str:
     return digest.hexdigest()[:16]
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to `final` (min_lr / lr)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.
     warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
     optimizer = build_optimizer(parameter_groups(model, head, settings), settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps))
+        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]))
     scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
 
     digest = settings_digest(settings, data_fingerprint(train_index, val_index), dist.world_size)

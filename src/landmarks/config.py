@@ -15,6 +15,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from .common import StageError
+from .pretrained import OFFLINE_WEIGHTS, backbone_mismatch
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 EXPERIMENT_SECTIONS = ("train", "embed", "retrieve")
@@ -132,9 +133,15 @@ def experiment_settings(config: dict, name: str, source: str = "config") -> dict
         known = ", ".join(sorted(config["experiments"]))
         raise ConfigError(f"{source}: unknown experiment {name!r} (defined: {known})")
     overrides = config["experiments"][name] or {}
-    return {section: section_settings(section, deep_merge(config[section], overrides.get(section, {})),
-                                      source, prefix=f"experiments.{name}.{section}")
-            for section in EXPERIMENT_SECTIONS}
+    settings = {section: section_settings(section, deep_merge(config[section], overrides.get(section, {})),
+                                          source, prefix=f"experiments.{name}.{section}")
+                for section in EXPERIMENT_SECTIONS}
+    train = settings["train"]
+    if train["pretrained"] in OFFLINE_WEIGHTS:  # offline ImageNet weights fit one architecture each
+        problem = backbone_mismatch(train["pretrained"], train["backbone"])
+        if problem:
+            raise ConfigError(f"{source}: key 'experiments.{name}.train.pretrained': {problem}")
+    return settings
 
 
 def demo_mode(config: dict) -> bool:
@@ -167,5 +174,5 @@ def check_input_files(config: dict, source: str = "config", base: Path | None = 
     must_exist("places365.labels_dir", config["places365"]["labels_dir"], kind="folder")
     for name in config["experiments"]:
         pretrained = experiment_settings(config, name, source)["train"]["pretrained"]
-        if pretrained not in ("timm", "none", "efficientnet_lite0_pypi"):
+        if pretrained not in ("timm", "none", *OFFLINE_WEIGHTS):
             must_exist(f"experiments.{name}.train.pretrained", pretrained)

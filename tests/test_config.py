@@ -28,6 +28,12 @@ def test_shipped_config_yaml_is_valid():
     assert len(config["experiments"]) >= 1
 
 
+def test_select_val_min_class_images_default_and_fraction_sum():
+    config = validate_config({"select": {"val_fraction": 0.4, "test_fraction": 0.5}})
+    assert config["select"]["val_min_class_images"] == 3
+    assert validate_config({"select": {"val_min_class_images": 2}})["select"]["val_min_class_images"] == 2
+
+
 @pytest.mark.parametrize("bad, expected", [
     ({"train": {"epochs": "three"}}, "key 'train.epochs': 'three' is not of type 'integer'"),
     ({"train": {"epoch": 3}}, "unknown key 'epoch' under 'train'"),
@@ -40,6 +46,10 @@ def test_shipped_config_yaml_is_valid():
     ({"train": {"lr": 0.001, "min_lr": 0.01}}, "key 'train.min_lr': 0.01 is above 'lr'"),
     ({"experiments": {"x": {"train": {"min_lr": 0.1}}}}, "key 'experiments.x.train.min_lr'"),
     ({"train": {"augment": {"translate": 0.7}}}, "key 'train.augment.translate'"),
+    ({"select": {"val_fraction": 0.5, "test_fraction": 0.5}},
+     "keys 'select.val_fraction' (0.5) and 'select.test_fraction' (0.5) must sum to less than 1"),
+    ({"select": {"val_fraction": 0.9}}, "keys 'select.val_fraction' (0.9) and 'select.test_fraction' (0.15)"),
+    ({"select": {"val_min_class_images": 1}}, "key 'select.val_min_class_images'"),
 ])
 def test_wrong_values_name_the_key(bad, expected):
     with pytest.raises(ConfigError) as err:
@@ -69,16 +79,6 @@ def test_local_pretrained_path_is_checked(tmp_path):
         check_input_files(config, "cfg.yaml", base=tmp_path)
 
 
-def test_experiment_overrides_merge_into_the_global_sections():
-    config = validate_config({"train": {"epochs": 7, "lr": 0.01},
-                              "experiments": {"a": {}, "b": {"train": {"epochs": 1, "augment": {"hflip": False}}}}})
-    a, b = experiment_settings(config, "a"), experiment_settings(config, "b")
-    assert (a["train"]["epochs"], a["train"]["lr"]) == (7, 0.01)
-    assert (b["train"]["epochs"], b["train"]["lr"]) == (1, 0.01)
-    assert b["train"]["augment"] == {**a["train"]["augment"], "hflip": False}
-    with pytest.raises(ConfigError, match="unknown experiment 'c'"):
-        experiment_settings(config, "c")
-
 def test_offline_pretrained_choices_need_their_backbone(tmp_path):
     # Every offline choice with its own backbone (a timm tag is fine) passes, and needs no file.
     config = validate_config({"experiments": {
@@ -96,6 +96,16 @@ def test_offline_pretrained_choices_need_their_backbone(tmp_path):
     with pytest.raises(ConfigError, match=r"experiments\.x\.train\.pretrained'.*tf_efficientnet_lite0"):
         validate_config({"train": {"backbone": "mobilenetv2_100"}, "experiments": {"x": {}}})
 
+
+def test_experiment_overrides_merge_into_the_global_sections():
+    config = validate_config({"train": {"epochs": 7, "lr": 0.01},
+                              "experiments": {"a": {}, "b": {"train": {"epochs": 1, "augment": {"hflip": False}}}}})
+    a, b = experiment_settings(config, "a"), experiment_settings(config, "b")
+    assert (a["train"]["epochs"], a["train"]["lr"]) == (7, 0.01)
+    assert (b["train"]["epochs"], b["train"]["lr"]) == (1, 0.01)
+    assert b["train"]["augment"] == {**a["train"]["augment"], "hflip": False}
+    with pytest.raises(ConfigError, match="unknown experiment 'c'"):
+        experiment_settings(config, "c")
 
 
 def test_load_config_reports_bad_yaml_and_missing_file(tmp_path):

@@ -193,6 +193,34 @@ def test_val_test_quota(n, val, test, min_train, expected):
     assert select.val_test_quota(n, val, test, min_train) == expected
 
 
+@pytest.mark.parametrize("n, val, test, min_train, min_class, given_test, expected", [
+    (3, 0.1, 0.1, 1, 3, 0, (1, 0)),  # the fractions give no val; the floor gives 1, train keeps 2
+    (2, 0.1, 0.1, 1, 3, 0, (0, 0)),  # below val_min_class_images: as before
+    (2, 0.1, 0.1, 1, 2, 0, (1, 0)),
+    (4, 0.1, 0.15, 1, 3, 0, (1, 1)),  # test 0.6 -> 1 first, then the val floor, train keeps 2
+    (40, 0.1, 0.1, 1, 3, 0, (4, 4)),  # the fractions already give val: unchanged
+    (3, 0.1, 0.5, 1, 3, 0, (0, 2)),  # test 1.5 -> 2 leaves 1 train: test wins over val
+    (3, 0.1, 0.1, 2, 3, 0, (1, 0)),  # 1 val + 2 train
+    (3, 0.1, 0.1, 3, 3, 0, (0, 0)),  # min_train_per_class wins
+    (3, 0.1, 0.1, 1, 3, 2, (0, 0)),  # 2 pre-assigned test rows leave only the train image
+    (3, 0.1, 0.1, 1, 3, 1, (1, 0)),
+    (3, 0.0, 0.1, 1, 3, 0, (0, 0)),  # val_fraction 0: no val at all
+])
+def test_val_quota_floor(n, val, test, min_train, min_class, given_test, expected):
+    assert select.val_test_quota(n, val, test, min_train, min_class, given_test) == expected
+
+
+def test_val_quota_floor_keeps_train_and_test_first():
+    for n in range(1, 60):
+        for val, test in ((0.1, 0.1), (0.02, 0.15), (0.3, 0.3), (0.05, 0.6)):
+            for min_train in (1, 2, 5):
+                old = select.val_test_quota(n, val, test, min_train)
+                new = select.val_test_quota(n, val, test, min_train, 3)
+                assert new[1] == old[1]  # test never gives way to the val floor
+                assert new[0] == (old[0] or int(n >= 3 and n - old[1] - 1 >= min_train))
+                assert n - sum(new) >= min(n, min_train)
+
+
 def test_split_fractions_stratified(tmp_path, manifest):
     selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
                                    "--nonlandmark-test-fraction", "0.5")
@@ -219,6 +247,82 @@ def test_min_train_per_class_wins_over_fractions(tmp_path, manifest):
     train = selection[selection["split"] == "train"]["landmark_id"].value_counts()
     for landmark_id, n in CLASS_SIZES.items():
         assert train[landmark_id] >= min(n, 3)
+    assert_counts_add_up(selection, table)
+
+
+LONG_TAIL = {1: 40, 2: 3, 3: 2, 4: 4, 5: 3, 6: 3, 7: 1}
+
+
+def long_tail_manifest(tmp_path, given=None, same_photo=()):
+    rows = manifest_rows(class_sizes=LONG_TAIL, n_failed=0)
+    for row in rows:
+        row["split"] = (given or {}).get(row["id"])
+        if row["id"] in same_photo:
+            row["sha256"] = "sha-same"
+    return write_manifest(tmp_path / "long_tail.parquet", rows)
+
+
+def per_class_splits(selection: pd.DataFrame) -> dict[int, dict[str, int]]:
+    landmark = selection[selection["landmark_id"].notna()]
+    counts = landmark.groupby(["landmark_id", "split"]).size().unstack(fill_value=0)
+    counts = counts.reindex(columns=["train", "val", "test"], fill_value=0)
+    return {int(k): {s: int(n) for s, n in v.items()} for k, v in counts.iterrows()}
+
+
+def test_val_covers_every_class_with_enough_images(tmp_path):
+    # Class 5 has a pre-assigned test row, class 6 a pre-assigned val row.
+    manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
+    for seed in range(3):
+        selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
+                                       "--seed", str(seed))
+        assert per_class_splits(selection) == {
+            1: {"train": 32, "val": 4, "test": 4},  # round(0.1 x 40) each
+            2: {"train": 2, "val": 1, "test": 0},  # 3 images: 1 val, train keeps 2
+            3: {"train": 2, "val": 0, "test": 0},  # 2 images < val_min_class_images 3: as before
+            4: {"train": 3, "val": 1, "test": 0},
+            5: {"train": 1, "val": 1, "test": 1},  # the given test row counts as its test image
+            6: {"train": 2, "val": 1, "test": 0},  # the given val row is its val image: no second one
+            7: {"train": 1, "val": 0, "test": 0},
+        }
+        by_id = selection.set_index("id")
+        assert by_id.loc["L005x000", "split"] == "test" and by_id.loc["L006x000", "split"] == "val"
+        assert (by_id.loc[["L005x000", "L006x000"], "split_source"] == "manifest").all()
+        assert_counts_add_up(selection, table)
+        assert "Val coverage: val covers 5 of 7 classes (all 5 with >= 3 images)." in report
+        assert "gets at least 1 val image" in report
+        assert "| val | 8 | 8 | 0 | 5 |" in report  # the splits table is still there
+
+
+def test_val_floor_gives_way_to_test_and_min_train(tmp_path):
+    manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
+    selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
+                                   "--min-train-per-class", "2")
+    splits = per_class_splits(selection)
+    # Class 5 (3 images, 1 given test) cannot spare a val image and keep 2 train.
+    assert splits[5] == {"train": 2, "val": 0, "test": 1}
+    assert splits[2] == {"train": 2, "val": 1, "test": 0} and splits[4] == {"train": 3, "val": 1, "test": 0}
+    assert "val covers 4 of 7 classes (4 of the 5 with >= 3 images;" in report
+    assert_counts_add_up(selection, table)
+
+
+def test_val_min_class_images_option(tmp_path):
+    manifest = long_tail_manifest(tmp_path)
+    selection, _, report = run(tmp_path, [manifest], "--val-min-class-images", "2")
+    assert per_class_splits(selection)[3] == {"train": 1, "val": 1, "test": 0}
+    assert "val covers 6 of 7 classes (all 6 with >= 2 images)" in report
+    selection, _, report = run(tmp_path, [manifest], "--val-fraction", "0")
+    assert not (selection["split"] == "val").any()
+    assert "val covers 0 of 7 classes (0 of the 5 with >= 3 images: val_fraction is 0)" in report
+    with pytest.raises(SystemExit):
+        run(tmp_path, [manifest], "--val-min-class-images", "1")
+
+
+def test_val_floor_never_tears_a_duplicate_group(tmp_path):
+    # All 3 photos of class 2 are the same image: the group cannot move to val whole (1 val wanted).
+    manifest = long_tail_manifest(tmp_path, same_photo={"L002x000", "L002x001", "L002x002"})
+    selection, table, report = run(tmp_path, [manifest])
+    assert per_class_splits(selection)[2] == {"train": 3, "val": 0, "test": 0}
+    assert "val covers 4 of 7 classes (4 of the 5 with >= 3 images;" in report
     assert_counts_add_up(selection, table)
 
 
@@ -419,7 +523,7 @@ def test_cli_help_and_exit_code(tmp_path):
     for option in ["--manifests", "--scenes", "--out", "--report", "--report-table", "--outdoor-rule",
                    "--min-outdoor-votes", "--outdoor-top-k", "--min-images-per-class", "--top-n-classes",
                    "--max-images-per-class", "--exclude-classes", "--val-fraction", "--test-fraction",
-                   "--nonlandmark-test-fraction", "--min-train-per-class", "--seed"]:
+                   "--nonlandmark-test-fraction", "--min-train-per-class", "--val-min-class-images", "--seed"]:
         assert option in result.stdout
     result = subprocess.run([sys.executable, "-m", "landmarks.select", "--manifests", str(tmp_path / "none.parquet"),
                              "--out", str(tmp_path / "o.parquet"), "--report", str(tmp_path / "r.md"),

@@ -78,6 +78,11 @@ def validate_config(config: dict, source: str = "config") -> dict:
     schema = load_schema()
     _validate(config, schema, source)
     _check_min_lr(config["train"], source, "train")  # here, so that the error names the key that was set
+    select = config["select"]
+    if select["val_fraction"] + select["test_fraction"] >= 1:
+        raise ConfigError(f"{source}: keys 'select.val_fraction' ({select['val_fraction']}) and "
+                          f"'select.test_fraction' ({select['test_fraction']}) must sum to less than 1 "
+                          "(the rest of each class is train)")
     for name in config["experiments"]:
         experiment_settings(config, name, source=source)
     return config

@@ -11,6 +11,14 @@ Steps, in order, each counted in the report:
   4. splits: val/test per class, stratified; non-landmark photos split between `test` queries and
      the `nonlandmark` reranking bank. Rows with a split in the manifest keep it.
 
+Val and test quotas. Each class gets round-half-up(fraction x n) val and test images, shrunk until it
+keeps `min_train_per_class` train images (test shrinks first on a tie). So that val represents the
+long tail too, a class of at least `val_min_class_images` images whose fraction gives no val image
+gets one anyway, if one is left after its min_train_per_class train images and its test quota (or
+its pre-assigned test rows, if more): priority train minimum > test > val. Smaller classes, and
+every class when val_fraction is 0, follow the fractions alone. Pre-assigned val/test rows count
+towards the quotas.
+
 Duplicates. Rows sharing a URL or a checksum (sha256) form a duplicate group and are split together,
 so automatic splits never put the same image in test and in the nonlandmark bank (nor in train and
 val). A group whose members carry different labels (two landmarks, or landmark and non-landmark)
@@ -74,6 +82,7 @@ class Rules:
     test_fraction: float = 0.1
     nonlandmark_test_fraction: float = 0.5
     min_train_per_class: int = 1
+    val_min_class_images: int = 3  # classes this large get >= 1 val image when room is left
     seed: int = 0
 
 
@@ -178,6 +187,7 @@ def read_scenes(paths: list[Path]) -> Scenes:
 class Report:
     steps: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    val_coverage: dict | None = None  # see val_coverage()
 
     def count(self, step: str, frame: pd.DataFrame, note: str = "") -> None:
         landmark = frame["landmark_id"].notna()
@@ -192,6 +202,31 @@ class Report:
             "dropped": previous - len(frame),
             "note": note,
         })
+
+
+def val_coverage(selection: pd.DataFrame, min_class_images: int, val_fraction: float) -> dict:
+    """How many landmark classes val covers: of all kept classes, and of those with >= min_class_images."""
+    landmark = selection[selection["landmark_id"].notna()]
+    sizes = landmark["landmark_id"].value_counts()
+    covered = set(landmark.loc[landmark["split"] == "val", "landmark_id"])
+    eligible = set(sizes[sizes >= min_class_images].index)
+    return {"classes": len(sizes), "covered": len(covered), "eligible": len(eligible),
+            "eligible_covered": len(covered & eligible), "min_class_images": min_class_images,
+            "val_fraction": val_fraction}
+
+
+def describe_val_coverage(c: dict) -> str:
+    """E.g. "val covers 412 of 1,203 classes (all 412 with >= 3 images)"."""
+    text = f"val covers {c['covered']:,} of {c['classes']:,} classes"
+    k, eligible, hit = c["min_class_images"], c["eligible"], c["eligible_covered"]
+    if eligible == 0:
+        return text + f" (none has >= {k} images)"
+    if hit == eligible:
+        return text + f" (all {eligible:,} with >= {k} images)"
+    if c["val_fraction"] == 0:
+        return text + f" ({hit:,} of the {eligible:,} with >= {k} images: val_fraction is 0)"
+    return (text + f" ({hit:,} of the {eligible:,} with >= {k} images; the others have no image left after "
+            f"their test images and min_train_per_class train images, or only duplicate groups too large to move)")
 
 
 def split_counts(selection: pd.DataFrame) -> list[dict]:
@@ -361,9 +396,14 @@ def duplicate_groups(frame: pd.DataFrame) -> np.ndarray:
             return group.to_numpy()
 
 
-def val_test_quota(n: int, val_fraction: float, test_fraction: float, min_train: int) -> tuple[int, int]:
+def val_test_quota(n: int, val_fraction: float, test_fraction: float, min_train: int,
+                   val_min_class_images: int = 0, given_test: int = 0) -> tuple[int, int]:
     """Val and test sizes of a class of n images: fractions rounded half up, shrunk until train
-    keeps `min_train` images (tiny classes lose val/test, never train)."""
+    keeps `min_train` images (tiny classes lose val/test, never train).
+
+    With `val_min_class_images` (0 = off) a class of at least that many images that the fractions
+    leave without val gets 1 val image, if one remains after `min_train` train images and its test
+    images (the quota, or `given_test` pre-assigned test rows when there are more)."""
     val = math.floor(n * val_fraction + 0.5 + 1e-9)
     test = math.floor(n * test_fraction + 0.5 + 1e-9)
     while val + test > 0 and n - val - test < min_train:
@@ -371,6 +411,9 @@ def val_test_quota(n: int, val_fraction: float, test_fraction: float, min_train:
             test -= 1
         else:
             val -= 1
+    if (val == 0 and val_fraction > 0 and val_min_class_images and n >= val_min_class_images
+            and n - max(test, given_test) - 1 >= min_train):
+        val = 1
     return val, test
 
 
@@ -436,13 +479,17 @@ def _free_groups(frame: pd.DataFrame, free: pd.Series, by: str | None) -> pd.Dat
 def _stratify_landmarks(frame: pd.DataFrame, free: pd.Series, rules: Rules) -> None:
     landmark_rows = frame[frame["landmark_id"].notna()]
     sizes = landmark_rows["landmark_id"].value_counts()
-    quotas = {n: val_test_quota(n, rules.val_fraction, rules.test_fraction, rules.min_train_per_class)
-              for n in sizes.unique()}
-    val_target = sizes.map(lambda n: quotas[n][0])
-    test_target = sizes.map(lambda n: quotas[n][1])
     assigned = landmark_rows[~free[landmark_rows.index]]
     have_val = assigned[assigned["split"] == "val"]["landmark_id"].value_counts()
     have_test = assigned[assigned["split"] == "test"]["landmark_id"].value_counts()
+    given_test = have_test.reindex(sizes.index, fill_value=0)
+    # One quota per distinct (size, pre-assigned test rows): few pairs even with 100k classes.
+    keys = pd.Series(list(zip(sizes, given_test)), index=sizes.index)
+    quotas = {key: val_test_quota(key[0], rules.val_fraction, rules.test_fraction, rules.min_train_per_class,
+                                  rules.val_min_class_images, key[1])
+              for key in keys.unique()}
+    val_target = keys.map(lambda key: quotas[key][0])
+    test_target = keys.map(lambda key: quotas[key][1])
     need_val = (val_target - have_val.reindex(val_target.index, fill_value=0)).clip(lower=0)
     need_test = (test_target - have_test.reindex(test_target.index, fill_value=0)).clip(lower=0)
 
@@ -504,6 +551,10 @@ def render_report(report: Report, splits: list[dict], rules: Rules, inputs: dict
         "# Selection report", "",
         f"Inputs: {inputs['manifests']} manifest(s), {inputs['scenes']} scene table(s). Seed {rules.seed}.", "",
         chain, "",
+    ]
+    if report.val_coverage is not None:  # val chooses the best epoch: say which classes it speaks for
+        lines += [f"Val coverage: {describe_val_coverage(report.val_coverage)}.", ""]
+    lines += [
         "## Images left after each step", "",
         "| step | images | landmark | non-landmark | classes | dropped | note |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -522,7 +573,9 @@ def render_report(report: Report, splits: list[dict], rules: Rules, inputs: dict
     lines += [
         f"- Splits: val {rules.val_fraction:g} and test {rules.test_fraction:g} of each class (rounded half up; "
         f"every class keeps at least {rules.min_train_per_class} train image(s), so tiny classes get no val/test); "
-        f"non-landmark photos: {rules.nonlandmark_test_fraction:g} become test queries, the rest the nonlandmark bank.",
+        + (f"a class of >= {rules.val_min_class_images} images gets at least 1 val image when one is left after its "
+           f"test images and train minimum; " if rules.val_fraction > 0 else "")
+        + f"non-landmark photos: {rules.nonlandmark_test_fraction:g} become test queries, the rest the nonlandmark bank.",
         "- Duplicates (same URL or sha256) are split together; duplicates with contradictory labels are kept "
         "out of val/test (landmark → train, non-landmark → nonlandmark).",
         "- How each split was decided: " + ", ".join(f"{source} {_n(n)}" for source, n in sorted(sources.items())) + ".",
@@ -553,6 +606,7 @@ def select(manifests: list[Path], scenes: list[Path] | None, rules: Rules) -> tu
         selection[column] = selection[column].astype("Int64")
     selection["scene_status"] = selection["scene_status"].astype("string")
     splits = split_counts(selection)
+    report.val_coverage = val_coverage(selection, rules.val_min_class_images, rules.val_fraction)
     total = splits[-1]
     if total["images"] == 0:
         log.warning("no images selected: check the report for the step that removed them")
@@ -592,6 +646,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
                    help="non-landmark photos that become test queries (the rest: the nonlandmark bank)")
     p.add_argument("--min-train-per-class", type=int, default=defaults.min_train_per_class,
                    help="train images every class keeps; smaller classes get no val/test")
+    p.add_argument("--val-min-class-images", type=int, default=defaults.val_min_class_images,
+                   help="a class with at least this many images gets >= 1 val image when one is left after "
+                        "its test images and MIN_TRAIN_PER_CLASS train images (>= 2)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-class cap and the splits")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
@@ -605,6 +662,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
     for name in ("min_images_per_class", "top_n_classes", "max_images_per_class", "min_train_per_class"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.val_min_class_images < 2:
+        p.error("--val-min-class-images must be >= 2 (a class of 1 image has none to spare for val)")
     rules = Rules(**{k: getattr(args, k) for k in asdict(Rules())})
     return args, rules
 
@@ -629,6 +688,7 @@ def main(argv=None) -> int:
     for row in splits:
         log.info("%-11s %9s images (%s landmark, %s non-landmark, %s classes)", row["step"], _n(row["images"]),
                  _n(row["landmark_images"]), _n(row["nonlandmark_images"]), _n(row["classes"]))
+    log.info("%s", describe_val_coverage(report.val_coverage))
     log.info("wrote %s and %s", args.out, args.report)
     return 0
 

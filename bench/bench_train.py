@@ -68,7 +68,7 @@ def make_shards(work: Path, images: int, classes: int, size: int, seed: int = 0)
 
 def plain_loop(settings: dict, classes: int, device: torch.device, steps: int, warmup: int) -> float:
     model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"]).to(device)
-    head = build_head(settings, classes, torch.ones(classes)).to(device)
+    head = build_head(settings, classes, torch.ones(classes), model.embedding_dim).to(device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=settings["amp"] and device.type == "cuda")
     channels_last = settings["channels_last"] and device.type == "cuda"
     if channels_last:

@@ -24,6 +24,7 @@ TRAIN_PARAMS = dict(
 )
 TRAIN_SHELL = (
     "{params.launcher} --train-shards {input.train:q} --val-shards {input.val:q} "
+    "--nonlandmark-shards {input.bank:q} "
     "--out-dir {params.out_dir:q} --settings {params.settings:q} --threads {params.torch_threads} "
     "> {log:q} 2>&1"
 )
@@ -38,6 +39,7 @@ if SINGLE_NODE_EXPERIMENTS:
         input:
             train=shard_dirs("train"),
             val=shard_dirs("val"),
+            bank=shard_dirs("nonlandmark"),  # a sample joins val as non-landmark queries
         output:
             **TRAIN_OUTPUT,
         params:
@@ -63,6 +65,7 @@ if MULTINODE_EXPERIMENTS:
         input:
             train=shard_dirs("train"),
             val=shard_dirs("val"),
+            bank=shard_dirs("nonlandmark"),  # a sample joins val as non-landmark queries
         output:
             **TRAIN_OUTPUT,
         params:

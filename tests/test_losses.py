@@ -56,7 +56,7 @@ def test_dynamic_margins_grow_for_rare_classes():
     assert margins.tolist() == pytest.approx([0.5, 0.05 + 0.45 * 0.25, 0.05])
     settings = section_settings("train", {"loss": "subcenter_arcface", "dynamic_margin": True, "subcenters": 1,
                                           "embedding_dim": 8, "arcface_s": 4.0})
-    head = build_head(settings, 3, torch.tensor([1, 16, 81]))
+    head = build_head(settings, 3, torch.tensor([1, 16, 81]), settings["embedding_dim"])
     padded = lambda degrees: unit(degrees) + [0.0] * 6  # noqa: E731  (the schema wants at least 8 dimensions)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([padded(0), padded(120), padded(240)]))
@@ -120,7 +120,7 @@ def test_every_head_learns_a_separable_set(loss):
     settings = section_settings("train", {"loss": loss, "embedding_dim": 8, "dynamic_margin": loss.startswith("sub"),
                                           "class_weights": "inverse_log" if loss == "softmax" else "none",
                                           "arcface_s": 8.0})
-    head = build_head(settings, classes, torch.bincount(labels))
+    head = build_head(settings, classes, torch.bincount(labels), settings["embedding_dim"])
     embed = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))
     optimizer = torch.optim.Adam(list(embed.parameters()) + list(head.parameters()), lr=0.02)
     losses = []
@@ -131,3 +131,18 @@ def test_every_head_learns_a_separable_set(loss):
         optimizer.step()
         losses.append(value.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_heads_start_at_the_class_means():
+    sums = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # class 1 has no image
+    head = ArcMarginHead(3, 3, k=2)
+    before = head.weight.detach().clone()
+    assert head.init_from_class_means(sums) == 2
+    weight = head.weight.detach().view(3, 2, 3)
+    assert torch.allclose(weight[0], torch.tensor([[1.0, 0.0, 0.0]] * 2))
+    assert torch.allclose(weight[2], torch.tensor([[2 ** -0.5, 2 ** -0.5, 0.0]] * 2))
+    assert torch.equal(weight[1], before.view(3, 2, 3)[1])  # untouched
+    softmax = SoftmaxHead(3, 3)
+    assert softmax.init_from_class_means(sums) == 2 and softmax.fc.bias.abs().sum() == 0
+    assert softmax.logits(torch.tensor([[1.0, 0.0, 0.0]])).argmax() == 0
+    assert BatchHardTripletLoss().init_from_class_means(sums) == 0

@@ -195,3 +195,44 @@ def test_model_from_checkpoint_rebuilds_the_trained_model(tmp_path):
     images = torch.rand(2, 3, 40, 40)
     assert torch.equal(rebuilt.eval()(images), model(images))
     assert checkpoint["classes"] == {"7": 0}
+
+
+def test_neck_none_embeds_the_backbones_own_gem_descriptor():
+    model = LandmarkModel("test_resnet", "none", neck="none").eval()
+    images = torch.rand(3, 3, 48, 48)
+    assert model.embedding_dim == model.channels == 96
+    gem = model.pool(model.backbone.forward_features(images))
+    assert torch.allclose(model.embed(images), torch.nn.functional.normalize(gem, dim=1), atol=1e-6)
+
+
+def test_concat_keeps_the_gem_descriptor_beside_the_learned_embedding():
+    model = LandmarkModel("test_resnet", "none", embedding_dim=8, descriptor="concat").eval()
+    images = torch.rand(2, 3, 48, 48)
+    embedding = model.embed(images)
+    assert embedding.shape == (2, 96 + 8)
+    gem = torch.nn.functional.normalize(model.descriptor_of(images), dim=1)
+    assert torch.allclose(embedding[:, :96] * 2 ** 0.5, gem, atol=1e-5)  # each half weighs the same
+    assert torch.allclose(embedding[:, 96:].norm(dim=1), torch.full((2,), 2 ** -0.5), atol=1e-5)
+    with pytest.raises(StageError, match="descriptor 'concat' needs a neck"):
+        LandmarkModel("test_resnet", "none", neck="none", descriptor="concat")
+
+
+def test_pca_initialised_neck_whitens_the_pretrained_descriptors():
+    model = LandmarkModel("test_resnet", "none", embedding_dim=8).eval()
+    generator = torch.Generator().manual_seed(0)
+    descriptors = torch.randn(200, 96, generator=generator) @ torch.randn(96, 96, generator=generator) + 3.0
+    about = model.init_neck_from_pca(descriptors, shrinkage=0.0)
+    with torch.no_grad():
+        out = model.embedding_from_pooled(descriptors).double()
+    assert torch.allclose(out.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(out.var(0), torch.ones(8, dtype=torch.float64), atol=1e-3)  # whitened
+    variances = descriptors.double().T.cov().diagonal().sum()
+    projected = (descriptors.double() - descriptors.double().mean(0)) @ model.neck.weight.double().T
+    assert about["variance_kept"] == pytest.approx(float(projected.var(0).sum() / variances), abs=1e-3)
+    # Shrinkage divides by sqrt(variance + shrinkage x mean variance): the leading directions are damped less.
+    model.init_neck_from_pca(descriptors, shrinkage=1.0)
+    with torch.no_grad():
+        shrunk = model.embedding_from_pooled(descriptors).double().var(0)
+    assert (shrunk < 1).all() and shrunk[0] > shrunk[-1]
+    with pytest.raises(StageError, match="embedding_dim 200 is larger than the backbone's 96 channels"):
+        LandmarkModel("test_resnet", "none", embedding_dim=200).init_neck_from_pca(descriptors)

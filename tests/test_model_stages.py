@@ -145,9 +145,11 @@ def trained(shards, tmp_path_factory):
 
 def test_train_writes_model_metrics_and_curves(trained):
     metrics = pd.read_csv(trained / "metrics.csv")
-    assert metrics["epoch"].tolist() == [1, 2]
-    assert metrics["train_loss"].notna().all()
+    assert metrics["epoch"].tolist() == [0, 1, 2]  # epoch 0: the untrained model, evaluated like the others
+    assert metrics["train_loss"].isna().tolist() == [True, False, False]
     summary = json.loads((trained / "train.json").read_text())
+    assert summary["untrained_val_gap"] == metrics["val_gap"][0]
+    assert summary["selected"] == ("pretrained" if summary["best_epoch"] == 0 else f"epoch {summary['best_epoch']}")
     assert summary["classes"] == 6 and summary["train_images"] == 30
     assert 0 <= summary["best_val_gap"] <= 1
     assert (trained / "model.pt").exists() and (trained / "last.ckpt").exists()

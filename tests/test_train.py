@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """6 landmarks x 6 photos (5 train, 1 val), sharded at 48 px, 8 images per tar."""
+    """6 landmarks x 6 photos (5 train, 1 val) and 4 non-landmark photos, sharded at 48 px, 8 images per tar."""
     root = tmp_path_factory.mktemp("train_shards")
     images = root / "images"
     images.mkdir()
@@ -45,10 +45,13 @@ def shards(tmp_path_factory):
             image.save(images / f"{image_id}.jpg")
             rows.append({"id": image_id, "landmark_id": 500 + landmark, "split": "train" if view < 5 else "val",
                          "path": f"{image_id}.jpg"})
+    for number in range(4):  # the non-landmark bank: plain noise
+        Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(images / f"nl{number}.jpg")
+        rows.append({"id": f"nl{number}", "landmark_id": None, "split": "nonlandmark", "path": f"nl{number}.jpg"})
     selection = pd.DataFrame(rows)
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     selection.to_parquet(root / "selection.parquet")
-    for split in ("train", "val"):
+    for split in ("train", "val", "nonlandmark"):
         assert shard.main(["--selection", str(root / "selection.parquet"), "--images", str(images), "--split", split,
                            "--out-dir", str(root / split), "--size", "48", "--images-per-shard", "8"]) == 0
     return root
@@ -239,8 +242,8 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(shards, tmp_path
     for key, value in best_straight["model"].items():
         assert torch.allclose(best_resumed["model"][key].float(), value.float(), atol=1e-6), key
     straight_metrics, resumed_metrics = (pd.read_csv(d / "metrics.csv") for d in (tmp_path / "straight", resumed))
-    assert np.allclose(straight_metrics["train_loss"], resumed_metrics["train_loss"], rtol=1e-5)
-    assert straight_metrics["val_gap"].tolist() == resumed_metrics["val_gap"].tolist()
+    assert np.allclose(straight_metrics["train_loss"], resumed_metrics["train_loss"], rtol=1e-5, equal_nan=True)
+    assert straight_metrics["val_gap"].tolist() == resumed_metrics["val_gap"].tolist()  # epoch 0 included
 
     # Other settings never resume a stale run: the same folder trains afresh.
     assert train.main(run_args(shards, resumed, {**settings, "epochs": 1})) == 0
@@ -253,8 +256,8 @@ def test_triplet_loss_on_subspace_batches_and_an_untrained_baseline(shards, tmp_
                 "subspaces": 2, "subspace_images_per_class": 2, "optimizer": "sgd", "lr": 0.05}
     metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "triplet", settings_for(settings),
                           device=torch.device("cpu"))
-    assert [row["epoch"] for row in metrics] == [1, 2]
-    assert all(np.isfinite(row["train_loss"]) and np.isnan(row["train_accuracy"]) for row in metrics)
+    assert [row["epoch"] for row in metrics] == [0, 1, 2]  # epoch 0: the untrained model
+    assert all(np.isfinite(row["train_loss"]) and np.isnan(row["train_accuracy"]) for row in metrics[1:])
     clusters = checkpoint(tmp_path / "triplet" / "last.ckpt")["clusters"]  # saved for an exact resume
     assert clusters.shape == (6,) and (clusters >= 0).all()
     baseline = train.train([shards / "train"], [shards / "val"], tmp_path / "baseline", settings_for({**TINY, "epochs": 0}),
@@ -306,3 +309,128 @@ def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
         "two_nodes": "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m landmarks.train",
     }
     assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning on little data: never worse than the start, frozen parts, layer-wise learning rates
+
+
+def fake_val_gaps(monkeypatch, gaps):
+    """evaluate_val_gap returns these val GAPs in turn (epoch 0 first)."""
+    calls = iter(gaps)
+    monkeypatch.setattr(train, "evaluate_val_gap", lambda *a, **k: {"val_gap": next(calls), "val_accuracy": 1.0})
+
+
+def model_weights(path):
+    return checkpoint(path)["model"]
+
+
+def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, tmp_path, monkeypatch):
+    settings = settings_for({**TINY, "epochs": 2})
+    untrained = tmp_path / "untrained"
+    train.train([shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0}),
+                device=torch.device("cpu"))
+    assert json.loads((untrained / "train.json").read_text())["selected"] == "pretrained (epochs: 0)"
+
+    fake_val_gaps(monkeypatch, [0.8, 0.7, 0.75])  # every epoch is worse than the start on val
+    metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "worse", settings, device=torch.device("cpu"))
+    assert [row["epoch"] for row in metrics] == [0, 1, 2]
+    summary = json.loads((tmp_path / "worse" / "train.json").read_text())
+    assert (summary["selected"], summary["best_epoch"], summary["untrained_val_gap"]) == ("pretrained", 0, 0.8)
+    kept, start = model_weights(tmp_path / "worse" / "model.pt"), model_weights(untrained / "model.pt")
+    assert all(torch.equal(kept[key], value) for key, value in start.items())  # exactly the untrained model
+
+    fake_val_gaps(monkeypatch, [0.8, 0.9, 0.85])
+    train.train([shards / "train"], [shards / "val"], tmp_path / "better", settings, device=torch.device("cpu"))
+    summary = json.loads((tmp_path / "better" / "train.json").read_text())
+    assert (summary["selected"], summary["best_val_gap"]) == ("epoch 1", 0.9)
+
+    fake_val_gaps(monkeypatch, [1.0, 1.0, 1.0])  # a saturated val: ties go to the more trained model
+    train.train([shards / "train"], [shards / "val"], tmp_path / "tied", settings, device=torch.device("cpu"))
+    assert json.loads((tmp_path / "tied" / "train.json").read_text())["selected"] == "epoch 2"
+
+
+def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards, tmp_path):
+    untrained = tmp_path / "untrained"
+    train.train([shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0, "neck": "none"}),
+                device=torch.device("cpu"))
+    start = model_weights(untrained / "model.pt")
+    settings = settings_for({**TINY, "epochs": 1, "wise_alpha": 0.25, "neck": "none", "val_nonlandmark_ratio": 0})
+    train.train([shards / "train"], [], tmp_path / "wise", settings, device=torch.device("cpu"))  # no val: last epoch
+    last = checkpoint(tmp_path / "wise" / "last.ckpt")
+    assert all(torch.equal(last["start_weights"][key], value) for key, value in start.items())  # for a resume
+    selected = checkpoint(tmp_path / "wise" / "model.pt")
+    assert selected["epoch"] == 1
+    for key, trained in last["model"].items():  # last.ckpt: the trained weights, which training continues from
+        if trained.is_floating_point():
+            expected = start[key] + 0.25 * (trained - start[key])
+            assert torch.allclose(selected["model"][key], expected, atol=1e-6), key
+    assert not torch.equal(selected["model"]["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])
+
+
+def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):
+    val, bank = train.ShardIndex.from_dirs([shards / "val"]), train.ShardIndex.from_dirs([shards / "nonlandmark"])
+    queries = train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0.5}))
+    assert len(queries) == 6 + 3 and queries.table["landmark_id"].isna().sum() == 3
+    assert set(queries.table["id"][6:]) < set(bank.table["id"])
+    assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0}))) == 6
+    assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 5}))) == 6 + 4
+    # Through the entry point: non-landmark queries count in val GAP (no prediction on them is correct).
+    assert train.main(run_args(shards, tmp_path / "run", {**TINY, "epochs": 0}) +
+                      ["--nonlandmark-shards", str(shards / "nonlandmark")]) == 0
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["val_images"] == 6 + 4
+
+
+def test_frozen_backbone_epochs_and_frozen_batchnorm_statistics(shards, tmp_path):
+    train.train([shards / "train"], [shards / "val"], tmp_path / "start", settings_for({**TINY, "epochs": 0}),
+                device=torch.device("cpu"))
+    start = model_weights(tmp_path / "start" / "model.pt")
+    backbone = [key for key in start if key.startswith("backbone.")]
+    bn_stats = [key for key in backbone if key.endswith(("running_mean", "running_var"))]
+    neck = [key for key in start if key.startswith("neck.")]
+
+    frozen = {**TINY, "epochs": 1, "freeze_backbone_epochs": 1}
+    train.train([shards / "train"], [shards / "val"], tmp_path / "frozen", settings_for(frozen), device=torch.device("cpu"))
+    after = checkpoint(tmp_path / "frozen" / "last.ckpt")["model"]
+    assert all(torch.equal(after[key], start[key]) for key in backbone)  # weights and BatchNorm statistics
+    assert not all(torch.equal(after[key], start[key]) for key in neck)  # the head warmed up
+
+    train.train([shards / "train"], [shards / "val"], tmp_path / "bn", settings_for({**TINY, "epochs": 1, "freeze_bn": True}),
+                device=torch.device("cpu"))
+    after = checkpoint(tmp_path / "bn" / "last.ckpt")["model"]
+    assert all(torch.equal(after[key], start[key]) for key in bn_stats)
+    assert not all(torch.equal(after[key], start[key]) for key in backbone if key not in bn_stats)
+
+    train.train([shards / "train"], [shards / "val"], tmp_path / "free", settings_for({**TINY, "epochs": 1}),
+                device=torch.device("cpu"))
+    after = checkpoint(tmp_path / "free" / "last.ckpt")["model"]
+    assert not all(torch.equal(after[key], start[key]) for key in bn_stats)  # the default updates them
+
+
+def test_layer_decay_gives_lower_blocks_lower_learning_rates():
+    from landmarks.losses import build_head
+    from landmarks.model import LandmarkModel
+    settings = settings_for({**TINY, "layer_decay": 0.5, "lr": 0.1, "head_lr_multiplier": 10})
+    model = LandmarkModel("test_efficientnet", "none", 16)
+    head = build_head(settings, 3, torch.ones(3), model.embedding_dim)
+    groups = train.parameter_groups(model, head, settings)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    stem, last_block = model.backbone.conv_stem.weight, model.backbone.conv_head.weight
+    assert lr_of[id(last_block)] == pytest.approx(0.1)
+    assert lr_of[id(stem)] < lr_of[id(model.backbone.blocks[-2][0].conv_pw.weight)] < lr_of[id(last_block)]
+    assert lr_of[id(model.neck.weight)] == pytest.approx(1.0) and lr_of[id(head.weight)] == pytest.approx(1.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + len(list(head.parameters()))
+    flat = train.parameter_groups(model, head, settings_for({**TINY, "lr": 0.1}))
+    assert {g["lr"] for g in flat} == {0.1, 0.1 * TINY.get("head_lr_multiplier", 10.0)}
+
+
+def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
+    settings = {**TINY, "epochs": 0, "neck_init": "pca", "head_init": "class_means", "pca_shrinkage": 0.5}
+    train.train([shards / "train"], [shards / "val"], tmp_path / "init", settings_for(settings), device=torch.device("cpu"))
+    summary = json.loads((tmp_path / "init" / "train.json").read_text())
+    assert summary["initialised"]["images"] == 30 and summary["initialised"]["head_classes_initialised"] == 6
+    assert summary["initialised"]["pca"]["shrinkage"] == 0.5
+    state = checkpoint(tmp_path / "init" / "model.pt")["model"]
+    rows = state["neck.weight"].double()
+    assert torch.allclose(rows @ rows.T, torch.eye(16, dtype=torch.float64), atol=1e-5)  # principal directions

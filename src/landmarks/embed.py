@@ -83,9 +83,7 @@ def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size:
         raise StageError(f"embed: output array has shape {out.shape}, expected {(n, dim)}")
     was_training = model.training
     model.eval().to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # faster on GPUs and CPUs alike (oneDNN's NHWC kernels)
     dataset = ShardDataset(index, MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"]))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     written = np.zeros(n, bool)
@@ -97,8 +95,7 @@ def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size:
             total = None
             for images in views_by_scale:
                 images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = images.contiguous(memory_format=torch.channels_last)
                 views = [images, torch.flip(images, dims=[3])] if flip else [images]
                 for view in views:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):

@@ -54,6 +54,15 @@ class ArcMarginHead(nn.Module):
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         return self.s * self.cosine(embeddings)
 
+    @torch.no_grad()
+    def init_from_class_means(self, sums: torch.Tensor) -> int:
+        """Each class's weights (all its sub-centers) at the direction of its mean embedding; classes
+        without images keep their random weights. Returns how many classes were set."""
+        present = sums.norm(dim=1) > 0
+        weight = self.weight.view(self.n_classes, self.k, -1)
+        weight[present] = F.normalize(sums[present], dim=1).unsqueeze(1).to(weight.dtype)
+        return int(present.sum())
+
     def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._apply_margin(self.cosine(embeddings), labels)
 
@@ -91,6 +100,14 @@ class SoftmaxHead(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             return self.fc(embeddings.float())
 
+    @torch.no_grad()
+    def init_from_class_means(self, sums: torch.Tensor) -> int:
+        """Weights along each class's mean embedding (scaled like a softmax over cosines), zero bias."""
+        present = sums.norm(dim=1) > 0
+        self.fc.weight[present] = (10.0 * F.normalize(sums[present], dim=1)).to(self.fc.weight.dtype)
+        self.fc.bias.zero_()
+        return int(present.sum())
+
     def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
         logits = self.logits(embeddings)
         if self.binary:
@@ -116,6 +133,9 @@ class BatchHardTripletLoss(nn.Module):
     def logits(self, embeddings: torch.Tensor) -> None:
         return None
 
+    def init_from_class_means(self, sums: torch.Tensor) -> int:
+        return 0  # no class weights to initialise
+
     def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
         return self.forward(embeddings, labels), None
 
@@ -136,10 +156,10 @@ class BatchHardTripletLoss(nn.Module):
         return F.relu(gap + self.margin).mean()
 
 
-def build_head(settings: dict, n_classes: int, class_counts: torch.Tensor) -> nn.Module:
-    """The head/loss named by `settings['loss']` (train section of config.yaml)."""
+def build_head(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    """The head/loss named by `settings['loss']` (train section of config.yaml) for `dim`-d embeddings."""
     weights = inverse_log_class_weights(class_counts) if settings["class_weights"] == "inverse_log" else None
-    loss, dim = settings["loss"], settings["embedding_dim"]
+    loss = settings["loss"]
     if loss in ("arcface", "subcenter_arcface"):
         margin = settings["arcface_m"]
         if settings["dynamic_margin"]:

@@ -180,23 +180,44 @@ class GlobalPool(nn.Module):
 
 
 POOLINGS = ("gem", "avg", "max")
+NECKS = ("linear", "none")
+NECK_INITS = ("random", "pca")
+DESCRIPTORS = ("learned", "concat")
 
 
 class LandmarkModel(nn.Module):
-    """Backbone -> GeM -> Linear -> BatchNorm1d; `forward` returns the (unnormalised) embedding."""
+    """Backbone -> GeM -> embedding; `forward` returns the (unnormalised) embedding.
+
+    neck "linear": Linear -> BatchNorm1d to `embedding_dim` (initialised at random, or from a PCA of the
+    pretrained GeM descriptors: `init_neck_from_pca`); "none": the GeM descriptor itself (as many
+    dimensions as the backbone has channels). descriptor "concat": the L2-normalised GeM descriptor kept
+    beside the L2-normalised neck output, so the embedding never loses what the backbone's own
+    descriptor knows (each half weighs the same in the cosine).
+    """
 
     def __init__(self, backbone: str = "tf_efficientnet_lite0", pretrained: str = PYPI_LITE0,
-                 embedding_dim: int = 512, gem_p: float = 3.0, pooling: str = "gem"):
+                 embedding_dim: int = 512, gem_p: float = 3.0, pooling: str = "gem", neck: str = "linear",
+                 descriptor: str = "learned"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise StageError(f"train.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        for key, value, allowed in (("pooling", pooling, POOLINGS), ("neck", neck, NECKS),
+                                    ("descriptor", descriptor, DESCRIPTORS)):
+            if value not in allowed:
+                raise StageError(f"train.{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if neck == "none" and descriptor == "concat":
+            raise StageError("train.descriptor 'concat' needs a neck to put beside the GeM descriptor "
+                             "(train.neck 'linear')")
         self.backbone, channels, self.data_config = build_backbone(backbone, pretrained)
         # Transformers such as Swin give channels-last maps (B, H, W, C); ViTs give tokens (B, N, C).
         self.feature_format = getattr(self.backbone, "output_fmt", "NCHW")
         self.pool = GeM(gem_p) if pooling == "gem" else GlobalPool(pooling)
-        self.neck = nn.Linear(channels, embedding_dim, bias=False)
-        self.bn = nn.BatchNorm1d(embedding_dim)
-        self.embedding_dim = embedding_dim
+        self.neck_type, self.descriptor = neck, descriptor
+        if neck == "linear":
+            self.neck = nn.Linear(channels, embedding_dim, bias=False)
+            self.bn = nn.BatchNorm1d(embedding_dim)
+        else:
+            self.neck, self.bn, embedding_dim = nn.Identity(), nn.Identity(), channels
+        self.channels = channels
+        self.embedding_dim = embedding_dim + (channels if descriptor == "concat" else 0)
         self.backbone_name = backbone
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,12 +229,53 @@ class LandmarkModel(nn.Module):
             features = features.permute(0, 3, 1, 2)
         return features
 
+    def descriptor_of(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled backbone descriptor (before the neck)."""
+        return self.pool(self.feature_map(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.neck(self.pool(self.feature_map(images))))
+        return self.embedding_from_pooled(self.descriptor_of(images))
+
+    def embedding_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        embedding = self.bn(self.neck(pooled))
+        if self.descriptor == "concat":
+            # Equal weight for both halves: each is unit length, the whole has length sqrt(2).
+            embedding = torch.cat([F.normalize(pooled.float(), dim=1), F.normalize(embedding.float(), dim=1)], 1)
+        return embedding
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.forward(images).float(), dim=1)
+
+    @torch.no_grad()
+    def init_neck_from_pca(self, descriptors: torch.Tensor, shrinkage: float = 1.0) -> dict:
+        """Start the linear neck as a PCA whitening of `descriptors` (pooled descriptors of training images).
+
+        The Linear layer's rows become the principal directions (largest variance first) and the
+        BatchNorm's running statistics their means and variances, so in eval mode the untrained model
+        outputs the PCA-whitened descriptor. Variances are shrunk towards their mean by `shrinkage`
+        (var + shrinkage * mean var): with fewer images than dimensions most directions have no variance
+        at all, and dividing by ~0 would blow them up. Returns what it did, for train.json.
+        """
+        if self.neck_type != "linear":
+            raise StageError("train.neck_init 'pca' needs train.neck 'linear'")
+        x = descriptors.double()
+        mean = x.mean(0)
+        centred = x - mean
+        covariance = centred.T @ centred / max(1, len(x) - 1)
+        variances, vectors = torch.linalg.eigh(covariance)  # ascending
+        order = torch.argsort(variances, descending=True)[: self.neck.out_features]
+        variances, vectors = variances[order].clamp(min=0), vectors[:, order]
+        if len(order) < self.neck.out_features:  # more output dimensions than input channels
+            raise StageError(f"train.neck_init 'pca': embedding_dim {self.neck.out_features} is larger than the "
+                             f"backbone's {len(x[0])} channels")
+        self.neck.weight.copy_(vectors.T.to(self.neck.weight.dtype))
+        self.bn.running_mean.copy_((vectors.T @ mean).to(self.bn.running_mean.dtype))
+        self.bn.running_var.copy_((variances + shrinkage * variances.mean()).to(self.bn.running_var.dtype))
+        self.bn.weight.fill_(1.0)
+        self.bn.bias.zero_()
+        kept = float(variances.sum() / covariance.diagonal().sum().clamp(min=1e-12))
+        return {"images": len(x), "variance_kept": round(kept, 4), "shrinkage": shrinkage}
 
 
 def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[LandmarkModel, dict]:
@@ -221,7 +283,8 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[Landmar
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     settings = checkpoint["settings"]
     model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"],
-                          settings.get("pooling", "gem"))
+                          settings.get("pooling", "gem"), settings.get("neck", "linear"),
+                          settings.get("descriptor", "learned"))
     model.load_state_dict(checkpoint["model"])
     model.data_config = checkpoint["data_config"]
     return model, checkpoint

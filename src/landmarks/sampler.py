@@ -164,7 +164,7 @@ class TrainBatchSampler(Sampler):
 
     def __init__(self, class_of: np.ndarray, *, mode: str = "random", batch_size: int = 32,
                  classes_per_batch: int = 8, images_per_class: int = 4, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, batches_multiple_of: int = 1):
+                 world_size: int = 1, batches_multiple_of: int = 1, min_batches: int = 1):
         if mode not in MODES:
             raise StageError(f"train.sampler must be one of {', '.join(MODES)}, got {mode!r}")
         self.class_of = np.asarray(class_of, dtype=np.int64)
@@ -177,7 +177,8 @@ class TrainBatchSampler(Sampler):
         self.epoch, self.skip, self.clusters = 0, 0, None
         self._batches: np.ndarray | None = None
         # Gradient accumulation: an epoch ends on a whole optimizer step (leftover batches are not drawn).
-        rounds = self._rounds_per_epoch()
+        # A small set is drawn several times over, so an epoch makes at least `min_batches` batches.
+        rounds = max(self._rounds_per_epoch(), min_batches)
         self.batches_per_epoch = rounds - rounds % batches_multiple_of
         if self.batches_per_epoch == 0:
             raise StageError(f"train: {len(self.positions)} labelled images give {rounds} batch(es) per process and "
@@ -206,7 +207,10 @@ class TrainBatchSampler(Sampler):
             rng = epoch_rng(self.seed, self.epoch)
             n_batches = self.batches_per_epoch * self.world_size
             if self.mode == "random":
-                self._batches = random_batches(self.positions, self.batch_size, self.world_size, rng)[:n_batches]
+                passes = [random_batches(self.positions, self.batch_size, self.world_size, rng)]
+                while sum(map(len, passes)) < n_batches:  # min_batches: more passes, each in a new order
+                    passes.append(random_batches(self.positions, self.batch_size, self.world_size, rng))
+                self._batches = np.concatenate(passes)[:n_batches]
             else:
                 self._batches = pk_batches(self.class_of, self.positions, self.classes_per_batch,
                                            self.images_per_class, n_batches, rng,

@@ -66,7 +66,7 @@ from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rn
 
 log = logging.getLogger("landmarks.train")
 
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 # Settings that change how fast a run goes, not what it computes: editing them keeps a checkpoint valid.
 RESUME_NEUTRAL_KEYS = ("workers", "checkpoint_every_steps")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by SIGTERM
@@ -238,28 +238,27 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final: float =
 
 @torch.no_grad()
 def embed_index(model: LandmarkModel, index: ShardIndex, image_size: int, *, batch_size: int, workers: int,
-                device: torch.device, dist: Distributed, amp: bool = True) -> np.ndarray:
-    """L2-normalised embeddings (len(index), dim), float32, in index order, on every process.
+                device: torch.device, dist: Distributed, amp: bool = True, pooled: bool = False) -> np.ndarray:
+    """L2-normalised embeddings (len(index), dim), float32, in index order, on every process; with
+    `pooled`, the backbone's pooled descriptors instead (not normalised, before the neck).
 
     Each process embeds a contiguous slice of the index; the slices are then summed across processes.
     Runs in a forked random state, so that evaluating never changes what training draws next.
     """
-    out = torch.zeros(len(index), model.embedding_dim)
+    out = torch.zeros(len(index), model.channels if pooled else model.embedding_dim)
     if len(index):
         was_training = model.training
         model.eval()
         dataset = ShardDataset(index, eval_transform(image_size, model.data_config["mean"], model.data_config["std"]),
                                rank=dist.rank, world_size=dist.world_size, balance="none")
-        channels_last = device.type == "cuda"
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
             for images, _, positions in loader:
-                images = images.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                # channels-last: faster on CPUs too (oneDNN), 1.4-1.8x for EfficientNet-Lite0 inference
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                    embedding = model(images)
-                out[positions] = F.normalize(embedding.float(), dim=1).cpu()
+                    embedding = model.descriptor_of(images) if pooled else model(images)
+                out[positions] = (embedding.float() if pooled else F.normalize(embedding.float(), dim=1)).cpu()
         model.train(was_training)
     if dist.active:
         # Chunks keep the collective's buffer on the GPU small.
@@ -268,9 +267,25 @@ def embed_index(model: LandmarkModel, index: ShardIndex, image_size: int, *, bat
     return out.numpy()
 
 
+def val_queries(val_index: ShardIndex, bank_index: ShardIndex, settings: dict) -> ShardIndex:
+    """The val queries: the val images, plus `val_nonlandmark_ratio` x as many non-landmark photos of the
+    bank (a fixed sample) as non-landmark queries, so that val GAP, like the test's, also pays for
+    confident predictions on photos that show no landmark."""
+    wanted = min(len(bank_index), round(settings["val_nonlandmark_ratio"] * len(val_index)))
+    if wanted == 0 or len(val_index) == 0:
+        return val_index
+    rows = np.sort(np.random.default_rng([settings["seed"] & 0xFFFFFFFF, 13]).choice(len(bank_index), wanted,
+                                                                                     replace=False))
+    bank = bank_index.table.iloc[rows].assign(landmark_id=pd.NA)
+    table = pd.concat([val_index.table, bank], ignore_index=True)
+    table["landmark_id"] = table["landmark_id"].astype("Int64")
+    return ShardIndex(table)
+
+
 def evaluate_val_gap(model, train_index: ShardIndex, val_index: ShardIndex, settings: dict, device,
                      dist: Distributed | None = None) -> dict:
-    """GAP / accuracy of top-1 kNN on val against train, as the model selection criterion."""
+    """GAP / accuracy of top-1 kNN on the val queries against train, as the model selection criterion
+    (val_index may hold non-landmark queries: rows without a landmark_id)."""
     from .metrics import score_predictions
     from .retrieve import knn
     dist = dist or Distributed(device=device)
@@ -287,10 +302,21 @@ def evaluate_val_gap(model, train_index: ShardIndex, val_index: ShardIndex, sett
         predictions = pd.DataFrame({"id": val_index.table["id"], "landmark_id": db_labels[positions[:, 0]],
                                     "score": cosines[:, 0]})
         truth = pd.DataFrame({"id": val_index.table["id"],
-                              "landmarks": [[int(x)] for x in val_index.table["landmark_id"]]})
+                              "landmarks": [[] if pd.isna(x) else [int(x)] for x in val_index.table["landmark_id"]]})
         scores = score_predictions(predictions, truth)
         result = {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}
     return dist.broadcast_object(result)
+
+
+def images_per_class(class_of: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of up to `per_class` random images of every class (sorted)."""
+    labelled = np.flatnonzero(class_of >= 0)
+    # A random order, grouped by class (stable sort), keeping the first `per_class` images of each class.
+    shuffled = labelled[rng.permutation(len(labelled))]
+    by_class = shuffled[np.argsort(class_of[shuffled], kind="stable")]
+    classes = class_of[by_class]
+    rank_in_class = np.arange(len(by_class)) - np.searchsorted(classes, classes, side="left")
+    return np.sort(by_class[rank_in_class < per_class])
 
 
 def subspace_clusters(model, train_index: ShardIndex, class_of: np.ndarray, n_classes: int, settings: dict,
@@ -298,14 +324,7 @@ def subspace_clusters(model, train_index: ShardIndex, class_of: np.ndarray, n_cl
     """Seed 004's subspaces: class -> cluster by k-means over class-mean embeddings of the current model
     (from up to `subspace_images_per_class` images per class)."""
     rng = epoch_rng(settings["seed"], epoch, 7)  # a stream of its own, apart from the batch plan's
-    per_class = settings["subspace_images_per_class"]
-    labelled = np.flatnonzero(class_of >= 0)
-    # A random order, grouped by class (stable sort), keeping the first `per_class` images of each class.
-    shuffled = labelled[rng.permutation(len(labelled))]
-    by_class = shuffled[np.argsort(class_of[shuffled], kind="stable")]
-    classes = class_of[by_class]
-    rank_in_class = np.arange(len(by_class)) - np.searchsorted(classes, classes, side="left")
-    chosen = np.sort(by_class[rank_in_class < per_class])
+    chosen = images_per_class(class_of, settings["subspace_images_per_class"], rng)
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
     started = time.perf_counter()
     vectors = embed_index(model, sub_index, settings["image_size"], batch_size=settings["batch_size"] * 2,
@@ -320,6 +339,44 @@ def subspace_clusters(model, train_index: ShardIndex, class_of: np.ndarray, n_cl
         log.info("subspaces for epoch %d: %d clusters of %d classes (%d images embedded, %.1f s)", epoch + 1,
                  clusters.max() + 1, int(present.sum()), len(chosen), time.perf_counter() - started)
     return dist.broadcast_object(clusters)
+
+
+INIT_IMAGES_PER_CLASS = 20  # images per class embedded to initialise the neck (PCA) and the head (class means)
+PCA_MAX_IMAGES = 50_000
+
+
+def initialise_from_pretrained(model: LandmarkModel, head: nn.Module, train_index: ShardIndex,
+                               class_of: np.ndarray, n_classes: int, settings: dict, device,
+                               dist: Distributed) -> dict | None:
+    """Start the neck and the head from what the pretrained backbone already sees, before any step:
+    `neck_init: pca` makes the neck a PCA whitening of the pooled descriptors; `head_init: class_means`
+    puts each class weight at its class's mean embedding, so the first steps refine the embedding
+    instead of dragging it towards random class weights. One pass over (a sample of) the train images."""
+    if settings["neck_init"] != "pca" and settings["head_init"] != "class_means":
+        return None
+    started = time.perf_counter()
+    chosen = images_per_class(class_of, INIT_IMAGES_PER_CLASS, epoch_rng(settings["seed"], 0, 11))
+    if len(chosen) > PCA_MAX_IMAGES:
+        chosen = np.sort(epoch_rng(settings["seed"], 0, 12).choice(chosen, PCA_MAX_IMAGES, replace=False))
+    sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
+    pooled = torch.from_numpy(embed_index(model, sub_index, settings["image_size"], batch_size=settings["batch_size"] * 2,
+                                          workers=settings["workers"], device=device, dist=dist, amp=settings["amp"],
+                                          pooled=True))
+    about = {"images": len(chosen)}
+    if settings["neck_init"] == "pca":
+        about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
+    if settings["head_init"] == "class_means":
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            embeddings = F.normalize(model.embedding_from_pooled(pooled.to(device)).float(), dim=1)
+            model.train(was_training)
+        sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
+        sums.index_add_(0, torch.from_numpy(class_of[chosen]).to(embeddings.device), embeddings)
+        about["head_classes_initialised"] = head.init_from_class_means(sums)
+    about["seconds"] = round(time.perf_counter() - started, 1)
+    log.info("initialised from the pretrained descriptors of %d train images: %s", len(chosen), about)
+    return about
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,18 +399,47 @@ class TrainModule(nn.Module):
 
 
 def parameter_groups(model: LandmarkModel, head: nn.Module, settings: dict) -> list[dict]:
-    """Backbone at `lr`, pooling/neck/head at `lr * head_lr_multiplier`; no weight decay on biases,
-    norms and GeM's p (one-dimensional parameters), as usual."""
-    groups = []
-    backbone = list(model.backbone.parameters())
+    """Backbone at `lr` (scaled down layer by layer when `layer_decay` < 1), pooling/neck/head at
+    `lr * head_lr_multiplier`; no weight decay on biases, norms and GeM's p (one-dimensional
+    parameters), as usual."""
+    decay_rate = settings["weight_decay"]
+    if settings["layer_decay"] < 1:
+        # timm's layer-wise decay (BEiT): the last block at lr, each block below it at layer_decay x the next.
+        from timm.optim import param_groups_layer_decay
+        backbone = param_groups_layer_decay(model.backbone, weight_decay=decay_rate,
+                                            layer_decay=settings["layer_decay"])
+        groups = [{"params": g["params"], "lr": settings["lr"] * g["lr_scale"], "weight_decay": g["weight_decay"]}
+                  for g in backbone]
+    else:
+        groups = _decay_split(model.backbone.parameters(), settings["lr"], decay_rate)
     rest = [p for m in (model.pool, model.neck, model.bn, head) for p in m.parameters()]
-    for params, lr in ((backbone, settings["lr"]), (rest, settings["lr"] * settings["head_lr_multiplier"])):
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups += [{"params": decay, "lr": lr, "weight_decay": settings["weight_decay"]},
-                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups += _decay_split(rest, settings["lr"] * settings["head_lr_multiplier"], decay_rate)
     return [g for g in groups if g["params"]]
+
+
+def _decay_split(params, lr: float, weight_decay: float) -> list[dict]:
+    params = [p for p in params if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+
+
+def set_backbone_frozen(model: LandmarkModel, frozen: bool) -> None:
+    """Freeze the backbone (no gradients, BatchNorm statistics kept) while the head warms up."""
+    for param in model.backbone.parameters():
+        param.requires_grad_(not frozen)
+
+
+def set_train_mode(module: nn.Module, model: LandmarkModel, *, backbone_frozen: bool, freeze_bn: bool) -> None:
+    """Training mode, except the backbone's BatchNorm layers when their statistics are frozen (all of
+    the backbone while it is frozen): small batches of few classes would otherwise rewrite the
+    statistics the pretrained weights rely on."""
+    module.train()
+    if backbone_frozen:
+        model.backbone.eval()
+    elif freeze_bn:
+        for layer in model.backbone.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.eval()
 
 
 def build_optimizer(groups: list[dict], settings: dict) -> torch.optim.Optimizer:
@@ -464,9 +550,300 @@ def write_metrics_csv(metrics: list[dict], path: Path) -> None:
 # The stage
 
 
+def interpolate_weights(start: dict, trained: dict, alpha: float) -> dict:
+    """alpha x trained + (1 - alpha) x start for every floating-point tensor (counters: the trained ones)."""
+    return {key: torch.lerp(start[key].to(value.dtype), value, alpha) if value.is_floating_point() else value
+            for key, value in trained.items()}
+
+
+def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
+    """(train index, val queries, landmark id -> class number, class of each train image, images per class)."""
+    train_index = ShardIndex.from_dirs(train_dirs)
+    val_index = val_queries(ShardIndex.from_dirs(val_dirs or []), ShardIndex.from_dirs(bank_dirs or []), settings)
+    if len(train_index) == 0:
+        raise StageError(f"no training images in {', '.join(map(str, train_dirs))}")
+    labels = class_mapping(train_index.table["landmark_id"])
+    class_of = np.array([-1 if pd.isna(x) else labels[int(x)] for x in train_index.table["landmark_id"]], np.int64)
+    counts = np.bincount(class_of[class_of >= 0], minlength=len(labels))
+    return train_index, val_index, labels, class_of, counts
+
+
+class Training:
+    """One training run: the model, its head, the data, the optimiser, and where the run stands (epoch,
+    step, metrics, best epoch), which `last.ckpt` saves and restores."""
+
+    def __init__(self, train_dirs, val_dirs, bank_dirs, out_dir: Path, settings: dict, device: torch.device,
+                 dist: Distributed):
+        self.settings, self.device, self.dist, self.out_dir = settings, device, dist, Path(out_dir)
+        self.train_index, self.val_index, self.labels, self.class_of, counts = load_training_data(
+            train_dirs, val_dirs, bank_dirs, settings)
+        self.model = LandmarkModel(settings["backbone"], settings["pretrained"], settings["embedding_dim"],
+                                   settings["gem_p"], settings["pooling"], settings["neck"], settings["descriptor"])
+        self.head = build_head(settings, len(self.labels), torch.from_numpy(counts), self.model.embedding_dim)
+        self.model.to(device)
+        self.head.to(device)
+        # channels-last: on GPUs for tensor cores; on CPUs oneDNN's NHWC kernels made EfficientNet-Lite0's
+        # training step 2.5-3x faster on 2 cores (the NCHW backward of depthwise convolutions is slow).
+        self.channels_last = settings["channels_last"]
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        amp_dtype = torch.float16 if settings["amp_dtype"] == "float16" else torch.bfloat16
+        autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=settings["amp"] and device.type == "cuda")
+        self.module = TrainModule(self.model, self.head, autocast)
+        self.ddp_module, self.backbone_frozen = None, None
+
+        self.accumulation = settings["grad_accumulation"]
+        self.sampler = TrainBatchSampler(self.class_of, mode=settings["sampler"], batch_size=settings["batch_size"],
+                                         classes_per_batch=settings["pk_classes"], images_per_class=settings["pk_images"],
+                                         seed=settings["seed"], rank=dist.rank, world_size=dist.world_size,
+                                         batches_multiple_of=self.accumulation,
+                                         min_batches=settings["min_steps_per_epoch"] * self.accumulation)
+        transform = train_transform(settings, self.model.data_config["mean"], self.model.data_config["std"])
+        dataset = SeededDataset(ShardMapDataset(self.train_index, transform, self.labels))
+        workers = settings["workers"]
+        # Its own generator: creating the loader's iterator must not consume the global random state.
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(settings["seed"]),
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        self.steps_per_epoch = self.sampler.batches_per_epoch // self.accumulation
+        total_steps = self.steps_per_epoch * settings["epochs"]
+        warmup_steps = int(settings["warmup_epochs"] * self.steps_per_epoch)
+        self.optimizer = build_optimizer(parameter_groups(self.model, self.head, settings), settings)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(
+            step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
+
+        self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
+        self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
+        self.epoch, self.step, self.global_step, self.metrics = 0, 0, 0, []
+        self.best_score, self.best_epoch, self.clusters, self.resumed_from = -math.inf, 0, None, None
+        self.initialised, self.start_weights = None, None
+        # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
+        self.totals = torch.zeros(3, dtype=torch.float64)
+        self.has_logits = settings["loss"] != "triplet"
+        self.last_epoch_positions: list[np.ndarray] = []
+
+    # -- saving and resuming ---------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from last.ckpt when it belongs to this run; False when starting afresh."""
+        state = load_resume_state(self.last_path, self.digest)
+        if state is None:
+            return False
+        self.model.load_state_dict(state["model"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.metrics, self.best_score, self.best_epoch = state["metrics"], state["best_score"], state["best_epoch"]
+        self.clusters, self.initialised, self.start_weights = state["clusters"], state["initialised"], \
+            state["start_weights"]
+        mine = state["ranks"][self.dist.rank]
+        restore_rng_state(mine["rng"], self.device)
+        self.totals = torch.tensor(mine["totals"], dtype=torch.float64)
+        self.resumed_from = {"epoch": self.epoch, "step": self.step}
+        log.info("resuming from %s: epoch %d, batch %d of %d", self.last_path, self.epoch + 1, self.step,
+                 self.sampler.batches_per_epoch)
+        return True
+
+    def model_state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "settings": self.settings, "data_config": self.model.data_config,
+                "classes": {str(k): v for k, v in self.labels.items()}, "epoch": epoch}
+
+    def save_training_state(self, epoch: int, step: int) -> None:
+        """Every process contributes its random state; rank 0 writes."""
+        ranks = self.dist.gather_objects({"rng": rng_state(self.device), "totals": self.totals.tolist()})
+        if self.dist.is_main:
+            save_checkpoint(self.last_path, {
+                "format": CHECKPOINT_FORMAT, "digest": self.digest, "world_size": self.dist.world_size,
+                "epoch": epoch, "step": step, "global_step": self.global_step, "model": self.model.state_dict(),
+                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "metrics": self.metrics, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "clusters": self.clusters, "initialised": self.initialised, "start_weights": self.start_weights,
+                "ranks": ranks,
+                "settings": self.settings})
+
+    # -- evaluation and model selection ----------------------------------------------------------
+
+    def start_fresh(self) -> None:
+        """Before the first step: initialise neck and head from the pretrained descriptors (when asked),
+        then evaluate the untrained model as epoch 0, so training can never end worse than it started."""
+        self.initialised = initialise_from_pretrained(self.model, self.head, self.train_index, self.class_of,
+                                                      len(self.labels), self.settings, self.device, self.dist)
+        if self.settings["wise_alpha"] < 1:
+            self.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        nan = float("nan")
+        self.evaluate(0, {"train_loss": nan, "train_accuracy": nan, "lr": 0.0, "images_per_s": nan}, time.perf_counter())
+        self.save_training_state(0, 0)
+
+    def evaluate(self, epoch: int, row: dict, started: float) -> None:
+        """Val GAP of the model this epoch would give (with wise_alpha < 1: its weights interpolated with
+        the starting ones); the best so far, epoch 0 included, becomes best.ckpt. On a tie the later epoch
+        wins: a small val saturates (GAP 1.0 from the start), and then says nothing against training."""
+        with self.selected_weights(epoch):
+            val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device,
+                                   self.dist)
+            row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
+            self.metrics.append(row)
+            log.info("epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
+                     row["epoch"], row["train_loss"], row["train_accuracy"], row["val_gap"], row["val_accuracy"],
+                     row["images_per_s"])
+            score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
+            if score >= self.best_score:
+                self.best_score, self.best_epoch = score, epoch
+                if self.dist.is_main:
+                    save_checkpoint(self.best_path, self.model_state(epoch))
+
+    @contextlib.contextmanager
+    def selected_weights(self, epoch: int):
+        """The weights an epoch's model.pt would hold, in the model for the duration: the trained ones, or
+        with wise_alpha < 1 the WiSE-FT interpolation alpha x trained + (1 - alpha) x starting weights
+        (Wortsman et al. 2022: keeps what the pretrained model knows, robust to overfitting a small set).
+        Training then continues from the trained weights."""
+        alpha = self.settings["wise_alpha"]
+        if alpha >= 1 or epoch == 0:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(interpolate_weights(self.start_weights, trained, alpha))
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def prepare_epoch(self, epoch: int, skip: int) -> None:
+        """Clusters, batch plan, frozen or not, train mode and the DDP wrapper for this epoch."""
+        s = self.settings
+        if s["sampler"] == "subspace" and (self.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)):
+            self.clusters = subspace_clusters(self.model, self.train_index, self.class_of, len(self.labels), s, epoch,
+                                              self.device, self.dist)
+        self.sampler.set_epoch(epoch, skip=skip, clusters=self.clusters)
+        frozen = epoch < s["freeze_backbone_epochs"]
+        if frozen != self.backbone_frozen:
+            set_backbone_frozen(self.model, frozen)
+            self.backbone_frozen = frozen
+            self.ddp_module = self.module
+            if self.dist.active:  # DDP must be rebuilt when the set of trained parameters changes
+                self.ddp_module = nn.parallel.DistributedDataParallel(
+                    self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if s["freeze_backbone_epochs"]:
+                log.info("epoch %d: backbone %s", epoch + 1, "frozen (head warm-up)" if frozen else "trained")
+        set_train_mode(self.module, self.model, backbone_frozen=frozen, freeze_bn=s["freeze_bn"])
+
+    def run_epoch(self, epoch: int, skip: int, stop: "StopSignal") -> None:
+        s, dist, device = self.settings, self.dist, self.device
+        if skip == 0:
+            self.totals.zero_()
+        self.prepare_epoch(epoch, skip)
+        running = torch.zeros(3, dtype=torch.float64, device=device)  # like totals, kept on the device
+        self.last_epoch_positions, seen, epoch_started = [], 0, time.perf_counter()
+        bar = tqdm(total=self.sampler.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{s['epochs']}",
+                   unit="batch", mininterval=2.0 if sys.stderr.isatty() else 30.0, disable=not dist.is_main)
+        self.optimizer.zero_grad(set_to_none=True)
+        batch_number = skip
+        for images, targets, positions in self.loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            boundary = (batch_number + 1) % self.accumulation == 0
+            sync = self.ddp_module.no_sync() if dist.active and not boundary else contextlib.nullcontext()
+            with sync:
+                loss, correct = self.ddp_module(images, targets)
+                self.scaler.scale(loss / self.accumulation).backward()
+            running[0] += loss.detach().double() * len(targets)
+            running[1] += len(targets)
+            running[2] += correct.double()
+            batch_number += 1
+            seen += len(targets)
+            self.last_epoch_positions.append(positions.numpy())
+            if boundary:
+                self.optimizer_step()
+                # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
+                stopping = stop.agreed(dist) if not dist.active or self.global_step % 10 == 0 else False
+                end_of_epoch = batch_number == self.sampler.batches_per_epoch
+                every = s["checkpoint_every_steps"]
+                if stopping or (every and self.global_step % every == 0 and not end_of_epoch):
+                    self.totals += running.cpu()
+                    running.zero_()
+                    self.save_training_state(epoch, batch_number)
+                if stopping:
+                    bar.close()
+                    raise TrainingInterrupted(f"stopped by SIGTERM in epoch {epoch + 1} after batch "
+                                              f"{batch_number}; {self.last_path} resumes it")
+            bar.update()
+            if dist.is_main and batch_number % 10 == 0:
+                so_far = self.totals + running.cpu()
+                bar.set_postfix(loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
+                                img_s=f"{seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started):.1f}",
+                                refresh=False)
+        bar.close()
+        self.totals += running.cpu()
+        self.end_epoch(epoch, seen, epoch_started)
+
+    def optimizer_step(self) -> None:
+        if self.settings["grad_clip"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.settings["grad_clip"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+
+    def end_epoch(self, epoch: int, seen: int, epoch_started: float) -> None:
+        elapsed = time.perf_counter() - epoch_started
+        if self.dist.active:
+            with torch.no_grad():
+                average_buffers(self.module, self.dist)
+        totals = self.dist.all_reduce(self.totals.clone())
+        self.evaluate(epoch + 1, {
+            "train_loss": float(totals[0] / totals[1]) if totals[1] else float("nan"),
+            "train_accuracy": float(totals[2] / totals[1]) if self.has_logits and totals[1] else float("nan"),
+            "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": seen * self.dist.world_size / elapsed if seen else float("nan")}, epoch_started)
+        self.totals.zero_()
+        self.save_training_state(epoch + 1, 0)
+        if self.dist.is_main:  # to follow a long run (the curves are drawn at the end: matplotlib is slow)
+            write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
+
+    # -- the result ------------------------------------------------------------------------------
+
+    def finish(self, seconds: float) -> None:
+        """model.pt (the best epoch, or the untrained model when no epoch beat it), curves, train.json."""
+        audit = ddp_audit(self.module, self.last_epoch_positions, self.dist) if self.dist.active else None
+        if not self.dist.is_main:
+            return
+        if not self.best_path.exists():  # deleted by hand after the best epoch: the final weights stand in
+            save_checkpoint(self.best_path, self.model_state(self.settings["epochs"]))
+        with atomic_path(self.out_dir / "model.pt", suffix=".pt.part") as tmp:
+            shutil.copyfile(self.best_path, tmp)
+        write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
+        plot_curves(self.metrics, self.out_dir / "curves.png")
+        best = next((r for r in self.metrics if r["epoch"] == self.best_epoch), self.metrics[-1])
+        if self.best_epoch == 0:
+            selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
+            if self.settings["epochs"]:
+                log.warning("no epoch beat the untrained model on val (GAP %.4f): model.pt is the untrained model",
+                            best["val_gap"])
+        else:
+            selected = f"epoch {self.best_epoch}"
+        write_json_atomic(self.out_dir / "train.json", {
+            "classes": len(self.labels), "train_images": len(self.train_index), "val_images": len(self.val_index),
+            "selected": selected, "best_epoch": best["epoch"], "best_val_gap": best["val_gap"],
+            "best_val_accuracy": best["val_accuracy"], "untrained_val_gap": self.metrics[0]["val_gap"],
+            "steps_per_epoch": self.steps_per_epoch, "global_steps": self.global_step,
+            "initialised": self.initialised, "resumed_from": self.resumed_from, "world_size": self.dist.world_size,
+            "ddp": audit, "seconds": round(seconds, 1), "device": str(self.device), "settings": self.settings})
+
+
 def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.device, threads: int | None = None,
-          dist: Distributed | None = None) -> list[dict]:
-    """Train (or resume) one experiment; returns the per-epoch metrics. See the module docstring."""
+          dist: Distributed | None = None, bank_dirs=()) -> list[dict]:
+    """Train (or resume) one experiment; returns the per-epoch metrics, the untrained model's as epoch 0.
+    See the module docstring."""
     dist = dist or Distributed(device=device)
     device = dist.device if dist.active else device
     out_dir = Path(out_dir)
@@ -478,203 +855,15 @@ def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.
     seed_everything(settings["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    train_index = ShardIndex.from_dirs(train_dirs)
-    val_index = ShardIndex.from_dirs(val_dirs) if val_dirs else ShardIndex.from_dirs([])
-    if len(train_index) == 0:
-        raise StageError(f"no training images in {', '.join(map(str, train_dirs))}")
-    labels = class_mapping(train_index.table["landmark_id"])
-    class_of = np.array([-1 if pd.isna(x) else labels[int(x)] for x in train_index.table["landmark_id"]], np.int64)
-    counts = np.bincount(class_of[class_of >= 0], minlength=len(labels))
-
-    model = LandmarkModel(settings["backbone"], settings["pretrained"], settings["embedding_dim"], settings["gem_p"],
-                          settings["pooling"])
-    head = build_head(settings, len(labels), torch.from_numpy(counts))
-    model.to(device)
-    head.to(device)
-    channels_last = settings["channels_last"] and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    amp_dtype = torch.float16 if settings["amp_dtype"] == "float16" else torch.bfloat16
-    autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=settings["amp"] and device.type == "cuda")
-    module = TrainModule(model, head, autocast)
-    ddp_module = module
-    if dist.active:
-        ddp_module = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None)
-
-    accumulation = settings["grad_accumulation"]
-    sampler = TrainBatchSampler(class_of, mode=settings["sampler"], batch_size=settings["batch_size"],
-                                classes_per_batch=settings["pk_classes"], images_per_class=settings["pk_images"],
-                                seed=settings["seed"], rank=dist.rank, world_size=dist.world_size,
-                                batches_multiple_of=accumulation)
-    transform = train_transform(settings, model.data_config["mean"], model.data_config["std"])
-    dataset = SeededDataset(ShardMapDataset(train_index, transform, labels))
-    workers = settings["workers"]
-    # Its own generator: creating the loader's iterator must not consume the global random state.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(settings["seed"]),
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    steps_per_epoch = sampler.batches_per_epoch // accumulation
-    total_steps = steps_per_epoch * settings["epochs"]
-    warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
-    optimizer = build_optimizer(parameter_groups(model, head, settings), settings)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]))
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
-
-    digest = settings_digest(settings, data_fingerprint(train_index, val_index), dist.world_size)
-    last_path, best_path, model_path = out_dir / "last.ckpt", out_dir / "best.ckpt", out_dir / "model.pt"
-    start_epoch, start_step, global_step, metrics = 0, 0, 0, []
-    best_score, best_epoch, clusters, resumed_from = -math.inf, 0, None, None
-    # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
-    totals = torch.zeros(3, dtype=torch.float64)
-    has_logits = settings["loss"] != "triplet"
-    state = load_resume_state(last_path, digest)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        metrics, best_score, best_epoch, clusters = state["metrics"], state["best_score"], state["best_epoch"], \
-            state["clusters"]
-        mine = state["ranks"][dist.rank]
-        restore_rng_state(mine["rng"], device)
-        totals = torch.tensor(mine["totals"], dtype=torch.float64)
-        resumed_from = {"epoch": start_epoch, "step": start_step}
-        log.info("resuming from %s: epoch %d, batch %d of %d", last_path, start_epoch + 1, start_step,
-                 sampler.batches_per_epoch)
-        del state
-
-    def model_state(epoch: int) -> dict:
-        return {"model": model.state_dict(), "settings": settings, "data_config": model.data_config,
-                "classes": {str(k): v for k, v in labels.items()}, "epoch": epoch}
-
-    def save_training_state(epoch: int, step: int) -> None:
-        """Every process contributes its random state; rank 0 writes."""
-        ranks = dist.gather_objects({"rng": rng_state(device), "totals": totals.tolist()})
-        if dist.is_main:
-            save_checkpoint(last_path, {
-                "format": CHECKPOINT_FORMAT, "digest": digest, "world_size": dist.world_size,
-                "epoch": epoch, "step": step, "global_step": global_step, "model": model.state_dict(),
-                "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "metrics": metrics, "best_score": best_score,
-                "best_epoch": best_epoch, "clusters": clusters, "ranks": ranks, "settings": settings})
-
+    run = Training(train_dirs, val_dirs, bank_dirs, out_dir, settings, device, dist)
     started = time.perf_counter()
-    every = settings["checkpoint_every_steps"]
-    last_epoch_positions: list[np.ndarray] = []
+    if not run.resume():
+        run.start_fresh()
     with StopSignal() as stop:
-        for epoch in range(start_epoch, settings["epochs"]):
-            skip = start_step if epoch == start_epoch else 0
-            if skip == 0:
-                totals.zero_()
-            if settings["sampler"] == "subspace" and (
-                    clusters is None or (skip == 0 and epoch % settings["subspace_every_epochs"] == 0)):
-                clusters = subspace_clusters(model, train_index, class_of, len(labels), settings, epoch, device, dist)
-            sampler.set_epoch(epoch, skip=skip, clusters=clusters)
-            module.train()
-            running = torch.zeros(3, dtype=torch.float64, device=device)  # like totals, kept on the device
-            last_epoch_positions, seen, epoch_started = [], 0, time.perf_counter()
-            bar = tqdm(total=sampler.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{settings['epochs']}",
-                       unit="batch", mininterval=2.0 if sys.stderr.isatty() else 30.0, disable=not dist.is_main)
-            optimizer.zero_grad(set_to_none=True)
-            batch_number = skip
-            for images, targets, positions in loader:
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                boundary = (batch_number + 1) % accumulation == 0
-                sync = ddp_module.no_sync() if dist.active and not boundary else contextlib.nullcontext()
-                with sync:
-                    loss, correct = ddp_module(images, targets)
-                    scaler.scale(loss / accumulation).backward()
-                running[0] += loss.detach().double() * len(targets)
-                running[1] += len(targets)
-                running[2] += correct.double()
-                batch_number += 1
-                seen += len(targets)
-                last_epoch_positions.append(positions.numpy())
-                if boundary:
-                    if settings["grad_clip"]:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(module.parameters(), settings["grad_clip"])
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    global_step += 1
-                    # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
-                    stopping = stop.agreed(dist) if not dist.active or global_step % 10 == 0 else False
-                    end_of_epoch = batch_number == sampler.batches_per_epoch
-                    if stopping or (every and global_step % every == 0 and not end_of_epoch):
-                        totals += running.cpu()
-                        running.zero_()
-                        save_training_state(epoch, batch_number)
-                    if stopping:
-                        bar.close()
-                        raise TrainingInterrupted(f"stopped by SIGTERM in epoch {epoch + 1} after batch "
-                                                  f"{batch_number}; {last_path} resumes it")
-                bar.update()
-                if dist.is_main and batch_number % 10 == 0:
-                    images_per_s = seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started)
-                    so_far = totals + running.cpu()
-                    bar.set_postfix(loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}", img_s=f"{images_per_s:.1f}",
-                                    refresh=False)
-            bar.close()
-            totals += running.cpu()
-            elapsed = time.perf_counter() - epoch_started
-            if dist.active:
-                with torch.no_grad():
-                    average_buffers(module, dist)
-            epoch_totals = dist.all_reduce(totals.clone())
-            val = evaluate_val_gap(model, train_index, val_index, settings, device, dist)
-            row = {"epoch": epoch + 1,
-                   "train_loss": float(epoch_totals[0] / epoch_totals[1]) if epoch_totals[1] else float("nan"),
-                   "train_accuracy": float(epoch_totals[2] / epoch_totals[1]) if has_logits and epoch_totals[1]
-                   else float("nan"),
-                   "lr": scheduler.get_last_lr()[0],
-                   "images_per_s": seen * dist.world_size / elapsed if seen else float("nan"),
-                   **val, "seconds": round(time.perf_counter() - epoch_started, 2)}
-            metrics.append(row)
-            log.info("epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
-                     row["epoch"], row["train_loss"], row["train_accuracy"], row["val_gap"], row["val_accuracy"],
-                     row["images_per_s"])
-            score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
-            if score > best_score:
-                best_score, best_epoch = score, epoch + 1
-                if dist.is_main:
-                    save_checkpoint(best_path, model_state(epoch + 1))
-            totals.zero_()
-            save_training_state(epoch + 1, 0)
-            if dist.is_main:  # to follow a long run (the curves are drawn at the end: matplotlib is slow)
-                write_metrics_csv(metrics, out_dir / "metrics.csv")
-
-    if settings["epochs"] == 0:
-        # No training (a baseline of the pretrained or random backbone): still evaluate and save it.
-        val = evaluate_val_gap(model, train_index, val_index, settings, device, dist)
-        metrics = [{"epoch": 0, "train_loss": float("nan"), "train_accuracy": float("nan"), "lr": 0.0,
-                    "images_per_s": float("nan"), **val, "seconds": 0.0}]
-        if dist.is_main:
-            save_checkpoint(best_path, model_state(0))
-    audit = ddp_audit(module, last_epoch_positions, dist) if dist.active else None
-    if dist.is_main:
-        if not best_path.exists():  # deleted by hand after the best epoch: the final weights stand in
-            save_checkpoint(best_path, model_state(settings["epochs"]))
-        with atomic_path(model_path, suffix=".pt.part") as tmp:
-            shutil.copyfile(best_path, tmp)
-        write_metrics_csv(metrics, out_dir / "metrics.csv")
-        plot_curves(metrics, out_dir / "curves.png")
-        best = next((r for r in metrics if r["epoch"] == best_epoch), metrics[-1])
-        write_json_atomic(out_dir / "train.json", {
-            "classes": len(labels), "train_images": len(train_index), "val_images": len(val_index),
-            "best_epoch": best["epoch"], "best_val_gap": best["val_gap"], "best_val_accuracy": best["val_accuracy"],
-            "steps_per_epoch": steps_per_epoch, "global_steps": global_step, "resumed_from": resumed_from,
-            "world_size": dist.world_size, "ddp": audit,
-            "seconds": round(time.perf_counter() - started, 1), "device": str(device), "settings": settings})
-    return metrics
+        for epoch in range(run.epoch, settings["epochs"]):
+            run.run_epoch(epoch, run.step if epoch == run.epoch else 0, stop)
+    run.finish(time.perf_counter() - started)
+    return run.metrics
 
 
 def average_buffers(module: nn.Module, dist: Distributed) -> None:
@@ -711,6 +900,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-shards", nargs="+", required=True, help="shard folders of the train split")
     parser.add_argument("--val-shards", nargs="*", default=[], help="shard folders of the val split")
+    parser.add_argument("--nonlandmark-shards", nargs="*", default=[],
+                        help="shard folders of the non-landmark bank: a sample joins val as non-landmark queries")
     parser.add_argument("--out-dir", required=True,
                         help="model.pt, metrics.csv, curves.png, train.json, last.ckpt, best.ckpt go here")
     parser.add_argument("--settings", default="{}",
@@ -728,7 +919,7 @@ def main(argv=None) -> int:
         logging.getLogger("landmarks").setLevel(logging.WARNING)
     try:
         train(args.train_shards, args.val_shards, Path(args.out_dir), settings, device=dist.device,
-              threads=args.threads, dist=dist)
+              threads=args.threads, dist=dist, bank_dirs=args.nonlandmark_shards)
     except TrainingInterrupted as stopped:
         log.warning("%s", stopped)
         return EXIT_INTERRUPTED

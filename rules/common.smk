@@ -56,3 +56,16 @@ def train_launcher(w):
     if s["gpus"] > 1:
         return f"torchrun --standalone --nproc_per_node={s['gpus']} -m landmarks.train"
     return "python -m landmarks.train"
+
+
+# retrieve: settings and the shards geometric verification reads (see rules/retrieve.smk)
+
+
+def retrieve_settings(w):
+    """The experiment's retrieve section minus the keys that only size the SLURM job."""
+    return {k: v for k, v in experiment(w.experiment, "retrieve").items() if k != "gpus"}
+
+
+def verify_shards(w):
+    """Geometric verification reads the query and database images from their shards."""
+    return shard_dirs("test") + shard_dirs("train") if retrieve_settings(w)["verify"]["neighbours"] else []

@@ -165,7 +165,7 @@ def test_embed_retrieve_score_summary_chain(shards, trained, tiny_set, tmp_path)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)  # float16 storage
     assert retrieve.main(["--database", str(tmp_path / "train.npy"), "--queries", str(tmp_path / "test.npy"),
                           "--bank", str(tmp_path / "nonlandmark.npy"), "--out-dir", str(tmp_path / "retrieve"),
-                          "--k", "5", "--bank-k", "3"]) == 0
+                          "--settings", '{"k": 5, "bank_k": 3}']) == 0
     submission = pd.read_csv(tmp_path / "retrieve" / "submission.csv", dtype=str, keep_default_na=False)
     assert sorted(submission["id"]) == sorted(ids["id"])
     assert submission["landmarks"].str.fullmatch(r"\d+ -?[\d.e-]+").all()
@@ -193,14 +193,14 @@ def test_reranking_rules_by_hand():
     positions = np.array([[0, 1, 2], [2, 3, 0]])
     db_labels = np.array([7, 7, 9, 7])
     query_bank = np.array([0.5, 0.1], np.float32)
-    labels, confidence, _ = retrieve.predict(cosines, positions, db_labels, rerank="seed004", query_bank=query_bank)
+    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, rerank="seed004", query_bank=query_bank)
     assert labels.tolist() == [7, 9]
     assert confidence == pytest.approx([0.9 - 0.5, 0.6 - 0.1])
-    labels, confidence, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
+    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [7, 7]  # query 2: label 7 has 0.5 + 0.4 > 0.6
     assert confidence == pytest.approx([0.9, 0.5])
     db_bank = np.array([0.2, 0.1, 0.0, 0.3], np.float32)
-    labels, confidence, _ = retrieve.predict(cosines, positions, db_labels, rerank="glr2020", query_bank=query_bank,
+    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, rerank="glr2020", query_bank=query_bank,
                                              db_bank=db_bank, neighbours_per_label=3)
     # query 1: label 7 -> (0.9-0.2)+(0.8-0.1)=1.4, label 9 -> 0.7-0.0; minus C=0.5
     # query 2: label 9 -> 0.6-0.0=0.6, label 7 -> (0.5-0.3)+(0.4-0.2)=0.4; minus C=0.1

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from landmarks import retrieve
 from landmarks.common import StageError
@@ -77,8 +78,9 @@ def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
     db_labels[::7] = -1  # database images without a landmark id
     query_bank = rng.uniform(0, 0.5, n_queries).astype(np.float32)
     db_bank = rng.uniform(0, 0.3, n_db).astype(np.float32)
-    labels, confidence, base = retrieve.predict(cosines, positions, db_labels, prediction=prediction, rerank=rerank,
-                                                query_bank=query_bank, db_bank=db_bank, neighbours_per_label=2)
+    labels, confidence, base, _ = retrieve.predict(cosines, positions, db_labels, prediction=prediction,
+                                                   rerank=rerank, query_bank=query_bank, db_bank=db_bank,
+                                                   neighbours_per_label=2)
     rule = "glr2020" if rerank == "glr2020" else prediction
     bank = query_bank if rerank != "none" else np.zeros(n_queries)
     expected_labels, expected_confidence, expected_base = _reference(cosines, positions, db_labels, rule, bank,
@@ -94,9 +96,9 @@ def test_ties_go_to_the_label_of_the_nearer_neighbour():
     cosines = np.array([[0.8, 0.5, 0.3]], np.float32)
     positions = np.array([[0, 1, 2]])
     db_labels = np.array([9, 7, 7])
-    labels, confidence, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
+    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [9] and confidence == pytest.approx([0.8])
-    labels, _, _ = retrieve.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
+    labels, _, _, _ = retrieve.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [7]  # now label 7 ranks first
 
 
@@ -154,7 +156,7 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
     paths, truth_labels = clustered
     out = tmp_path / "out"
     assert retrieve.main(["--database", str(paths["database"]), "--queries", str(paths["queries"]), "--bank",
-                          str(paths["bank"]), "--out-dir", str(out), "--k", "5", "--threads", "1"]) == 0
+                          str(paths["bank"]), "--out-dir", str(out), "--settings", '{"k": 5}', "--threads", "1"]) == 0
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert predictions["landmark_id"].iloc[:8].tolist() == truth_labels.tolist()  # well separated clusters
     neighbours = pd.read_parquet(out / "neighbours.parquet")
@@ -171,7 +173,7 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
     paths, _ = clustered
     retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, k=6, rerank="glr2020",
-                      bank_k=5, query_bank_k=10, neighbours_per_label=3)
+                      bank_k=5, glr2020_query_bank_k=10, glr2020_neighbours_per_label=3)
     database = np.load(paths["database"])
     queries, bank = np.load(paths["queries"]), np.load(paths["bank"])
     db_labels = pd.read_parquet(str(paths["database"]).replace(".npy", ".ids.parquet"))["landmark_id"].to_numpy()
@@ -215,9 +217,9 @@ def test_ivfpq_reports_its_recall_against_exact_search(tmp_path, capsys):
     _write(tmp_path / "db.npy", database, [f"d{i}" for i in range(3000)], labels)
     _write(tmp_path / "q.npy", queries, [f"q{i}" for i in range(300)])
     assert retrieve.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
-                          "--out-dir", str(tmp_path / "out"), "--rerank", "none", "--index", "ivfpq",
-                          "--ivf-lists", "16", "--pq-m", "8", "--nprobe", "4", "--recall-sample", "300",
-                          "--threads", "1"]) == 0
+                          "--out-dir", str(tmp_path / "out"), "--threads", "1", "--settings",
+                          json.dumps({"rerank": "none", "index": "ivfpq", "ivf_lists": 16, "pq_m": 8, "nprobe": 4,
+                                      "recall_sample": 300})]) == 0
     summary = json.loads((tmp_path / "out" / "retrieve.json").read_text())
     assert summary["index"]["type"] == "ivfpq" and summary["index"]["ivf_lists"] == 16
     recall = summary["recall"]
@@ -240,7 +242,7 @@ def test_bad_inputs_are_refused_with_the_file_or_key_named(clustered, tmp_path):
     with pytest.raises(StageError, match="also in the non-landmark bank"):
         retrieve.retrieve(paths["database"], paths["bank"], paths["bank"], tmp_path, rerank="seed004")
     with pytest.raises(StageError, match="retrieve.pq_m: 5 sub-quantisers do not divide the embedding dimension 32"):
-        retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, index_type="ivfpq", pq_m=5)
+        retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, index="ivfpq", pq_m=5)
     other = _write(tmp_path / "other.npy", np.ones((3, 8)), ["x", "y", "z"])
     with pytest.raises(StageError, match="other.npy: 8-d embeddings, but the queries .* are 32-d"):
         retrieve.retrieve(other, paths["queries"], paths["bank"], tmp_path)
@@ -249,3 +251,73 @@ def test_bad_inputs_are_refused_with_the_file_or_key_named(clustered, tmp_path):
         retrieve.retrieve(twice, paths["queries"], paths["bank"], tmp_path)
     with pytest.raises(StageError, match="needs a non-empty non-landmark bank"):
         retrieve.retrieve(paths["database"], paths["queries"], None, tmp_path, rerank="glr2020")
+
+
+# ---- confidence terms and geometric verification ------------------------------------------------------------
+
+
+def test_margin_and_bank_weights_shape_the_confidence():
+    cosines = np.array([[0.9, 0.8, 0.5], [0.7, 0.6, 0.4]], np.float32)
+    positions = np.array([[0, 1, 2], [3, 4, 5]])
+    db_labels = np.array([1, 2, 2, 3, 3, 3])  # query 2: every neighbour has the same landmark
+    bank = np.array([0.2, 0.4])
+    result = retrieve.predict(cosines, positions, db_labels, rerank="seed004", query_bank=bank, margin_weight=1.0,
+                              bank_weight=0.5)
+    assert result.label.tolist() == [1, 3]
+    assert result.other_cosine == pytest.approx([0.8, 0.4])  # runner-up landmark; else the k-th cosine
+    assert result.confidence == pytest.approx([0.9 - 0.8 - 0.1, 0.7 - 0.4 - 0.2], abs=1e-6)
+    plain = retrieve.predict(cosines, positions, db_labels, rerank="none")
+    assert plain.confidence == pytest.approx(plain.top_cosine) and plain.top_cosine == pytest.approx([0.9, 0.7])
+
+
+def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
+    cosines = np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float32)
+    positions, db_labels = np.array([[0, 1, 2], [3, 4, -1]]), np.array([1, 2, 1, 4, 4])
+    inliers = np.array([[3, 40, 0], [12, 0, 0]])  # query 1: the second neighbour (landmark 2) is the same place
+    settings = {"min_inliers": 10, "relabel": True}
+    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, settings)
+    assert forced.tolist() == [2, 4] and is_verified.tolist() == [[False, True, False], [True, False, False]]
+    base = retrieve.predict(cosines, positions, db_labels, rerank="none", labels=forced)
+    assert base.label.tolist() == [2, 4] and base.confidence == pytest.approx([0.8, 0.6])  # the new label's cosine
+    result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, weight=1.0)
+    assert result.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0]) and label_inliers.tolist() == [40, 12]
+    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, {**settings, "relabel": False})
+    kept = retrieve.predict(cosines, positions, db_labels, rerank="none", labels=forced)
+    kept, _ = retrieve.verified(kept, labels, is_verified, inliers, weight=1.0)
+    assert kept.label.tolist() == [1, 4] and kept.confidence == pytest.approx([0.9, 1.6])  # landmark 1 unverified
+
+
+def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
+    """A query whose nearest embedding is the wrong landmark, but whose second neighbour is another view
+    of the same (textured) scene: verification finds it, relabels the query and marks it verified."""
+    from test_verify import scene, second_view
+    from landmarks import shard
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = [("db_a", scene(1), 1, "train"), ("db_b", scene(2), 2, "train"), ("db_c", scene(3), 3, "train"),
+            ("q", Image.fromarray(second_view(scene(2))), None, "test"), ("q2", scene(4), None, "test")]
+    for image_id, image, _, _ in rows:
+        image.save(images / f"{image_id}.jpg", quality=95)
+    selection = pd.DataFrame({"id": [r[0] for r in rows], "landmark_id": pd.array([r[2] for r in rows], "Int64"),
+                              "split": [r[3] for r in rows], "path": [f"{r[0]}.jpg" for r in rows]})
+    selection.to_parquet(tmp_path / "selection.parquet")
+    for split in ("train", "test"):
+        assert shard.main(["--selection", str(tmp_path / "selection.parquet"), "--images", str(images),
+                           "--split", split, "--out-dir", str(tmp_path / split), "--size", "300"]) == 0
+    unit = np.eye(4, dtype=np.float32)
+    database = _write(tmp_path / "db.npy", unit[:3], ["db_a", "db_b", "db_c"], [1, 2, 3])
+    # Both queries look most like db_a; q is really db_b's scene, q2 is none of them.
+    queries = _write(tmp_path / "q.npy", np.array([[0.8, 0.6, 0, 0], [0.7, 0.1, 0.1, 0.7]], np.float32), ["q", "q2"])
+    out = tmp_path / "out"
+    predictions = retrieve.retrieve(database, queries, None, out, rerank="none", k=3,
+                                    verify={"neighbours": 2}, shard_dirs=[tmp_path / "train", tmp_path / "test"])
+    by_id = predictions.set_index("id")
+    assert by_id.loc["q", "landmark_id"] == 2 and by_id.loc["q", "inliers"] >= 10
+    assert by_id.loc["q", "score"] == pytest.approx(0.6 + 1.0, abs=1e-6)  # its cosine to db_b + the bonus
+    assert by_id.loc["q2", "landmark_id"] == 1 and by_id.loc["q2", "inliers"] < 10  # unverified: cosine only
+    neighbours = pd.read_parquet(out / "neighbours.parquet")
+    assert neighbours["inliers"].notna().sum() == 4  # 2 queries x 2 verified neighbours; rank 3 not checked
+    assert json.loads((out / "retrieve.json").read_text())["verified"] == 1
+    with pytest.raises(StageError, match="retrieve.verify: .* images are in none of the shards"):
+        retrieve.retrieve(database, queries, None, tmp_path / "x", rerank="none", verify={"neighbours": 2},
+                          shard_dirs=[tmp_path / "train"])

@@ -125,3 +125,19 @@ def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(StageError, match="broken.json: cannot read metrics"):
         summary.main(["--metrics", str(tmp_path / "broken.json"), "--out", str(out)])
+
+
+def test_gap_by_confidence_ranks_the_same_labels_by_each_available_confidence():
+    truth = pd.DataFrame({"id": ["a", "b", "c"], "landmarks": [[1], [2], []]})
+    predictions = pd.DataFrame({
+        "id": ["a", "b", "c"], "landmark_id": pd.array([1, 3, 1], dtype="Int64"), "score": [0.5, 0.4, 0.3],
+        # b is wrong with a high cosine but a close runner-up; c is a non-landmark near the bank
+        "top_cosine": np.array([0.7, 0.9, 0.8], np.float32), "other_cosine": np.array([0.2, 0.85, 0.5], np.float32),
+        "bank_cosine": np.array([0.1, 0.1, 0.7], np.float32)})
+    by = score.gap_by_confidence(predictions, truth)
+    assert by["the retrieve stage's confidence (score)"] == pytest.approx(0.5)  # a first: 1/1, then nothing right
+    assert by["top-1 cosine"] == pytest.approx(1 / 3 / 2)  # b, c above a: a at rank 3
+    assert by["top-1 cosine − runner-up landmark's cosine"] == pytest.approx(0.5)
+    assert "geometrically verified first, then top-1 cosine" not in by  # no inliers column
+    verified = score.gap_by_confidence(predictions.assign(inliers=[12, 0, 3]), truth, min_inliers=10)
+    assert verified["geometrically verified first, then top-1 cosine"] == pytest.approx(0.5)

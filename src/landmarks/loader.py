@@ -101,6 +101,43 @@ def read_sample(shard: str, key: str) -> Image.Image:
         return decode_rgb(tar.extractfile(f"{key}.jpg").read())
 
 
+class ShardImages:
+    """Images by id, read from the shards by byte offset (random access: for reports, geometric
+    verification and predictions; training streams instead)."""
+
+    def __init__(self, shard_dirs=()):
+        self.rows = {}
+        if shard_dirs:
+            table = ShardIndex.from_dirs(shard_dirs).table
+            self.rows = {i: (s, k, o, n) for i, s, k, o, n in zip(table["id"], table["shard"], table["key"],
+                                                                  table["offset"], table["size"])}
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self.rows
+
+    def image(self, image_id: str) -> Image.Image | None:
+        """The stored image (RGB), or None when the id is unknown or its shard unreadable (logged)."""
+        row = self.rows.get(image_id)
+        if row is None:
+            return None
+        shard, key, offset, length = row
+        try:
+            if offset is not None and not pd.isna(offset):
+                with open(shard, "rb") as fh:
+                    fh.seek(int(offset))
+                    return decode_rgb(fh.read(int(length)))
+            return read_sample(shard, key)
+        except (OSError, KeyError) as err:
+            log.warning("cannot read image %s from %s: %s", image_id, shard, err)
+            return None
+
+    def thumbnail(self, image_id: str, size: int = 128) -> Image.Image | None:
+        image = self.image(image_id)
+        if image is not None:
+            image.thumbnail((size, size))
+        return image
+
+
 def iter_shard(path: str):
     """Yield (key, jpeg bytes) from a tar shard, reading it front to back with plain tarfile."""
     with tarfile.open(path, mode="r|") as stream:

@@ -5,16 +5,14 @@ one PNG atomically; matplotlib runs headless (Agg).
 
 from __future__ import annotations
 
-import io
-import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .common import atomic_path
+from .loader import ShardImages
 
-log = logging.getLogger("landmarks.report")
 
 CORRECT, WRONG, NON_LANDMARK, NEUTRAL = "#1a9850", "#d73027", "#7b3294", "#808080"
 EXAMPLE_GROUPS = (
@@ -37,40 +35,6 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-
-
-class ShardImages:
-    """Thumbnails of images by id, read from the shards (by byte offset when the index has one)."""
-
-    def __init__(self, shard_dirs=()):
-        self.rows = {}
-        if shard_dirs:
-            from .loader import ShardIndex
-            table = ShardIndex.from_dirs(shard_dirs).table
-            offsets = table["offset"] if "offset" in table else pd.Series([None] * len(table))
-            sizes = table["size"] if "size" in table else pd.Series([None] * len(table))
-            self.rows = {i: (s, k, o, n) for i, s, k, o, n in zip(table["id"], table["shard"], table["key"],
-                                                                  offsets, sizes)}
-
-    def thumbnail(self, image_id: str, size: int = 128):
-        from PIL import Image
-        row = self.rows.get(image_id)
-        if row is None:
-            return None
-        shard, key, offset, length = row
-        try:
-            if offset is not None and not pd.isna(offset):
-                with open(shard, "rb") as fh:
-                    fh.seek(int(offset))
-                    image = Image.open(io.BytesIO(fh.read(int(length)))).convert("RGB")
-            else:
-                from .loader import read_sample
-                image = read_sample(shard, key)
-        except (OSError, KeyError) as err:
-            log.warning("cannot read image %s from %s: %s", image_id, shard, err)
-            return None
-        image.thumbnail((size, size))
-        return image
 
 
 def pick_examples(ranked: pd.DataFrame, per_group: int = 2) -> list[tuple[str, pd.Series]]:

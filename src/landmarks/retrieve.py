@@ -37,9 +37,11 @@ predictions.parquet (id, landmark_id, score, top_cosine, bank_cosine), the Kaggl
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -203,7 +205,18 @@ def recall_against_exact(approximate: np.ndarray, exact: np.ndarray) -> dict:
     }
 
 
-def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
+class Predictions(NamedTuple):
+    """One row per query: the predicted label (-1: none), its confidence, the best cosine of that label
+    among the neighbours, and the best cosine of any other label (the runner-up; when all k neighbours
+    share the label, the k-th cosine, which bounds every other label's)."""
+
+    label: np.ndarray
+    confidence: np.ndarray
+    top_cosine: np.ndarray
+    other_cosine: np.ndarray
+
+
+def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap, weights, forced=None):
     """`predict` on a block of queries. Labels are compared pairwise among each query's k neighbours
     (a (queries, k, k) mask): cheap for the k of retrieval, and no Python loop per query."""
     n, k = cosines.shape
@@ -230,27 +243,39 @@ def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap
         # Every neighbour of a label carries its label's total; argmax takes the first maximum, i.e. on a
         # tie the label whose nearest neighbour ranks higher.
         column = np.argmax(totals, axis=1)
+    if forced is not None:  # a label decided elsewhere (verification): its first neighbour's column
+        given = forced >= 0
+        column = np.where(given, np.argmax(valid & (neighbour_labels == forced[:, None]), axis=1), column)
     has_label = valid[rows, column]
     label = np.where(has_label, neighbour_labels[rows, column], -1)
-    base = np.where(valid & (neighbour_labels == label[:, None]), cos64, -np.inf).max(axis=1)
+    of_label = valid & (neighbour_labels == label[:, None])
+    base = np.where(of_label, cos64, -np.inf).max(axis=1)
+    other = np.where(valid & ~of_label, cos64, -np.inf).max(axis=1)
+    lowest = np.where(valid, cos64, np.inf).min(axis=1)
+    other = np.where(np.isfinite(other), other, np.where(np.isfinite(lowest), lowest, -np.inf))
     if rule == "glr2020":
         confidence = totals[rows, column] - query_bank
-    elif query_bank is not None:
-        confidence = base - query_bank
     else:
-        confidence = base.copy()
+        confidence = base - weights["margin"] * np.where(np.isfinite(other), other, 0.0)
+        if query_bank is not None:
+            confidence = confidence - weights["bank"] * query_bank
     confidence[~has_label] = -np.inf
-    return label, confidence, base.astype(np.float32)
+    return label, confidence, base.astype(np.float32), other.astype(np.float32)
 
 
 def predict(cosines: np.ndarray, positions: np.ndarray, db_labels: np.ndarray, *, prediction: str = "top1",
             rerank: str = "seed004", query_bank: np.ndarray | None = None, db_bank: np.ndarray | None = None,
-            neighbours_per_label: int = 3):
-    """(label, confidence, base cosine) per query, vectorised; label -1 when no neighbour has a label.
+            neighbours_per_label: int = 3, margin_weight: float = 0.0, bank_weight: float = 1.0,
+            labels: np.ndarray | None = None) -> Predictions:
+    """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
+    a label.
 
     cosines, positions: (queries, k) from `search`, best first (position -1 = no neighbour);
     db_labels: landmark id of each database row, -1 for none. query_bank: the query's mean cosine to
     the bank (seed004: top-`bank_k`; glr2020: C_i); db_bank: B_j per database row (glr2020).
+    margin_weight, bank_weight: the confidence of the top1/vote rules subtracts these times the
+    runner-up cosine and the bank similarity. labels: a label per query (-1: the rule's own) whose
+    confidence to compute instead, e.g. after verification; it must be among the query's neighbours.
     The rules and tie-breaking are in the module docstring.
     """
     if prediction not in PREDICTION_RULES:
@@ -270,19 +295,21 @@ def predict(cosines: np.ndarray, positions: np.ndarray, db_labels: np.ndarray, *
     rule = "glr2020" if rerank == "glr2020" else prediction
     bank = np.asarray(query_bank, dtype=np.float64) if rerank != "none" else None
     db_bank = np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None
+    weights = {"margin": margin_weight, "bank": bank_weight}
     n = len(cosines)
-    labels = np.full(n, -1, np.int64)
-    confidence = np.full(n, -np.inf, np.float64)
-    base = np.full(n, -np.inf, np.float32)
+    out = Predictions(np.full(n, -1, np.int64), np.full(n, -np.inf, np.float64), np.full(n, -np.inf, np.float32),
+                      np.full(n, -np.inf, np.float32))
     if cosines.shape[1] == 0:
-        return labels, confidence, base
+        return out
     chunk = max(1, PREDICT_CELLS // cosines.shape[1] ** 2)
     for start in range(0, n, chunk):
         part = slice(start, min(start + chunk, n))
-        labels[part], confidence[part], base[part] = _predict_chunk(
-            cosines[part], positions[part], db_labels, rule, None if bank is None else bank[part], db_bank,
-            neighbours_per_label)
-    return labels, confidence, base
+        results = _predict_chunk(cosines[part], positions[part], db_labels, rule,
+                                 None if bank is None else bank[part], db_bank, neighbours_per_label, weights,
+                                 None if labels is None else np.asarray(labels)[part])
+        for column, values in zip(out, results):
+            column[part] = values
+    return out
 
 
 def _check_unique_ids(ids: pd.DataFrame, path) -> None:
@@ -297,24 +324,9 @@ def _positions_of(ids_wanted: pd.Series, ids_table: pd.DataFrame) -> np.ndarray:
     return pd.Index(ids_table["id"]).get_indexer(ids_wanted).astype(np.int64)
 
 
-def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, k: int = 10, prediction: str = "top1",
-             rerank: str = "seed004", bank_k: int = 5, neighbours_per_label: int = 3, query_bank_k: int = 10,
-             index_type: str = "flat", ivf_lists: int = 1024, pq_m: int = 64, nprobe: int = 32,
-             use_gpu: bool | None = None, exclude_self: bool = True, recall_sample: int = 1000,
-             seed: int = 0) -> pd.DataFrame:
-    """Search, predict and write the stage's four files into `out_dir`; returns the predictions table.
-
-    Refuses (StageError) queries that are also in the bank, duplicate ids, embeddings of different
-    dimensions, and a reranking without a bank.
-    """
-    if rerank not in RERANK_METHODS:
-        raise StageError(f"unknown rerank method {rerank!r} (choose from {', '.join(RERANK_METHODS)})")
-    if prediction not in PREDICTION_RULES:
-        raise StageError(f"unknown prediction rule {prediction!r} (choose from {', '.join(PREDICTION_RULES)})")
-    for name, value in (("k", k), ("bank_k", bank_k), ("neighbours_per_label", neighbours_per_label),
-                        ("query_bank_k", query_bank_k)):
-        if value < 1:
-            raise StageError(f"retrieve.{name} must be at least 1, got {value}")
+def load_inputs(database_path, queries_path, bank_path, rerank: str):
+    """(database, its ids, queries, their ids, bank, its ids), checked: same dimensions, unique ids, a bank
+    when the reranking needs one, no query in the bank. Database and queries stay memory-mapped."""
     database, db_ids = load_embeddings(database_path, mmap=True)
     queries, query_ids = load_embeddings(queries_path, mmap=True)
     if bank_path:
@@ -335,48 +347,159 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, k: int = 
         raise StageError(f"{queries_path}: {int(leaked.sum())} queries are also in the non-landmark bank "
                          f"{bank_path} (e.g. {query_ids['id'][leaked].iloc[0]!r}): the bank must not contain "
                          f"test images, it would give their answer away")
+    return database, db_ids, queries, query_ids, bank, bank_ids
 
+
+def find_neighbours(database, queries, self_rows, s: dict, use_gpu, seconds: dict):
+    """(cosines, positions, index description, recall of an approximate index or None)."""
+    options = dict(use_gpu=use_gpu, index_type=s["index"], ivf_lists=s["ivf_lists"], pq_m=s["pq_m"],
+                   nprobe=s["nprobe"])
+    started = time.perf_counter()
+    index, about = build_index(database, seed=s["seed"], **options)
+    seconds["index"] = time.perf_counter() - started
+    started = time.perf_counter()
+    exclude = self_rows if s["exclude_self"] else None
+    cosines, positions = search(index, queries, s["k"], exclude=exclude)
+    seconds["search"] = time.perf_counter() - started
+    del index
+    log.info("searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
+             len(queries), len(database), about["type"], about["device"], seconds["search"], seconds["index"])
+    recall = None
+    if s["index"] != "flat" and s["recall_sample"] and len(queries) and len(database):
+        rng = np.random.default_rng(s["seed"])
+        sample = np.sort(rng.choice(len(queries), min(s["recall_sample"], len(queries)), replace=False))
+        _, exact_positions = knn(database, queries[sample], s["k"], use_gpu=use_gpu,
+                                 exclude=None if exclude is None else exclude[sample])
+        recall = recall_against_exact(positions[sample], exact_positions)
+        log.info("%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
+                 "%.4f, recall@%d %.4f", s["index"], recall["queries"], recall["recall_at_1"] or float("nan"),
+                 s["k"], recall["top1_in_top_k"] or float("nan"), s["k"], recall["recall_at_k"])
+    return cosines, positions, about, recall
+
+
+def bank_terms(queries, database, db_ids, bank, bank_ids, s: dict, use_gpu):
+    """(each query's mean cosine to its nearest bank photos, B_j of every database image or None)."""
+    options = dict(use_gpu=use_gpu, index_type="flat")  # the bank is small: exact search
+    rerank = s["rerank"]
+    query_bank = bank_similarity(queries, bank, s["glr2020_query_bank_k"] if rerank == "glr2020" else s["bank_k"],
+                                 **options)
+    if rerank != "glr2020":
+        return query_bank, None
+    db_in_bank = _positions_of(db_ids["id"], bank_ids)
+    if (db_in_bank >= 0).any():
+        log.warning("%d database images are also in the non-landmark bank: each is left out of its own B_j",
+                    int((db_in_bank >= 0).sum()))
+    return query_bank, bank_similarity(database, bank, s["bank_k"], exclude=db_in_bank, **options)
+
+
+def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.ndarray, v: dict):
+    """(label per query from geometric verification, -1 where none; each neighbour's label; verified mask).
+
+    `inliers`: (queries, m) counts for the first m neighbours. A neighbour with at least `min_inliers`
+    shows the same physical place; with `relabel`, a query takes the label of its verified neighbour
+    with the most inliers (ties: the higher rank)."""
+    m = inliers.shape[1]
+    found = positions[:, :m] >= 0
+    labels = np.where(found, db_labels[np.where(found, positions[:, :m], 0)], -1)
+    is_verified = (inliers >= v["min_inliers"]) & (labels >= 0)
+    forced = np.full(len(labels), -1, np.int64)
+    if v["relabel"]:
+        best = np.argmax(np.where(is_verified, inliers, -1), axis=1)
+        has = is_verified.any(axis=1)
+        forced[has] = labels[has, best[has]]
+    return forced, labels, is_verified
+
+
+def verified(result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray,
+             weight: float) -> tuple[Predictions, np.ndarray]:
+    """A prediction whose label has a verified neighbour gains `weight` in confidence, which puts the
+    verified answers above the unverified ones. Returns them and each query's best inlier count for its
+    label (`labels`, `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
+    of_label = labels == result.label[:, None]
+    label_inliers = np.where(of_label, inliers, 0).max(axis=1)
+    confidence = result.confidence + weight * (of_label & is_verified).any(axis=1)
+    return result._replace(confidence=confidence), label_inliers
+
+
+def verify_neighbours_of(query_ids, db_ids, positions, shard_dirs, v: dict, threads: int) -> np.ndarray:
+    """SIFT + RANSAC inlier counts between each query and its first `v['neighbours']` neighbours."""
+    from .loader import ShardImages
+    from .verify import VerifySettings, verify_neighbours
+    images = ShardImages(shard_dirs)
+    m = min(v["neighbours"], positions.shape[1])
+    db = db_ids["id"].to_numpy(dtype=object)
+    neighbour_ids = np.where(positions[:, :m] >= 0, db[np.where(positions[:, :m] >= 0, positions[:, :m], 0)], None)
+    missing = [i for i in list(query_ids) + [x for x in neighbour_ids.ravel() if x is not None] if i not in images]
+    if missing:
+        raise StageError(f"retrieve.verify: {len(missing)} images are in none of the shards given "
+                         f"({', '.join(map(str, shard_dirs))}), e.g. {missing[0]!r}")
+    settings = VerifySettings(**{key: v[key] for key in ("max_side", "max_features", "ratio", "model",
+                                                          "min_inliers")})
+    return verify_neighbours(list(query_ids), neighbour_ids, images.image, settings, threads=threads)
+
+
+def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=None) -> pd.DataFrame:
+    n, k = positions.shape
+    flat_positions = positions.reshape(-1)
+    keep = flat_positions >= 0
+    neighbour_rows = flat_positions[keep]
+    neighbour_labels = db_labels[neighbour_rows]
+    table = pd.DataFrame({
+        "query_id": np.repeat(query_ids["id"].to_numpy(dtype=object), k)[keep],
+        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n)[keep],
+        "neighbour_id": db_ids["id"].to_numpy(dtype=object)[neighbour_rows],
+        "neighbour_landmark_id": pd.array(np.where(neighbour_labels >= 0, neighbour_labels, 0), dtype="Int64"),
+        "cosine": cosines.reshape(-1)[keep],
+    })
+    table.loc[neighbour_labels < 0, "neighbour_landmark_id"] = pd.NA
+    if inliers is not None:  # verified neighbours only; NA for the others
+        padded = np.full((n, k), -1, np.int64)
+        padded[:, :inliers.shape[1]] = inliers
+        table["inliers"] = pd.array(padded.reshape(-1)[keep], dtype="Int64")
+        table.loc[table["inliers"] < 0, "inliers"] = pd.NA
+    return table
+
+
+def predictions_table(query_ids, result: Predictions, query_bank, label_inliers=None) -> pd.DataFrame:
+    has_label = result.label >= 0
+    table = pd.DataFrame({
+        "id": query_ids["id"].to_numpy(dtype=object),
+        "landmark_id": pd.array(np.where(has_label, result.label, 0), dtype="Int64"),
+        "score": np.where(has_label, result.confidence, np.nan),
+        "top_cosine": np.where(has_label, result.top_cosine, np.nan).astype(np.float32),
+        "other_cosine": np.where(has_label, result.other_cosine, np.nan).astype(np.float32),
+        "bank_cosine": query_bank,
+    })
+    if label_inliers is not None:
+        table["inliers"] = np.where(has_label, label_inliers, 0).astype(np.int32)
+    table.loc[~has_label, "landmark_id"] = pd.NA
+    return table
+
+
+def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: bool | None = None,
+             shard_dirs=(), threads: int = 1, **settings) -> pd.DataFrame:
+    """Search, predict (and verify) and write the stage's four files into `out_dir`; returns the
+    predictions table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled);
+    `shard_dirs`: shards holding the query and database images, for `verify`.
+
+    Refuses (StageError) queries that are also in the bank, duplicate ids, embeddings of different
+    dimensions, and a reranking without a bank.
+    """
+    from .config import section_settings
+    s = section_settings("retrieve", settings, "retrieve settings")
+    out_dir = Path(out_dir)
+    database, db_ids, queries, query_ids, bank, bank_ids = load_inputs(database_path, queries_path, bank_path,
+                                                                       s["rerank"])
     self_rows = _positions_of(query_ids["id"], db_ids)
     in_database = int((self_rows >= 0).sum())
     if in_database:
         log.warning("%d of %d queries are also in the database (same id): %s", in_database, len(queries),
-                    "each is left out of its own neighbours" if exclude_self
-                    else "kept (--no-exclude-self): they will find themselves first")
-    options = dict(use_gpu=use_gpu, index_type=index_type, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe)
+                    "each is left out of its own neighbours" if s["exclude_self"]
+                    else "kept (exclude_self false): they will find themselves first")
     seconds = {}
+    cosines, positions, about, recall = find_neighbours(database, queries, self_rows, s, use_gpu, seconds)
     started = time.perf_counter()
-    index, about = build_index(database, seed=seed, **options)
-    seconds["index"] = time.perf_counter() - started
-    started = time.perf_counter()
-    exclude = self_rows if exclude_self else None
-    cosines, positions = search(index, queries, k, exclude=exclude)
-    seconds["search"] = time.perf_counter() - started
-    log.info("searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
-             len(queries), len(database), about["type"], about["device"], seconds["search"], seconds["index"])
-
-    recall = None
-    if index_type != "flat" and recall_sample and len(queries) and len(database):
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(len(queries), min(recall_sample, len(queries)), replace=False))
-        exact_cosines, exact_positions = knn(database, queries[sample], k, use_gpu=use_gpu,
-                                             exclude=None if exclude is None else exclude[sample])
-        recall = recall_against_exact(positions[sample], exact_positions)
-        log.info("%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
-                 "%.4f, recall@%d %.4f", index_type, recall["queries"], recall["recall_at_1"] or float("nan"), k,
-                 recall["top1_in_top_k"] or float("nan"), k, recall["recall_at_k"])
-    del index
-
-    started = time.perf_counter()
-    bank_options = dict(use_gpu=use_gpu, index_type="flat")  # the bank is small: exact search
-    query_bank_k_used = query_bank_k if rerank == "glr2020" else bank_k
-    query_bank = bank_similarity(queries, bank, query_bank_k_used, **bank_options)
-    db_bank = None
-    if rerank == "glr2020":
-        db_in_bank = _positions_of(db_ids["id"], bank_ids)
-        if (db_in_bank >= 0).any():
-            log.warning("%d database images are also in the non-landmark bank: each is left out of its own B_j",
-                        int((db_in_bank >= 0).sum()))
-        db_bank = bank_similarity(database, bank, bank_k, exclude=db_in_bank, **bank_options)
+    query_bank, db_bank = bank_terms(queries, database, db_ids, bank, bank_ids, s, use_gpu)
     seconds["bank"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -385,50 +508,47 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, k: int = 
     if unlabelled:
         log.warning("%d database images have no landmark id: they are listed as neighbours but give no label",
                     unlabelled)
-    labels, confidence, base = predict(cosines, positions, db_labels, prediction=prediction, rerank=rerank,
-                                       query_bank=query_bank, db_bank=db_bank,
-                                       neighbours_per_label=neighbours_per_label)
+    inliers = label_inliers = forced = None
+    if s["verify"]["neighbours"]:
+        started = time.perf_counter()
+        inliers = verify_neighbours_of(query_ids["id"], db_ids, positions, shard_dirs, s["verify"], threads)
+        forced, neighbour_labels, is_verified = verified_labels(positions, db_labels, inliers, s["verify"])
+        seconds["verify"] = time.perf_counter() - started
+    started = time.perf_counter()
+    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db_bank,
+                   neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
+                   bank_weight=s["bank_weight"])
+    result = predict(cosines, positions, db_labels, **options)
+    if inliers is not None:
+        relabelled = (forced >= 0) & (forced != result.label)
+        log.info("geometric verification: %d of %d queries have a verified neighbour; %d change their label",
+                 int(is_verified.any(axis=1).sum()), len(queries), int(relabelled.sum()))
+        if relabelled.any():
+            result = predict(cosines, positions, db_labels, labels=forced, **options)
+        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"]["weight"])
     seconds["predict"] = time.perf_counter() - started
 
-    flat_positions = positions.reshape(-1)
-    keep = flat_positions >= 0
-    neighbour_rows = flat_positions[keep]
-    neighbour_labels = db_labels[neighbour_rows]
-    neighbours = pd.DataFrame({
-        "query_id": np.repeat(query_ids["id"].to_numpy(dtype=object), k)[keep],
-        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(queries))[keep],
-        "neighbour_id": db_ids["id"].to_numpy(dtype=object)[neighbour_rows],
-        "neighbour_landmark_id": pd.array(np.where(neighbour_labels >= 0, neighbour_labels, 0), dtype="Int64"),
-        "cosine": cosines.reshape(-1)[keep],
-    })
-    neighbours.loc[neighbour_labels < 0, "neighbour_landmark_id"] = pd.NA
-    has_label = labels >= 0
-    predictions = pd.DataFrame({
-        "id": query_ids["id"].to_numpy(dtype=object),
-        "landmark_id": pd.array(np.where(has_label, labels, 0), dtype="Int64"),
-        "score": np.where(has_label, confidence, np.nan),
-        "top_cosine": np.where(has_label, base, np.nan).astype(np.float32),
-        "bank_cosine": query_bank,
-    })
-    predictions.loc[~has_label, "landmark_id"] = pd.NA
+    predictions = predictions_table(query_ids, result, query_bank, label_inliers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(neighbours, out_dir / "neighbours.parquet")
+    write_table(neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers),
+                out_dir / "neighbours.parquet")
     write_table(predictions, out_dir / "predictions.parquet")
     from .metrics import write_submission_csv
     write_submission_csv(predictions, out_dir / "submission.csv")  # every query; empty = no prediction
+    has_label = result.label >= 0
     summary = {
         "database": {"path": str(database_path), "images": len(database), "unlabelled": unlabelled},
         "queries": {"path": str(queries_path), "images": len(queries), "in_database": in_database,
                     "without_prediction": int((~has_label).sum())},
         "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
-        "dim": int(queries.shape[1]), "k": k, "prediction": "glr2020" if rerank == "glr2020" else prediction,
-        "rerank": rerank, "bank_k": bank_k, "glr2020_neighbours_per_label": neighbours_per_label,
-        "glr2020_query_bank_k": query_bank_k, "exclude_self": exclude_self, "index": about,
-        "recall": recall, "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "dim": int(queries.shape[1]), "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
+        "settings": s, "index": about, "recall": recall,
+        "verified": None if inliers is None else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
     write_json_atomic(out_dir / "retrieve.json", summary)
-    log.info("%d of %d queries got a prediction (rerank %s); timings %s", int(has_label.sum()), len(queries),
-             rerank, summary["seconds"])
+    log.info("%d of %d queries got a prediction (rerank %s%s); timings %s", int(has_label.sum()), len(queries),
+             s["rerank"], "" if inliers is None else f", {summary['verified']} verified", summary["seconds"])
     return predictions
 
 
@@ -439,35 +559,27 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", required=True, help="embeddings of the queries (test split) .npy")
     parser.add_argument("--bank", default=None, help="embeddings of the non-landmark bank .npy")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--k", type=int, default=10, help="neighbours per query")
-    parser.add_argument("--prediction", choices=PREDICTION_RULES, default="top1")
-    parser.add_argument("--rerank", choices=RERANK_METHODS, default="seed004")
-    parser.add_argument("--bank-k", type=int, default=5, help="bank neighbours averaged (seed004, and B_j of glr2020)")
-    parser.add_argument("--neighbours-per-label", type=int, default=3, help="glr2020: neighbours summed per label")
-    parser.add_argument("--query-bank-k", type=int, default=10, help="glr2020: bank neighbours in C_i")
-    parser.add_argument("--index", choices=["flat", "ivfpq"], default="flat")
-    parser.add_argument("--ivf-lists", type=int, default=1024)
-    parser.add_argument("--pq-m", type=int, default=64)
-    parser.add_argument("--nprobe", type=int, default=32)
-    parser.add_argument("--recall-sample", type=int, default=1000,
-                        help="ivfpq: queries searched exactly too, to measure recall (0: skip)")
-    parser.add_argument("--exclude-self", action=argparse.BooleanOptionalAction, default=True,
-                        help="leave a database image with the query's own id out of its neighbours")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the IVF training and recall samples")
+    parser.add_argument("--settings", default="{}",
+                        help="JSON object of retrieve settings (config.yaml's retrieve section); defaults fill the rest")
+    parser.add_argument("--shards", nargs="*", default=[],
+                        help="shard folders of the query and database images (for verify)")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="faiss CPU threads (OpenMP)")
+    parser.add_argument("--threads", type=int, default=None, help="faiss CPU threads (OpenMP) and verify threads")
     args = parser.parse_args(argv)
     setup_logging()
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as err:
+        raise StageError(f"--settings is not valid JSON: {err}") from err
+    if not isinstance(settings, dict):
+        raise StageError("--settings must be a JSON object of retrieve settings")
     use_gpu = {"auto": None, "cpu": False, "gpu": True}[args.device]
     if use_gpu and gpu_count() == 0:
         raise StageError("--device gpu: faiss sees no GPU (faiss-cpu installed, or no CUDA device)")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    retrieve(args.database, args.queries, args.bank, Path(args.out_dir), k=args.k, prediction=args.prediction,
-             rerank=args.rerank, bank_k=args.bank_k, neighbours_per_label=args.neighbours_per_label,
-             query_bank_k=args.query_bank_k, index_type=args.index, ivf_lists=args.ivf_lists, pq_m=args.pq_m,
-             nprobe=args.nprobe, use_gpu=use_gpu, exclude_self=args.exclude_self,
-             recall_sample=args.recall_sample, seed=args.seed)
+    retrieve(args.database, args.queries, args.bank, Path(args.out_dir), use_gpu=use_gpu, shard_dirs=args.shards,
+             threads=args.threads or 1, **settings)
     return 0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_text_atomic
+from .loader import ShardImages
 
 log = logging.getLogger("landmarks.score")
 
@@ -53,6 +54,29 @@ def ranked_predictions(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     ranked["rank"] = np.arange(1, len(ranked) + 1)
     ranked["precision_at_rank"] = ranked["correct"].cumsum() / ranked["rank"]
     return ranked
+
+
+# Other confidences for the same predicted labels (columns of predictions.parquet), to show what the
+# retrieve stage's confidence buys: name -> function of (predictions table, verified(table) -> mask).
+CONFIDENCES = {
+    "top-1 cosine": lambda p, _: p["top_cosine"],
+    "top-1 cosine − runner-up landmark's cosine": lambda p, _: p["top_cosine"] - p["other_cosine"],
+    "top-1 cosine − mean top cosine to the non-landmark bank": lambda p, _: p["top_cosine"] - p["bank_cosine"],
+    "geometrically verified first, then top-1 cosine": lambda p, verified: p["top_cosine"] + 2 * verified(p),
+}
+
+
+def gap_by_confidence(predictions: pd.DataFrame, truth: pd.DataFrame, min_inliers: int = 10) -> dict[str, float]:
+    """GAP of the same labels ranked by each confidence whose columns the predictions have."""
+    from . import metrics as gap_metrics
+    result = {"the retrieve stage's confidence (score)": gap_metrics.score_predictions(predictions, truth).gap}
+    for name, confidence in CONFIDENCES.items():
+        try:
+            score = confidence(predictions, lambda p: p["inliers"] >= min_inliers)
+        except KeyError:
+            continue
+        result[name] = gap_metrics.score_predictions(predictions.assign(score=score.fillna(-np.inf)), truth).gap
+    return result
 
 
 def fmt(value) -> str:
@@ -96,6 +120,7 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
     summary = {"experiment": experiment, "gap": result.gap, "gap_landmarks_only": result.gap_landmarks_only,
                "accuracy": result.accuracy, "gap_without_rerank": unreranked.gap,
                "gap_landmarks_only_without_rerank": unreranked.gap_landmarks_only,
+               "gap_by_confidence": gap_by_confidence(predictions, truth),
                "queries": result.n_queries, "landmark_queries": result.n_landmark_queries,
                "predictions": result.n_predictions, "correct": result.n_correct,
                "ground_truth": str(solution_path or selection_path)}
@@ -112,19 +137,24 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
         retrieved = json.loads(Path(retrieve_summary_path).read_text())
         index = retrieved.get("index") or {}
         recall = retrieved.get("recall") or {}
-        summary.update({"prediction": retrieved.get("prediction"), "rerank": retrieved.get("rerank"),
-                        "k": retrieved.get("k"), "index": index.get("type"), "search_device": index.get("device"),
+        settings = retrieved.get("settings") or retrieved  # older retrieve.json: the settings at the top level
+        verify = settings.get("verify") or {}
+        summary.update({"prediction": retrieved.get("prediction"), "rerank": settings.get("rerank"),
+                        "k": settings.get("k"), "index": index.get("type"), "search_device": index.get("device"),
+                        "verified_neighbours": verify.get("neighbours"), "verified": retrieved.get("verified"),
                         "ann_recall_at_k": recall.get("recall_at_k"),
                         "ann_top1_in_top_k": recall.get("top1_in_top_k"),
                         "database_images": (retrieved.get("database") or {}).get("images"),
                         "bank_images": (retrieved.get("bank") or {}).get("images")})
+        if verify.get("min_inliers"):
+            summary["gap_by_confidence"] = gap_by_confidence(predictions, truth, verify["min_inliers"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = ranked_predictions(predictions, truth)
     ranked_raw = ranked_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
     neighbours = read_table(neighbours_path) if neighbours_path else None
     per_class = report.per_class_accuracy(predictions, truth)
-    report.plot_examples(ranked, neighbours, report.ShardImages(shard_dirs), out_dir / "examples.png")
+    report.plot_examples(ranked, neighbours, ShardImages(shard_dirs), out_dir / "examples.png")
     report.plot_precision_vs_rank(ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap,
                                   gap_raw=unreranked.gap)
     report.plot_score_distributions(ranked, out_dir / "score_distributions.png")
@@ -152,11 +182,18 @@ def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame |
             lines.append(f"| {label} | {fmt(summary[key])} |")
     lines += [f"| test queries (landmark / all) | {summary['landmark_queries']} / {summary['queries']} |",
               f"| predictions ranked (correct) | {summary['predictions']} ({summary['correct']}) |"]
+    if summary.get("gap_by_confidence"):
+        lines += ["", "The same predicted landmarks ranked by other confidences (GAP):", "",
+                  "| confidence | GAP |", "|---|---|"]
+        lines += [f"| {name} | {fmt(value)} |" for name, value in summary["gap_by_confidence"].items()]
     if summary.get("rerank"):
         lines += ["", f"Retrieval: {summary.get('index')} index on {summary.get('search_device')}, "
                       f"k = {summary.get('k')}, prediction `{summary.get('prediction')}`, "
                       f"reranking `{summary.get('rerank')}`; {summary.get('database_images')} database images, "
                       f"{summary.get('bank_images')} in the non-landmark bank."]
+        if summary.get("verified_neighbours"):
+            lines.append(f"Geometric verification of the first {summary['verified_neighbours']} neighbours: "
+                         f"{summary.get('verified')} predictions verified (SIFT + RANSAC).")
         if summary.get("ann_recall_at_k") is not None:
             lines.append(f"Approximate search against exact search on a sample of queries: recall@k "
                          f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "

@@ -33,6 +33,11 @@ PARTS = [f"{p:03d}" for p in range(config["split"]["partitions"])]
 SPLITS = ["train", "val", "test", "nonlandmark"]
 SHARD_PARTS = [f"{k:02d}" for k in range(config["shard"]["parts"])]
 EXPERIMENTS = list(config["experiments"])
+SHARD_SIZE = lmconfig.shard_size(config)
+for _name, _size in lmconfig.image_sizes_needed(config).items():
+    if _size > SHARD_SIZE and config["shard"]["resize_mode"] in ("shorter_side", "center_crop"):
+        print(f"Warning: experiment {_name} reads images at {_size} px but shard.size is {SHARD_SIZE}: they will "
+              f"be enlarged from the shards (set shard.size to {_size} or null)", file=sys.stderr)
 # Rules run the package from this checkout, whatever Python environment (venv or conda) runs them.
 shell.prefix(f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")  # braces doubled: Snakemake formats it too
 

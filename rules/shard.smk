@@ -7,7 +7,7 @@ rule shard:
         directory(f"{R}/shards/{{split}}/part-{{shardpart}}"),
     params:
         images=IMAGES,
-        s=dict(sorted(config["shard"].items())),  # sorted: reordering keys in config.yaml reruns nothing
+        s=dict(sorted({**config["shard"], "size": SHARD_SIZE}.items())),  # sorted: key order never reruns
         parts=len(SHARD_PARTS),
         upscale="--upscale" if config["shard"]["upscale"] else "",
     log:

@@ -130,3 +130,14 @@ def test_snakemake_refuses_a_bad_config_naming_the_key(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "key 'train.epochs': 'many' is not of type 'integer'" in result.stdout + result.stderr
+
+
+def test_shard_size_null_fits_every_experiment():
+    from landmarks.config import image_sizes_needed, shard_size
+    config = validate_config({"train": {"image_size": 224}, "experiments": {
+        "a": {}, "b": {"embed": {"image_size": 320, "scales": [1.0, 1.25]}}, "c": {"train": {"image_size": 256}}}})
+    assert config["shard"]["size"] is None
+    assert image_sizes_needed(config) == {"a": 224, "b": 400, "c": 256}
+    assert shard_size(config) == 400  # no experiment reads an image enlarged from a smaller shard
+    config["shard"]["size"] = 160
+    assert shard_size(config) == 160

@@ -149,6 +149,23 @@ def experiment_settings(config: dict, name: str, source: str = "config") -> dict
     return settings
 
 
+def image_sizes_needed(config: dict) -> dict[str, int]:
+    """The largest image side each experiment trains or embeds at (embed.image_size x its largest TTA
+    scale; embed.image_size null = the training size)."""
+    needed = {}
+    for name in config["experiments"]:
+        settings = experiment_settings(config, name)
+        embed_size = settings["embed"]["image_size"] or settings["train"]["image_size"]
+        needed[name] = max(settings["train"]["image_size"], round(embed_size * max(settings["embed"]["scales"])))
+    return needed
+
+
+def shard_size(config: dict) -> int:
+    """shard.size, or when it is null the largest size any experiment trains or embeds at: shards are
+    resized once, and an image stored smaller than the model reads it would be blown up again."""
+    return config["shard"]["size"] or max(image_sizes_needed(config).values())
+
+
 def demo_mode(config: dict) -> bool:
     """No URL list configured: run the built-in offline demo."""
     return not config["input"]["urls_csv"]

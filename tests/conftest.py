@@ -7,20 +7,22 @@ import torch
 
 
 def tiny_workflow_config(port: int) -> dict:
-    """A tiny demo config for running the whole DAG in a test: a few landmarks and views, 2 download
-    partitions, short timeouts, one experiment, one epoch at 64 px."""
+    """A small demo config for running the whole DAG in a test: 20 landmarks x 8 views, 2 download
+    partitions, short timeouts, 3 epochs at 96 px, and two experiments: the fine-tuned model and its
+    untrained backbone (the baseline it must beat)."""
     return {
-        "demo": {"landmarks": 5, "views_per_landmark": 7, "nonlandmarks": 16, "broken_fraction": 0.1,
+        "demo": {"landmarks": 20, "views_per_landmark": 8, "nonlandmarks": 20, "broken_fraction": 0.1,
                  "port": port},
         "split": {"partitions": 2},
         "download": {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "retries": 1,
                      "backoff_s": 0.1, "concurrency": 8},
-        "select": {"min_images_per_class": 3, "val_fraction": 0.15, "test_fraction": 0.2},
-        "shard": {"size": 72, "images_per_shard": 16, "threads": 1},
-        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "workers": 0, "embedding_dim": 64},
+        "select": {"min_images_per_class": 3, "val_fraction": 0.1, "test_fraction": 0.3},
+        "shard": {"size": 112, "images_per_shard": 16, "threads": 1},
+        "train": {"image_size": 96, "epochs": 3, "batch_size": 16, "lr": 0.0005, "workers": 0},
         "embed": {"batch_size": 32, "workers": 0},
         "retrieve": {"k": 5},
-        "experiments": {"tiny": {"description": "tiny test experiment"}},
+        "experiments": {"tiny": {"description": "tiny test experiment"},
+                        "baseline": {"description": "the untrained backbone", "train": {"epochs": 0}}},
     }
 
 

@@ -136,7 +136,7 @@ def test_loader_reads_every_image_once_across_workers(shards):
 @pytest.fixture(scope="module")
 def trained(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
-    settings = {"epochs": 2, "image_size": 64, "batch_size": 8, "workers": 0, "embedding_dim": 64}
+    settings = {"epochs": 2, "image_size": 64, "batch_size": 8, "workers": 0, "neck": "linear", "embedding_dim": 64}
     assert train.main(["--train-shards", str(shards / "train" / "part-00"), "--val-shards",
                        str(shards / "val" / "part-00"), "--out-dir", str(out), "--settings", json.dumps(settings),
                        "--threads", "2"]) == 0
@@ -165,7 +165,8 @@ def test_embed_retrieve_score_summary_chain(shards, trained, tiny_set, tmp_path)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)  # float16 storage
     assert retrieve.main(["--database", str(tmp_path / "train.npy"), "--queries", str(tmp_path / "test.npy"),
                           "--bank", str(tmp_path / "nonlandmark.npy"), "--out-dir", str(tmp_path / "retrieve"),
-                          "--settings", '{"k": 5, "bank_k": 3}']) == 0
+                          "--settings", '{"k": 5, "bank_k": 3}',
+                          "--shards", str(shards / "test" / "part-00"), str(shards / "train" / "part-00")]) == 0
     submission = pd.read_csv(tmp_path / "retrieve" / "submission.csv", dtype=str, keep_default_na=False)
     assert sorted(submission["id"]) == sorted(ids["id"])
     assert submission["landmarks"].str.fullmatch(r"\d+ -?[\d.e-]+").all()

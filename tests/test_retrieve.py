@@ -156,7 +156,8 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
     paths, truth_labels = clustered
     out = tmp_path / "out"
     assert retrieve.main(["--database", str(paths["database"]), "--queries", str(paths["queries"]), "--bank",
-                          str(paths["bank"]), "--out-dir", str(out), "--settings", '{"k": 5}', "--threads", "1"]) == 0
+                          str(paths["bank"]), "--out-dir", str(out), "--settings", '{"k": 5, "verify": {"neighbours": 0}}',
+                          "--threads", "1"]) == 0
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert predictions["landmark_id"].iloc[:8].tolist() == truth_labels.tolist()  # well separated clusters
     neighbours = pd.read_parquet(out / "neighbours.parquet")
@@ -173,7 +174,7 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
     paths, _ = clustered
     retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, k=6, rerank="glr2020",
-                      bank_k=5, glr2020_query_bank_k=10, glr2020_neighbours_per_label=3)
+                      verify={"neighbours": 0}, bank_k=5, glr2020_query_bank_k=10, glr2020_neighbours_per_label=3)
     database = np.load(paths["database"])
     queries, bank = np.load(paths["queries"]), np.load(paths["bank"])
     db_labels = pd.read_parquet(str(paths["database"]).replace(".npy", ".ids.parquet"))["landmark_id"].to_numpy()
@@ -198,12 +199,13 @@ def test_a_query_that_is_also_in_the_database_is_not_its_own_neighbour(clustered
     paths, _ = clustered
     database = paths["database"]  # the train images queried against themselves
     with caplog.at_level(logging.WARNING, logger="landmarks.retrieve"):
-        retrieve.retrieve(database, database, paths["bank"], tmp_path / "loo", k=4)
+        retrieve.retrieve(database, database, paths["bank"], tmp_path / "loo", k=4, verify={"neighbours": 0})
     assert "240 of 240 queries are also in the database" in caplog.text
     neighbours = pd.read_parquet(tmp_path / "loo" / "neighbours.parquet")
     assert (neighbours["query_id"] != neighbours["neighbour_id"]).all()
     assert (neighbours.groupby("query_id").size() == 4).all()
-    retrieve.retrieve(database, database, paths["bank"], tmp_path / "self", k=4, exclude_self=False)
+    retrieve.retrieve(database, database, paths["bank"], tmp_path / "self", k=4, exclude_self=False,
+                      verify={"neighbours": 0})
     first = pd.read_parquet(tmp_path / "self" / "neighbours.parquet").query("rank == 1")
     assert (first["query_id"] == first["neighbour_id"]).all()
 
@@ -219,7 +221,7 @@ def test_ivfpq_reports_its_recall_against_exact_search(tmp_path, capsys):
     assert retrieve.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
                           "--out-dir", str(tmp_path / "out"), "--threads", "1", "--settings",
                           json.dumps({"rerank": "none", "index": "ivfpq", "ivf_lists": 16, "pq_m": 8, "nprobe": 4,
-                                      "recall_sample": 300})]) == 0
+                                      "recall_sample": 300, "verify": {"neighbours": 0}})]) == 0
     summary = json.loads((tmp_path / "out" / "retrieve.json").read_text())
     assert summary["index"]["type"] == "ivfpq" and summary["index"]["ivf_lists"] == 16
     recall = summary["recall"]
@@ -251,6 +253,8 @@ def test_bad_inputs_are_refused_with_the_file_or_key_named(clustered, tmp_path):
         retrieve.retrieve(twice, paths["queries"], paths["bank"], tmp_path)
     with pytest.raises(StageError, match="needs a non-empty non-landmark bank"):
         retrieve.retrieve(paths["database"], paths["queries"], None, tmp_path, rerank="glr2020")
+    with pytest.raises(StageError, match=r"retrieve.verify.neighbours is 5: .* give them \(--shards\)"):
+        retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path)
 
 
 # ---- confidence terms and geometric verification ------------------------------------------------------------

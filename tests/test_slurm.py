@@ -35,8 +35,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 def tiny_config(port: int) -> dict:
     """The workflow tests' tiny demo, smaller still (each SLURM job costs a Snakemake start-up)."""
-    return deep_merge(tiny_workflow_config(port), {
+    config = tiny_workflow_config(port)
+    config["experiments"] = {}  # one experiment: each SLURM job costs a Snakemake start-up
+    return deep_merge(config, {
         "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+        "shard": {"size": 72},
+        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
         "download": {"threads": 1},
         "places365": {"workers": 0, "download_timeout_s": 2},
         "experiments": {"tiny": {"description": "tiny SLURM test experiment"}},

@@ -19,9 +19,12 @@ from landmarks import shard, train
 from landmarks.sampler import SeededDataset, TrainBatchSampler, cluster_classes
 
 REPO = Path(__file__).resolve().parents[1]
-# A tiny timm model at 32 px: these tests are about the loop, not about accuracy.
+# A tiny timm model at 32 px: these tests are about the loop, not about accuracy. A plain recipe (a
+# linear neck, one pass over the data per epoch, no WiSE-FT, BatchNorm statistics updated) so that
+# each test turns on the option it is about.
 TINY = {"backbone": "test_efficientnet", "pretrained": "none", "image_size": 32, "embedding_dim": 16,
-        "batch_size": 4, "workers": 0, "lr": 0.01, "warmup_epochs": 0.5, "arcface_s": 8.0}
+        "batch_size": 4, "workers": 0, "lr": 0.01, "warmup_epochs": 0.5, "arcface_s": 8.0, "neck": "linear",
+        "head_init": "random", "freeze_bn": False, "wise_alpha": 1.0, "min_steps_per_epoch": 1}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -91,6 +94,19 @@ def test_pk_sampler_yields_p_classes_times_k_images():
         bad = TrainBatchSampler(class_of, mode="pk", classes_per_batch=5, images_per_class=2)
         bad.set_epoch(0)
         bad.epoch_batches()
+
+
+def test_a_small_train_set_is_drawn_several_times_per_epoch():
+    # 10 images in batches of 4: two batches per pass; min_batches 5 draws three passes, each in its own order.
+    class_of = np.repeat(np.arange(5), 2)
+    sampler = TrainBatchSampler(class_of, batch_size=4, seed=1, min_batches=5)
+    sampler.set_epoch(0)
+    batches = [[p for p, _ in batch] for batch in sampler]
+    assert len(batches) == len(sampler) == 5 and all(len(batch) == 4 for batch in batches)
+    first_pass, second_pass = batches[0] + batches[1], batches[2] + batches[3]
+    assert len(set(first_pass)) == len(set(second_pass)) == 8  # no image twice within a pass
+    assert first_pass != second_pass
+    assert len(TrainBatchSampler(class_of, batch_size=4, min_batches=1)) == 2
 
 
 def test_batches_depend_on_seed_and_epoch_and_ranks_get_disjoint_images():
@@ -405,7 +421,7 @@ def test_frozen_backbone_epochs_and_frozen_batchnorm_statistics(shards, tmp_path
     train.train([shards / "train"], [shards / "val"], tmp_path / "free", settings_for({**TINY, "epochs": 1}),
                 device=torch.device("cpu"))
     after = checkpoint(tmp_path / "free" / "last.ckpt")["model"]
-    assert not all(torch.equal(after[key], start[key]) for key in bn_stats)  # the default updates them
+    assert not all(torch.equal(after[key], start[key]) for key in bn_stats)  # freeze_bn false updates them
 
 
 def test_layer_decay_gives_lower_blocks_lower_learning_rates():

@@ -1,6 +1,7 @@
 """The whole Snakemake DAG on a tiny demo: it runs end to end, a second run does nothing, and config
 edits rerun exactly the stages that depend on them."""
 
+import json
 import os
 import re
 import shutil
@@ -74,12 +75,21 @@ def test_demo_dag_runs_end_to_end(finished_run):
     assert not test_ids & set(selection.loc[selection["split"] == "nonlandmark", "id"])
     metrics = yaml.safe_load((results / "experiments" / "tiny" / "score" / "metrics.json").read_text())
     assert metrics["queries"] == len(test_ids)
-    assert 0 <= metrics["gap"] <= 1 and 0 <= metrics["accuracy"] <= 1
+    assert metrics["verified"] is not None  # geometric verification ran (on by default)
     submission = pd.read_csv(results / "experiments" / "tiny" / "retrieve" / "submission.csv", dtype=str)
     assert set(submission["id"]) == test_ids
     # Every rule wrote its log, and the demo server's log shows it served the downloads.
     assert (results / "logs" / "train" / "tiny.log").stat().st_size > 0
     assert "GET /images/" in (results / "logs" / "demo_server.log").read_text()
+
+
+@pytest.mark.slow
+def test_fine_tuning_beats_the_untrained_backbone_on_the_demo(finished_run):
+    experiments = finished_run / "results" / "experiments"
+    tuned, untrained = (json.loads((experiments / name / "score" / "metrics.json").read_text())
+                        for name in ("tiny", "baseline"))
+    assert tuned["gap"] > untrained["gap"] and tuned["accuracy"] > untrained["accuracy"], (tuned, untrained)
+    assert json.loads((experiments / "tiny" / "train" / "train.json").read_text())["selected"] != "pretrained"
 
 
 @pytest.mark.slow
@@ -95,7 +105,8 @@ def test_editing_train_reruns_only_train_and_downstream(finished_run, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run, workdir, symlinks=True)
     edit_config(workdir, "train", "lr", 0.002)
-    assert planned_jobs(workdir) == {"train": 1, "embed": 4, "retrieve": 1, "score": 1, "summary": 1}  # 4 splits
+    # Both experiments inherit the train section; 4 splits embedded each.
+    assert planned_jobs(workdir) == {"train": 2, "embed": 8, "retrieve": 2, "score": 2, "summary": 1}
 
 
 @pytest.mark.slow
@@ -105,7 +116,7 @@ def test_editing_a_selection_threshold_reruns_from_select(finished_run, tmp_path
     edit_config(workdir, "select", "min_outdoor_votes", 4)
     jobs = planned_jobs(workdir)
     assert not UPSTREAM_OF_SELECT & set(jobs), jobs
-    assert jobs["select"] == 1 and jobs["train"] == 1 and jobs["summary"] == 1
+    assert jobs["select"] == 1 and jobs["train"] == 2 and jobs["summary"] == 1
     assert jobs["shard"] == 4  # train, val, test, nonlandmark
 
 
@@ -115,7 +126,7 @@ def test_editing_retrieve_reruns_retrieve_score_summary(finished_run, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run, workdir, symlinks=True)
     edit_config(workdir, "retrieve", "rerank", "glr2020")
-    assert planned_jobs(workdir) == {"retrieve": 1, "score": 1, "summary": 1}
+    assert planned_jobs(workdir) == {"retrieve": 2, "score": 2, "summary": 1}
     results = workdir / "results"
     upstream = [results / "download" / "part-000" / "manifest.parquet", results / "select" / "selection.parquet",
                 results / "experiments" / "tiny" / "train" / "model.pt",

@@ -2,13 +2,13 @@
 
 Search: exact inner product (cosine, as embeddings are L2-normalised) with faiss `IndexFlatIP` by
 default; on the GPU when faiss sees one (several GPUs: the database is sharded over them), on the CPU
-otherwise. `--index ivfpq` (IVF + product quantisation) is for databases of tens of millions of
+otherwise. `index: ivfpq` (IVF + product quantisation) is for databases of tens of millions of
 images; it logs its recall@k against exact search on a sample of queries and writes it into
 retrieve.json. Database and queries are read from the memory-mapped .npy files in chunks (a flat
 index still holds the database in memory as float32; IVF-PQ holds only pq_m bytes per image).
 
 Which neighbours count: a database image with the query's own id is left out (a query that is also
-in the database would otherwise find itself at cosine 1; `--no-exclude-self` keeps it). Duplicate
+in the database would otherwise find itself at cosine 1; `exclude_self: false` keeps it). Duplicate
 images under different ids are not detected. Neighbours with equal cosines are ordered by database
 row, so results do not depend on faiss's internal order. Database images without a landmark id stay
 in the neighbours table but never give a label.
@@ -16,22 +16,32 @@ in the neighbours table but never give a label.
 Prediction (one label per query, from its k neighbours that have a landmark id):
   - top1: the label of the nearest neighbour;
   - vote: the label with the largest sum of cosines over its neighbours among the k.
-Confidence (`--rerank`):
+Settings (config.yaml's retrieve section) come as `--settings` JSON. Confidence (`rerank`):
   - none:    the best cosine of the predicted label (its nearest neighbour's);
   - seed004: that cosine minus the mean of the query's top-`bank_k` cosines to the non-landmark bank;
-  - glr2020: the GLR2020 winners' rule, which also picks the label (`--prediction` is not used). For
+  - glr2020: the GLR2020 winners' rule, which also picks the label (`prediction` is not used). For
              database image j, B_j = mean of its top-`bank_k` cosines to the bank; for query i,
              A_ij = clamp(cos(i, j), 0, 1) - B_j; sum A over the first `neighbours_per_label`
              neighbours of each label, keep the best label, subtract C_i = mean of the query's
              top-`query_bank_k` cosines to the bank.
 Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
+With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
+best cosine among the k; `bank_weight` scales seed004's bank term.
 
-Writes neighbours.parquet (query_id, rank, neighbour_id, neighbour_landmark_id, cosine),
-predictions.parquet (id, landmark_id, score, top_cosine, bank_cosine), the Kaggle submission
+Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
+and its first neighbours, read from the shards, counted as RANSAC inliers. A neighbour with at least
+`verify.min_inliers` shows the same physical place: with `verify.relabel` the query takes the landmark
+of its verified neighbour with the most inliers, and a prediction whose landmark has a verified
+neighbour gains `verify.weight` in confidence, so verified answers rank above unverified ones.
+
+Writes neighbours.parquet (query_id, rank, neighbour_id, neighbour_landmark_id, cosine; inliers of the
+verified ones), predictions.parquet (id, landmark_id, score, top_cosine, other_cosine, bank_cosine;
+inliers), the Kaggle submission
 (`id,landmarks` with "<landmark_id> <score>"; empty when a query has no prediction) and retrieve.json
 (sizes, index, device, timings, recall of an approximate index).
 
-    python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR
+    python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR \
+        --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00
 """
 
 from __future__ import annotations
@@ -425,6 +435,9 @@ def verify_neighbours_of(query_ids, db_ids, positions, shard_dirs, v: dict, thre
     """SIFT + RANSAC inlier counts between each query and its first `v['neighbours']` neighbours."""
     from .loader import ShardImages
     from .verify import VerifySettings, verify_neighbours
+    if not shard_dirs:
+        raise StageError(f"retrieve.verify.neighbours is {v['neighbours']}: verification reads the images from "
+                         "their shards; give them (--shards), or set retrieve.verify.neighbours: 0")
     images = ShardImages(shard_dirs)
     m = min(v["neighbours"], positions.shape[1])
     db = db_ids["id"].to_numpy(dtype=object)

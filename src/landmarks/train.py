@@ -5,8 +5,19 @@ One stage trains every model of the seed experiments and the GLR2020/2021 winner
 binary cross-entropy, ArcFace, sub-center ArcFace with dynamic margins, or batch-hard triplet loss
 over random, P x K or "subspace" batches (landmarks.sampler).
 
-Each epoch ends with an evaluation on `val`: val images are embedded, matched against the train
-images (top-1 neighbour) and scored with GAP; the best epoch's weights become `model.pt`.
+Model selection: the untrained model is evaluated as "epoch 0", and each epoch ends with the same
+evaluation on `val` (val images plus a sample of the non-landmark bank as non-landmark queries,
+embedded, matched against the train images by top-1 neighbour, scored with GAP). The best epoch's
+weights become `model.pt`, the untrained model included: training never ends worse on val than it
+started (ties go to the later epoch). With `wise_alpha` < 1 every epoch's candidate is the WiSE-FT
+interpolation of its weights with the starting ones.
+
+Fine-tuning on few photos per landmark (the defaults, measured on real photos: bench/real_photos.py):
+the embedding is the backbone's own GeM descriptor (`neck: none`), the ArcFace class weights start at
+the class means (`head_init`), BatchNorm statistics stay as pretrained (`freeze_bn`), a small train set
+is drawn several times per epoch (`min_steps_per_epoch`), and model.pt is halfway back to the pretrained
+weights (`wise_alpha: 0.5`). Also available: a PCA-started linear neck, the GeM descriptor beside a
+learned one, a frozen backbone for the first epochs, layer-wise learning-rate decay.
 
 Preemptible: `last.ckpt` (written atomically every `checkpoint_every_steps` optimizer steps and at
 each epoch's end) holds the model, head, optimizer, scheduler, AMP scaler, the position in the epoch

@@ -71,7 +71,12 @@ def test_every_published_experiment_has_a_config():
 def test_config_is_valid_and_names_its_data_and_reported_numbers(path):
     config = load_config(path)  # raises ConfigError naming the key on anything the schema rejects
     for name in config["experiments"]:
-        experiment_settings(config, name, str(path))  # each experiment's merged sections are valid too
+        settings = experiment_settings(config, name, str(path))  # each experiment's merged sections are valid too
+        # The published recipe, not the few-photos defaults: a trained linear neck, no WiSE-FT, no verification.
+        train = settings["train"]
+        assert (train["neck"], train["head_init"], train["freeze_bn"], train["wise_alpha"]) == \
+            ("linear", "random", False, 1.0), name
+        assert settings["retrieve"]["verify"]["neighbours"] == 0, name
     assert not demo_mode(config), "a reproduction config points at the data it reproduces, not the demo"
     text = header(path)
     assert "Reported by" in text

@@ -1,0 +1,301 @@
+"""Real-photo quality benchmark: the whole DAG on real landmark and non-landmark photos, as a user runs it.
+
+The photos are `../shared/data` (beside the repository; never copied into it): 5 Paris6k landmarks
+(50 Flickr photos each, some of them "junk" views, as in Google Landmarks), 26 web photos of the same
+landmarks taken by other cameras, and 50 real non-landmark photos (rooms, offices, one street). They
+are served from a local HTTP server on 127.0.0.1 (with one broken link), a Google Landmarks style CSV
+(`id,url,landmark_id,split`) points at them, and `snakemake` runs every stage under
+`bench/out/real_photos/<regime>-seed<N>/`, exactly as for a user's own CSV.
+
+Queries (the `test` split): the web photos (landmark queries) and half of the non-landmark photos
+(non-landmark queries); the other half is the non-landmark bank. Non-landmark photos of one scene (two
+frames of a room, the street) go to the same side, so the bank never holds a near copy of a query.
+Regimes (both with the same queries):
+  full     all 250 Paris6k photos; `select` assigns val (10% of each landmark) and train;
+  fewshot  5 train photos and 1 val photo per landmark (drawn by the seed), the other Paris6k photos unused:
+           the long tail of Google Landmarks, where most landmarks have a handful of photos.
+Each regime runs once per seed (`--seeds`): the seed draws the few-shot photos, the val split, the bank
+half of the non-landmark photos and the training seed. One photo moves GAP by ~0.02 here, so compare
+means over seeds, never one run.
+
+Prints one table per regime: every experiment's GAP, GAP on landmark queries only, top-1 accuracy, GAP
+ranked by the raw top-1 cosine (no reranking), val GAP, as mean ± standard deviation over the seeds, and
+each experiment's GAP minus the untrained backbone's on the same seed. Writes the per-seed values to
+`bench/out/real_photos/results-<regimes>.csv` and the tables to `results-<regimes>.md` beside it.
+
+    .venv/bin/python bench/real_photos.py                          # both regimes, seeds 0 1 2 (about 1 h on 2 cores)
+    .venv/bin/python bench/real_photos.py --regimes fewshot --seeds 0 --experiments pretrained finetuned
+    .venv/bin/python bench/real_photos.py --variants               # also the variants that did not win
+    .venv/bin/python bench/real_photos.py --test-time --out bench/out/real_photos_test_time  # embedding sizes
+    .venv/bin/python bench/real_photos.py --train '{"backbone": "tf_efficientnet_lite2", "pretrained": "efficientnet_lite2_pypi"}'
+
+Reruns reuse what Snakemake already computed (downloads, shards, trained models); `--fresh` starts over.
+Skips, with the reason, when `../shared/data` is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+OUT = REPO / "bench" / "out" / "real_photos"
+REGIMES = ("full", "fewshot")
+FEWSHOT_TRAIN, FEWSHOT_VAL = 5, 1
+
+# The experiments every run compares. Every key not set here takes the schema's default, so
+# `finetuned` is what a user gets without touching the train/embed/retrieve sections.
+EXPERIMENTS = {
+    "pretrained": {"description": "ImageNet backbone + GeM, not trained", "train": {"epochs": 0}},
+    "finetuned": {"description": "the defaults: fine-tuned"},
+}
+# Variants measured while choosing the defaults (README: "What was tried"); `--variants` adds them.
+# Each changes one thing of the defaults, except previous_defaults (the defaults before this benchmark).
+VARIANTS: dict[str, dict] = {
+    "previous_defaults": {
+        "description": "the defaults before this benchmark existed: random 512-d linear neck and ArcFace head, "
+                       "BatchNorm statistics trained, lr 1e-3, 6 steps per epoch, no WiSE-FT, seed 004 "
+                       "reranking, no geometric verification",
+        "train": {"neck": "linear", "head_init": "random", "freeze_bn": False, "lr": 1e-3, "wise_alpha": 1.0,
+                  "min_steps_per_epoch": 1},
+        "retrieve": {"rerank": "seed004", "verify": {"neighbours": 0}}},
+    "pretrained_no_verify": {"description": "pretrained, without geometric verification",
+                             "train": {"epochs": 0}, "retrieve": {"verify": {"neighbours": 0}}},
+    "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
+    "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
+    "random_head": {"description": "ArcFace class weights at random", "train": {"head_init": "random"}},
+    "bn_trained": {"description": "BatchNorm statistics updated", "train": {"freeze_bn": False}},
+    "frozen_backbone_2": {"description": "backbone frozen for 2 epochs", "train": {"freeze_backbone_epochs": 2}},
+    "layer_decay_0.7": {"description": "layer-wise lr decay 0.7", "train": {"layer_decay": 0.7}},
+    "pca_neck": {"description": "512-d linear neck started as a PCA whitening",
+                 "train": {"neck": "linear", "neck_init": "pca"}},
+    "concat": {"description": "GeM descriptor beside a 512-d linear neck (PCA-started)",
+               "train": {"neck": "linear", "neck_init": "pca", "descriptor": "concat"}},
+    "lr_1e-3": {"description": "lr 1e-3", "train": {"lr": 1e-3}},
+}
+# Test-time variants of the untrained backbone. They raise the largest size an experiment embeds at, so
+# shard.size (null: that size) and every experiment of the folder would be recomputed: run them apart,
+# `--test-time --out bench/out/real_photos_test_time`.
+TEST_TIME = {
+    "pretrained_320": {"description": "not trained, embedded at 320 px", "train": {"epochs": 0},
+                       "embed": {"image_size": 320}},
+    "pretrained_multiscale": {"description": "not trained, embedded at 224 x 0.75, 1, 1.25 (averaged)",
+                              "train": {"epochs": 0}, "embed": {"scales": [0.75, 1.0, 1.25]}},
+}
+
+
+def stable_rank(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def landmark_rows(data: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
+    labels = pd.read_csv(data / "paris6k_subset" / "labels.csv", dtype=str)
+    labels["url"] = base_url + "/paris6k_subset/" + labels["path"]
+    queries = labels[labels["split"] == "web_query"].assign(split="test")
+    photos = labels[labels["split"] == "paris6k"].assign(split="")
+    if regime == "fewshot":
+        photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
+        place = photos.groupby("landmark_id").cumcount()
+        photos = photos[place < FEWSHOT_TRAIN + FEWSHOT_VAL].assign(
+            split=np.where(place[place < FEWSHOT_TRAIN + FEWSHOT_VAL] < FEWSHOT_TRAIN, "train", "val"))
+    return pd.concat([photos, queries])[["id", "url", "landmark_id", "split"]]
+
+
+def nonlandmark_rows(data: Path, base_url: str, seed: int) -> pd.DataFrame:
+    """Half the scenes (by image count) are queries, the rest the bank; a scene never straddles both."""
+    labels = pd.read_csv(data / "distractors" / "labels.csv", dtype=str)
+    scenes = labels.groupby("scene").size().rename("n").reset_index()
+    scenes["rank"] = [stable_rank(seed, s) for s in scenes["scene"]]
+    scenes = scenes.sort_values("rank")
+    scenes["split"] = np.where(scenes["n"].cumsum() <= len(labels) / 2, "test", "nonlandmark")
+    labels = labels.merge(scenes[["scene", "split"]], on="scene")
+    return pd.DataFrame({"id": labels["id"], "url": base_url + "/distractors/" + labels["path"],
+                         "landmark_id": "", "split": labels["split"]})
+
+
+def urls_table(data: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
+    rows = pd.concat([landmark_rows(data, base_url, regime, seed), nonlandmark_rows(data, base_url, seed)])
+    # One broken link, as every real CSV has: its row must end in the manifest as a failure, and nothing else.
+    broken = pd.DataFrame([{"id": "broken_link_0", "url": base_url + "/paris6k_subset/images/missing.jpg",
+                            "landmark_id": "0", "split": ""}])
+    return pd.concat([rows, broken], ignore_index=True)
+
+
+def run_config(regime: str, seed: int, urls_csv: Path, experiments: dict, train: dict) -> dict:
+    return {
+        "results_dir": "results",
+        "input": {"urls_csv": str(urls_csv)},
+        "split": {"partitions": 1},
+        "download": {"concurrency": 8, "per_host": 8, "threads": 1},
+        # Paris6k photos are pre-assigned only in the few-shot regime; test is always pre-assigned.
+        "select": {"seed": seed, "test_fraction": 0.0, "min_images_per_class": 2},
+        "places365": {"workers": 0},
+        "train": {"seed": seed, "workers": 1, **train},
+        "embed": {"workers": 1},
+        "experiments": experiments,
+    }
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve(directory: Path, port: int) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def snakemake(workdir: Path, cores: int) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores),
+               "--rerun-triggers", "mtime", "params", "input", "code", "--quiet", "rules"]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        sys.exit(f"snakemake failed in {workdir} (logs under {workdir}/results/logs):\n"
+                 f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    print(f"  {workdir.name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def collect(workdir: Path, regime: str, seed: int, experiments: dict) -> list[dict]:
+    rows = []
+    for name in experiments:
+        metrics = json.loads((workdir / "results" / "experiments" / name / "score" / "metrics.json").read_text())
+        trained = json.loads((workdir / "results" / "experiments" / name / "train" / "train.json").read_text())
+        by_confidence = {CONFIDENCES[key]: value for key, value in metrics.get("gap_by_confidence", {}).items()
+                         if key in CONFIDENCES}
+        rows.append({"regime": regime, "seed": seed, "experiment": name, "selected": trained.get("selected"),
+                     **{key: metrics.get(key) for key in COLUMNS}, **by_confidence})
+    return rows
+
+
+COLUMNS = {"gap": "GAP", "gap_landmarks_only": "GAP landmark queries", "accuracy": "top-1 accuracy",
+           "gap_without_rerank": "GAP raw top-1 cosine", "val_gap": "val GAP"}
+# score's GAP of the same labels by other confidences (metrics.json "gap_by_confidence") -> column title
+CONFIDENCES = {"top-1 cosine − runner-up landmark's cosine": "GAP margin",
+               "top-1 cosine − mean top cosine to the non-landmark bank": "GAP bank penalty",
+               "geometrically verified first, then top-1 cosine": "GAP verified first"}
+
+
+def mean_sd(values: pd.Series) -> str:
+    values = values.dropna().astype(float)
+    if values.empty:
+        return "n/a"
+    return f"{values.mean():.3f} ± {values.std(ddof=0):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def render(results: pd.DataFrame, experiments: dict) -> str:
+    lines = []
+    for regime, table in results.groupby("regime", sort=False):
+        seeds = sorted(table["seed"].unique())
+        baseline = table[table["experiment"] == "pretrained"].set_index("seed")["gap"]
+        lines += [f"### {regime} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})", "",
+                  "| experiment | " + " | ".join(COLUMNS.values()) + " | GAP − pretrained |",
+                  "|---|" + "---:|" * (len(COLUMNS) + 1)]
+        for name in experiments:
+            rows = table[table["experiment"] == name]
+            if rows.empty:
+                continue
+            gain = rows.set_index("seed")["gap"] - baseline.reindex(rows["seed"]).to_numpy()
+            cells = [mean_sd(rows[key]) for key in COLUMNS] + [mean_sd(gain) if name != "pretrained" else ""]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        confidences = [c for c in CONFIDENCES.values() if c in table and table[c].notna().any()]
+        lines += ["", "The same predicted landmarks ranked by other confidences (GAP; the table above ranks by "
+                      "each experiment's own confidence and by the raw top-1 cosine):", "",
+                  "| experiment | " + " | ".join(confidences) + " | model.pt is |", "|---|" + "---:|" * len(confidences) + "---|"]
+        for name in experiments:
+            rows = table[table["experiment"] == name]
+            if not rows.empty:
+                selected = ", ".join(f"{s}" for s in rows["selected"])
+                lines.append(f"| {name} | " + " | ".join(mean_sd(rows[c]) for c in confidences) + f" | {selected} |")
+        lines.append("")
+    lines += ["mean ± standard deviation over seeds. " + "; ".join(
+        f"**{name}**: {spec.get('description', '')}" for name, spec in experiments.items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with paris6k_subset/ and distractors/")
+    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--experiments", nargs="+", default=None, help="names to run (default: all)")
+    parser.add_argument("--variants", action="store_true", help="also run the variants that did not win")
+    parser.add_argument("--test-time", action="store_true",
+                        help="the test-time variants instead (embedding size, multi-scale); use their own --out")
+    parser.add_argument("--train", default="{}", help="JSON train settings for every experiment (e.g. a backbone)")
+    parser.add_argument("--out", type=Path, default=OUT, help="working folders and the result tables")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--port", type=int, default=8766, help="port of the local photo server (fixed: the CSVs name it)")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier runs' working folders first")
+    args = parser.parse_args()
+    if not (args.data / "paris6k_subset" / "labels.csv").exists() or not (args.data / "distractors").exists():
+        print(f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
+              f"paris6k_subset/ and distractors/)")
+        return 0
+    known = {**EXPERIMENTS, **VARIANTS, **TEST_TIME}
+    catalogue = {**EXPERIMENTS, **(VARIANTS if args.variants else {})}
+    if args.test_time:
+        catalogue = {"pretrained": EXPERIMENTS["pretrained"], **TEST_TIME}
+    if args.experiments:
+        unknown = set(args.experiments) - set(known)
+        if unknown:
+            parser.error(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")
+        catalogue = {name: known[name] for name in args.experiments}
+    if "pretrained" not in catalogue:
+        catalogue = {"pretrained": EXPERIMENTS["pretrained"], **catalogue}
+    train = json.loads(args.train)
+    server, base_url = serve(args.data, args.port)
+    results = []
+    try:
+        for regime in args.regimes:
+            for seed in args.seeds:
+                workdir = args.out / f"{regime}-seed{seed}"
+                if args.fresh and workdir.exists():
+                    shutil.rmtree(workdir)
+                workdir.mkdir(parents=True, exist_ok=True)
+                urls_csv = workdir / "urls.csv"
+                write_if_changed(urls_csv, urls_table(args.data, base_url, regime, seed).to_csv(index=False))
+                config = run_config(regime, seed, urls_csv.resolve(), catalogue, train)
+                write_if_changed(workdir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+                snakemake(workdir, args.cores)
+                results += collect(workdir, regime, seed, catalogue)
+    finally:
+        server.shutdown()
+    frame = pd.DataFrame(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "results-" + "+".join(args.regimes)  # runs of other regimes may go on side by side
+    frame.to_csv(args.out / f"{name}.csv", index=False)
+    text = render(frame, catalogue)
+    (args.out / f"{name}.md").write_text(text)
+    print(text)
+    return 0
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Leave an unchanged file alone: a newer modification time would make Snakemake rerun from it."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,6 +56,20 @@ def test_split_column_gz_input_and_negative_labels(tmp_path):
     assert [(r["id"], r["landmark_id"], r["split"]) for r in rows] == [("q1", -1, "test"), ("q2", 12, None), ("q3", None, "nonlandmark")]
 
 
+def test_compression_is_read_from_the_bytes_not_the_name(tmp_path):
+    import bz2
+    text = "id,url,landmark_id\nq1,http://h/1.jpg,3\nq2,http://h/2.jpg,4\n"
+    for name, data in (("gzip-named.csv", gzip.compress(text.encode())), ("bz2-named.csv", bz2.compress(text.encode()))):
+        (tmp_path / name).write_bytes(data)
+        assert sum(split.split_csv(tmp_path / name, 1, tmp_path / name.replace(".", "-"))) == 2
+    (tmp_path / "archive.csv").write_bytes(b"PK\x03\x04" + bytes(40))
+    with pytest.raises(StageError, match=r"archive.csv: this is a zip archive \(unzip it first\), not a CSV"):
+        split.split_csv(tmp_path / "archive.csv", 1, tmp_path / "zip")
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02garbage")
+    with pytest.raises(StageError, match=r"binary.csv: binary data, not a CSV text file \(its first bytes"):
+        split.split_csv(tmp_path / "binary.csv", 1, tmp_path / "bin")
+
+
 def test_hash_is_vectorised_exactly_and_spreads_evenly():
     rng = random.Random(0)
     ids = ["", "a", "é漢字", "x" * 5000] + ["".join(rng.choices("0123456789abcdef", k=16)) for _ in range(7000)]

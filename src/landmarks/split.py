@@ -130,8 +130,8 @@ def _open_csv(path: Path, columns: list[str] | None = None) -> pacsv.CSVStreamin
     if path.is_dir():
         raise StageError(f"{path}: is a folder, not a CSV file")
     try:
-        # compression="detect" lets users pass train.csv.gz as well.
-        stream = pa.input_stream(str(path), compression="detect")
+        # Compression by content, not by name: train.csv.gz, and a gzip file that kept the name .csv.
+        stream = pa.input_stream(str(path), compression=_compression_of(path))
         return pacsv.open_csv(
             stream,
             read_options=pacsv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
@@ -147,6 +147,27 @@ def _open_csv(path: Path, columns: list[str] | None = None) -> pacsv.CSVStreamin
         if "Empty CSV file" in str(err):
             raise StageError(f"{path}: the CSV is empty (expected a header 'id,url,landmark_id')") from err
         raise StageError(f"{path}: cannot parse the CSV ({_arrow_message(err)})") from err
+
+
+# File signatures: the compressions Arrow reads, and formats that are not a CSV at all.
+_COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz"}
+_NOT_CSV = {b"PK\x03\x04": "a zip archive (unzip it first)", b"PAR1": "a Parquet file",
+            b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"%PDF": "a PDF document"}
+
+
+def _compression_of(path: Path) -> str | None:
+    """The compression the file's first bytes show (None: plain text); refuses files that are not text."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    for magic, compression in _COMPRESSIONS.items():
+        if head.startswith(magic):
+            return compression
+    for magic, what in _NOT_CSV.items():
+        if head.startswith(magic):
+            raise StageError(f"{path}: this is {what}, not a CSV (its first bytes: {head!r})")
+    if b"\x00" in head:
+        raise StageError(f"{path}: binary data, not a CSV text file (its first bytes: {head!r})")
+    return None
 
 
 def _arrow_message(err: Exception) -> str:

@@ -16,6 +16,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from landmarks import shard, train
+from landmarks.common import StageError
 from landmarks.sampler import SeededDataset, TrainBatchSampler, cluster_classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,3 +451,26 @@ def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
     state = checkpoint(tmp_path / "init" / "model.pt")["model"]
     rows = state["neck.weight"].double()
     assert torch.allclose(rows @ rows.T, torch.eye(16, dtype=torch.float64), atol=1e-5)  # principal directions
+
+
+def test_a_second_training_job_on_the_same_folder_is_refused_naming_the_holder(shards, tmp_path):
+    from landmarks.common import exclusive_lock
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from landmarks.common import exclusive_lock\n"
+        f"with exclusive_lock({str(out / '.train.lock')!r}, 'x'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageError, match=rf"\.train\.lock: another training job is already running on this "
+                                             rf"folder \(pid {holder.pid} on .*\); wait for it"):
+            train.train([shards / "train"], [shards / "val"], out, settings_for({**TINY, "epochs": 0}),
+                        device=torch.device("cpu"))
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (killed, even): the lock went with it.
+    train.train([shards / "train"], [shards / "val"], out, settings_for({**TINY, "epochs": 0}), device=torch.device("cpu"))
+    with exclusive_lock(out / ".train.lock", "x"):
+        pass

@@ -67,7 +67,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .common import StageError, atomic_path, run_cli, setup_logging, write_json_atomic
+from .common import StageError, atomic_path, exclusive_lock, run_cli, setup_logging, write_json_atomic
 from .config import ConfigError, section_settings
 from .embed import pick_device
 from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
@@ -858,9 +858,16 @@ def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.
     dist = dist or Distributed(device=device)
     device = dist.device if dist.active else device
     out_dir = Path(out_dir)
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(out_dir)
+    # One training job per output folder: a second one (a rerun started by hand, a duplicate SLURM job)
+    # would interleave checkpoints with the first. The main process holds the lock.
+    with exclusive_lock(out_dir / ".train.lock", "another training job") if dist.is_main \
+            else contextlib.nullcontext():
+        if dist.is_main:
+            remove_partial_files(out_dir)
+        return train_unlocked(train_dirs, val_dirs, out_dir, settings, device, threads, dist, bank_dirs)
+
+
+def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, threads, dist, bank_dirs) -> list[dict]:
     if threads:
         torch.set_num_threads(threads)
     seed_everything(settings["seed"])

@@ -128,6 +128,20 @@ def test_failed_downloads_dropped_and_counts_add_up(tmp_path, manifest):
     assert f"{total_ok + N_FAILED} → {total_ok} → " in report and "| downloaded (status ok) |" in report
 
 
+def test_a_run_with_nothing_to_learn_stops_here_with_the_cause_and_the_counts(tmp_path):
+    every_url_broken = write_manifest(tmp_path / "broken.parquet", manifest_rows({}, n_nonlandmark=0, n_failed=4))
+    with pytest.raises(StageError, match=r"no landmark image is left to train on: step 'downloaded \(status ok\)' "
+                                         r"removed the last landmark images \(http_404: 4\)\. Images left after "
+                                         r"each step: manifest rows: 4 \(4 landmark\); downloaded \(status ok\): 0"):
+        run(tmp_path, [every_url_broken])
+    no_landmarks = write_manifest(tmp_path / "nolabels.parquet", manifest_rows({}, n_nonlandmark=5, n_failed=0))
+    with pytest.raises(StageError, match=r"the CSV has 5 rows and none with a landmark_id"):
+        run(tmp_path, [no_landmarks])
+    too_small = write_manifest(tmp_path / "small.parquet", manifest_rows({1: 2, 2: 1}, n_failed=0))
+    with pytest.raises(StageError, match=r"step 'classes with >= 3 images' removed the last landmark images"):
+        run(tmp_path, [too_small], "--min-images-per-class", "3")
+
+
 def test_exclude_classes(tmp_path, manifest):
     selection, table, _ = run(tmp_path, [manifest], "--exclude-classes", "1", "3", "999")
     assert not selection["landmark_id"].isin([1, 3]).any()

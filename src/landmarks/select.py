@@ -608,13 +608,31 @@ def select(manifests: list[Path], scenes: list[Path] | None, rules: Rules) -> tu
     splits = split_counts(selection)
     report.val_coverage = val_coverage(selection, rules.val_min_class_images, rules.val_fraction)
     total = splits[-1]
-    if total["images"] == 0:
-        log.warning("no images selected: check the report for the step that removed them")
+    if next(row for row in splits if row["step"] == "train")["landmark_images"] == 0:
+        raise StageError(nothing_to_learn(report))
     # Counts must add up: every selected row is in exactly one split, every step explains its drop.
     if not (sum(row["images"] for row in splits[:-1]) == total["images"] == report.steps[-1]["images"]
             and all(a["images"] - b["dropped"] == b["images"] for a, b in zip(report.steps, report.steps[1:]))):
         raise RuntimeError(f"internal error: report counts do not add up ({report.steps}, {splits})")
     return selection, report, splits
+
+
+def nothing_to_learn(report: Report) -> str:
+    """Why no landmark image is left for train, with the counts of every step: the run stops here
+    rather than four stages later in train."""
+    counts = "; ".join(f"{row['step']}: {row['images']} ({row['landmark_images']} landmark)" for row in report.steps)
+    first = report.steps[0]
+    emptied = next((row for row in report.steps if row["landmark_images"] == 0), None)
+    if first["landmark_images"] == 0:
+        cause = (f"the CSV has {first['images']} rows and none with a landmark_id" if first["images"]
+                 else "the manifests have no rows (is the CSV empty?)")
+    elif emptied is not None:
+        cause = f"step '{emptied['step']}' removed the last landmark images" + \
+            (f" ({emptied['note']})" if emptied["note"] else "")
+    else:
+        cause = ("every landmark image went to val or test (select.val_fraction / select.test_fraction, or the "
+                 "CSV's split column)")
+    return f"select: no landmark image is left to train on: {cause}. Images left after each step: {counts}"
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:

@@ -437,8 +437,17 @@ def test_retry_helpers():
 
 
 def test_settings_and_cli_errors(tmp_path, capsys):
-    with pytest.raises(StageError, match="unknown download setting"):
+    with pytest.raises(StageError, match="unknown key 'concurency' under 'download'"):
         download.load_settings('{"concurency": 3}', {})
+    # The entry point checks its settings against config.yaml's schema: a one-line error naming the key.
+    for settings, problem in (('{"retries": "x"}', "'x' is not of type 'integer'"),
+                              ('{"max_bytes": null}', "None is not of type 'integer'"),
+                              ('{"retries": 1.5}', "1.5 is not of type 'integer'")):
+        key = "retries" if "retries" in settings else "max_bytes"
+        result = subprocess.run([sys.executable, "-m", "landmarks.download", "--part", "p", "--images", "i", "--out",
+                                 "o", "--settings", settings], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert f"key 'download.{key}': {problem}" in result.stderr
     assert download.load_settings('{"retries": 1}', {"retries": 5}).retries == 5
     with pytest.raises(SystemExit) as exit_info:
         download.run_cli(lambda: download.main(["--part", str(tmp_path / "nope.parquet"), "--images", "i", "--out", "o"]))

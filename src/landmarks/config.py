@@ -117,10 +117,13 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def section_settings(section: str, values: dict | None, source: str = "settings", prefix: str | None = None) -> dict:
-    """One experiment section (train/embed/retrieve) validated on its own, defaults filled in."""
+    """One section (train/embed/retrieve, or a stage's own, e.g. download) validated on its own, defaults
+    filled in: what a stage's `--settings` JSON is checked against."""
     values = copy.deepcopy(values or {})
     schema = load_schema()
-    _validate(values, {**schema["$defs"][section], "$defs": schema["$defs"]}, source, prefix=prefix or section)
+    # Experiment sections live in $defs (experiments override them); the others are top-level properties.
+    section_schema = schema["$defs"].get(section) or schema["properties"][section]
+    _validate(values, {**section_schema, "$defs": schema["$defs"]}, source, prefix=prefix or section)
     if section == "train":
         _check_min_lr(values, source, prefix or section)
     return values

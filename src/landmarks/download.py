@@ -898,6 +898,8 @@ def load_settings(settings_json: str | None, overrides: dict) -> Settings:
             raise StageError(f"--settings is not a JSON object ({err})") from err
         if not isinstance(values, dict):
             raise StageError("--settings must be a JSON object of download settings")
+        from .config import section_settings
+        section_settings("download", values, "--settings")  # types and ranges as config.yaml's; names the key
     # `mode` and `gldv2_*` belong to the same config section but steer the workflow, not this stage.
     values = {k: v for k, v in values.items() if k != "mode" and not k.startswith("gldv2_")}
     known = {f.name for f in dataclasses.fields(Settings)}

@@ -399,6 +399,24 @@ def test_inspect_image_statuses():
     assert check(blank_png((3000, 3000), "RGB")).status == "ok"  # very compressible, but small
 
 
+def test_jpegs_that_libjpeg_only_warns_about_are_not_ok():
+    check = lambda data: inspect_image(data, 10**8, 1000.0)  # noqa: E731
+    good = photo((96, 64), seed=3)
+    sos = good.find(b"\xff\xda")
+    headers = good[: sos + 2 + int.from_bytes(good[sos + 2 : sos + 4], "big")]  # up to the end of the SOS segment
+    noise = np.random.default_rng(1).integers(0, 255, 4000, dtype=np.uint8).tobytes()  # 0..254: no 0xFF marker
+    random_scan = check(headers + noise)
+    assert (random_scan.status, random_scan.width) == ("truncated", 96), random_scan
+    assert "Premature end of JPEG file" in random_scan.reason
+    assert check(good[:-2]).status == "truncated"  # the end marker cut off
+    extraneous = good[:sos] + b"\x00\x17\x2a" + good[sos:]  # stray bytes before the SOS marker
+    assert check(extraneous).status == "corrupt_image" and "extraneous bytes" in check(extraneous).reason
+    damaged_header = good[:2] + b"\xff\xe0\x00\x02" + bytes(range(40))  # a JPEG start, then garbage
+    assert check(damaged_header).status == "corrupt_image" and "JPEG header" in check(damaged_header).reason
+    for fine in (photo(mode="CMYK"), photo(mode="L"), photo(progressive=True), photo(subsampling=0, quality=95)):
+        assert check(fine).status == "ok"
+
+
 def test_host_scheduler_limits_each_host_without_stalling_others():
     async def scenario():
         jobs = [Job(i, str(i), "", "slow" if i < 30 else f"h{i % 3}") for i in range(60)]

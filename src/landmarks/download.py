@@ -236,6 +236,8 @@ def inspect_image(
     except Image.DecompressionBombError as err:
         return ImageCheck("decompression_bomb", f"Pillow refused it: {err}")
     except UnidentifiedImageError:
+        if data.startswith(JPEG_SOI):  # a JPEG's start marker, then a header no decoder can read
+            return ImageCheck("corrupt_image", "JPEG header cannot be decoded (the file starts as a JPEG)")
         return ImageCheck("not_image", _describe_non_image(data, content_type))
     except Exception as err:  # a broken header: Pillow raises several kinds of errors here
         return _decode_failure(err, "header")
@@ -257,14 +259,33 @@ def inspect_image(
             )
         try:
             if fmt in ("JPEG", "MPO"):
-                # 1/8 scale, luma only: libjpeg still entropy-decodes every component of every block
-                # (where truncation and broken data show), but skips most of the pixel work.
-                image.draft("L", (1, 1))
+                return check_jpeg_data(data, image.mode, width, height, fmt)
             image.load()  # GIF and other animations: the first frame
         except Image.DecompressionBombError as err:
             return ImageCheck("decompression_bomb", f"Pillow refused it: {err}", width, height, fmt)
         except Exception as err:
             return _decode_failure(err, "data", width, height, fmt)
+    return ImageCheck(OK, "", width, height, fmt)
+
+
+JPEG_SOI = b"\xff\xd8\xff"
+
+
+def check_jpeg_data(data: bytes, mode: str, width: int, height: int, fmt: str) -> ImageCheck:
+    """Decode a JPEG's data at 1/8 scale with libjpeg-turbo (simplejpeg) in strict mode: libjpeg's
+    warnings (premature end of data, corrupt data, extraneous bytes) are failures. Pillow ignores them
+    and decodes noise from a scan of random bytes or a file cut before its end marker."""
+    import simplejpeg
+    try:
+        # 1/8 scale, one channel: libjpeg still entropy-decodes every block (where broken data shows)
+        # but skips most of the pixel work. CMYK cannot be converted to grey by libjpeg.
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if mode == "CMYK" else "GRAY", min_factor=8, strict=True)
+    except ValueError as err:
+        message = str(err)
+        if "premature end" in message.lower():
+            return ImageCheck("truncated", f"{fmt} image data ends early (libjpeg: {message})", width, height, fmt)
+        return ImageCheck("corrupt_image", f"{fmt} image data cannot be decoded cleanly (libjpeg: {message})",
+                          width, height, fmt)
     return ImageCheck(OK, "", width, height, fmt)
 
 

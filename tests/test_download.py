@@ -249,6 +249,35 @@ def write_and_run(tmp_path: Path, rows, **settings) -> Path:
     return out
 
 
+def test_the_image_folder_holds_exactly_the_ok_rows_after_every_run(tmp_path, server):
+    big, small, gone = server.add("big.jpg", photo((400, 300), seed=1)), server.add("s.jpg", photo()), \
+        server.add("gone.jpg", photo(seed=2))
+    rows = [("bigone", server.url(f"/img/{big}")), ("smallone", server.url(f"/img/{small}")),
+            ("goneone", server.url(f"/img/{gone}")), ("killed", server.url("/status/404"))]
+    part = write_part(tmp_path / "split" / "part-003.parquet", rows)
+    out = tmp_path / "download" / "part-003" / "manifest.parquet"
+    images = tmp_path / "images"
+
+    def run(fresh=False, **settings):
+        PartDownloader(part, images, out, Settings(**{**FAST, **settings}), 3, progress=False).run(fresh=fresh)
+        manifest = pq.read_table(out).to_pylist()
+        stored = {p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()}
+        assert stored == {r["path"] for r in manifest if r["status"] == "ok"}  # nothing more, nothing less
+        assert not (images / ".tmp").exists()
+        return {r["id"]: r["status"] for r in manifest}
+
+    assert run() == {"bigone": "ok", "smallone": "ok", "goneone": "ok", "killed": "http_404"}
+    # A kill between an image's rename and its journal line, then a retry that fails: the file goes.
+    stray = images / download.image_relpath("killed", ".jpg")
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(photo())
+    assert run(fresh=True)["killed"] == "http_404" and not stray.exists()
+    # A smaller byte cap, and a URL that now answers 404, on a fresh rerun.
+    del server.files[gone]
+    statuses = run(fresh=True, max_bytes=len(photo()) + 100)
+    assert statuses == {"bigone": "too_large", "smallone": "ok", "goneone": "http_404", "killed": "http_404"}
+
+
 def test_manifest_schema_and_carried_columns(tmp_path, server):
     name = server.add("a.jpg", photo())
     rows = [("abc", server.url(f"/img/{name}")), ("abd", server.url("/status/404"))]

@@ -796,6 +796,7 @@ class PartDownloader:
                     self._bar.set_postfix(self._postfix(), refresh=False)
                     self._bar.close()
             elapsed = time.monotonic() - started
+            self._remove_images_of_failed_rows()
             counts = self._write_manifest()
             rate = len(pending) / elapsed if pending and elapsed > 0 else 0.0
             log.info("part %03d: %d rows, %d fetched this run in %.1f s (%.1f rows/s)",
@@ -804,6 +805,24 @@ class PartDownloader:
         finally:
             self.journal.close()
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):  # images/.tmp itself, once no other part's job uses it
+                self.tmp_dir.parent.rmdir()
+
+    def _remove_images_of_failed_rows(self) -> None:
+        """The image folder holds exactly the ok rows: a row that failed this time (a rerun with
+        --fresh or a smaller max_bytes, a URL that now answers 404, a retry after a kill between the
+        rename and the journal write) loses the file an earlier run stored for it."""
+        removed = 0
+        for image_id, outcome in zip(self.rows["id"], self.outcomes):
+            if outcome.status == OK or check_image_id(image_id):
+                continue  # ok, or an unsafe id that never had a file
+            for extension in set(IMAGE_FORMATS.values()):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._images_str, image_relpath(image_id, extension)))
+                    removed += 1
+        if removed:
+            log.info("part %03d: removed %d image(s) stored by an earlier run for rows that failed now",
+                     self.part_index, removed)
 
     def _write_manifest(self) -> dict:
         rows, outcomes = self.rows, self.outcomes

@@ -130,6 +130,22 @@ def test_snakemake_refuses_a_bad_config_naming_the_key(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "key 'train.epochs': 'many' is not of type 'integer'" in result.stdout + result.stderr
+    # An unknown backbone is caught here too, not when training starts.
+    config.write_text(yaml.safe_dump({"train": {"backbone": "resnet5"}, "experiments": {"x": {}}}))
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"),
+                             "--directory", str(tmp_path), "--configfile", str(config), "--cores", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "key 'experiments.x.train.backbone': 'resnet5' is not a timm model (closest: resnet50" in \
+        result.stdout + result.stderr
+
+
+def test_backbones_are_checked_against_timms_registry():
+    for fine in ("tf_efficientnet_lite0", "resnet50.a1_in1k", "test_efficientnet", "convnext_tiny"):
+        validate_config({"train": {"backbone": fine, "pretrained": "none"}, "experiments": {"x": {}}})
+    with pytest.raises(ConfigError, match=r"cfg.yaml: key 'experiments\.big\.train\.backbone': "
+                                          r"'efficientnet_lite9' is not a timm model \(closest: efficientnet_lite"):
+        validate_config({"experiments": {"big": {"train": {"backbone": "efficientnet_lite9"}}}}, "cfg.yaml")
 
 
 def test_shard_size_null_fits_every_experiment():

@@ -145,11 +145,45 @@ def experiment_settings(config: dict, name: str, source: str = "config") -> dict
                                           source, prefix=f"experiments.{name}.{section}")
                 for section in EXPERIMENT_SECTIONS}
     train = settings["train"]
+    problem = unknown_backbone(train["backbone"])
+    if problem:
+        raise ConfigError(f"{source}: key 'experiments.{name}.train.backbone': {problem}")
     if train["pretrained"] in OFFLINE_WEIGHTS:  # offline ImageNet weights fit one architecture each
         problem = backbone_mismatch(train["pretrained"], train["backbone"])
         if problem:
             raise ConfigError(f"{source}: key 'experiments.{name}.train.pretrained': {problem}")
     return settings
+
+
+PROJECT_BACKBONES = ("simple_cnn",)  # landmarks.model's own, beside timm's
+
+
+@lru_cache(maxsize=1)
+def timm_model_names() -> frozenset[str]:
+    """The architectures timm registers, read from its source (`@register_model` functions) rather than
+    by importing timm: importing it imports torch, seconds that every Snakemake start would pay."""
+    import importlib.util
+    import re
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    registered = re.compile(r"@register_model\s*(?:\([^)]*\))?\s*\ndef\s+(\w+)\s*\(")
+    return frozenset(name for path in (Path(spec.submodule_search_locations[0]) / "models").rglob("*.py")
+                     for name in registered.findall(path.read_text(errors="replace")))
+
+
+def unknown_backbone(name: str) -> str | None:
+    """Why `name` is not a timm model (with the closest names), or None. A name the source scan does not
+    find (a deprecated alias, a newer way of registering) is asked of timm itself before it is refused."""
+    if name in PROJECT_BACKBONES or name.split(".", 1)[0] in timm_model_names():  # "resnet50.a1_in1k": a tag
+        return None
+    import difflib
+    import timm
+    if timm.is_model(name):
+        return None
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
+    return f"{name!r} is not a timm model" + (f" (closest: {', '.join(close)})" if close else
+                                              " (timm.list_models() lists them)")
 
 
 def image_sizes_needed(config: dict) -> dict[str, int]:

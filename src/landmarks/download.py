@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import heapq
 import io
@@ -72,6 +71,7 @@ from . import __version__
 from .common import (
     StageError,
     check_image_id,
+    exclusive_lock,
     image_relpath,
     run_cli,
     setup_logging,
@@ -547,20 +547,12 @@ class Journal:
     def __init__(self, out: Path):
         self.path = out.with_name(out.stem + ".journal.jsonl")
         self.lock_path = out.with_name(out.stem + ".lock")
-        self._lock_fd: int | None = None
+        self._lock: contextlib.AbstractContextManager | None = None
         self._fd: int | None = None
 
     def lock(self) -> None:
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StageError(
-                f"{self.lock_path}: another download process is working on this part; wait for it or stop it"
-            ) from None
-        self._lock_fd = fd
+        self._lock = exclusive_lock(self.lock_path, "another download process")
+        self._lock.__enter__()  # held until close()
 
     def load(self) -> tuple[dict | None, dict[str, dict]]:
         """(settings of the journal or None, records by id); unreadable lines are skipped."""
@@ -596,10 +588,11 @@ class Journal:
         os.write(self._fd, (json.dumps(record, sort_keys=True) + "\n").encode())
 
     def close(self) -> None:
-        for fd in (self._fd, self._lock_fd):
-            if fd is not None:
-                os.close(fd)
-        self._fd = self._lock_fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+        self._fd = self._lock = None
 
 
 def _record(image_id: str, url: str, outcome: Outcome) -> dict:
@@ -812,11 +805,11 @@ class PartDownloader:
         """The image folder holds exactly the ok rows: a row that failed this time (a rerun with
         --fresh or a smaller max_bytes, a URL that now answers 404, a retry after a kill between the
         rename and the journal write) loses the file an earlier run stored for it."""
-        removed = 0
+        removed, extensions = 0, set(IMAGE_FORMATS.values())
         for image_id, outcome in zip(self.rows["id"], self.outcomes):
             if outcome.status == OK or check_image_id(image_id):
                 continue  # ok, or an unsafe id that never had a file
-            for extension in set(IMAGE_FORMATS.values()):
+            for extension in extensions:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._images_str, image_relpath(image_id, extension)))
                     removed += 1

@@ -32,6 +32,7 @@ from landmarks.common import StageError
 
 SMALL = dict(seed=7, n_landmarks=5, views_per_landmark=4, n_nonlandmarks=6, broken_fraction=0.3)
 N_ROWS = 5 * 4 + 6
+N_NEW = 8 + 4  # the default new photos for `predict`: 8 landmark views (5 landmarks in turn), 4 others
 BASE_URL = "http://127.0.0.1:8765"
 TIMEOUT = 5.0
 
@@ -104,7 +105,9 @@ def test_same_arguments_give_identical_bytes(demo_set, tmp_path):
     again = tmp_path / "again"
     demo.generate(again, workers=2, **SMALL)  # other process count, same bytes
     first, second = tree_hashes(root), tree_hashes(again)
-    assert len(first) == N_ROWS + 3  # images + urls.csv, faults.csv, demo.json
+    # images + urls.csv, faults.csv, demo.json; the new photos + new_photos.csv
+    assert len(first) == N_ROWS + 3 + N_NEW + 1
+    assert sum(name.startswith("new_photos/") for name in first) == N_NEW
     assert first == second
 
 
@@ -226,6 +229,92 @@ def test_invalid_arguments_are_clear_errors(tmp_path):
         demo.generate(tmp_path, broken_fraction=1.5)
     with pytest.raises(StageError, match="base_url"):
         demo.generate(tmp_path, base_url="ftp://example")
+    with pytest.raises(StageError, match="new_photos"):
+        demo.generate(tmp_path, new_photos=-1)
+
+
+def read_new_photos(root: Path) -> dict[str, str]:
+    with open(root / "new_photos.csv", newline="") as fh:
+        assert fh.readline().strip() == "file,landmark_id"
+        fh.seek(0)
+        return {row["file"]: row["landmark_id"] for row in csv.DictReader(fh)}
+
+
+def upright_pixels(path: Path) -> bytes:
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image).convert("RGB")
+        return repr(upright.size).encode() + upright.tobytes()
+
+
+def test_new_photos_are_written_with_their_answers(demo_set):
+    root, counts = demo_set
+    answers = read_new_photos(root)
+    assert counts["new_photos"] == N_NEW
+    assert json.loads((root / "demo.json").read_text())["counts"]["new_photos"] == N_NEW
+    assert set(answers) == {p.name for p in (root / "new_photos").iterdir()}
+    # Names tell nothing: a shuffled number each, and no landmark id in them.
+    assert {name.rsplit(".", 1)[0] for name in answers} == {f"photo-{k:02d}" for k in range(1, N_NEW + 1)}
+    set_labels = {row["landmark_id"] for row in read_rows(root)} - {""}
+    assert not any(label in name for name in answers for label in set_labels)
+    labels = [answers[name] for name in sorted(answers)]
+    assert labels.count("") == 4
+    assert sorted(labels, key=bool) != labels  # non-landmarks are not simply all first (or last)
+    # One new view of every landmark (5 of them, so the first 3 get a second one), with the set's ids.
+    landmark_labels = [label for label in labels if label]
+    assert set(landmark_labels) == set_labels
+    assert sorted(landmark_labels.count(label) for label in set_labels) == [1, 1, 2, 2, 2]
+    for name in answers:
+        path = root / "new_photos" / name
+        with Image.open(path) as image:
+            assert (image.format == "PNG") == name.endswith(".png")
+            assert 200 <= max(ImageOps.exif_transpose(image).size) <= 900
+            image.load()
+
+
+def test_new_photos_are_unseen(demo_set):
+    root, _ = demo_set
+    old = sorted((root / "images").iterdir())
+    new = sorted((root / "new_photos").iterdir())
+    assert len(new) == N_NEW
+    old_bytes = {hashlib.sha256(p.read_bytes()).digest() for p in old}
+    new_bytes = {hashlib.sha256(p.read_bytes()).digest() for p in new}
+    assert len(new_bytes) == N_NEW and not new_bytes & old_bytes
+    old_pixels = {hashlib.sha256(upright_pixels(p)).digest() for p in old}
+    new_pixels = {hashlib.sha256(upright_pixels(p)).digest() for p in new}
+    assert len(new_pixels) == N_NEW and not new_pixels & old_pixels
+
+
+def test_new_photos_change_nothing_else(demo_set, tmp_path, capsys):
+    root, _ = demo_set
+    out = tmp_path / "none"
+    assert demo.main(["generate", "--out", str(out), "--seed", "7", "--landmarks", "5", "--views", "4",
+                      "--nonlandmarks", "6", "--broken-fraction", "0.3", "--workers", "1",
+                      "--new-photos", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_photos"] == 0
+    # No new photos, and the set's files are byte for byte those written alongside new photos.
+    assert (out / "new_photos").is_dir() and not list((out / "new_photos").iterdir())
+    assert (out / "new_photos.csv").read_text() == "file,landmark_id\n"
+    with_new, without = tree_hashes(root), tree_hashes(out)
+    for name in ("demo.json", "new_photos.csv"):
+        with_new.pop(name), without.pop(name)
+    assert {k: v for k, v in with_new.items() if not k.startswith("new_photos/")} == without
+    meta_with, meta_without = (json.loads((r / "demo.json").read_text()) for r in (root, out))
+    assert meta_with["counts"].pop("new_photos") == N_NEW and meta_without["counts"].pop("new_photos") == 0
+    assert meta_with == meta_without
+
+
+def test_rerun_with_fewer_new_photos_removes_stale_ones(tmp_path):
+    tiny = {"workers": 1, "seed": 1, "n_landmarks": 2, "views_per_landmark": 2, "n_nonlandmarks": 1}
+    demo.generate(tmp_path, new_photos=4, **tiny)
+    new_dir = tmp_path / "new_photos"
+    assert len(list(new_dir.iterdir())) == 4 + 2
+    (new_dir / "notes.txt").write_text("not ours\n")
+    demo.generate(tmp_path, new_photos=1, **tiny)
+    assert {p.name for p in new_dir.iterdir()} == set(read_new_photos(tmp_path)) | {"notes.txt"}
+    empty, label = sorted(read_new_photos(tmp_path).values())  # 1 landmark view, ceil(1 / 2) other
+    assert empty == "" and label in {row["landmark_id"] for row in read_rows(tmp_path)} - {""}
+    demo.generate(tmp_path, new_photos=0, **tiny)
+    assert [p.name for p in new_dir.iterdir()] == ["notes.txt"] and read_new_photos(tmp_path) == {}
 
 
 def test_lookalike_pairs_share_their_structure_family():

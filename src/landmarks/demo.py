@@ -8,11 +8,17 @@ deliberate look-alikes (same geometry in other colours, or same colours with oth
 recognition is not trivial. Non-landmark photos are unique everyday scenes (rooms, textures, table
 tops, clutter, portraits, documents) drawn in a few shared styles. Files vary in size, aspect ratio
 and format (JPEG, PNG, RGBA PNG, grayscale and CMYK JPEG, EXIF-rotated JPEG). Same arguments give
-byte-identical files. Output in `out_dir`:
+byte-identical files. Besides the set, `generate` writes a few new photos no model has seen, for trying
+`predict`: one more view of each of the first `new_photos` landmarks (taken in turn when there are fewer)
+and half as many (rounded up) new non-landmark photos, rendered like the others from random streams of
+their own, so adding them changes no byte of the set. Output in `out_dir`:
 
     images/<id>.jpg|png   the photos the server serves
     faults.csv            id,fault for the rows whose URL is broken on purpose
     demo.json             the arguments and counts
+    new_photos/photo-NN.jpg|png
+                          the unseen photos, numbered in a shuffled order (names tell nothing)
+    new_photos.csv        file,landmark_id: their answers (empty landmark_id for non-landmarks)
     urls.csv              id,url,landmark_id (Google Landmarks format; empty landmark_id for
                           non-landmarks), written last: its existence means the set is complete
 
@@ -97,6 +103,13 @@ NONLANDMARK_STYLES = ("room", "texture", "tabletop", "clutter", "portrait", "doc
 
 # Every 8th landmark is a look-alike of the one before it (a hard negative pair).
 TWIN_EVERY = 8
+
+# The random streams of the new photos (for `predict`): tags no photo of the set uses, so they are other
+# views and scenes than the set's, and the set's own streams (and bytes) do not depend on them.
+NEW_VIEW_TAG = "new_photo"
+NEW_NONLANDMARK_TAG = "new_photo_nonlandmark"
+NEW_PHOTOS_COLUMNS = ("file", "landmark_id")
+_NEW_PHOTO_NAME = re.compile(r"photo-[0-9]+\.(jpg|png)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1474,6 +1487,32 @@ def plan_photos(seed: int, n_landmarks: int, views: int, n_nonlandmarks: int,
     ]
 
 
+def plan_new_photos(seed: int, n_landmarks: int, new_photos: int) -> list[Photo]:
+    """The new photos for `predict`: a new view of each of the first `new_photos` landmarks (in turn,
+    view after view, when there are fewer landmarks), then ceil(new_photos / 2) new non-landmark photos.
+
+    Their `image_id` is the file name without extension, photo-01, photo-02, ... in a shuffled order;
+    `number` is the new view's number (landmarks) or the photo's index (non-landmarks). Variants are
+    drawn with the set's shares, so most are plain JPEGs.
+    """
+    if new_photos <= 0:
+        return []
+    keys = [(k % n_landmarks, k // n_landmarks) for k in range(new_photos)]
+    keys += [(None, k) for k in range((new_photos + 1) // 2)]
+    g = _rng(seed, "new_photo_plan")
+    numbers = np.empty(len(keys), int)
+    numbers[g.permutation(len(keys))] = np.arange(1, len(keys) + 1)
+    shares = {"progressive_jpeg": PROGRESSIVE_SHARE, **VARIANT_SHARES}
+    choices = ["jpeg", *shares]
+    weights = np.array([1.0 - sum(shares.values()), *shares.values()])
+    variants = [choices[j] for j in g.choice(len(choices), len(keys), p=weights / weights.sum())]
+    width = max(2, len(str(len(keys))))
+    return [
+        Photo(f"photo-{int(numbers[r]):0{width}d}", i, n, variants[r], None)
+        for r, (i, n) in enumerate(keys)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation (in worker processes)
 # ---------------------------------------------------------------------------------------------
@@ -1486,22 +1525,28 @@ def _write_photo(images_dir: Path, photo: Photo, image: Image.Image, g: np.rando
 
 
 def _landmark_task(args) -> list[dict]:
-    seed, images_dir, spec, photos = args
+    """The views of one landmark, then its new photos (if any) while its scene is at hand."""
+    seed, images_dir, spec, photos, new_dir, new_photos = args
     scene = _Scene(spec)
     out = []
     for photo in photos:
         g = _rng(seed, "view", spec.index, photo.number)
         out.append(_write_photo(images_dir, photo, photograph(scene, g), g))
+    for photo in new_photos:
+        g = _rng(seed, NEW_VIEW_TAG, spec.index, photo.number)
+        out.append({**_write_photo(new_dir, photo, photograph(scene, g), g), "new": True})
     return out
 
 
 def _nonlandmark_task(args) -> list[dict]:
-    seed, images_dir, photos = args
+    """Non-landmark photos of the set, or (`new`) new ones for `predict`, from their own streams."""
+    seed, images_dir, photos, new = args
     out = []
     for photo in photos:
-        g = _rng(seed, "nonlandmark", photo.number)
+        g = _rng(seed, NEW_NONLANDMARK_TAG if new else "nonlandmark", photo.number)
         style = NONLANDMARK_STYLES[photo.number % len(NONLANDMARK_STYLES)]
-        out.append(_write_photo(images_dir, photo, render_nonlandmark(style, g), g))
+        written = _write_photo(images_dir, photo, render_nonlandmark(style, g), g)
+        out.append({**written, "new": True} if new else written)
     return out
 
 
@@ -1527,10 +1572,17 @@ def generate(
     broken_fraction: float = 0.08,
     base_url: str = DEFAULT_BASE_URL,
     workers: int | None = None,
+    new_photos: int = 8,
 ) -> dict:
-    """Write the demo set into out_dir (see the module docstring); returns its counts."""
+    """Write the demo set into out_dir (see the module docstring); returns its counts.
+
+    `new_photos`: how many new landmark photos to write into out_dir/new_photos (plus half as many,
+    rounded up, non-landmark ones); 0 writes none. They never change the set's own files.
+    """
     if n_landmarks < 1 or views_per_landmark < 1 or n_nonlandmarks < 0:
         raise StageError("need at least 1 landmark with 1 view, and a non-negative number of non-landmarks")
+    if new_photos < 0:
+        raise StageError(f"new_photos must be non-negative, got {new_photos}")
     if not 0 <= broken_fraction < 1:
         raise StageError(f"broken_fraction must be in [0, 1), got {broken_fraction}")
     if seed < 0:
@@ -1542,6 +1594,8 @@ def generate(
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    new_dir = out_dir / "new_photos"
+    new_dir.mkdir(exist_ok=True)  # also when empty: the workflow declares the folder as an output
     # urls.csv marks a complete set: remove it first, so an interrupted run never looks complete.
     (out_dir / "urls.csv").unlink(missing_ok=True)
 
@@ -1554,9 +1608,19 @@ def generate(
             others.append(photo)
         else:
             by_landmark.setdefault(photo.landmark_index, []).append(photo)
-    tasks = [("landmark", (seed, images_dir, specs[i], ps)) for i, ps in by_landmark.items()]
+    new_plan = plan_new_photos(seed, n_landmarks, new_photos)
+    new_by_landmark: dict[int, list[Photo]] = {}
+    for photo in new_plan:
+        if photo.landmark_index is not None:
+            new_by_landmark.setdefault(photo.landmark_index, []).append(photo)
+    new_others = [p for p in new_plan if p.landmark_index is None]
+    tasks = [("landmark", (seed, images_dir, specs[i], ps, new_dir, new_by_landmark.get(i, [])))
+             for i, ps in by_landmark.items()]
     chunk = 12
-    tasks += [("nonlandmark", (seed, images_dir, others[k : k + chunk])) for k in range(0, len(others), chunk)]
+    tasks += [("nonlandmark", (seed, images_dir, others[k : k + chunk], False))
+              for k in range(0, len(others), chunk)]
+    if new_others:
+        tasks.append(("nonlandmark", (seed, new_dir, new_others, True)))
 
     workers = min(workers or _available_cpus(), len(tasks))
     written: list[dict] = []
@@ -1568,12 +1632,17 @@ def generate(
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             for result in pool.imap_unordered(_run_task, tasks):
                 written += result
-    files = {w["id"]: w["file"] for w in written}
+    files = {w["id"]: w["file"] for w in written if not w.get("new")}
+    new_files = {w["id"]: w["file"] for w in written if w.get("new")}
 
     # Remove photos a previous generation with other arguments left behind.
     expected = set(files.values())
     for path in images_dir.iterdir():
         if re.fullmatch(r"[0-9a-f]{16}\.(jpg|png)", path.name) and path.name not in expected:
+            path.unlink()
+    expected = set(new_files.values())
+    for path in new_dir.iterdir():
+        if _NEW_PHOTO_NAME.fullmatch(path.name) and path.name not in expected:
             path.unlink()
 
     # Sparse, shuffled integers like real landmark ids: nothing may assume they are 0..n-1.
@@ -1587,6 +1656,10 @@ def generate(
         rows.append((photo.image_id, url, label))
     order = _rng(seed, "row_order").permutation(len(rows))
     rows = [rows[k] for k in order]
+    new_rows = sorted(
+        (new_files[p.image_id], "" if p.landmark_index is None else str(landmark_ids[p.landmark_index]))
+        for p in new_plan
+    )
 
     faults = sorted((p.image_id, p.fault) for p in photos if p.fault)
     write_text_atomic(out_dir / "faults.csv", _csv_text(("id", "fault"), faults))
@@ -1603,6 +1676,7 @@ def generate(
         "lookalike_pairs": [
             [landmark_ids[s.twin_of], landmark_ids[s.index]] for s in specs if s.twin_of is not None
         ],
+        "new_photos": len(new_plan),
     }
     write_json_atomic(out_dir / "demo.json", {
         "arguments": {
@@ -1612,10 +1686,12 @@ def generate(
         "counts": counts,
         "families": {str(landmark_ids[s.index]): s.family for s in specs},
     })
+    write_text_atomic(out_dir / "new_photos.csv", _csv_text(NEW_PHOTOS_COLUMNS, new_rows))
     write_text_atomic(out_dir / "urls.csv", _csv_text(URLS_COLUMNS, rows))
     counts["seconds"] = round(time.monotonic() - started, 2)
-    log.info("wrote %d photos (%d landmarks, %d non-landmarks, %d broken links) to %s in %.1f s",
-             len(photos), n_landmarks, len(others), len(faults), out_dir, counts["seconds"])
+    log.info("wrote %d photos (%d landmarks, %d non-landmarks, %d broken links) and %d new photos to %s "
+             "in %.1f s", len(photos), n_landmarks, len(others), len(faults), len(new_plan), out_dir,
+             counts["seconds"])
     return counts
 
 
@@ -1928,6 +2004,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--broken-fraction", type=float, default=0.08, help="fraction of rows with a broken URL")
     gen.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where the server will serve the set")
     gen.add_argument("--workers", type=int, default=None, help="processes (default: available CPUs)")
+    gen.add_argument("--new-photos", type=int, default=8, metavar="N",
+                     help="also write N new landmark photos and ceil(N/2) new non-landmark photos, unseen by "
+                          "any model, into OUT/new_photos with their answers in OUT/new_photos.csv (0: none)")
     gen.add_argument("-v", "--verbose", action="store_true")
 
     srv = sub.add_parser("serve", help="serve a generated set over HTTP, with fault URLs")
@@ -1948,7 +2027,7 @@ def main(argv=None) -> int:
     if args.command == "generate":
         counts = generate(args.out, seed=args.seed, n_landmarks=args.landmarks, views_per_landmark=args.views,
                           n_nonlandmarks=args.nonlandmarks, broken_fraction=args.broken_fraction,
-                          base_url=args.base_url, workers=args.workers)
+                          base_url=args.base_url, workers=args.workers, new_photos=args.new_photos)
         print(json.dumps(counts, sort_keys=True))
         return 0
     if args.parent_pid is not None and not process_alive(args.parent_pid):

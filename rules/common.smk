@@ -67,5 +67,13 @@ def retrieve_settings(w):
 
 
 def verify_shards(w):
-    """Geometric verification reads the query and database images from their shards."""
-    return shard_dirs("test") + shard_dirs("train") if retrieve_settings(w)["verify"]["neighbours"] else []
+    """Geometric verification reads the images of the queries (test, and val with bank photos for the
+    non-landmark threshold) and of the database from their shards."""
+    if not retrieve_settings(w)["verify"]["neighbours"]:
+        return []
+    return shard_dirs("test") + shard_dirs("train") + shard_dirs("val") + shard_dirs("nonlandmark")
+
+
+def predictor_settings(w):
+    """What predict needs to treat a new photo as the pipeline treated a test photo (predictor.json)."""
+    return {"embed": experiment(w.experiment, "embed"), "shard": {**config["shard"], "size": SHARD_SIZE}}

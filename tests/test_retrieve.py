@@ -325,3 +325,22 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
     with pytest.raises(StageError, match="retrieve.verify: .* images are in none of the shards"):
         retrieve.retrieve(database, queries, None, tmp_path / "x", rerank="none", verify={"neighbours": 2},
                           shard_dirs=[tmp_path / "train"])
+
+
+def test_the_nonlandmark_threshold_makes_the_most_right_decisions():
+    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    correct = np.array([True, True, False, True, False, False])
+    is_landmark = np.array([True, True, True, True, False, False])
+    chosen = retrieve.choose_threshold(confidence, correct, is_landmark)
+    # Cut between 0.6 and 0.5: the 3 right landmarks kept, both non-landmarks rejected (the wrong one at 0.7
+    # costs a decision either way).
+    assert chosen["threshold"] == pytest.approx(0.55) and chosen["accuracy"] == pytest.approx(5 / 6)
+    assert chosen["accuracy_without_threshold"] == pytest.approx(3 / 6)
+    # Equal confidences cannot be told apart: the cut never falls between them.
+    tied = retrieve.choose_threshold(np.array([0.5, 0.5, 0.2]), np.array([True, False, False]),
+                                     np.array([True, False, False]))
+    assert tied["threshold"] == pytest.approx(0.35)
+    # Only right landmark answers: keep them all; a query without a prediction (-inf) is rejected first.
+    keep = retrieve.choose_threshold(np.array([0.3, 0.9, -np.inf]), np.array([True, True, False]),
+                                     np.array([True, True, False]))
+    assert keep["threshold"] == pytest.approx(0.3 - 1e-6) and keep["accuracy"] == 1.0

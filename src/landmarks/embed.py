@@ -66,6 +66,21 @@ class MultiScaleTransform:
 
 
 @torch.no_grad()
+def embed_views(model, views_by_scale, device: torch.device, *, flip: bool = False, amp: bool = True) -> np.ndarray:
+    """One batch's L2-normalised embeddings (float32) from its images at each TTA scale (a tensor per
+    scale): each view (scale x flip) normalised, the views averaged, the average normalised."""
+    total = None
+    for images in views_by_scale:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        for view in ([images, torch.flip(images, dims=[3])] if flip else [images]):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                embedding = model(view)
+            embedding = F.normalize(embedding.float(), dim=1)
+            total = embedding if total is None else total + embedding
+    return F.normalize(total, dim=1).cpu().numpy()
+
+
+@torch.no_grad()
 def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size: int = 64, workers: int = 0,
                        device: torch.device | None = None, flip: bool = False, scales=(1.0,),
                        progress: bool = True, amp: bool = True, out: np.ndarray | None = None) -> np.ndarray:
@@ -92,17 +107,7 @@ def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size:
                unit="batch", disable=not progress, mininterval=2.0 if interactive else 30.0)
     try:
         for views_by_scale, _, positions in bar:
-            total = None
-            for images in views_by_scale:
-                images = images.to(device, non_blocking=True)
-                images = images.contiguous(memory_format=torch.channels_last)
-                views = [images, torch.flip(images, dims=[3])] if flip else [images]
-                for view in views:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                        embedding = model(view)
-                    embedding = F.normalize(embedding.float(), dim=1)
-                    total = embedding if total is None else total + embedding
-            batch = F.normalize(total, dim=1).cpu().numpy()
+            batch = embed_views(model, views_by_scale, device, flip=flip, amp=amp)
             rows = positions.numpy()
             if not np.isfinite(batch).all():
                 bad = index.table["id"].to_numpy()[rows[~np.isfinite(batch).all(axis=1)]]

@@ -57,7 +57,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .common import StageError, run_cli, setup_logging, write_json_atomic, write_table
+from .common import StageError, atomic_path, run_cli, setup_logging, write_json_atomic, write_table
 from .embed import load_embeddings
 
 log = logging.getLogger("landmarks.retrieve")
@@ -67,6 +67,7 @@ PREDICTION_RULES = ("top1", "vote")
 SEARCH_CHUNK = 1 << 16  # query (or database) rows converted to float32 and handed to faiss at once
 PREDICT_CELLS = 1 << 22  # queries x k x k label comparisons made at once (bounds predict's memory)
 _NO_ROW = np.iinfo(np.int64).max  # sorts after every database row
+NO_CONFIDENCE = -1e9  # a query without a prediction, when choosing the non-landmark threshold
 
 
 def gpu_count() -> int:
@@ -190,7 +191,16 @@ def bank_similarity(vectors: np.ndarray, bank: np.ndarray, k: int, *, exclude: n
     """Mean of each vector's top-k cosines to the non-landmark bank (0 when there is no bank)."""
     if bank is None or len(bank) == 0 or len(vectors) == 0:
         return np.zeros(len(vectors), np.float32)
-    cosines, positions = knn(bank, vectors, min(k, len(bank)), exclude=exclude, **knn_options)
+    index, _ = build_index(bank, **knn_options)
+    return bank_similarity_from_index(index, vectors, k, exclude=exclude)
+
+
+def bank_similarity_from_index(bank_index, vectors: np.ndarray, k: int, *,
+                               exclude: np.ndarray | None = None) -> np.ndarray:
+    """`bank_similarity` against a bank already in a faiss index (retrieve builds it once; predict loads it)."""
+    if bank_index is None or bank_index.ntotal == 0 or len(vectors) == 0:
+        return np.zeros(len(vectors), np.float32)
+    cosines, positions = search(bank_index, vectors, min(k, bank_index.ntotal), exclude=exclude)
     found = positions >= 0
     total = np.where(found, cosines, 0).sum(axis=1, dtype=np.float64)
     return (total / np.maximum(found.sum(axis=1), 1)).astype(np.float32)
@@ -360,46 +370,36 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
     return database, db_ids, queries, query_ids, bank, bank_ids
 
 
-def find_neighbours(database, queries, self_rows, s: dict, use_gpu, seconds: dict):
-    """(cosines, positions, index description, recall of an approximate index or None)."""
-    options = dict(use_gpu=use_gpu, index_type=s["index"], ivf_lists=s["ivf_lists"], pq_m=s["pq_m"],
-                   nprobe=s["nprobe"])
-    started = time.perf_counter()
-    index, about = build_index(database, seed=s["seed"], **options)
-    seconds["index"] = time.perf_counter() - started
-    started = time.perf_counter()
-    exclude = self_rows if s["exclude_self"] else None
-    cosines, positions = search(index, queries, s["k"], exclude=exclude)
-    seconds["search"] = time.perf_counter() - started
-    del index
-    log.info("searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
-             len(queries), len(database), about["type"], about["device"], seconds["search"], seconds["index"])
-    recall = None
-    if s["index"] != "flat" and s["recall_sample"] and len(queries) and len(database):
-        rng = np.random.default_rng(s["seed"])
-        sample = np.sort(rng.choice(len(queries), min(s["recall_sample"], len(queries)), replace=False))
-        _, exact_positions = knn(database, queries[sample], s["k"], use_gpu=use_gpu,
-                                 exclude=None if exclude is None else exclude[sample])
-        recall = recall_against_exact(positions[sample], exact_positions)
-        log.info("%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
-                 "%.4f, recall@%d %.4f", s["index"], recall["queries"], recall["recall_at_1"] or float("nan"),
-                 s["k"], recall["top1_in_top_k"] or float("nan"), s["k"], recall["recall_at_k"])
-    return cosines, positions, about, recall
+def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) -> dict | None:
+    """Recall of an approximate index (ivfpq) against exact search on a sample of the queries; None for
+    the exact flat index."""
+    if s["index"] == "flat" or not s["recall_sample"] or not len(queries) or not len(database):
+        return None
+    rng = np.random.default_rng(s["seed"])
+    sample = np.sort(rng.choice(len(queries), min(s["recall_sample"], len(queries)), replace=False))
+    _, exact_positions = knn(database, queries[sample], s["k"], use_gpu=use_gpu,
+                             exclude=None if exclude is None else exclude[sample])
+    recall = recall_against_exact(positions[sample], exact_positions)
+    log.info("%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
+             "%.4f, recall@%d %.4f", s["index"], recall["queries"], recall["recall_at_1"] or float("nan"),
+             s["k"], recall["top1_in_top_k"] or float("nan"), s["k"], recall["recall_at_k"])
+    return recall
 
 
-def bank_terms(queries, database, db_ids, bank, bank_ids, s: dict, use_gpu):
-    """(each query's mean cosine to its nearest bank photos, B_j of every database image or None)."""
-    options = dict(use_gpu=use_gpu, index_type="flat")  # the bank is small: exact search
-    rerank = s["rerank"]
-    query_bank = bank_similarity(queries, bank, s["glr2020_query_bank_k"] if rerank == "glr2020" else s["bank_k"],
-                                 **options)
-    if rerank != "glr2020":
-        return query_bank, None
+def query_bank_k(s: dict) -> int:
+    """How many bank photos the query's bank term averages (C_i of glr2020, seed004's term otherwise)."""
+    return s["glr2020_query_bank_k"] if s["rerank"] == "glr2020" else s["bank_k"]
+
+
+def database_bank_terms(database, db_ids, bank_index, bank_ids, s: dict) -> np.ndarray | None:
+    """B_j of every database image (glr2020 only, else None): its mean cosine to its nearest bank photos."""
+    if s["rerank"] != "glr2020":
+        return None
     db_in_bank = _positions_of(db_ids["id"], bank_ids)
     if (db_in_bank >= 0).any():
         log.warning("%d database images are also in the non-landmark bank: each is left out of its own B_j",
                     int((db_in_bank >= 0).sum()))
-    return query_bank, bank_similarity(database, bank, s["bank_k"], exclude=db_in_bank, **options)
+    return bank_similarity_from_index(bank_index, database, s["bank_k"], exclude=db_in_bank)
 
 
 def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.ndarray, v: dict):
@@ -431,24 +431,159 @@ def verified(result: Predictions, labels: np.ndarray, is_verified: np.ndarray, i
     return result._replace(confidence=confidence), label_inliers
 
 
-def verify_neighbours_of(query_ids, db_ids, positions, shard_dirs, v: dict, threads: int) -> np.ndarray:
+class ImageSource:
+    """Images by id for geometric verification: the shards' images, plus images held in memory (new
+    photos that predict has decoded, which are in no shard)."""
+
+    def __init__(self, shard_dirs=(), extra: dict | None = None):
+        from .loader import ShardImages
+        self.shards = ShardImages(shard_dirs)
+        self.extra = extra or {}
+        self.shard_dirs = list(shard_dirs)
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self.extra or image_id in self.shards
+
+    def image(self, image_id):
+        return self.extra[image_id] if image_id in self.extra else self.shards.image(image_id)
+
+
+def verify_neighbours_of(query_ids, db_ids, positions, images: ImageSource, v: dict, threads: int) -> np.ndarray:
     """SIFT + RANSAC inlier counts between each query and its first `v['neighbours']` neighbours."""
-    from .loader import ShardImages
     from .verify import VerifySettings, verify_neighbours
-    if not shard_dirs:
+    if not images.shard_dirs and not images.extra:
         raise StageError(f"retrieve.verify.neighbours is {v['neighbours']}: verification reads the images from "
                          "their shards; give them (--shards), or set retrieve.verify.neighbours: 0")
-    images = ShardImages(shard_dirs)
     m = min(v["neighbours"], positions.shape[1])
     db = db_ids["id"].to_numpy(dtype=object)
     neighbour_ids = np.where(positions[:, :m] >= 0, db[np.where(positions[:, :m] >= 0, positions[:, :m], 0)], None)
     missing = [i for i in list(query_ids) + [x for x in neighbour_ids.ravel() if x is not None] if i not in images]
     if missing:
-        raise StageError(f"retrieve.verify: {len(missing)} images are in none of the shards given "
-                         f"({', '.join(map(str, shard_dirs))}), e.g. {missing[0]!r}")
+        shards = ", ".join(map(str, images.shard_dirs)) or "none given"
+        raise StageError(f"retrieve.verify: {len(missing)} images are in none of the shards ({shards}), e.g. "
+                         f"{missing[0]!r}; give their shards (--shards), or set retrieve.verify.neighbours: 0")
     settings = VerifySettings(**{key: v[key] for key in ("max_side", "max_features", "ratio", "model",
                                                           "min_inliers")})
     return verify_neighbours(list(query_ids), neighbour_ids, images.image, settings, threads=threads)
+
+
+class Answers(NamedTuple):
+    """Everything retrieval decides for a set of queries (see `answer_queries`)."""
+
+    predictions: Predictions
+    cosines: np.ndarray          # (queries, k), best first
+    positions: np.ndarray        # (queries, k) database rows, -1 = none
+    query_bank: np.ndarray       # the query's bank term
+    inliers: np.ndarray | None   # (queries, m) RANSAC inliers of the first m neighbours (verify on)
+    label_inliers: np.ndarray | None  # best inlier count of the predicted landmark's neighbours
+
+
+class Database(NamedTuple):
+    """What a query is answered against: the database index and its rows, the bank index, the settings."""
+
+    index: object                # faiss index of the database embeddings
+    ids: pd.DataFrame            # id, landmark_id (+ shard, key) per database row
+    labels: np.ndarray           # landmark id per row, -1 for none
+    bank_terms: np.ndarray | None  # B_j per row (glr2020)
+    bank_index: object | None    # faiss index of the non-landmark bank
+    settings: dict               # the retrieve section, validated
+
+
+def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None, exclude_bank=None,
+                   images: ImageSource | None = None, threads: int = 1, seconds: dict | None = None) -> Answers:
+    """Search, bank terms, geometric verification and prediction for `queries` (L2-normalised rows):
+    the one path by which the retrieve stage answers its test queries, its val queries (for the
+    non-landmark threshold) and predict answers new photos, so each gets the same answer.
+
+    exclude: a database row per query that may not be its neighbour (itself), or None; exclude_bank:
+    likewise a bank row (a bank photo used as a query); images: where verification reads the images."""
+    s, seconds = db.settings, {} if seconds is None else seconds
+    started = time.perf_counter()
+    cosines, positions = search(db.index, queries, s["k"], exclude=exclude)
+    seconds["search"] = seconds.get("search", 0.0) + time.perf_counter() - started
+    started = time.perf_counter()
+    query_bank = bank_similarity_from_index(db.bank_index, queries, query_bank_k(s), exclude=exclude_bank)
+    seconds["bank"] = seconds.get("bank", 0.0) + time.perf_counter() - started
+    inliers = label_inliers = forced = None
+    if s["verify"]["neighbours"]:
+        started = time.perf_counter()
+        inliers = verify_neighbours_of(list(query_ids), db.ids, positions, images or ImageSource(), s["verify"],
+                                       threads)
+        forced, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, s["verify"])
+        seconds["verify"] = seconds.get("verify", 0.0) + time.perf_counter() - started
+    started = time.perf_counter()
+    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db.bank_terms,
+                   neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
+                   bank_weight=s["bank_weight"])
+    result = predict(cosines, positions, db.labels, **options)
+    if inliers is not None:
+        relabelled = (forced >= 0) & (forced != result.label)
+        log.info("geometric verification: %d of %d queries have a verified neighbour; %d change their label",
+                 int(is_verified.any(axis=1).sum()), len(queries), int(relabelled.sum()))
+        if relabelled.any():
+            result = predict(cosines, positions, db.labels, labels=forced, **options)
+        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"]["weight"])
+    seconds["predict"] = seconds.get("predict", 0.0) + time.perf_counter() - started
+    return Answers(result, cosines, positions, query_bank, inliers, label_inliers)
+
+
+def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> list[tuple[int, float]]:
+    """The query's candidate landmarks (the prediction first, then the other landmarks among its
+    neighbours by confidence), each with the confidence it would have as the answer; at most `limit`."""
+    positions = answers.positions[row:row + 1]
+    found = positions[0] >= 0
+    labels = list(dict.fromkeys(int(x) for x in db.labels[positions[0][found]] if x >= 0))
+    predicted = int(answers.predictions.label[row])
+    candidates = [predicted] + [x for x in labels if x != predicted] if predicted >= 0 else labels
+    s = db.settings
+    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=answers.query_bank[row:row + 1],
+                   db_bank=db.bank_terms, neighbours_per_label=s["glr2020_neighbours_per_label"],
+                   margin_weight=s["margin_weight"], bank_weight=s["bank_weight"])
+    scored = []
+    for label in candidates:
+        result = predict(answers.cosines[row:row + 1], positions, db.labels, labels=np.array([label]), **options)
+        confidence = float(result.confidence[0])
+        if answers.inliers is not None:
+            m = answers.inliers.shape[1]
+            neighbour_labels = np.where(positions[0, :m] >= 0, db.labels[np.maximum(positions[0, :m], 0)], -1)
+            is_verified = (answers.inliers[row] >= s["verify"]["min_inliers"]) & (neighbour_labels == label)
+            confidence += s["verify"]["weight"] * bool(is_verified.any())
+        scored.append((label, confidence))
+    if predicted >= 0:  # the rule's answer stays first, whatever the others score
+        scored[0] = (predicted, float(answers.predictions.confidence[row]))
+        return [scored[0]] + sorted(scored[1:], key=lambda item: -item[1])[:limit - 1]
+    return sorted(scored, key=lambda item: -item[1])[:limit]
+
+
+def choose_threshold(confidence: np.ndarray, correct: np.ndarray, is_landmark: np.ndarray) -> dict:
+    """The non-landmark threshold that makes the most right decisions on val: a landmark query is right
+    when its predicted landmark is right and its confidence reaches the threshold, a non-landmark query
+    when its confidence stays below it. The threshold lies halfway between the two confidences it
+    separates (ties: the lowest such threshold, which keeps the most answers)."""
+    confidence = np.where(np.isfinite(confidence), confidence, NO_CONFIDENCE).astype(np.float64)
+    order = np.argsort(confidence, kind="stable")
+    values = confidence[order]
+    landmark_right = (correct & is_landmark)[order]
+    nonlandmark = (~is_landmark)[order]
+    # Threshold just above the first i sorted values (i = 0..n): those are called non-landmarks.
+    rejected_right = np.concatenate([[0], np.cumsum(nonlandmark)])
+    accepted_right = landmark_right.sum() - np.concatenate([[0], np.cumsum(landmark_right)])
+    right = rejected_right + accepted_right
+    distinct = np.concatenate([[True], values[1:] > values[:-1], [True]])  # cut only between distinct values
+    right = np.where(distinct, right, -1)
+    best = int(np.argmax(right))
+    if best == 0:
+        threshold = float(values[0]) - 1e-6 if len(values) else None
+    elif best == len(values):
+        threshold = float(values[-1]) + 1e-6
+    elif values[best - 1] <= NO_CONFIDENCE:  # below it: only queries without a prediction
+        threshold = float(values[best]) - 1e-6
+    else:
+        threshold = float((values[best - 1] + values[best]) / 2)
+    n = len(values)
+    return {"threshold": threshold, "accuracy": float(right[best] / n) if n else None, "queries": int(n),
+            "landmark_queries": int(is_landmark.sum()), "nonlandmark_queries": int((~is_landmark).sum()),
+            "accuracy_without_threshold": float((correct & is_landmark).sum() / n) if n else None}
 
 
 def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=None) -> pd.DataFrame:
@@ -489,11 +624,73 @@ def predictions_table(query_ids, result: Predictions, query_bank, label_inliers=
     return table
 
 
+def calibration_queries(val_path, bank, bank_ids, dim: int, seed: int):
+    """The val queries that choose the non-landmark threshold: the val images (landmark queries) and as
+    many photos of the bank as non-landmark queries (a fixed sample; each is left out of its own bank
+    term). Returns (vectors, ids table with landmark_id, bank row per query or -1)."""
+    val, val_ids = load_embeddings(val_path)
+    if len(val) and val.shape[1] != dim:
+        raise StageError(f"{val_path}: {val.shape[1]}-d embeddings, but the database is {dim}-d")
+    landmark = val_ids["landmark_id"].notna().to_numpy()
+    val, val_ids = val[landmark], val_ids[landmark].reset_index(drop=True)
+    size = min(len(bank), len(val_ids))
+    rows = np.sort(np.random.default_rng([seed, 29]).choice(len(bank), size, replace=False)) if size else \
+        np.zeros(0, np.int64)
+    vectors = np.concatenate([val, bank[rows]]) if size else val
+    ids = pd.concat([val_ids[["id", "landmark_id"]],
+                     bank_ids.iloc[rows][["id"]].assign(landmark_id=pd.NA)], ignore_index=True)
+    exclude_bank = np.concatenate([np.full(len(val_ids), -1, np.int64), rows.astype(np.int64)])
+    return vectors, ids, exclude_bank
+
+
+def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSource, threads: int) -> dict:
+    """Choose the non-landmark threshold on val (see `choose_threshold`); answers the val queries exactly
+    as the test queries are answered."""
+    vectors, ids, exclude_bank = calibration_queries(val_path, bank, bank_ids, db.index.d, db.settings["seed"])
+    if not ids["landmark_id"].notna().any():
+        log.warning("%s has no landmark images: no non-landmark threshold chosen (predict keeps every "
+                    "answer unless predict.nonlandmark_threshold is set)", val_path)
+        return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}
+    answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
+    truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    label = answers.predictions.label
+    chosen = choose_threshold(answers.predictions.confidence, (label == truth) & (truth >= 0), truth >= 0)
+    chosen["source"] = "val"
+    log.info("non-landmark threshold %.4f chosen on val: %d landmark + %d non-landmark queries, %.1f%% right "
+             "decisions (%.1f%% without a threshold)", chosen["threshold"], chosen["landmark_queries"],
+             chosen["nonlandmark_queries"], 100 * chosen["accuracy"], 100 * chosen["accuracy_without_threshold"])
+    return chosen
+
+
+def cpu_index(index, about: dict):
+    """The index as faiss writes it to disk (a GPU index is copied back to the CPU first)."""
+    return faiss.index_gpu_to_cpu(index) if about["device"].startswith("gpu") else index
+
+
+def write_index(index, path: Path) -> None:
+    with atomic_path(path, suffix=".faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) -> None:
+    """What predict needs to answer new photos without rebuilding anything: the database index, its rows
+    (id, landmark, where the image is, B_j) and the bank index."""
+    write_index(cpu_index(db.index, about), out_dir / "index.faiss")
+    write_index(cpu_index(db.bank_index, bank_about), out_dir / "bank.faiss")
+    table = db.ids[[c for c in ("id", "landmark_id", "shard", "key") if c in db.ids.columns]].copy()
+    table["landmark_id"] = table["landmark_id"].astype("Int64")
+    table["bank_term"] = db.bank_terms.astype(np.float32) if db.bank_terms is not None else np.nan
+    write_table(table.reset_index(drop=True), out_dir / "database.parquet")
+
+
 def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: bool | None = None,
-             shard_dirs=(), threads: int = 1, **settings) -> pd.DataFrame:
-    """Search, predict (and verify) and write the stage's four files into `out_dir`; returns the
-    predictions table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled);
-    `shard_dirs`: shards holding the query and database images, for `verify`.
+             shard_dirs=(), threads: int = 1, val_path=None, predictor: dict | None = None,
+             **settings) -> pd.DataFrame:
+    """Search, predict (and verify) and write the stage's files into `out_dir`; returns the predictions
+    table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled); `shard_dirs`:
+    shards holding the query, database (and val and bank) images, for `verify`; `val_path`: val
+    embeddings, to choose the non-landmark threshold predict uses; `predictor`: the experiment's embed
+    and shard settings, recorded in predictor.json for predict.
 
     Refuses (StageError) queries that are also in the bank, duplicate ids, embeddings of different
     dimensions, and a reranking without a bank.
@@ -510,44 +707,41 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: 
                     "each is left out of its own neighbours" if s["exclude_self"]
                     else "kept (exclude_self false): they will find themselves first")
     seconds = {}
-    cosines, positions, about, recall = find_neighbours(database, queries, self_rows, s, use_gpu, seconds)
     started = time.perf_counter()
-    query_bank, db_bank = bank_terms(queries, database, db_ids, bank, bank_ids, s, use_gpu)
-    seconds["bank"] = time.perf_counter() - started
-
-    started = time.perf_counter()
+    index, about = build_index(database, seed=s["seed"], use_gpu=use_gpu, index_type=s["index"],
+                               ivf_lists=s["ivf_lists"], pq_m=s["pq_m"], nprobe=s["nprobe"])
+    bank_index, bank_about = build_index(bank if len(bank) else np.zeros((0, queries.shape[1]), np.float32),
+                                         use_gpu=use_gpu)  # small: exact search
+    seconds["index"] = time.perf_counter() - started
     db_labels = db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     unlabelled = int((db_labels < 0).sum())
     if unlabelled:
         log.warning("%d database images have no landmark id: they are listed as neighbours but give no label",
                     unlabelled)
-    inliers = label_inliers = forced = None
-    if s["verify"]["neighbours"]:
+    db = Database(index, db_ids, db_labels, database_bank_terms(database, db_ids, bank_index, bank_ids, s),
+                  bank_index, s)
+    images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
+    exclude = self_rows if s["exclude_self"] else None
+    answers = answer_queries(db, queries, query_ids["id"], exclude=exclude, images=images, threads=threads,
+                             seconds=seconds)
+    log.info("searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
+             len(queries), len(database), about["type"], about["device"], seconds["search"], seconds["index"])
+    recall = approximate_recall(database, queries, answers.positions, exclude, s, use_gpu)
+    threshold = {"threshold": None, "source": "none: no val embeddings given"}
+    if val_path:
         started = time.perf_counter()
-        inliers = verify_neighbours_of(query_ids["id"], db_ids, positions, shard_dirs, s["verify"], threads)
-        forced, neighbour_labels, is_verified = verified_labels(positions, db_labels, inliers, s["verify"])
-        seconds["verify"] = time.perf_counter() - started
-    started = time.perf_counter()
-    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db_bank,
-                   neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
-                   bank_weight=s["bank_weight"])
-    result = predict(cosines, positions, db_labels, **options)
-    if inliers is not None:
-        relabelled = (forced >= 0) & (forced != result.label)
-        log.info("geometric verification: %d of %d queries have a verified neighbour; %d change their label",
-                 int(is_verified.any(axis=1).sum()), len(queries), int(relabelled.sum()))
-        if relabelled.any():
-            result = predict(cosines, positions, db_labels, labels=forced, **options)
-        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"]["weight"])
-    seconds["predict"] = time.perf_counter() - started
+        threshold = calibrate_threshold(db, val_path, bank, bank_ids, images, threads)
+        seconds["calibrate"] = time.perf_counter() - started
 
-    predictions = predictions_table(query_ids, result, query_bank, label_inliers)
+    result = answers.predictions
+    predictions = predictions_table(query_ids, result, answers.query_bank, answers.label_inliers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers),
+    write_table(neighbours_table(query_ids, db_ids, db_labels, answers.cosines, answers.positions, answers.inliers),
                 out_dir / "neighbours.parquet")
     write_table(predictions, out_dir / "predictions.parquet")
     from .metrics import write_submission_csv
     write_submission_csv(predictions, out_dir / "submission.csv")  # every query; empty = no prediction
+    save_database(out_dir, db, about, bank_about)
     has_label = result.label >= 0
     summary = {
         "database": {"path": str(database_path), "images": len(database), "unlabelled": unlabelled},
@@ -556,13 +750,28 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: 
         "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
         "dim": int(queries.shape[1]), "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
         "settings": s, "index": about, "recall": recall,
-        "verified": None if inliers is None else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
+        "verified": None if answers.inliers is None else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
+        "nonlandmark_threshold": threshold,
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
+    write_json_atomic(out_dir / "predictor.json", {
+        "dim": int(queries.shape[1]), "database_images": len(database), "bank_images": len(bank),
+        "retrieve": s, "nonlandmark_threshold": threshold, **(predictor or {})})
     write_json_atomic(out_dir / "retrieve.json", summary)
     log.info("%d of %d queries got a prediction (rerank %s%s); timings %s", int(has_label.sum()), len(queries),
-             s["rerank"], "" if inliers is None else f", {summary['verified']} verified", summary["seconds"])
+             s["rerank"], "" if answers.inliers is None else f", {summary['verified']} verified", summary["seconds"])
     return predictions
+
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StageError(f"{flag} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise StageError(f"{flag} must be a JSON object")
+    return value
 
 
 def main(argv=None) -> int:
@@ -576,23 +785,24 @@ def main(argv=None) -> int:
                         help="JSON object of retrieve settings (config.yaml's retrieve section); defaults fill the rest")
     parser.add_argument("--shards", nargs="*", default=[],
                         help="shard folders of the query and database images (for verify)")
+    parser.add_argument("--val", default=None,
+                        help="embeddings of the val split .npy: the non-landmark threshold predict uses is chosen on them")
+    parser.add_argument("--predictor", default="{}",
+                        help="JSON object recorded in predictor.json for predict: the experiment's embed and shard "
+                             "settings ({\"embed\": {...}, \"shard\": {...}})")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="faiss CPU threads (OpenMP) and verify threads")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        settings = json.loads(args.settings)
-    except json.JSONDecodeError as err:
-        raise StageError(f"--settings is not valid JSON: {err}") from err
-    if not isinstance(settings, dict):
-        raise StageError("--settings must be a JSON object of retrieve settings")
+    settings = _json_object(args.settings, "--settings")
     use_gpu = {"auto": None, "cpu": False, "gpu": True}[args.device]
     if use_gpu and gpu_count() == 0:
         raise StageError("--device gpu: faiss sees no GPU (faiss-cpu installed, or no CUDA device)")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     retrieve(args.database, args.queries, args.bank, Path(args.out_dir), use_gpu=use_gpu, shard_dirs=args.shards,
-             threads=args.threads or 1, **settings)
+             threads=args.threads or 1, val_path=args.val, predictor=_json_object(args.predictor, "--predictor"),
+             **settings)
     return 0
 
 

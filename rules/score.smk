@@ -1,6 +1,8 @@
-# score[experiment]: GAP (Kaggle definition), accuracy, report and figures.
+# score[experiment]: GAP (Kaggle definition), accuracy, report and figures. The saliency figure runs the
+# trained model (on the CPU, a few images), hence the torch env.
 
-SCORE_FIGURES = ["examples", "precision_vs_rank", "score_distributions", "per_class_accuracy"]
+SCORE_FIGURES = ["examples", "precision_vs_rank", "score_distributions", "per_class_accuracy", "confusion",
+                 "saliency"]
 
 rule score:
     input:
@@ -9,6 +11,7 @@ rule score:
         retrieve_summary=f"{R}/experiments/{{experiment}}/retrieve/retrieve.json",
         selection=f"{R}/select/selection.parquet",
         train_summary=f"{R}/experiments/{{experiment}}/train/train.json",
+        model=f"{R}/experiments/{{experiment}}/train/model.pt",
         shards=shard_dirs("test") + shard_dirs("train"),
         solution=[config["input"]["solution_csv"]] if config["input"]["solution_csv"] else [],
     output:
@@ -20,6 +23,9 @@ rule score:
     params:
         out_dir=lambda w: f"{R}/experiments/{w.experiment}/score",
         solution=lambda w, input: f"--solution {shlex.quote(input.solution[0])}" if input.solution else "",
+        # The size the embed stage feeds the model (null: the checkpoint's training size, score's default).
+        image_size=lambda w: (f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
+                              if experiment(w.experiment, "embed")["image_size"] else ""),
     log:
         f"{LOGS}/score/{{experiment}}.log",
     threads: 1
@@ -27,10 +33,11 @@ rule score:
         mem_mb=4000,
         runtime=60,
     conda:
-        "../envs/pipeline.yaml"
+        "../envs/torch.yaml"
     shell:
         "python -m landmarks.score --predictions {input.predictions:q} --neighbours {input.neighbours:q} "
         "--selection {input.selection:q} {params.solution} --shards {input.shards:q} "
         "--train-summary {input.train_summary:q} --retrieve-summary {input.retrieve_summary:q} "
+        "--model {input.model:q} {params.image_size} "
         "--experiment {wildcards.experiment} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -6,10 +6,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from PIL import Image, ImageDraw
 
-from landmarks import report, score, summary
+from landmarks import report, score, shard, summary
 from landmarks.common import StageError
+from landmarks.loader import ShardImages
 from landmarks.metrics import score_predictions
+from landmarks.model import LandmarkModel
 
 
 @pytest.fixture()
@@ -55,9 +59,11 @@ def test_metrics_are_the_kaggle_gap_with_and_without_reranking(results):
     assert (metrics["queries"], metrics["landmark_queries"], metrics["predictions"]) == (10, 6, 9)
     for figure in score.FIGURES:
         assert (folder / "score" / figure).read_bytes()[:4] == b"\x89PNG"
+    assert not (folder / "score" / "saliency.png").exists()  # no --model: no saliency figure
     text = (folder / "score" / "report.md").read_text()
     assert f"| GAP (all test queries, Kaggle definition) | {expected.gap:.4f} |" in text
     assert "![examples](examples.png)" in text and "| 4 | 0.00 | 1 |" in text  # q3's class among the hardest
+    assert "saliency.png" not in text
 
 
 def test_solution_csv_gives_public_and_private_scores(results):
@@ -141,3 +147,141 @@ def test_gap_by_confidence_ranks_the_same_labels_by_each_available_confidence():
     assert "geometrically verified first, then top-1 cosine" not in by  # no inliers column
     verified = score.gap_by_confidence(predictions.assign(inliers=[12, 0, 3]), truth, min_inliers=10)
     assert verified["geometrically verified first, then top-1 cosine"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Confusions and saliency
+
+
+SHARD_SIZE = 96
+
+
+def _landmark_photo(landmark: int | None, seed: int) -> Image.Image:
+    """A 'landmark' (a tower whose colour and shape follow the landmark id) on a sky, shifted per photo;
+    a non-landmark photo is a noisy field."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (120, 100), (150, 190, 230))
+    draw = ImageDraw.Draw(image)
+    if landmark is None:
+        image.paste(Image.fromarray(rng.integers(60, 140, (40, 120, 3), dtype=np.uint8)), (0, 60))
+        return image
+    colour = tuple(int(c) for c in np.random.default_rng(landmark).integers(0, 200, 3))
+    x = 30 + int(rng.integers(-10, 10))
+    width = 14 + 6 * (landmark % 4)
+    draw.rectangle([x, 25, x + width, 95], fill=colour)
+    draw.polygon([(x - 4, 25), (x + width + 4, 25), (x + width // 2, 8)], fill=colour)
+    for row in range(35, 90, 12):  # windows: texture the model can see
+        draw.rectangle([x + 3, row, x + width - 3, row + 4], fill=(250, 240, 200))
+    draw.rectangle([0, 95, 120, 100], fill=(70, 120, 60))
+    return image
+
+
+@pytest.fixture()
+def with_model(results):
+    """Shards holding every query and database image of `results`, and a small random model."""
+    folder, _, _ = results
+    selection = pd.read_parquet(folder / "selection.parquet")
+    images = folder / "images"
+    images.mkdir()
+    for n, row in enumerate(selection.itertuples()):
+        _landmark_photo(None if pd.isna(row.landmark_id) else int(row.landmark_id), n).save(images / f"{row.id}.png")
+    selection["path"] = selection["id"] + ".png"
+    dirs = []
+    for split in ("test", "train"):
+        out = folder / "shards" / split
+        shard.shard_split(selection, images, split, 0, 1, out, size=SHARD_SIZE, images_per_shard=8)
+        dirs.append(str(out))
+    torch.manual_seed(0)
+    model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
+    torch.save({"model": model.state_dict(), "data_config": model.data_config,
+                "settings": {"backbone": "simple_cnn", "embedding_dim": 16, "gem_p": 3.0, "pooling": "gem",
+                             "image_size": 64}}, folder / "model.pt")
+    return folder, dirs, folder / "model.pt"
+
+
+def test_report_explains_results_with_saliency_and_confusions(with_model):
+    folder, dirs, model = with_model
+    assert score.main(["--predictions", str(folder / "predictions.parquet"), "--selection",
+                       str(folder / "selection.parquet"), "--neighbours", str(folder / "neighbours.parquet"),
+                       "--shards", *dirs, "--model", str(model), "--image-size", "96", "--experiment", "exp",
+                       "--out-dir", str(folder / "score")]) == 0
+    for figure in score.FIGURES + score.MODEL_FIGURES:
+        assert (folder / "score" / figure).read_bytes()[:4] == b"\x89PNG"
+    text = (folder / "score" / "report.md").read_text()
+    assert "![confusion matrix](confusion.png)" in text and "![saliency](saliency.png)" in text
+    pairs = text.split("### Most confused pairs")[1]
+    assert "| true landmark | predicted landmark | queries |" in pairs and "| 4 | 9 | 1 |" in pairs  # q3
+    assert "1 of 6 landmark queries have no prediction." in text  # q5
+    with pytest.raises(StageError, match="missing.pt: model checkpoint not found"):
+        score.score(folder / "predictions.parquet", folder / "out", selection_path=folder / "selection.parquet",
+                    model_path=folder / "missing.pt")
+
+
+def test_saliency_panels_compare_each_query_with_its_top_neighbour(with_model, results):
+    folder, dirs, model_path = with_model
+    _, predictions, truth = results
+    from landmarks.model import model_from_checkpoint
+    model, _ = model_from_checkpoint(model_path)
+    ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
+    neighbours = pd.read_parquet(folder / "neighbours.parquet")
+    neighbours = neighbours[neighbours["query_id"] != "q4"].sort_values("rank", ascending=False)  # order: not by rank
+    images = ShardImages(dirs)
+    images.rows.pop("q2")  # an image missing from the shards
+    panels = score.saliency_panels(model, 72, ranked, neighbours, images)
+    assert [(p["group"], p["query_id"]) for p in panels] == [
+        ("most confident", "q0"), ("most confident", "q1"), ("most confident", "q2"), ("most confident", "q3"),
+        ("least confident", "q4")]  # landmark queries with a prediction; q5 has none, q6+ are non-landmarks
+    first = panels[0]
+    assert (first["neighbour_id"], first["neighbour_landmark_id"], first["cosine"]) == ("t0", 1, pytest.approx(0.7))
+    assert first["correct"] and not panels[3]["correct"]
+    for key in ("query_view", "query_overlay", "neighbour_view", "neighbour_overlay"):
+        assert first[key].size == (72, 72) and first[key].mode == "RGB"
+    assert panels[2].get("query_view") is None and panels[2].get("query_overlay") is None  # q2 not in the shards
+    assert panels[2]["neighbour_view"] is not None
+    assert panels[4]["neighbour_id"] is None and panels[4].get("neighbour_overlay") is None  # q4: no neighbours
+    report.plot_saliency(panels, folder / "saliency.png")  # gaps drawn as "not available"
+    assert (folder / "saliency.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_saliency_examples_are_the_most_and_least_confident_landmark_queries(results):
+    _, predictions, truth = results
+    ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
+    picked = [(group, row["id"]) for group, row in report.pick_saliency_examples(ranked, per_group=2)]
+    assert picked == [("most confident", "q0"), ("most confident", "q1"),
+                      ("least confident", "q4"), ("least confident", "q3")]
+
+
+def _outcomes(pairs):
+    """Landmark-query outcomes from (true landmark, predicted landmark or None) pairs."""
+    return pd.DataFrame({"id": [f"q{i}" for i in range(len(pairs))],
+                         "truth_landmark_id": np.array([t for t, _ in pairs], dtype=np.int64),
+                         "predicted_landmark_id": pd.array([p for _, p in pairs], dtype="Int64"),
+                         "correct": np.array([t == p for t, p in pairs], dtype=bool)})
+
+
+def test_most_confused_landmarks_count_both_sides_of_each_mistake():
+    outcomes = _outcomes([(1, 1), (1, 2), (1, 2), (2, 1), (3, 3), (3, 3), (4, None), (5, 6), (7, 7)])
+    # mistakes: 1->2 twice, 2->1, 4 unpredicted, 5->6; 1 and 2 are in three each, the rest in one
+    assert report.most_confused_landmarks(outcomes) == [1, 2, 4, 5, 6]  # all of them when few; 3, 7: no mistakes
+    assert report.most_confused_landmarks(outcomes, max_landmarks=3) == [1, 2, 4]  # ties by id
+    assert report.most_confused_landmarks(_outcomes([(1, 1), (2, 2)])) == []
+    many = _outcomes([(t, t + 100) for t in range(30)] + [(5, 105)])
+    picked = report.most_confused_landmarks(many)
+    assert len(picked) == 20 and picked[:2] == [5, 105]
+    matrix = report.confusion_matrix(outcomes, report.most_confused_landmarks(outcomes, max_landmarks=3))
+    assert matrix.index.tolist() == [1, 2, 4]
+    assert matrix.columns.tolist() == [1, 2, 4, "no prediction"]  # no prediction outside {1, 2, 4}: no "other"
+    assert matrix.loc[1].tolist() == [1, 2, 0, 0] and matrix.loc[2].tolist() == [1, 0, 0, 0]
+    assert matrix.loc[4].tolist() == [0, 0, 0, 1]
+    wider = report.confusion_matrix(outcomes, [5, 1])
+    assert wider.columns.tolist() == [5, 1, "other landmark"] and wider.loc[5].tolist() == [0, 0, 1]
+    assert report.confused_pairs(outcomes).values.tolist() == [[1, 2, 2], [2, 1, 1], [5, 6, 1]]
+
+
+def test_confusion_figure_is_written_with_and_without_mistakes(tmp_path):
+    report.plot_confusion(_outcomes([(1, 1), (2, 2)]), tmp_path / "none.png")
+    report.plot_confusion(_outcomes([]), tmp_path / "empty.png")
+    report.plot_confusion(_outcomes([(t % 25, (t * 7) % 25 if t % 3 else None) for t in range(200)]),
+                          tmp_path / "many.png")
+    for name in ("none", "empty", "many"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,6 +1,8 @@
 """Figures of the score stage: example queries with their neighbours, precision against rank, score
-distributions, per-class accuracy. Each function takes the tables the score stage computed and writes
-one PNG atomically; matplotlib runs headless (Agg).
+distributions, per-class accuracy, the most confused landmarks, and saliency (where a query and its
+top neighbour match). Each function takes the tables (or, for saliency, the images) the score stage
+computed and writes one PNG atomically; matplotlib runs headless (Agg). No torch here: score.py
+runs the model.
 """
 
 from __future__ import annotations
@@ -227,4 +229,196 @@ def plot_per_class_accuracy(per_class: pd.DataFrame, path: Path, max_bars: int =
         ax.set_ylabel("top-1 accuracy")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Confusions between landmarks
+
+
+NO_PREDICTION, OTHER_LANDMARK = "no prediction", "other landmark"
+
+
+def landmark_outcomes(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """One row per landmark query (first truth label): id, truth_landmark_id, predicted_landmark_id
+    (NA: no prediction) and correct (the prediction is one of the query's labels)."""
+    landmark_truth = truth[truth["landmarks"].map(lambda x: x is not None and len(x) > 0)]
+    predicted = predictions.dropna(subset=["landmark_id"]).set_index("id")["landmark_id"]
+    guess = predicted.reindex(landmark_truth["id"]).to_numpy()
+    return pd.DataFrame({
+        "id": landmark_truth["id"].to_numpy(),
+        "truth_landmark_id": np.array([int(labels[0]) for labels in landmark_truth["landmarks"]], dtype=np.int64),
+        "predicted_landmark_id": pd.array([None if pd.isna(g) else int(g) for g in guess], dtype="Int64"),
+        "correct": np.array([not pd.isna(g) and int(g) in labels
+                             for g, labels in zip(guess, landmark_truth["landmarks"])], dtype=bool),
+    })
+
+
+def confused_pairs(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """(truth_landmark_id, predicted_landmark_id, queries): landmark queries given another landmark,
+    most frequent pair first (ties by ids)."""
+    wrong = outcomes[~outcomes["correct"] & outcomes["predicted_landmark_id"].notna()]
+    pairs = (wrong.groupby(["truth_landmark_id", "predicted_landmark_id"]).size().rename("queries").reset_index())
+    pairs["predicted_landmark_id"] = pairs["predicted_landmark_id"].astype(np.int64)
+    return (pairs.sort_values(["queries", "truth_landmark_id", "predicted_landmark_id"], ascending=[False, True, True])
+            .reset_index(drop=True))
+
+
+def most_confused_landmarks(outcomes: pd.DataFrame, max_landmarks: int = 20) -> list[int]:
+    """The landmarks involved in the most mistakes on landmark queries, at most `max_landmarks` (all of
+    them when fewer are involved): a wrong prediction counts for its true and its predicted landmark, a
+    query without a prediction for its true landmark. Most involved first, ties by id."""
+    wrong = outcomes[~outcomes["correct"]]
+    involved = pd.concat([wrong["truth_landmark_id"].astype(np.int64),
+                          wrong["predicted_landmark_id"].dropna().astype(np.int64)])
+    counts = involved.value_counts()
+    order = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [int(landmark) for landmark, _ in order[:max_landmarks]]
+
+
+def confusion_matrix(outcomes: pd.DataFrame, landmarks: list[int]) -> pd.DataFrame:
+    """Query counts, rows = true landmark, columns = predicted landmark, both over `landmarks` (in that
+    order); then an "other landmark" column (predicted outside `landmarks`) and a "no prediction"
+    column, each only when it has any query."""
+    rows = outcomes[outcomes["truth_landmark_id"].isin(landmarks)]
+    predicted = rows["predicted_landmark_id"]
+    column = [NO_PREDICTION if pd.isna(p) else (int(p) if int(p) in landmarks else OTHER_LANDMARK) for p in predicted]
+    table = pd.crosstab(pd.Series(rows["truth_landmark_id"].to_numpy(), name="truth"),
+                        pd.Series(column, name="predicted", dtype=object))
+    extra = [name for name in (OTHER_LANDMARK, NO_PREDICTION) if name in table.columns]
+    return table.reindex(index=landmarks, columns=list(landmarks) + extra, fill_value=0).astype(np.int64)
+
+
+def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) -> None:
+    """The confusion matrix of the landmarks involved in the most mistakes (`most_confused_landmarks`):
+    correct counts (the diagonal) in green, mistakes in red, darker for more queries, counts written
+    in the cells. Without any mistake, a figure that says so."""
+    plt = _pyplot()
+    landmarks = most_confused_landmarks(outcomes, max_landmarks)
+    if not landmarks:
+        fig, ax = plt.subplots(figsize=(6, 2.2))
+        ax.axis("off")
+        message = (f"No mistakes on the {len(outcomes)} landmark test queries:\nevery one was given its own landmark."
+                   if len(outcomes) else "No landmark test queries: no confusion matrix.")
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, transform=ax.transAxes)
+        ax.set_title("Most confused landmarks", fontsize=11)
+        _save(fig, path)
+        return
+    matrix = confusion_matrix(outcomes, landmarks)
+    counts = matrix.to_numpy()
+    n_rows, n_cols = counts.shape
+    correct = np.array([[row == col for col in matrix.columns] for row in matrix.index])
+    # Mistakes and correct counts each scaled to their own largest count: a few mistakes beside many
+    # correct queries still stand out.
+    scale = np.where(correct, max(1, counts[correct].max(initial=0)), max(1, counts[~correct].max(initial=0)))
+    intensity = np.where(counts > 0, 0.25 + 0.75 * counts / scale, 0.0)
+    green, red = np.array([0.10, 0.60, 0.31]), np.array([0.84, 0.19, 0.15])
+    colour = np.where(correct[..., None], green, red)
+    rgb = 1 - intensity[..., None] * (1 - colour)  # white for 0, the full colour for the largest count
+    cell = 0.42
+    fig, ax = plt.subplots(figsize=(max(6.5, cell * n_cols + 2.6), max(4.2, cell * n_rows + 2.4)))
+    ax.imshow(rgb, aspect="equal", interpolation="nearest")
+    font = 8 if max(n_rows, n_cols) <= 12 else 6.5
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if counts[r, c]:
+                ax.text(c, r, str(counts[r, c]), ha="center", va="center", fontsize=font,
+                        color="white" if intensity[r, c] > 0.6 else "black")
+    queries = outcomes["truth_landmark_id"].value_counts()
+    ax.set_yticks(range(n_rows), [f"{lm}  (n={int(queries.get(lm, 0))})" for lm in matrix.index], fontsize=font)
+    ax.set_xticks(range(n_cols), [str(col) for col in matrix.columns], rotation=90, fontsize=font)
+    for extra in range(len(landmarks), n_cols):  # the non-landmark columns, set apart
+        ax.get_xticklabels()[extra].set_fontstyle("italic")
+    if n_cols > len(landmarks):
+        ax.axvline(len(landmarks) - 0.5, color=NEUTRAL, lw=1.2)
+    ax.set_xticks(np.arange(n_cols + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n_rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="#dddddd", lw=0.6)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("predicted landmark")
+    ax.set_ylabel("true landmark (n: its queries)")
+    wrong = outcomes[~outcomes["correct"]]
+    involved = len(most_confused_landmarks(outcomes, max_landmarks=2 * len(wrong)))  # all of them
+    shown = f"All {involved}" if involved == len(landmarks) else f"The {len(landmarks)} most confused of {involved}"
+    ax.set_title(f"Most confused landmarks over the test landmark queries\n{shown} landmarks involved in mistakes\n"
+                 f"{int(wrong['predicted_landmark_id'].notna().sum())} wrong landmark, "
+                 f"{int(wrong['predicted_landmark_id'].isna().sum())} without a prediction, of {len(outcomes)} "
+                 f"queries (green: correct, red: mistake)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saliency: where the query and its top neighbour match
+
+
+SALIENCY_GROUPS = (("most confident", "tab:blue"), ("least confident", "tab:orange"))
+
+
+def pick_saliency_examples(ranked: pd.DataFrame, per_group: int = 4) -> list[tuple[str, pd.Series]]:
+    """(group, prediction row): the `per_group` most and least confident predictions on landmark
+    queries (`ranked` is in score order, best first; a query is never in both groups)."""
+    landmark = ranked[ranked["is_landmark"]]
+    top = landmark.head(per_group)
+    bottom = landmark.iloc[max(len(top), len(landmark) - per_group):].iloc[::-1]
+    frames = zip((name for name, _ in SALIENCY_GROUPS), (top, bottom))
+    return [(name, row) for name, frame in frames for _, row in frame.iterrows()]
+
+
+def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
+    """One row per example: the query as the model sees it, where it resembles its top-1 neighbour
+    (saliency overlay), the neighbour, and where the neighbour resembles the query. `panels` items:
+    group, query_id, truth_landmark_id, landmark_id (predicted), score, correct, neighbour_id,
+    neighbour_landmark_id, cosine, and the four images query_view, query_overlay, neighbour_view,
+    neighbour_overlay (None: not available)."""
+    plt = _pyplot()
+    n_rows = max(1, len(panels))
+    height = 2.45 * n_rows + 1.1  # inches; the top 1.0 for the suptitle and the first group's heading
+    fig, axes = plt.subplots(n_rows, 4, figsize=(9.2, height), squeeze=False,
+                             gridspec_kw={"wspace": 0.06, "hspace": 0.42})
+    for ax in axes.flat:
+        ax.axis("off")
+    if not panels:
+        axes[0, 0].text(0, 0.5, f"no landmark query with a prediction to show{note}", fontsize=10)
+    headers = ("query (as the model sees it)", "query: what matches the neighbour", "top-1 neighbour",
+               "neighbour: what matches the query")
+    group_colour = dict(SALIENCY_GROUPS)
+    previous_group = None
+    for r, panel in enumerate(panels):
+        verdict = CORRECT if panel["correct"] else WRONG
+        mark = "\u2713 right" if panel["correct"] else "\u2717 wrong"
+        neighbour_label, neighbour_id = panel.get("neighbour_landmark_id"), panel.get("neighbour_id")
+        neighbour_colour = (NEUTRAL if neighbour_id is None else
+                            CORRECT if neighbour_label is not None and not pd.isna(neighbour_label)
+                            and int(neighbour_label) == int(panel["truth_landmark_id"]) else WRONG)
+        images = (panel.get("query_view"), panel.get("query_overlay"), panel.get("neighbour_view"),
+                  panel.get("neighbour_overlay"))
+        for c, image in enumerate(images):
+            ax = axes[r, c]
+            ax.axis("on")
+            _show(ax, image)
+            if image is None:
+                ax.set_aspect("equal")  # square like the model's views
+            _frame(ax, verdict if c < 2 else neighbour_colour, 4 if c in (0, 2) else 1.5)
+        axes[r, 0].set_title(f"{mark}  query {str(panel['query_id'])[:16]}\n"
+                             f"true {_landmark_text(panel['truth_landmark_id'])}\n"
+                             f"predicted {int(panel['landmark_id'])}, confidence {panel['score']:.3f}",
+                             fontsize=7, color=verdict, loc="left")
+        cosine = panel.get("cosine")
+        cosine_text = "" if cosine is None or pd.isna(cosine) else f", cos {cosine:.3f}"
+        axes[r, 2].set_title("no neighbour" if neighbour_id is None else
+                             f"neighbour {str(neighbour_id)[:16]}\n{_landmark_text(neighbour_label)}{cosine_text}",
+                             fontsize=7, color=neighbour_colour, loc="left")
+        if r == 0 or panel["group"] != previous_group:
+            for c, header in enumerate(headers):
+                if c in (1, 3):
+                    axes[r, c].set_title(header, fontsize=7, color=NEUTRAL)
+            axes[r, 0].annotate(f"{panel['group'].upper()} LANDMARK QUERIES", xy=(0, 1), xycoords="axes fraction",
+                                xytext=(0, 34), textcoords="offset points", fontsize=8.5, fontweight="bold",
+                                color=group_colour.get(panel["group"], NEUTRAL), ha="left", va="bottom",
+                                annotation_clip=False)
+            previous_group = panel["group"]
+    fig.suptitle("Where a query and its top-1 neighbour match (Grad-CAM on their cosine: red = pulls the "
+                 f"embeddings together){note}", fontsize=9, y=1 - 0.12 / height, va="top")
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 1.0 / height, bottom=0.05 / height)
     _save(fig, path)

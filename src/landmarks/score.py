@@ -6,10 +6,15 @@ also gives Public and Private scores. Metrics (landmarks.metrics): GAP over all 
 ignoring non-landmark queries, top-1 accuracy over landmark queries, and GAP of the same labels ranked
 by the raw top-1 cosine (what the non-landmark reranking bought). Writes metrics.json, report.md and
 the figures (report.py): examples.png, precision_vs_rank.png, score_distributions.png,
-per_class_accuracy.png.
+per_class_accuracy.png, confusion.png (the most confused landmarks) and, given the model (--model),
+saliency.png: for the most and least confident landmark queries, where query and top-1 neighbour
+match (Grad-CAM on their cosine, landmarks.saliency; embeddings recomputed by the model from the
+shards' images, one view each).
 
     python -m landmarks.score --predictions results/experiments/X/retrieve/predictions.parquet \
-        --selection results/select/selection.parquet --out-dir results/experiments/X/score
+        --selection results/select/selection.parquet --neighbours results/experiments/X/retrieve/neighbours.parquet \
+        --shards results/shards/test/part-00 results/shards/train/part-00 \
+        --model results/experiments/X/train/model.pt --out-dir results/experiments/X/score
 """
 
 from __future__ import annotations
@@ -28,7 +33,11 @@ from .loader import ShardImages
 
 log = logging.getLogger("landmarks.score")
 
-FIGURES = ("examples.png", "precision_vs_rank.png", "score_distributions.png", "per_class_accuracy.png")
+FIGURES = ("examples.png", "precision_vs_rank.png", "score_distributions.png", "per_class_accuracy.png",
+           "confusion.png")
+MODEL_FIGURES = ("saliency.png",)  # written when score is given the model
+SALIENCY_PER_GROUP = 4  # most and least confident landmark queries each
+CONFUSED_PAIRS_LISTED = 10
 
 
 def truth_from_selection(selection: pd.DataFrame) -> pd.DataFrame:
@@ -79,6 +88,52 @@ def gap_by_confidence(predictions: pd.DataFrame, truth: pd.DataFrame, min_inlier
     return result
 
 
+def _embed_image(model, image, image_size: int):
+    """The model's unit embedding of one image (one view, eval transform)."""
+    from .loader import eval_transform
+    device = next(model.parameters()).device
+    transform = eval_transform(image_size, model.data_config["mean"], model.data_config["std"])
+    return model.embed(transform(image).unsqueeze(0).to(device))[0]
+
+
+def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd.DataFrame | None,
+                    images: ShardImages, per_group: int = SALIENCY_PER_GROUP) -> list[dict]:
+    """What report.plot_saliency draws, for the most and least confident landmark queries
+    (report.pick_saliency_examples): each query and its top-1 neighbour as the model sees them, and
+    each one's saliency towards the other's embedding (computed here by the model, not read from the
+    embed stage's files). An image missing from the shards leaves its panels empty."""
+    from . import report
+    from .saliency import model_view, overlay, similarity_map
+    model.eval()
+    top1 = {}
+    if neighbours is not None and len(neighbours):
+        first = neighbours.sort_values(["query_id", "rank"], kind="stable").drop_duplicates("query_id")
+        top1 = {row["query_id"]: row for _, row in first.iterrows()}
+    panels = []
+    for group, row in report.pick_saliency_examples(ranked, per_group):
+        neighbour = top1.get(row["id"])
+        panel = {"group": group, "query_id": row["id"], "truth_landmark_id": row["truth_landmark_id"],
+                 "landmark_id": row["landmark_id"], "score": row["score"], "correct": bool(row["correct"]),
+                 "neighbour_id": None if neighbour is None else neighbour["neighbour_id"],
+                 "neighbour_landmark_id": None if neighbour is None else neighbour.get("neighbour_landmark_id"),
+                 "cosine": None if neighbour is None else neighbour.get("cosine")}
+        query = images.image(row["id"])
+        other = None if neighbour is None else images.image(neighbour["neighbour_id"])
+        if query is not None:
+            panel["query_view"] = model_view(query, image_size)
+        if other is not None:
+            panel["neighbour_view"] = model_view(other, image_size)
+        if query is not None and other is not None:
+            query_embedding = _embed_image(model, query, image_size)
+            other_embedding = _embed_image(model, other, image_size)
+            panel["query_overlay"] = overlay(panel["query_view"],
+                                             similarity_map(model, query, other_embedding, image_size))
+            panel["neighbour_overlay"] = overlay(panel["neighbour_view"],
+                                                 similarity_map(model, other, query_embedding, image_size))
+        panels.append(panel)
+    return panels
+
+
 def fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -99,9 +154,12 @@ def _load_truth(selection_path, solution_path):
 
 
 def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path=None, neighbours_path=None,
-          shard_dirs=(), train_summary_path=None, retrieve_summary_path=None, experiment: str = "") -> dict:
+          shard_dirs=(), train_summary_path=None, retrieve_summary_path=None, experiment: str = "",
+          model_path=None, image_size: int | None = None) -> dict:
     from . import metrics as gap_metrics
     from . import report
+    if model_path and not Path(model_path).exists():
+        raise StageError(f"{model_path}: model checkpoint not found")
     predictions = read_table(predictions_path)
     missing = {"id", "landmark_id", "score"} - set(predictions.columns)
     if missing:
@@ -154,21 +212,43 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
     ranked_raw = ranked_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
     neighbours = read_table(neighbours_path) if neighbours_path else None
     per_class = report.per_class_accuracy(predictions, truth)
-    report.plot_examples(ranked, neighbours, ShardImages(shard_dirs), out_dir / "examples.png")
+    outcomes = report.landmark_outcomes(predictions, truth)
+    images = ShardImages(shard_dirs)
+    report.plot_examples(ranked, neighbours, images, out_dir / "examples.png")
     report.plot_precision_vs_rank(ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap,
                                   gap_raw=unreranked.gap)
     report.plot_score_distributions(ranked, out_dir / "score_distributions.png")
     report.plot_per_class_accuracy(per_class, out_dir / "per_class_accuracy.png")
+    report.plot_confusion(outcomes, out_dir / "confusion.png")
+    saliency = False
+    if model_path:
+        saliency = _plot_saliency(model_path, image_size, ranked, neighbours, images, out_dir / "saliency.png")
+    else:
+        log.info("no --model given: saliency.png not written (it needs the model to compute the saliency maps)")
     summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
     write_json_atomic(out_dir / "metrics.json", summary)
-    write_text_atomic(out_dir / "report.md", render_report(summary, per_class, ranked))
+    write_text_atomic(out_dir / "report.md", render_report(summary, per_class, ranked, outcomes, saliency=saliency))
     log.info("%s: GAP %s, GAP without non-landmark queries %s, top-1 accuracy %s, GAP without reranking %s",
              experiment or predictions_path, fmt(summary["gap"]), fmt(summary["gap_landmarks_only"]),
              fmt(summary["accuracy"]), fmt(summary["gap_without_rerank"]))
     return summary
 
 
-def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame | None = None) -> str:
+def _plot_saliency(model_path, image_size, ranked, neighbours, images, path: Path) -> bool:
+    from . import report
+    from .model import model_from_checkpoint
+    model, checkpoint = model_from_checkpoint(model_path)
+    image_size = image_size or checkpoint["settings"]["image_size"]
+    note = "" if neighbours is not None else " (no neighbours table given)"
+    panels = saliency_panels(model, image_size, ranked, neighbours, images)
+    report.plot_saliency(panels, path, note=note)
+    log.info("saliency.png: %d landmark queries and their top-1 neighbours at %d px", len(panels), image_size)
+    return True
+
+
+def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame | None = None,
+                  outcomes: pd.DataFrame | None = None, *, saliency: bool = False) -> str:
+    from . import report
     lines = [f"# Recognition report: {summary['experiment'] or 'test queries'}", "",
              f"Ground truth: `{summary.get('ground_truth', '')}`.", "",
              "| metric | value |", "|---|---|",
@@ -213,7 +293,25 @@ def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame |
         worst = per_class.head(10)
         lines += ["### Hardest classes", "", "| landmark id | accuracy | queries |", "|---|---|---|"]
         lines += [f"| {r.landmark_id} | {r.accuracy:.2f} | {r.queries} |" for r in worst.itertuples()]
-    return "\n".join(lines) + "\n"
+    if outcomes is not None:
+        lines += ["", "## Confusions", "", "![confusion matrix](confusion.png)", ""]
+        pairs = report.confused_pairs(outcomes)
+        unpredicted = int(outcomes["predicted_landmark_id"].isna().sum())
+        if len(pairs):
+            lines += ["### Most confused pairs", "", "| true landmark | predicted landmark | queries |",
+                      "|---|---|---|"]
+            lines += [f"| {r.truth_landmark_id} | {r.predicted_landmark_id} | {r.queries} |"
+                      for r in pairs.head(CONFUSED_PAIRS_LISTED).itertuples()]
+            lines.append("")
+            if len(pairs) > CONFUSED_PAIRS_LISTED:
+                lines += [f"({len(pairs)} confused pairs in all.)", ""]
+        else:
+            lines += ["No landmark query was given another landmark's id.", ""]
+        if unpredicted:
+            lines += [f"{unpredicted} of {len(outcomes)} landmark queries have no prediction.", ""]
+    if saliency:
+        lines += ["## Where queries and their neighbours match", "", "![saliency](saliency.png)", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
@@ -226,13 +324,18 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", nargs="*", default=[], help="shard folders holding query and database images")
     parser.add_argument("--train-summary", help="train.json (adds the validation GAP to the report)")
     parser.add_argument("--retrieve-summary", help="retrieve.json (adds the retrieval settings and ANN recall)")
+    parser.add_argument("--model", help="model.pt from the train stage (for the saliency figure; without it, "
+                                         "saliency.png is not written)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image size the model sees (default: the checkpoint's training image size)")
     parser.add_argument("--experiment", default="", help="experiment name for the report")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     setup_logging()
     score(args.predictions, Path(args.out_dir), selection_path=args.selection, solution_path=args.solution,
           neighbours_path=args.neighbours, shard_dirs=args.shards, train_summary_path=args.train_summary,
-          retrieve_summary_path=args.retrieve_summary, experiment=args.experiment)
+          retrieve_summary_path=args.retrieve_summary, experiment=args.experiment, model_path=args.model,
+          image_size=args.image_size)
     return 0
 
 

@@ -60,6 +60,7 @@ include: "rules/embed.smk"
 include: "rules/retrieve.smk"
 include: "rules/score.smk"
 include: "rules/summary.smk"
+include: "rules/predict.smk"
 
 
 rule all:

@@ -77,3 +77,13 @@ def verify_shards(w):
 def predictor_settings(w):
     """What predict needs to treat a new photo as the pipeline treated a test photo (predictor.json)."""
     return {"embed": experiment(w.experiment, "embed"), "shard": {**config["shard"], "size": SHARD_SIZE}}
+
+
+# predict: the photos to recognise (see rules/predict.smk)
+
+
+def predict_inputs(w):
+    if not config["predict"]["inputs"]:
+        raise WorkflowError(f"{CONFIG_SOURCE}: predict.inputs is empty: list the photos, folders or CSV files "
+                            "of id,url to recognise")
+    return config["predict"]["inputs"]

@@ -26,9 +26,9 @@ def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.Compl
         capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def planned_jobs(workdir: Path) -> dict[str, int]:
+def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
     """Jobs a dry run would execute, per rule (from Snakemake's job stats table)."""
-    result = snakemake(workdir, "-n")
+    result = snakemake(workdir, "-n", *targets)
     assert result.returncode == 0, result.stdout + result.stderr
     output = result.stdout + result.stderr
     if "Nothing to be done" in output:
@@ -98,6 +98,31 @@ def test_second_run_does_nothing(finished_run):
     result = snakemake(finished_run)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_snakemake_predict_recognises_the_demo_new_photos(finished_run, tmp_path):
+    """`snakemake predict` answers the demo's new photos with the cached stages; editing the predict
+    section reruns predict alone."""
+    assert planned_jobs(finished_run, "predict") == {"predict": 1}  # every stage before it is cached
+    result = snakemake(finished_run, "predict")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = finished_run / "results" / "experiments" / "tiny" / "predict"
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    truth = pd.read_csv(finished_run / "data" / "demo" / "new_photos.csv", dtype=str, keep_default_na=False)
+    assert len(rows) == len(truth) and not any(row["error"] for row in rows)
+    answers = {Path(row["id"]).name: row for row in rows}
+    landmarks = truth[truth["landmark_id"] != ""]
+    right = sum(str(answers[name]["predicted_landmark_id"]) == label for name, label in zip(landmarks["file"],
+                                                                                             landmarks["landmark_id"]))
+    assert right >= len(landmarks) // 2, (right, len(landmarks))
+    assert all(row["threshold_source"] == "val" for row in rows)
+    assert (out / "index.html").stat().st_size > 0 and (out / "submission.csv").exists()
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run, workdir, symlinks=True)
+    edit_config(workdir, "predict", "top_landmarks", 2)
+    assert planned_jobs(workdir, "predict") == {"predict": 1}
+    assert planned_jobs(workdir) == {}
 
 
 @pytest.mark.slow

@@ -1,0 +1,49 @@
+# predict: recognise new photos (config predict.inputs: files, folders, CSVs of id,url) with a trained
+# experiment, on request: `snakemake predict`. It reuses every cached stage; editing the predict section
+# reruns only this rule. A photo that cannot be read is reported in the outputs (the stage exits 1), so
+# the job still succeeds with the other photos' answers.
+
+PREDICT_EXPERIMENT = config["predict"]["experiment"] or EXPERIMENTS[0]
+if PREDICT_EXPERIMENT not in EXPERIMENTS:
+    raise WorkflowError(f"{CONFIG_SOURCE}: key 'predict.experiment': {PREDICT_EXPERIMENT!r} is not one of the "
+                        f"experiments ({', '.join(EXPERIMENTS)})")
+PREDICT_DIR = f"{R}/experiments/{PREDICT_EXPERIMENT}/predict"
+
+
+rule predict:
+    input:
+        photos=predict_inputs,
+        model=f"{R}/experiments/{PREDICT_EXPERIMENT}/train/model.pt",
+        predictor=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/predictor.json",
+        index=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/index.faiss",
+        bank_index=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/bank.faiss",
+        database=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/database.parquet",
+        shards=shard_dirs("train"),
+    output:
+        jsonl=f"{PREDICT_DIR}/predictions.jsonl",
+        csv=f"{PREDICT_DIR}/predictions.csv",
+        submission=f"{PREDICT_DIR}/submission.csv",
+        page=f"{PREDICT_DIR}/index.html",
+    params:
+        experiment=lambda w, input: Path(input.model).parent.parent,
+        out_dir=lambda w, output: Path(output.page).parent,
+        s=config["predict"],
+        threshold=lambda w: ("" if config["predict"]["nonlandmark_threshold"] is None
+                             else f"--nonlandmark-threshold {config['predict']['nonlandmark_threshold']}"),
+        saliency="" if config["predict"]["saliency"] else "--no-saliency",
+        download=download_settings(),
+        device=lambda w: "cuda" if experiment(PREDICT_EXPERIMENT, "embed")["gpus"] else "auto",
+    log:
+        f"{LOGS}/predict/{PREDICT_EXPERIMENT}.log",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=lambda w: experiment(PREDICT_EXPERIMENT, "embed")["gpus"],
+    conda:
+        "../envs/torch.yaml"
+    shell:
+        "python -m landmarks.predict --experiment {params.experiment:q} {input.photos:q} --out-dir {params.out_dir:q} "
+        "{params.threshold} --top-landmarks {params.s[top_landmarks]} --neighbours {params.s[neighbours]} "
+        "--batch-size {params.s[batch_size]} {params.saliency} --download-settings {params.download:q} "
+        "--device {params.device} --threads {threads} --no-progress > {log:q} 2>&1 || test $? -eq 1"

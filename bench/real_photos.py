@@ -183,8 +183,9 @@ def collect(workdir: Path, regime: str, seed: int, experiments: dict) -> list[di
         trained = json.loads((workdir / "results" / "experiments" / name / "train" / "train.json").read_text())
         by_confidence = {CONFIDENCES[key]: value for key, value in metrics.get("gap_by_confidence", {}).items()
                          if key in CONFIDENCES}
+        verdict = {VERDICT[key]: value for key, value in (metrics.get("verdict") or {}).items() if key in VERDICT}
         rows.append({"regime": regime, "seed": seed, "experiment": name, "selected": trained.get("selected"),
-                     **{key: metrics.get(key) for key in COLUMNS}, **by_confidence})
+                     **{key: metrics.get(key) for key in COLUMNS}, **by_confidence, **verdict})
     return rows
 
 
@@ -194,6 +195,11 @@ COLUMNS = {"gap": "GAP", "gap_landmarks_only": "GAP landmark queries", "accuracy
 CONFIDENCES = {"top-1 cosine − runner-up landmark's cosine": "GAP margin",
                "top-1 cosine − mean top cosine to the non-landmark bank": "GAP bank penalty",
                "geometrically verified first, then top-1 cosine": "GAP verified first"}
+
+# score's test of predict's landmark / non-landmark verdict (metrics.json "verdict") -> column title
+VERDICT = {"threshold": "threshold (chosen on val)", "val_right_decisions": "right decisions on val",
+           "right_decisions": "right decisions on test", "right_decisions_without_threshold": "same, keeping every answer",
+           "landmark_answers_kept": "right landmark answers kept", "nonlandmark_rejected": "non-landmarks rejected"}
 
 
 def mean_sd(values: pd.Series) -> str:
@@ -227,6 +233,15 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
             if not rows.empty:
                 selected = ", ".join(f"{s}" for s in rows["selected"])
                 lines.append(f"| {name} | " + " | ".join(mean_sd(rows[c]) for c in confidences) + f" | {selected} |")
+        verdicts = [c for c in VERDICT.values() if c in table and table[c].notna().any()]
+        if verdicts:
+            lines += ["", "predict's landmark / non-landmark verdict (a landmark query is decided right when its "
+                          "landmark is right and kept, a non-landmark query when it is rejected):", "",
+                      "| experiment | " + " | ".join(verdicts) + " |", "|---|" + "---:|" * len(verdicts)]
+            for name in experiments:
+                rows = table[table["experiment"] == name]
+                if not rows.empty:
+                    lines.append(f"| {name} | " + " | ".join(mean_sd(rows[c]) for c in verdicts) + " |")
         lines.append("")
     lines += ["mean ± standard deviation over seeds. " + "; ".join(
         f"**{name}**: {spec.get('description', '')}" for name, spec in experiments.items()), ""]

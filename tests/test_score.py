@@ -285,3 +285,16 @@ def test_confusion_figure_is_written_with_and_without_mistakes(tmp_path):
                           tmp_path / "many.png")
     for name in ("none", "empty", "many"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_nonlandmark_verdict_is_scored_on_the_test_queries():
+    truth = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "landmarks": [[1], [2], [3], [], []]})
+    predictions = pd.DataFrame({"id": ["a", "b", "c", "d", "e"],
+                                "landmark_id": pd.array([1, 9, 3, 1, None], dtype="Int64"),
+                                "score": [0.9, 0.8, 0.3, 0.5, np.nan]})
+    verdict = score.verdict_accuracy(predictions, truth, threshold=0.6)
+    # a kept and right; b kept but wrong; c right but rejected; d rejected; e has no answer: rejected
+    assert verdict["right_decisions"] == pytest.approx(3 / 5)
+    assert verdict["right_decisions_without_threshold"] == pytest.approx(3 / 5)  # a, c right; e no answer
+    assert verdict["landmark_answers_kept"] == pytest.approx(1 / 2)
+    assert verdict["nonlandmark_rejected"] == 1.0

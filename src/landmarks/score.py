@@ -65,6 +65,25 @@ def ranked_predictions(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     return ranked
 
 
+def verdict_accuracy(predictions: pd.DataFrame, truth: pd.DataFrame, threshold: float) -> dict:
+    """How the landmark / non-landmark verdict predict gives (confidence >= threshold = a landmark) fares on
+    the test queries: a landmark query is decided right when its landmark is right and kept, a
+    non-landmark query when it is rejected. Also the same without a threshold (every answer kept)."""
+    table = truth[["id", "landmarks"]].merge(predictions[["id", "landmark_id", "score"]], on="id", how="left")
+    is_landmark = table["landmarks"].map(len).to_numpy() > 0
+    has = table["landmark_id"].notna().to_numpy()
+    right_label = np.array([has_label and int(label) in labels for has_label, label, labels
+                            in zip(has, table["landmark_id"].fillna(-1), table["landmarks"])])
+    kept = has & (table["score"].fillna(-np.inf).to_numpy() >= threshold)
+    right = np.where(is_landmark, right_label & kept, ~kept)
+    right_without = np.where(is_landmark, right_label, ~has)
+    n = max(len(table), 1)
+    return {"threshold": threshold, "right_decisions": float(right.sum() / n),
+            "right_decisions_without_threshold": float(right_without.sum() / n),
+            "landmark_answers_kept": float((right_label & kept).sum() / max(right_label.sum(), 1)),
+            "nonlandmark_rejected": float((~kept & ~is_landmark).sum() / max((~is_landmark).sum(), 1))}
+
+
 # Other confidences for the same predicted labels (columns of predictions.parquet), to show what the
 # retrieve stage's confidence buys: name -> function of (predictions table, verified(table) -> mask).
 CONFIDENCES = {
@@ -206,6 +225,10 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
                         "bank_images": (retrieved.get("bank") or {}).get("images")})
         if verify.get("min_inliers"):
             summary["gap_by_confidence"] = gap_by_confidence(predictions, truth, verify["min_inliers"])
+        chosen = retrieved.get("nonlandmark_threshold") or {}
+        if chosen.get("threshold") is not None:
+            summary["verdict"] = {**verdict_accuracy(predictions, truth, chosen["threshold"]),
+                                  "source": chosen.get("source"), "val_right_decisions": chosen.get("accuracy")}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = ranked_predictions(predictions, truth)
@@ -278,6 +301,14 @@ def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame |
             lines.append(f"Approximate search against exact search on a sample of queries: recall@k "
                          f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "
                          f"{fmt(summary['ann_top1_in_top_k'])}.")
+    if summary.get("verdict"):
+        v = summary["verdict"]
+        lines += ["", f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
+                      f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
+                      f"test queries {fmt(v['right_decisions'])} right decisions, against "
+                      f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
+                      f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "
+                      f"{fmt(v['nonlandmark_rejected'])} of the non-landmark queries."]
     if ranked is not None and len(ranked):
         wrong_landmark = int((ranked["is_landmark"] & ~ranked["correct"]).sum())
         non_landmark = int((~ranked["is_landmark"]).sum())

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The venv's tools come first on PATH: Snakemake's jobs call `python -m landmarks.<stage>`.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test env lint dryrun report bench lock clean
+.PHONY: demo predict test env lint dryrun report bench lock clean
 
 env: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --cores all
 	@cat results/summary.md
+
+predict: $(STAMP)
+	$(BIN)/snakemake --cores all predict
+	@ls results/experiments/*/predict/index.html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -38,7 +38,9 @@ def parse_args():
 
 
 def default_photos(limit: int) -> list[str]:
-    photos = sorted(str(p) for p in (ROOT / "data" / "demo" / "new_photos").glob("*.*"))
+    from landmarks.predict import IMAGE_SUFFIXES
+    photos = sorted(str(p) for p in (ROOT / "data" / "demo" / "new_photos").iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES)
     photos += sorted(str(p) for p in (ROOT / "results" / "download" / "images").rglob("*.jpg"))
     if not photos:
         sys.exit("no photos: run `make demo` first, or give --photos")
@@ -61,7 +63,9 @@ def main() -> int:
                                 threads=args.threads, progress=False)
                 runs[name].append(json.loads((out / "predict.json").read_text()))
     count = runs["predict (no saliency)"][0]["answered"]
-    phases = sorted({phase for summaries in runs.values() for s in summaries for phase in s["seconds"]})
+    order = ["read", "embed", "search", "bank", "verify", "predict", "page"]  # the order predict runs them
+    seen = {phase for summaries in runs.values() for s in summaries for phase in s["seconds"]}
+    phases = [p for p in order if p in seen] + sorted(seen - set(order))
     print(f"\n{count} photos answered, experiment {args.experiment}, device {args.device}, {args.threads} threads, "
           f"median of {args.rounds} rounds\n")
     print("| run | " + " | ".join(f"{p} s" for p in phases) + " | total s | photos/s |")

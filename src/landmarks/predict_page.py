@@ -31,7 +31,7 @@ h1 { font-size: 22px; margin-bottom: 4px; }
 .photo > figure img { height: 170px; max-width: 190px; object-fit: contain; }
 figure { margin: 0; text-align: center; font-size: 12px; color: #555; }
 .answer { min-width: 230px; max-width: 300px; font-size: 14px; }
-.answer .id { font-weight: 600; word-break: break-all; }
+.answer .id { font-weight: 600; overflow-wrap: anywhere; }
 .verdict { display: inline-block; padding: 2px 8px; border-radius: 10px; font-weight: 600; margin: 6px 0; }
 .landmark { background: #d8f0dd; color: #17602a; }
 .non-landmark { background: #eee; color: #555; }
@@ -80,7 +80,7 @@ def _figure(uri: str, caption: str, css: str = "") -> str:
 
 
 def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
-    title = f'<div class="id">{html.escape(photo.id)}</div>'
+    title = f'<div class="id">{html.escape(photo.id).replace("/", "/<wbr>")}</div>'
     if photo.error:
         return (f'<div class="photo failed"><div class="answer">{title}<span class="verdict error">error</span>'
                 f"<div>{html.escape(photo.error)}</div></div></div>")

@@ -195,3 +195,34 @@ def test_the_page_renders_in_headless_chromium(experiment, tiny_set, tmp_path):
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))
     assert pixels.std() > 20  # photos drawn, not an empty page
+
+
+def test_predict_finds_the_database_images_after_the_results_folder_moves(experiment, shards, tiny_set, tmp_path,
+                                                                          monkeypatch):
+    """A workflow records shard paths relative to where it ran; predict runs from anywhere, also after the
+    results folder was moved or copied elsewhere."""
+    workdir = tmp_path / "run"
+    shutil.copytree(shards, workdir / "results" / "shards")
+    exp = workdir / "results" / "experiments" / "x"
+    shutil.copytree(experiment / "train", exp / "train")
+    monkeypatch.chdir(workdir)
+    relative = {split: f"results/shards/{split}/part-00" for split in SPLITS}
+    for split in SPLITS:
+        assert embed.main(["--model", "results/experiments/x/train/model.pt", "--shards", relative[split],
+                           "--out", f"results/experiments/x/embed/{split}.npy", "--flip-tta", "--no-progress"]) == 0
+    assert retrieve.main([
+        "--database", "results/experiments/x/embed/train.npy", "--queries", "results/experiments/x/embed/test.npy",
+        "--bank", "results/experiments/x/embed/nonlandmark.npy", "--out-dir", "results/experiments/x/retrieve",
+        "--settings", json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
+        "--predictor", json.dumps({"embed": {"flip_tta": True}, "shard": {"size": 64}}),
+        "--shards", *relative.values()]) == 0
+    moved = tmp_path / "elsewhere"
+    shutil.move(workdir, moved)
+    monkeypatch.chdir(tmp_path)
+    photo = tiny_set / "images" / "lm2v6.jpg"
+    assert run_predict(moved / "results" / "experiments" / "x", [photo], tmp_path / "out") == 0
+    (row,) = read_rows(tmp_path / "out").values()
+    expected = pd.read_parquet(experiment / "retrieve" / "predictions.parquet").set_index("id").loc["lm2v6"]
+    assert row["predicted_landmark_id"] == expected["landmark_id"]
+    assert row["confidence"] == pytest.approx(expected["score"], abs=1e-4)
+    assert Path(row["neighbours"][0]["path"].rsplit(":", 1)[0]).is_file()

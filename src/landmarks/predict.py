@@ -105,6 +105,8 @@ class Experiment:
                              "was rerun halfway?): rerun retrieve")
         if use_gpu_index:
             index, bank_index = (_to_gpu(x) for x in (index, bank_index))
+        if "shard" in ids:  # stored relative to the retrieve folder
+            ids["shard"] = [str((self.path / "retrieve" / shard).resolve()) for shard in ids["shard"]]
         labels = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
         bank_terms = ids["bank_term"].to_numpy(dtype=np.float64) if ids["bank_term"].notna().all() else None
         self.database = retrieve.Database(index, ids, labels, bank_terms, bank_index, settings)

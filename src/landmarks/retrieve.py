@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -679,6 +680,8 @@ def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) ->
     write_index(cpu_index(db.bank_index, bank_about), out_dir / "bank.faiss")
     table = db.ids[[c for c in ("id", "landmark_id", "shard", "key") if c in db.ids.columns]].copy()
     table["landmark_id"] = table["landmark_id"].astype("Int64")
+    if "shard" in table:  # relative to this folder: predict finds them from anywhere, and after a move
+        table["shard"] = [os.path.relpath(Path(shard).resolve(), out_dir.resolve()) for shard in table["shard"]]
     table["bank_term"] = db.bank_terms.astype(np.float32) if db.bank_terms is not None else np.nan
     write_table(table.reset_index(drop=True), out_dir / "database.parquet")
 

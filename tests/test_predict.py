@@ -126,14 +126,15 @@ def test_bad_photos_fail_alone_with_a_clear_message(experiment, tiny_set, served
     (bad / "random.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 3000,
                                                                                                 dtype=np.uint8)))
     Image.new("RGB", (3000, 3000)).save(bad / "huge.png")
+    (bad / "heavy.jpg").write_bytes(data + bytes(300_000))  # a whole JPEG, then padding past max_bytes
     (tmp_path / "crawl.csv").write_text(f"id,url\nfetched,{served}/lm4v6.jpg\ndead,{served}/missing.jpg\n"
                                         "notaurl,ftp://example.org/x.jpg\n")
-    inputs = [good, bad / "text.jpg", bad / "cut.jpg", bad / "random.jpg", bad / "huge.png", tmp_path / "nowhere.jpg",
-              tmp_path / "crawl.csv"]
-    limits = json.dumps({"max_pixels": 4_000_000, "retries": 0, "total_timeout_s": 5})
+    inputs = [good, bad / "text.jpg", bad / "cut.jpg", bad / "random.jpg", bad / "huge.png", bad / "heavy.jpg",
+              tmp_path / "nowhere.jpg", tmp_path / "crawl.csv"]
+    limits = json.dumps({"max_pixels": 4_000_000, "max_bytes": 200_000, "retries": 0, "total_timeout_s": 5})
     assert run_predict(experiment, inputs, tmp_path / "out", "--download-settings", limits) == 1
     rows = read_rows(tmp_path / "out")
-    assert len(rows) == 9
+    assert len(rows) == 10
     errors = {key: row["error"] for key, row in rows.items()}
     assert errors[str(good)] is None and errors["fetched"] is None
     assert rows["fetched"]["predicted_landmark_id"] == 104 and rows[str(good)]["predicted_landmark_id"] == 103
@@ -141,12 +142,13 @@ def test_bad_photos_fail_alone_with_a_clear_message(experiment, tiny_set, served
     assert "truncated" in errors[str(bad / "cut.jpg")]
     assert re.search(r"corrupt_image|truncated", errors[str(bad / "random.jpg")])
     assert "decompression_bomb: 3000x3000 = 9,000,000 pixels, above max_pixels 4,000,000" in errors[str(bad / "huge.png")]
+    assert re.search(r"[\d,]+ bytes, above download.max_bytes 200,000", errors[str(bad / "heavy.jpg")])
     assert "no such file or folder" in errors[str(tmp_path / "nowhere.jpg")]
     assert "http_404" in errors["dead"] or "404" in errors["dead"]
     assert "bad_scheme" in errors["notaurl"]
     assert "landmark" not in json.dumps([rows[k]["verdict"] for k in rows if errors[k]])  # failed: no verdict
     page = (tmp_path / "out" / "index.html").read_text()
-    assert page.count('class="verdict error"') == 7
+    assert page.count('class="verdict error"') == 8
 
 
 def test_a_missing_or_half_written_experiment_is_named(experiment, tiny_set, tmp_path, capsys):

@@ -4,7 +4,10 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# GPU=1 (`make env GPU=1`, `make demo GPU=1`): faiss-gpu (requirements-gpu.lock) instead of faiss-cpu.
+GPU ?= 0
+STAMP := $(VENV)/.installed$(if $(filter 1,$(GPU)),-gpu,)
+FAISS_LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,)
 # The venv's tools come first on PATH: Snakemake's jobs call `python -m landmarks.<stage>`.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -12,12 +15,20 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 env: $(STAMP)
 
-$(STAMP): requirements.lock requirements-nodeps.lock pyproject.toml
+$(STAMP): requirements.lock requirements-nodeps.lock requirements-gpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed $(VENV)/.installed-gpu
 	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+ifeq ($(GPU),1)
+	$(BIN)/python -m pip uninstall --quiet --yes faiss-cpu
+	grep -v "^faiss-cpu==" requirements.lock | $(BIN)/python -m pip install --quiet -r /dev/stdin -r requirements-gpu.lock
+else
+	$(BIN)/python -m pip uninstall --quiet --yes faiss-gpu
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+endif
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, faiss; print('torch', torch.__version__, 'CUDA', torch.cuda.is_available(), '| faiss', faiss.__version__, 'GPUs', faiss.get_num_gpus())"
 	touch $@
 
 demo: $(STAMP)

@@ -111,6 +111,7 @@ class Experiment:
         bank_terms = ids["bank_term"].to_numpy(dtype=np.float64) if ids["bank_term"].notna().all() else None
         self.database = retrieve.Database(index, ids, labels, bank_terms, bank_index, settings)
         self.shard_dirs = sorted({str(Path(shard).parent) for shard in ids.get("shard", pd.Series([], dtype=str))})
+        self.images = retrieve.ImageSource(self.shard_dirs)  # database images, for verification and the page
 
     @property
     def threshold(self) -> dict:
@@ -261,7 +262,7 @@ def answer(experiment: Experiment, photos: list[Photo], *, threshold: dict, top_
            batch_size: int, threads: int = 1, progress: bool = True, seconds: dict | None = None) -> None:
     """Fill each readable photo's `result`: landmarks, confidence, verdict, nearest database images.
     `seconds` gains the time spent embedding and retrieving (search, bank, verify, predict)."""
-    from .retrieve import ImageSource, alternatives, answer_queries
+    from .retrieve import alternatives, answer_queries
     ready = [p for p in photos if p.image is not None]
     if not ready:
         return
@@ -269,7 +270,7 @@ def answer(experiment: Experiment, photos: list[Photo], *, threshold: dict, top_
     with _timed(seconds, "embed"):
         vectors = embed_photos(experiment, [p.image for p in ready], batch_size, progress)
     db = experiment.database
-    images = ImageSource(experiment.shard_dirs, extra={p.id: p.image for p in ready})
+    images = experiment.images.with_extra({p.id: p.image for p in ready})
     answers = answer_queries(db, vectors, [p.id for p in ready], images=images, threads=threads, seconds=seconds)
     for row, photo in enumerate(ready):
         landmarks = alternatives(db, answers, row, top_landmarks)

@@ -10,8 +10,6 @@ import io
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from .common import write_text_atomic
 
@@ -54,20 +52,10 @@ def data_uri(image, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _embedding_of(experiment, image) -> np.ndarray:
-    """The model's embedding of one image at the experiment's embed size (the saliency target)."""
-    from .embed import embed_views
-    from .loader import eval_transform
-    config = experiment.model.data_config
-    tensor = eval_transform(experiment.image_size, config["mean"], config["std"])(image)[None]
-    with torch.no_grad():
-        return embed_views(experiment.model, [tensor], experiment.device)[0]
-
-
 def _saliency(experiment, image, neighbour_image):
-    from .saliency import saliency_overlay
+    from .saliency import embed_image, saliency_overlay
     try:
-        target = torch.from_numpy(_embedding_of(experiment, neighbour_image))
+        target = embed_image(experiment.model, neighbour_image, experiment.image_size)
         return saliency_overlay(experiment.model, image, target, experiment.image_size)
     except Exception as err:  # noqa: BLE001 - evidence is a help; never lose the answers over it
         log.warning("no saliency map: %s: %s", type(err).__name__, err)
@@ -86,7 +74,8 @@ def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
                 f"<div>{html.escape(photo.error)}</div></div></div>")
     parts = [_figure(data_uri(photo.image, THUMBNAIL), "the photo"), "<div></div>"]
     neighbours = record["neighbours"]
-    first = images.image(neighbours[0]["id"]) if neighbours else None
+    pictures = [images.image(n["id"]) for n in neighbours]  # each read once from its shard
+    first = pictures[0] if pictures else None
     if saliency and first is not None:
         overlay = _saliency(experiment, photo.image, first)
         if overlay is not None:
@@ -101,8 +90,7 @@ def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
               f'<table class="top">{rows}</table></div>') if label is not None else \
         f'<div class="answer">{title}<span class="verdict non-landmark">no landmark found</span></div>'
     figures = []
-    for n in neighbours:
-        image = images.image(n["id"])
+    for n, image in zip(neighbours, pictures):
         if image is None:
             continue
         same = "same" if label is not None and n["landmark_id"] == label else "other"
@@ -114,8 +102,7 @@ def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
 
 
 def render_page(experiment, photos, rows: list[dict], *, saliency: bool = True) -> str:
-    from .retrieve import ImageSource
-    images = ImageSource(experiment.shard_dirs)
+    images = experiment.images
     threshold = rows[0]["threshold"] if rows else None
     source = rows[0]["threshold_source"] if rows else ""
     answered = sum(1 for r in rows if not r["error"])

@@ -47,6 +47,7 @@ inliers), the Kaggle submission
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -448,6 +449,12 @@ class ImageSource:
     def image(self, image_id):
         return self.extra[image_id] if image_id in self.extra else self.shards.image(image_id)
 
+    def with_extra(self, extra: dict) -> "ImageSource":
+        """The same shards (their index read once) plus these images held in memory."""
+        source = copy.copy(self)
+        source.extra = extra
+        return source
+
 
 def verify_neighbours_of(query_ids, db_ids, positions, images: ImageSource, v: dict, threads: int) -> np.ndarray:
     """SIFT + RANSAC inlier counts between each query and its first `v['neighbours']` neighbours."""
@@ -490,6 +497,14 @@ class Database(NamedTuple):
     settings: dict               # the retrieve section, validated
 
 
+def prediction_options(db: Database, query_bank: np.ndarray) -> dict:
+    """`predict`'s keyword arguments for these queries (their bank terms) under the retrieve settings."""
+    s = db.settings
+    return dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db.bank_terms,
+                neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
+                bank_weight=s["bank_weight"])
+
+
 def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None, exclude_bank=None,
                    images: ImageSource | None = None, threads: int = 1, seconds: dict | None = None) -> Answers:
     """Search, bank terms, geometric verification and prediction for `queries` (L2-normalised rows):
@@ -513,9 +528,7 @@ def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None
         forced, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, s["verify"])
         seconds["verify"] = seconds.get("verify", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
-    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db.bank_terms,
-                   neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
-                   bank_weight=s["bank_weight"])
+    options = prediction_options(db, query_bank)
     result = predict(cosines, positions, db.labels, **options)
     if inliers is not None:
         relabelled = (forced >= 0) & (forced != result.label)
@@ -531,25 +544,21 @@ def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None
 def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> list[tuple[int, float]]:
     """The query's candidate landmarks (the prediction first, then the other landmarks among its
     neighbours by confidence), each with the confidence it would have as the answer; at most `limit`."""
-    positions = answers.positions[row:row + 1]
+    positions, cosines = answers.positions[row:row + 1], answers.cosines[row:row + 1]
     found = positions[0] >= 0
     labels = list(dict.fromkeys(int(x) for x in db.labels[positions[0][found]] if x >= 0))
     predicted = int(answers.predictions.label[row])
     candidates = [predicted] + [x for x in labels if x != predicted] if predicted >= 0 else labels
-    s = db.settings
-    options = dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=answers.query_bank[row:row + 1],
-                   db_bank=db.bank_terms, neighbours_per_label=s["glr2020_neighbours_per_label"],
-                   margin_weight=s["margin_weight"], bank_weight=s["bank_weight"])
+    options = prediction_options(db, answers.query_bank[row:row + 1])
+    if answers.inliers is not None:
+        inliers = answers.inliers[row:row + 1]
+        _, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, db.settings["verify"])
     scored = []
     for label in candidates:
-        result = predict(answers.cosines[row:row + 1], positions, db.labels, labels=np.array([label]), **options)
-        confidence = float(result.confidence[0])
+        result = predict(cosines, positions, db.labels, labels=np.array([label]), **options)
         if answers.inliers is not None:
-            m = answers.inliers.shape[1]
-            neighbour_labels = np.where(positions[0, :m] >= 0, db.labels[np.maximum(positions[0, :m], 0)], -1)
-            is_verified = (answers.inliers[row] >= s["verify"]["min_inliers"]) & (neighbour_labels == label)
-            confidence += s["verify"]["weight"] * bool(is_verified.any())
-        scored.append((label, confidence))
+            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings["verify"]["weight"])
+        scored.append((label, float(result.confidence[0])))
     if predicted >= 0:  # the rule's answer stays first, whatever the others score
         scored[0] = (predicted, float(answers.predictions.confidence[row]))
         return [scored[0]] + sorted(scored[1:], key=lambda item: -item[1])[:limit - 1]

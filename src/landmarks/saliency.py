@@ -18,14 +18,19 @@ from .loader import eval_transform
 
 
 def model_view(image: Image.Image, image_size: int) -> Image.Image:
-    """The RGB image as the model sees it: shorter side to image_size (bicubic), centre crop (same
-    geometry as loader.eval_transform)."""
+    """The RGB image as the model sees it: loader.eval_transform's resize and centre crop, before the
+    tensor conversion."""
     from torchvision import transforms
-    resize = transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-    ])
-    return resize(image.convert("RGB"))
+    geometry = eval_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).transforms[:2]
+    return transforms.Compose(geometry)(image.convert("RGB"))
+
+
+@torch.no_grad()
+def embed_image(model, image: Image.Image, image_size: int) -> torch.Tensor:
+    """The model's unit embedding of one image, one view (eval transform): a saliency target."""
+    device = next(model.parameters()).device
+    transform = eval_transform(image_size, model.data_config["mean"], model.data_config["std"])
+    return model.embed(transform(image.convert("RGB")).unsqueeze(0).to(device))[0]
 
 
 def similarity_map(model, image: Image.Image, target, image_size: int) -> np.ndarray:

@@ -107,14 +107,6 @@ def gap_by_confidence(predictions: pd.DataFrame, truth: pd.DataFrame, min_inlier
     return result
 
 
-def _embed_image(model, image, image_size: int):
-    """The model's unit embedding of one image (one view, eval transform)."""
-    from .loader import eval_transform
-    device = next(model.parameters()).device
-    transform = eval_transform(image_size, model.data_config["mean"], model.data_config["std"])
-    return model.embed(transform(image).unsqueeze(0).to(device))[0]
-
-
 def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd.DataFrame | None,
                     images: ShardImages, per_group: int = SALIENCY_PER_GROUP) -> list[dict]:
     """What report.plot_saliency draws, for the most and least confident landmark queries
@@ -122,7 +114,7 @@ def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd
     each one's saliency towards the other's embedding (computed here by the model, not read from the
     embed stage's files). An image missing from the shards leaves its panels empty."""
     from . import report
-    from .saliency import model_view, overlay, similarity_map
+    from .saliency import embed_image, model_view, overlay, similarity_map
     model.eval()
     top1 = {}
     if neighbours is not None and len(neighbours):
@@ -143,8 +135,8 @@ def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd
         if other is not None:
             panel["neighbour_view"] = model_view(other, image_size)
         if query is not None and other is not None:
-            query_embedding = _embed_image(model, query, image_size)
-            other_embedding = _embed_image(model, other, image_size)
+            query_embedding = embed_image(model, query, image_size)
+            other_embedding = embed_image(model, other, image_size)
             panel["query_overlay"] = overlay(panel["query_view"],
                                              similarity_map(model, query, other_embedding, image_size))
             panel["neighbour_overlay"] = overlay(panel["neighbour_view"],

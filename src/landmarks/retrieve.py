@@ -38,10 +38,16 @@ Writes neighbours.parquet (query_id, rank, neighbour_id, neighbour_landmark_id, 
 verified ones), predictions.parquet (id, landmark_id, score, top_cosine, other_cosine, bank_cosine;
 inliers), the Kaggle submission
 (`id,landmarks` with "<landmark_id> <score>"; empty when a query has no prediction) and retrieve.json
-(sizes, index, device, timings, recall of an approximate index).
+(sizes, index, device, timings, recall of an approximate index, the non-landmark threshold). For
+`landmarks.predict` it keeps index.faiss and bank.faiss (the faiss indexes, on the CPU),
+database.parquet (id, landmark_id, shard relative to this folder, key, B_j) and predictor.json (the
+`--predictor` embed and shard settings, the retrieve settings, the threshold). With `--val`, the
+threshold below which predict calls a photo a non-landmark is chosen on the val photos and as many
+bank photos, answered exactly as the test queries (`choose_threshold`: the most right decisions).
 
     python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR \
-        --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00
+        --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00 \
+        --val val.npy
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ FAISS_LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,)
 # The venv's tools come first on PATH: Snakemake's jobs call `python -m landmarks.<stage>`.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo predict test env lint dryrun report bench lock clean
+.PHONY: demo predict test env lint format dryrun report bench lock clean
 
 env: $(STAMP)
 
@@ -42,8 +42,17 @@ predict: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Lint clean means all four pass; `make format` applies ruff's and snakefmt's formatting.
 lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+	$(BIN)/snakefmt Snakefile rules
 
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n

@@ -15,7 +15,9 @@ from landmarks import config as lmconfig
 # `--configfile X` replaces config.yaml instead of merging into it: a reproduction config is complete
 # on its own (missing keys take the schema's defaults), and never inherits the demo's experiments.
 if not workflow.config_settings.configfiles:
+
     configfile: "config.yaml"
+
 
 CONFIG_SOURCE = ", ".join(str(p) for p in workflow.config_settings.configfiles) or "config.yaml"
 try:
@@ -36,10 +38,16 @@ EXPERIMENTS = list(config["experiments"])
 SHARD_SIZE = lmconfig.shard_size(config)
 for _name, _size in lmconfig.image_sizes_needed(config).items():
     if _size > SHARD_SIZE and config["shard"]["resize_mode"] in ("shorter_side", "center_crop"):
-        print(f"Warning: experiment {_name} reads images at {_size} px but shard.size is {SHARD_SIZE}: they will "
-              f"be enlarged from the shards (set shard.size to {_size} or null)", file=sys.stderr)
+        print(
+            f"Warning: experiment {_name} reads images at {_size} px but shard.size is {SHARD_SIZE}: they will "
+            f"be enlarged from the shards (set shard.size to {_size} or null)",
+            file=sys.stderr,
+        )
 # Rules run the package from this checkout, whatever Python environment (venv or conda) runs them.
-shell.prefix(f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")  # braces doubled: Snakemake formats it too
+shell.prefix(
+    f"export PYTHONPATH={shlex.quote(SRC)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)  # braces doubled: Snakemake formats it too
+
 
 wildcard_constraints:
     part=r"\d{3}",
@@ -76,19 +84,28 @@ rule all:
 # itself if Snakemake is killed.
 _demo_server = {}
 
+
 onstart:
     if DEMO:
         from landmarks.demo import start_server_process
+
         _demo_server["process"] = start_server_process(
-            config["demo"]["out_dir"], config["demo"]["host"], config["demo"]["port"],
-            log_path=f"{LOGS}/demo_server.log")
+            config["demo"]["out_dir"],
+            config["demo"]["host"],
+            config["demo"]["port"],
+            log_path=f"{LOGS}/demo_server.log",
+        )
+
 
 onsuccess:
     if _demo_server:
         from landmarks.demo import stop_server_process
+
         stop_server_process(_demo_server.pop("process"))
+
 
 onerror:
     if _demo_server:
         from landmarks.demo import stop_server_process
+
         stop_server_process(_demo_server.pop("process"))

@@ -212,18 +212,61 @@ def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, f
         lists[label] = folder
 
     def contenders(urls: Path, out: Path) -> dict[str, list[str] | None]:
-        ours = [sys.executable, "-m", "landmarks.download", "--part", str(urls / "split/part-000.parquet"),
-                "--images", str(out / "images"), "--out", str(out / "manifest.parquet"), "--no-progress",
-                "--concurrency", str(args.concurrency), "--per-host", str(args.concurrency),
-                "--threads", str(args.threads), "--retries", "0"]
+        ours = [
+            sys.executable,
+            "-m",
+            "landmarks.download",
+            "--part",
+            str(urls / "split/part-000.parquet"),
+            "--images",
+            str(out / "images"),
+            "--out",
+            str(out / "manifest.parquet"),
+            "--no-progress",
+            "--concurrency",
+            str(args.concurrency),
+            "--per-host",
+            str(args.concurrency),
+            "--threads",
+            str(args.threads),
+            "--retries",
+            "0",
+        ]
         i2d = None
         if args.img2dataset:
-            i2d = [args.img2dataset, "--url_list", str(urls / "urls.csv"), "--input_format", "csv", "--url_col", "url",
-                   "--output_format", "files", "--output_folder", str(out / "images"), "--resize_mode", "no",
-                   "--processes_count", str(args.threads), "--thread_count", str(args.concurrency // args.threads),
-                   "--timeout", "30", "--retries", "0", "--compute_hash", "sha256", "--enable_wandb", "False",
-                   "--disallowed_header_directives", "[]", "--number_sample_per_shard", "100000",
-                   "--distributor", "multiprocessing"]
+            i2d = [
+                args.img2dataset,
+                "--url_list",
+                str(urls / "urls.csv"),
+                "--input_format",
+                "csv",
+                "--url_col",
+                "url",
+                "--output_format",
+                "files",
+                "--output_folder",
+                str(out / "images"),
+                "--resize_mode",
+                "no",
+                "--processes_count",
+                str(args.threads),
+                "--thread_count",
+                str(args.concurrency // args.threads),
+                "--timeout",
+                "30",
+                "--retries",
+                "0",
+                "--compute_hash",
+                "sha256",
+                "--enable_wandb",
+                "False",
+                "--disallowed_header_directives",
+                "[]",
+                "--number_sample_per_shard",
+                "100000",
+                "--distributor",
+                "multiprocessing",
+            ]
         return {
             "ours": ours,
             "requests": [sys.executable, __file__, "--requests-loop", str(urls / "urls.csv"), str(out / "images")],
@@ -251,8 +294,10 @@ def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, f
                     files = count_files(out / "images")
                     results.setdefault(f"{name}/{label}", []).append((wall, cpu, files))
                     if label == "full":
-                        print(f"round {round_number + 1}: {name:22s} {files:5d} files  "
-                              f"wall {wall:6.2f} s  CPU {cpu:6.2f} s")
+                        print(
+                            f"round {round_number + 1}: {name:22s} {files:5d} files  "
+                            f"wall {wall:6.2f} s  CPU {cpu:6.2f} s"
+                        )
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     return results
@@ -281,18 +326,24 @@ def report(results, args) -> None:
             "steady_cpu_ms_per_img": 1000 * max(0.0, cpu - tiny_cpu) / n,
             "startup_cpu_s": tiny_cpu,
         }
-    print(f"\n{'contender':22s} {'files':>5s} {'img/s':>8s} {'CPU ms/img':>11s} {'img/CPU-s':>10s}"
-          f" {'steady img/s':>13s} {'steady CPU ms/img':>18s} {'start-up CPU s':>15s}")
+    print(
+        f"\n{'contender':22s} {'files':>5s} {'img/s':>8s} {'CPU ms/img':>11s} {'img/CPU-s':>10s}"
+        f" {'steady img/s':>13s} {'steady CPU ms/img':>18s} {'start-up CPU s':>15s}"
+    )
     for name, r in rows.items():
-        print(f"{name:22s} {r['files']:5d} {r['img_per_s']:8.1f} {r['cpu_ms_per_img']:11.2f} {r['img_per_cpu_s']:10.1f}"
-              f" {r['steady_img_per_s']:13.1f} {r['steady_cpu_ms_per_img']:18.2f} {r['startup_cpu_s']:15.2f}")
+        print(
+            f"{name:22s} {r['files']:5d} {r['img_per_s']:8.1f} {r['cpu_ms_per_img']:11.2f} {r['img_per_cpu_s']:10.1f}"
+            f" {r['steady_img_per_s']:13.1f} {r['steady_cpu_ms_per_img']:18.2f} {r['startup_cpu_s']:15.2f}"
+        )
     ours = rows["ours"]
     for other in [k for k in rows if k != "ours"]:
         r = rows[other]
-        print(f"ours vs {other}: {ours['img_per_s'] / r['img_per_s']:.2f}x images/s, "
-              f"{ours['img_per_cpu_s'] / r['img_per_cpu_s']:.2f}x images per CPU-second "
-              f"(steady: {ours['steady_img_per_s'] / r['steady_img_per_s']:.2f}x, "
-              f"{r['steady_cpu_ms_per_img'] / max(1e-9, ours['steady_cpu_ms_per_img']):.2f}x)")
+        print(
+            f"ours vs {other}: {ours['img_per_s'] / r['img_per_s']:.2f}x images/s, "
+            f"{ours['img_per_cpu_s'] / r['img_per_cpu_s']:.2f}x images per CPU-second "
+            f"(steady: {ours['steady_img_per_s'] / r['steady_img_per_s']:.2f}x, "
+            f"{r['steady_cpu_ms_per_img'] / max(1e-9, ours['steady_cpu_ms_per_img']):.2f}x)"
+        )
     print(json.dumps(rows, indent=1))
 
 

@@ -100,9 +100,7 @@ def timed_phases(pred, truth) -> tuple[metrics.GapScores, dict[str, float], str]
         truth_keys, pred_keys, truth_ids, pred_ids, landmark_rows=np.flatnonzero(n_labels)
     )
     lap("join: sort, match ids")
-    correct = metrics._correct_predictions(
-        landmark_query, landmark[pred_row], label_query, label_landmark
-    )
+    correct = metrics._correct_predictions(landmark_query, landmark[pred_row], label_query, label_landmark)
     lap("truth lookup (landmark queries)")
     ranking = metrics._ranking(score[pred_row])
     lap("ranking: stable sort by score")
@@ -130,14 +128,16 @@ def main() -> None:
     args = parser.parse_args()
 
     pred_df, pred_dict, truth = make_data(args.n, args.seed)
-    print(f"{len(pred_df):,} predictions, {len(truth):,} queries, "
-          f"{sum(1 for v in truth.values() if v):,} landmark queries")
+    print(
+        f"{len(pred_df):,} predictions, {len(truth):,} queries, "
+        f"{sum(1 for v in truth.values() if v):,} landmark queries"
+    )
     kinds = input_kinds(pred_df, truth)
 
     results, seconds = {}, {}
     for name, (pred, truth_input) in kinds.items():
         seconds[name], results[name] = best_time(
-            lambda: score_predictions(pred, truth_input), args.repeat
+            lambda pred=pred, truth_input=truth_input: score_predictions(pred, truth_input), args.repeat
         )
     phases = {}
     for name, inputs in kinds.items():
@@ -173,8 +173,10 @@ def main() -> None:
             assert scores.gap_landmarks_only == slow_landmarks_only, (name, scores)
             assert scores.accuracy == slow_accuracy, (name, scores)
             assert scores == results[names[0]], (name, scores, results[names[0]])
-    print(f"\nall input kinds equal the loops exactly: GAP {slow!r}, "
-          f"GAP landmarks only {slow_landmarks_only!r}, accuracy {slow_accuracy!r}")
+    print(
+        f"\nall input kinds equal the loops exactly: GAP {slow!r}, "
+        f"GAP landmarks only {slow_landmarks_only!r}, accuracy {slow_accuracy!r}"
+    )
 
 
 if __name__ == "__main__":

@@ -58,12 +58,12 @@ def numpy_knn(database: np.ndarray, queries: np.ndarray, k: int, chunk: int):
     cosines = np.empty((len(queries), k), np.float32)
     positions = np.empty((len(queries), k), np.int64)
     for start in range(0, len(queries), chunk):
-        similarity = queries[start:start + chunk] @ database.T
+        similarity = queries[start : start + chunk] @ database.T
         top = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
         top_values = np.take_along_axis(similarity, top, axis=1)
         order = np.argsort(-top_values, axis=1, kind="stable")
-        positions[start:start + chunk] = np.take_along_axis(top, order, axis=1)
-        cosines[start:start + chunk] = np.take_along_axis(top_values, order, axis=1)
+        positions[start : start + chunk] = np.take_along_axis(top, order, axis=1)
+        cosines[start : start + chunk] = np.take_along_axis(top_values, order, axis=1)
     return cosines, positions
 
 
@@ -79,10 +79,11 @@ def faiss_knn(database: np.ndarray, queries: np.ndarray, k: int, gpu: bool):
 
 def torch_knn(database: np.ndarray, queries: np.ndarray, k: int, chunk: int):
     import torch
+
     db = torch.from_numpy(database).cuda()
     cosines, positions = [], []
     for start in range(0, len(queries), chunk):
-        similarity = torch.from_numpy(queries[start:start + chunk]).cuda() @ db.T
+        similarity = torch.from_numpy(queries[start : start + chunk]).cuda() @ db.T
         values, indices = similarity.topk(k, dim=1)
         cosines.append(values.cpu())
         positions.append(indices.cpu())
@@ -127,6 +128,7 @@ def loop_predict(cosines, positions, db_labels, rule, query_bank, db_bank, cap=3
 
 def bench_predict(n_queries: int, k: int, seed: int) -> None:
     from landmarks.retrieve import predict
+
     rng = np.random.default_rng(seed)
     n_db = 1_000_000
     cosines = -np.sort(-rng.uniform(0, 1, (n_queries, k)).astype(np.float32), axis=1)
@@ -138,13 +140,31 @@ def bench_predict(n_queries: int, k: int, seed: int) -> None:
     loop_n = min(n_queries, 50_000)
     print(f"predict(): {n_queries:,} queries x k={k}; the per-query loop on the first {loop_n:,}")
     for prediction, rerank in (("top1", "seed004"), ("vote", "seed004"), ("top1", "glr2020")):
-        seconds, _ = timed(lambda: predict(cosines, positions, db_labels, prediction=prediction, rerank=rerank,
-                                           query_bank=query_bank, db_bank=db_bank))
-        loop_seconds, _ = timed(loop_predict, cosines[:loop_n], positions[:loop_n], db_labels,
-                                "glr2020" if rerank == "glr2020" else prediction, query_bank, db_bank)
+        seconds, _ = timed(
+            lambda prediction=prediction, rerank=rerank: predict(
+                cosines,
+                positions,
+                db_labels,
+                prediction=prediction,
+                rerank=rerank,
+                query_bank=query_bank,
+                db_bank=db_bank,
+            )
+        )
+        loop_seconds, _ = timed(
+            loop_predict,
+            cosines[:loop_n],
+            positions[:loop_n],
+            db_labels,
+            "glr2020" if rerank == "glr2020" else prediction,
+            query_bank,
+            db_bank,
+        )
         rate, loop_rate = n_queries / seconds, loop_n / loop_seconds
-        print(f"  {prediction}/{rerank}: vectorised {seconds:6.2f} s ({rate:,.0f} queries/s), "
-              f"loop {loop_rate:,.0f} queries/s -> {rate / loop_rate:.1f}x")
+        print(
+            f"  {prediction}/{rerank}: vectorised {seconds:6.2f} s ({rate:,.0f} queries/s), "
+            f"loop {loop_rate:,.0f} queries/s -> {rate / loop_rate:.1f}x"
+        )
 
 
 def main() -> None:
@@ -168,8 +188,10 @@ def main() -> None:
     faiss_seconds, (_, faiss_positions) = timed(faiss_knn, database, queries, args.k, args.gpu)
     brute_seconds, (_, brute_positions) = timed(brute)
     top1, sets = agreement(faiss_positions, brute_positions)
-    print(f"faiss IndexFlatIP{' (GPU)' if args.gpu else ''}: {faiss_seconds:8.2f} s  "
-          f"({args.queries / faiss_seconds:,.0f} queries/s)")
+    print(
+        f"faiss IndexFlatIP{' (GPU)' if args.gpu else ''}: {faiss_seconds:8.2f} s  "
+        f"({args.queries / faiss_seconds:,.0f} queries/s)"
+    )
     print(f"{brute_name}: {brute_seconds:8.2f} s  ({args.queries / brute_seconds:,.0f} queries/s)")
     print(f"ratio (brute force / faiss): {brute_seconds / faiss_seconds:.2f}x")
     print(f"agreement: same top-1 {top1:.4%}, same top-{args.k} sets {sets:.4%}")

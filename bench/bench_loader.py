@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_resize import photo_like  # noqa: E402
-from landmarks import loader, shard  # noqa: E402
-from landmarks.common import image_relpath  # noqa: E402
+from bench_resize import photo_like
+
+from landmarks import loader, shard
+from landmarks.common import image_relpath
 
 OUT = Path(__file__).resolve().parent / "out" / "loader"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -65,8 +66,7 @@ def build_inputs(count: int, shard_size: int, classes: int) -> tuple[loader.Shar
             photo_like(width, height, seed=n).save(sources / name, quality=90)
             rows.append({"id": f"{n:06x}", "landmark_id": n % classes, "split": "train", "path": name})
         selection = pd.DataFrame(rows)
-        shard.shard_split(selection, sources, "train", 0, 1, shards, size=shard_size, images_per_shard=500,
-                          threads=2)
+        shard.shard_split(selection, sources, "train", 0, 1, shards, size=shard_size, images_per_shard=500, threads=2)
         index = loader.ShardIndex.from_dirs([shards])
         for image_id, data in zip(index.table["id"], loader.ShardDataset(index, None).read_samples(range(len(index)))):
             path = loose / image_relpath(image_id)
@@ -97,8 +97,7 @@ def epoch_rate(make, batch_size: int, workers: int) -> tuple[float, float]:
     of the DataLoader that `make` builds, worker start-up included. The CPU rate is what a core delivers,
     whatever else runs on the machine."""
     dataset, shuffle = make()
-    batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=shuffle,
-                         persistent_workers=False)
+    batches = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=shuffle, persistent_workers=False)
     before = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     start = time.perf_counter()
     images = sum(len(b[2]) for b in batches)
@@ -140,27 +139,35 @@ def _cpu_part(index, loose, args) -> None:
     labels = loader.class_mapping(index.table["landmark_id"])
     transform = loader.train_transform({"image_size": args.image_size, "augment": AUGMENT}, MEAN, STD)
     makers = {
-        "shards-stream": lambda: (loader.ShardDataset(index, transform, labels, shuffle=True, shuffle_buffer=256), False),
+        "shards-stream": lambda: (
+            loader.ShardDataset(index, transform, labels, shuffle=True, shuffle_buffer=256),
+            False,
+        ),
         "shards-random": lambda: (loader.ShardMapDataset(index, transform, labels), True),
         "loose-files": lambda: (LooseFiles(index, loose, transform, labels), True),
     }
-    print(f"{len(index)} images, {index.table['size'].mean() / 1e3:.1f} kB each "
-          f"({index.table['width'].mean():.0f}x{index.table['height'].mean():.0f} px mean), train transform at "
-          f"{args.image_size} px, batch {args.batch_size}")
+    print(
+        f"{len(index)} images, {index.table['size'].mean() / 1e3:.1f} kB each "
+        f"({index.table['width'].mean():.0f}x{index.table['height'].mean():.0f} px mean), train transform at "
+        f"{args.image_size} px, batch {args.batch_size}"
+    )
     for workers in args.workers:
         rates = {name: [] for name in makers}
         for r in range(args.rounds):
-            for name in (list(makers) if r % 2 == 0 else list(makers)[::-1]):
+            for name in list(makers) if r % 2 == 0 else list(makers)[::-1]:
                 rates[name].append(epoch_rate(makers[name], args.batch_size, workers))
         wall = {name: max(w for w, _ in values) for name, values in rates.items()}
         cpu = {name: max(c for _, c in values) for name, values in rates.items()}
-        print(f"  workers={workers}: " + ", ".join(f"{name} {wall[name]:6.1f} img/s ({cpu[name]:5.1f}/CPU-s)"
-                                                  for name in makers)
-              + f"\n             stream / loose: {wall['shards-stream'] / wall['loose-files']:.2f}x wall, "
-              f"{cpu['shards-stream'] / cpu['loose-files']:.2f}x per CPU-s")
+        print(
+            f"  workers={workers}: "
+            + ", ".join(f"{name} {wall[name]:6.1f} img/s ({cpu[name]:5.1f}/CPU-s)" for name in makers)
+            + f"\n             stream / loose: {wall['shards-stream'] / wall['loose-files']:.2f}x wall, "
+            f"{cpu['shards-stream'] / cpu['loose-files']:.2f}x per CPU-s"
+        )
     reads = [read_rates(index, loose) for _ in range(args.rounds)]
-    print("  raw reads, no decode: " + ", ".join(
-        f"{name} {max(r[name] for r in reads):7.1f} MB/s" for name in reads[0]))
+    print(
+        "  raw reads, no decode: " + ", ".join(f"{name} {max(r[name] for r in reads):7.1f} MB/s" for name in reads[0])
+    )
 
 
 def train_steps_per_second(model, optimizer, batches, steps: int, device, warmup: int = 10) -> float:
@@ -215,18 +222,23 @@ def gpu_part(index, args) -> None:
                 yield images, targets
             epoch += 1
 
-    print(f"\n{args.arch} training step at {size} px, batch {batch}, on {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"{max(args.workers)} loader workers:")
+    print(
+        f"\n{args.arch} training step at {size} px, batch {batch}, on {device} "
+        f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"{max(args.workers)} loader workers:"
+    )
     results = {}
     for name, source in (("synthetic", synthetic), ("real loader", real), ("synthetic", synthetic)):
-        rate = train_steps_per_second(model, optimizer, source(), args.train_steps, device,
-                                      warmup=min(10, args.train_steps))
+        rate = train_steps_per_second(
+            model, optimizer, source(), args.train_steps, device, warmup=min(10, args.train_steps)
+        )
         results.setdefault(name, []).append(rate)
         print(f"  {name:12s} {rate:8.1f} img/s")
     synthetic_rate = max(results["synthetic"])
-    print(f"  real / synthetic = {results['real loader'][0] / synthetic_rate:.2f} "
-          "(1.00 = the loader keeps the GPU fully fed)")
+    print(
+        f"  real / synthetic = {results['real loader'][0] / synthetic_rate:.2f} "
+        "(1.00 = the loader keeps the GPU fully fed)"
+    )
 
 
 def main() -> None:
@@ -240,8 +252,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cuda for the GPU part")
     parser.add_argument("--arch", default="resnet50", help="torchvision model of the GPU part")
-    parser.add_argument("--train-steps", type=int, default=None,
-                        help="timed training steps (default: 100 on cuda, 0 = no training part on cpu)")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="timed training steps (default: 100 on cuda, 0 = no training part on cpu)",
+    )
     parser.add_argument("--skip-cpu-part", action="store_true")
     args = parser.parse_args()
     if args.train_steps is None:

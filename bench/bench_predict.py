@@ -28,8 +28,12 @@ sys.path.insert(0, str(ROOT / "src"))
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default=str(ROOT / "results" / "experiments" / "effnet_gem_arcface"))
-    parser.add_argument("--photos", nargs="+", default=None,
-                        help="inputs (default: data/demo/new_photos and the demo's downloaded images, up to --limit)")
+    parser.add_argument(
+        "--photos",
+        nargs="+",
+        default=None,
+        help="inputs (default: data/demo/new_photos and the demo's downloaded images, up to --limit)",
+    )
     parser.add_argument("--limit", type=int, default=200, help="photos at most (default inputs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -39,8 +43,10 @@ def parse_args():
 
 def default_photos(limit: int) -> list[str]:
     from landmarks.predict import IMAGE_SUFFIXES
-    photos = sorted(str(p) for p in (ROOT / "data" / "demo" / "new_photos").iterdir()
-                    if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    photos = sorted(
+        str(p) for p in (ROOT / "data" / "demo" / "new_photos").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+    )
     photos += sorted(str(p) for p in (ROOT / "results" / "download" / "images").rglob("*.jpg"))
     if not photos:
         sys.exit("no photos: run `make demo` first, or give --photos")
@@ -52,6 +58,7 @@ def main() -> int:
     import torch
 
     from landmarks import predict
+
     torch.set_num_threads(args.threads)
     photos = args.photos or default_photos(args.limit)
     runs: dict[str, list[dict]] = {"predict (no saliency)": [], "predict + saliency page": []}
@@ -59,15 +66,24 @@ def main() -> int:
         for round_number in range(args.rounds):
             for name, saliency in (("predict (no saliency)", False), ("predict + saliency page", True)):
                 out = Path(tmp) / f"{round_number}-{saliency}"
-                predict.predict(args.experiment, photos, out, device=args.device, saliency=saliency,
-                                threads=args.threads, progress=False)
+                predict.predict(
+                    args.experiment,
+                    photos,
+                    out,
+                    device=args.device,
+                    saliency=saliency,
+                    threads=args.threads,
+                    progress=False,
+                )
                 runs[name].append(json.loads((out / "predict.json").read_text()))
     count = runs["predict (no saliency)"][0]["answered"]
     order = ["read", "embed", "search", "bank", "verify", "predict", "page"]  # the order predict runs them
     seen = {phase for summaries in runs.values() for s in summaries for phase in s["seconds"]}
     phases = [p for p in order if p in seen] + sorted(seen - set(order))
-    print(f"\n{count} photos answered, experiment {args.experiment}, device {args.device}, {args.threads} threads, "
-          f"median of {args.rounds} rounds\n")
+    print(
+        f"\n{count} photos answered, experiment {args.experiment}, device {args.device}, {args.threads} threads, "
+        f"median of {args.rounds} rounds\n"
+    )
     print("| run | " + " | ".join(f"{p} s" for p in phases) + " | total s | photos/s |")
     print("|---|" + "---:|" * (len(phases) + 2))
     for name, summaries in runs.items():

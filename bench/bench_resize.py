@@ -31,7 +31,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from landmarks import shard  # noqa: E402
+from landmarks import shard
 
 OUT = Path(__file__).resolve().parent / "out"
 SIZES = [(1024, 768), (1600, 1200), (2048, 1536), (3000, 2000), (4000, 3000), (1000, 1500), (2448, 3264)]
@@ -96,29 +96,35 @@ def compare(name: str, paths: list[Path], size: int, rounds: int) -> None:
     dims = [Image.open(p).size for p in paths]
     pixels = np.array([w * h for w, h in dims])
     megabytes = sum(p.stat().st_size for p in paths) / 1e6
-    print(f"\n{name}: {len(paths)} JPEGs, {pixels.mean() / 1e6:.1f} MP mean, "
-          f"{8 * megabytes * 1e6 / pixels.sum():.2f} bits/pixel, shorter side -> {size} px")
+    print(
+        f"\n{name}: {len(paths)} JPEGs, {pixels.mean() / 1e6:.1f} MP mean, "
+        f"{8 * megabytes * 1e6 / pixels.sum():.2f} bits/pixel, shorter side -> {size} px"
+    )
     methods = {"naive": naive, "shard": ours}
     runs = {m: [] for m in methods}
-    wall = {m: 0.0 for m in methods}
+    wall = dict.fromkeys(methods, 0.0)
     for r in range(rounds):
-        for m in (list(methods) if r % 2 == 0 else list(methods)[::-1]):
+        for m in list(methods) if r % 2 == 0 else list(methods)[::-1]:
             start = time.perf_counter()
             runs[m].append(cpu_seconds_per_image(methods[m], paths, size))
             wall[m] += time.perf_counter() - start
     per_image = {m: np.median(np.stack(r), axis=0) for m, r in runs.items()}  # median over rounds
     for m, seconds in per_image.items():
-        print(f"  {m:6s} {len(paths) / seconds.sum():7.2f} images/CPU-s  {pixels.sum() / seconds.sum() / 1e6:7.1f} "
-              f"MP/CPU-s   (wall {rounds * len(paths) / wall[m]:7.2f} images/s)")
+        print(
+            f"  {m:6s} {len(paths) / seconds.sum():7.2f} images/CPU-s  {pixels.sum() / seconds.sum() / 1e6:7.1f} "
+            f"MP/CPU-s   (wall {rounds * len(paths) / wall[m]:7.2f} images/s)"
+        )
     print(f"  speed-up per core, all images: {per_image['naive'].sum() / per_image['shard'].sum():.2f}x")
     longer = np.array([max(d) for d in dims])
     for low, high in ((0, 1200), (1200, 2200), (2200, 3400), (3400, 10**6)):
         chosen = (longer > low) & (longer <= high)
         if chosen.any():
-            print(f"    longer side {low + 1:>5}-{min(high, 9999):>4} px ({chosen.sum():2d} images): "
-                  f"{per_image['naive'][chosen].sum() / per_image['shard'][chosen].sum():.2f}x "
-                  f"({1000 * per_image['naive'][chosen].mean():.1f} -> {1000 * per_image['shard'][chosen].mean():.1f}"
-                  " ms per image)")
+            print(
+                f"    longer side {low + 1:>5}-{min(high, 9999):>4} px ({chosen.sum():2d} images): "
+                f"{per_image['naive'][chosen].sum() / per_image['shard'][chosen].sum():.2f}x "
+                f"({1000 * per_image['naive'][chosen].mean():.1f} -> {1000 * per_image['shard'][chosen].mean():.1f}"
+                " ms per image)"
+            )
 
 
 def stage_scaling(paths: list[Path], size: int, processes: list[int], repeat: int) -> None:
@@ -126,19 +132,28 @@ def stage_scaling(paths: list[Path], size: int, processes: list[int], repeat: in
     included; `repeat` passes over the inputs make it a longer job. Wall time only (the workers are
     forkserver children, outside this process's rusage): meaningful on otherwise idle cores."""
     paths = paths * repeat
-    selection = pd.DataFrame({"id": [f"img{n}" for n in range(len(paths))], "landmark_id": 1,
-                              "split": "train", "path": [str(p) for p in paths]})
+    selection = pd.DataFrame(
+        {
+            "id": [f"img{n}" for n in range(len(paths))],
+            "landmark_id": 1,
+            "split": "train",
+            "path": [str(p) for p in paths],
+        }
+    )
     print(f"\nshard stage on {len(paths)} JPEGs ({len(os.sched_getaffinity(0))} cores usable here):")
     base = None
     for count in processes:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            shard.shard_split(selection, Path("/"), "train", 0, 1, Path(tmp), size=size, images_per_shard=1000,
-                              threads=count)
+            shard.shard_split(
+                selection, Path("/"), "train", 0, 1, Path(tmp), size=size, images_per_shard=1000, threads=count
+            )
             wall = time.perf_counter() - start
         base = base or wall
-        print(f"  {count} process(es): {len(paths) / wall:7.2f} images/s wall ({base / wall:.2f}x of 1 process; "
-              f"load average {os.getloadavg()[0]:.1f})")
+        print(
+            f"  {count} process(es): {len(paths) / wall:7.2f} images/s wall ({base / wall:.2f}x of 1 process; "
+            f"load average {os.getloadavg()[0]:.1f})"
+        )
 
 
 def main() -> None:

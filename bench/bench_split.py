@@ -57,8 +57,17 @@ def main() -> None:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         subprocess.run(
-            [sys.executable, "-m", "landmarks.split", "--csv", str(csv), "--partitions", str(args.partitions),
-             "--out-dir", str(work / "split")],
+            [
+                sys.executable,
+                "-m",
+                "landmarks.split",
+                "--csv",
+                str(csv),
+                "--partitions",
+                str(args.partitions),
+                "--out-dir",
+                str(work / "split"),
+            ],
             check=True,
         )
         wall = time.monotonic() - started

@@ -53,16 +53,36 @@ def make_shards(work: Path, images: int, classes: int, size: int, seed: int = 0)
         draw = ImageDraw.Draw(image)
         for _ in range(4):
             x, y = rng.integers(0, width - 20), rng.integers(0, height - 20)
-            draw.rectangle([x, y, x + rng.integers(10, size // 3), y + rng.integers(10, size // 3)],
-                           fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw.rectangle(
+                [x, y, x + rng.integers(10, size // 3), y + rng.integers(10, size // 3)],
+                fill=tuple(int(c) for c in rng.integers(0, 256, 3)),
+            )
         image.save(folder / f"img{i:06d}.jpg", quality=90)
         rows.append({"id": f"img{i:06d}", "landmark_id": landmark, "split": "train", "path": f"img{i:06d}.jpg"})
     selection = pd.DataFrame(rows)
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     selection.to_parquet(work / "selection.parquet")
-    assert shard.main(["--selection", str(work / "selection.parquet"), "--images", str(folder), "--split", "train",
-                       "--out-dir", str(out / "train"), "--size", str(size), "--images-per-shard", "1000",
-                       "--threads", "4"]) == 0
+    assert (
+        shard.main(
+            [
+                "--selection",
+                str(work / "selection.parquet"),
+                "--images",
+                str(folder),
+                "--split",
+                "train",
+                "--out-dir",
+                str(out / "train"),
+                "--size",
+                str(size),
+                "--images-per-shard",
+                "1000",
+                "--threads",
+                "4",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -114,11 +134,24 @@ def main() -> None:
     device = torch.device(args.device)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_train_"))
     shards = make_shards(work, args.images, args.classes, max(args.size + args.size // 4, 32))
-    settings = section_settings("train", {
-        "backbone": args.model, "pretrained": "none", "image_size": args.size, "batch_size": args.batch,
-        "epochs": 2, "workers": args.workers, "loss": "arcface", "checkpoint_every_steps": 0, "lr": 1e-4})
-    print(f"{args.model} @ {args.size} px, batch {args.batch}, {args.images} images, device {device}, "
-          f"AMP {'bf16' if device.type == 'cuda' else 'off'}, {args.workers} workers, {args.threads} threads")
+    settings = section_settings(
+        "train",
+        {
+            "backbone": args.model,
+            "pretrained": "none",
+            "image_size": args.size,
+            "batch_size": args.batch,
+            "epochs": 2,
+            "workers": args.workers,
+            "loss": "arcface",
+            "checkpoint_every_steps": 0,
+            "lr": 1e-4,
+        },
+    )
+    print(
+        f"{args.model} @ {args.size} px, batch {args.batch}, {args.images} images, device {device}, "
+        f"AMP {'bf16' if device.type == 'cuda' else 'off'}, {args.workers} workers, {args.threads} threads"
+    )
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

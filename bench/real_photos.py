@@ -69,33 +69,53 @@ EXPERIMENTS = {
 VARIANTS: dict[str, dict] = {
     "previous_defaults": {
         "description": "the defaults before this benchmark existed: random 512-d linear neck and ArcFace head, "
-                       "BatchNorm statistics trained, lr 1e-3, 6 steps per epoch, no WiSE-FT, seed 004 "
-                       "reranking, no geometric verification",
-        "train": {"neck": "linear", "head_init": "random", "freeze_bn": False, "lr": 1e-3, "wise_alpha": 1.0,
-                  "min_steps_per_epoch": 1},
-        "retrieve": {"rerank": "seed004", "verify": {"neighbours": 0}}},
-    "pretrained_no_verify": {"description": "pretrained, without geometric verification",
-                             "train": {"epochs": 0}, "retrieve": {"verify": {"neighbours": 0}}},
+        "BatchNorm statistics trained, lr 1e-3, 6 steps per epoch, no WiSE-FT, seed 004 "
+        "reranking, no geometric verification",
+        "train": {
+            "neck": "linear",
+            "head_init": "random",
+            "freeze_bn": False,
+            "lr": 1e-3,
+            "wise_alpha": 1.0,
+            "min_steps_per_epoch": 1,
+        },
+        "retrieve": {"rerank": "seed004", "verify": {"neighbours": 0}},
+    },
+    "pretrained_no_verify": {
+        "description": "pretrained, without geometric verification",
+        "train": {"epochs": 0},
+        "retrieve": {"verify": {"neighbours": 0}},
+    },
     "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
     "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
     "random_head": {"description": "ArcFace class weights at random", "train": {"head_init": "random"}},
     "bn_trained": {"description": "BatchNorm statistics updated", "train": {"freeze_bn": False}},
     "frozen_backbone_2": {"description": "backbone frozen for 2 epochs", "train": {"freeze_backbone_epochs": 2}},
     "layer_decay_0.7": {"description": "layer-wise lr decay 0.7", "train": {"layer_decay": 0.7}},
-    "pca_neck": {"description": "512-d linear neck started as a PCA whitening",
-                 "train": {"neck": "linear", "neck_init": "pca"}},
-    "concat": {"description": "GeM descriptor beside a 512-d linear neck (PCA-started)",
-               "train": {"neck": "linear", "neck_init": "pca", "descriptor": "concat"}},
+    "pca_neck": {
+        "description": "512-d linear neck started as a PCA whitening",
+        "train": {"neck": "linear", "neck_init": "pca"},
+    },
+    "concat": {
+        "description": "GeM descriptor beside a 512-d linear neck (PCA-started)",
+        "train": {"neck": "linear", "neck_init": "pca", "descriptor": "concat"},
+    },
     "lr_1e-3": {"description": "lr 1e-3", "train": {"lr": 1e-3}},
 }
 # Test-time variants of the untrained backbone. They raise the largest size an experiment embeds at, so
 # shard.size (null: that size) and every experiment of the folder would be recomputed: run them apart,
 # `--test-time --out bench/out/real_photos_test_time`.
 TEST_TIME = {
-    "pretrained_320": {"description": "not trained, embedded at 320 px", "train": {"epochs": 0},
-                       "embed": {"image_size": 320}},
-    "pretrained_multiscale": {"description": "not trained, embedded at 224 x 0.75, 1, 1.25 (averaged)",
-                              "train": {"epochs": 0}, "embed": {"scales": [0.75, 1.0, 1.25]}},
+    "pretrained_320": {
+        "description": "not trained, embedded at 320 px",
+        "train": {"epochs": 0},
+        "embed": {"image_size": 320},
+    },
+    "pretrained_multiscale": {
+        "description": "not trained, embedded at 224 x 0.75, 1, 1.25 (averaged)",
+        "train": {"epochs": 0},
+        "embed": {"scales": [0.75, 1.0, 1.25]},
+    },
 }
 
 
@@ -112,7 +132,8 @@ def landmark_rows(data: Path, base_url: str, regime: str, seed: int) -> pd.DataF
         photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
         place = photos.groupby("landmark_id").cumcount()
         photos = photos[place < FEWSHOT_TRAIN + FEWSHOT_VAL].assign(
-            split=np.where(place[place < FEWSHOT_TRAIN + FEWSHOT_VAL] < FEWSHOT_TRAIN, "train", "val"))
+            split=np.where(place[place < FEWSHOT_TRAIN + FEWSHOT_VAL] < FEWSHOT_TRAIN, "train", "val")
+        )
     return pd.concat([photos, queries])[["id", "url", "landmark_id", "split"]]
 
 
@@ -124,15 +145,29 @@ def nonlandmark_rows(data: Path, base_url: str, seed: int) -> pd.DataFrame:
     scenes = scenes.sort_values("rank")
     scenes["split"] = np.where(scenes["n"].cumsum() <= len(labels) / 2, "test", "nonlandmark")
     labels = labels.merge(scenes[["scene", "split"]], on="scene")
-    return pd.DataFrame({"id": labels["id"], "url": base_url + "/distractors/" + labels["path"],
-                         "landmark_id": "", "split": labels["split"]})
+    return pd.DataFrame(
+        {
+            "id": labels["id"],
+            "url": base_url + "/distractors/" + labels["path"],
+            "landmark_id": "",
+            "split": labels["split"],
+        }
+    )
 
 
 def urls_table(data: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
     rows = pd.concat([landmark_rows(data, base_url, regime, seed), nonlandmark_rows(data, base_url, seed)])
     # One broken link, as every real CSV has: its row must end in the manifest as a failure, and nothing else.
-    broken = pd.DataFrame([{"id": "broken_link_0", "url": base_url + "/paris6k_subset/images/missing.jpg",
-                            "landmark_id": "0", "split": ""}])
+    broken = pd.DataFrame(
+        [
+            {
+                "id": "broken_link_0",
+                "url": base_url + "/paris6k_subset/images/missing.jpg",
+                "landmark_id": "0",
+                "split": "",
+            }
+        ]
+    )
     return pd.concat([rows, broken], ignore_index=True)
 
 
@@ -165,14 +200,33 @@ def serve(directory: Path, port: int) -> tuple[http.server.ThreadingHTTPServer, 
 
 def snakemake(workdir: Path, cores: int) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
-               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores),
-               "--rerun-triggers", "mtime", "params", "input", "code", "--quiet", "rules"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        str(cores),
+        "--rerun-triggers",
+        "mtime",
+        "params",
+        "input",
+        "code",
+        "--quiet",
+        "rules",
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
-        sys.exit(f"snakemake failed in {workdir} (logs under {workdir}/results/logs):\n"
-                 f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        sys.exit(
+            f"snakemake failed in {workdir} (logs under {workdir}/results/logs):\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     print(f"  {workdir.name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -181,25 +235,47 @@ def collect(workdir: Path, regime: str, seed: int, experiments: dict) -> list[di
     for name in experiments:
         metrics = json.loads((workdir / "results" / "experiments" / name / "score" / "metrics.json").read_text())
         trained = json.loads((workdir / "results" / "experiments" / name / "train" / "train.json").read_text())
-        by_confidence = {CONFIDENCES[key]: value for key, value in metrics.get("gap_by_confidence", {}).items()
-                         if key in CONFIDENCES}
+        by_confidence = {
+            CONFIDENCES[key]: value for key, value in metrics.get("gap_by_confidence", {}).items() if key in CONFIDENCES
+        }
         verdict = {VERDICT[key]: value for key, value in (metrics.get("verdict") or {}).items() if key in VERDICT}
-        rows.append({"regime": regime, "seed": seed, "experiment": name, "selected": trained.get("selected"),
-                     **{key: metrics.get(key) for key in COLUMNS}, **by_confidence, **verdict})
+        rows.append(
+            {
+                "regime": regime,
+                "seed": seed,
+                "experiment": name,
+                "selected": trained.get("selected"),
+                **{key: metrics.get(key) for key in COLUMNS},
+                **by_confidence,
+                **verdict,
+            }
+        )
     return rows
 
 
-COLUMNS = {"gap": "GAP", "gap_landmarks_only": "GAP landmark queries", "accuracy": "top-1 accuracy",
-           "gap_without_rerank": "GAP raw top-1 cosine", "val_gap": "val GAP"}
+COLUMNS = {
+    "gap": "GAP",
+    "gap_landmarks_only": "GAP landmark queries",
+    "accuracy": "top-1 accuracy",
+    "gap_without_rerank": "GAP raw top-1 cosine",
+    "val_gap": "val GAP",
+}
 # score's GAP of the same labels by other confidences (metrics.json "gap_by_confidence") -> column title
-CONFIDENCES = {"top-1 cosine − runner-up landmark's cosine": "GAP margin",
-               "top-1 cosine − mean top cosine to the non-landmark bank": "GAP bank penalty",
-               "geometrically verified first, then top-1 cosine": "GAP verified first"}
+CONFIDENCES = {
+    "top-1 cosine − runner-up landmark's cosine": "GAP margin",
+    "top-1 cosine − mean top cosine to the non-landmark bank": "GAP bank penalty",
+    "geometrically verified first, then top-1 cosine": "GAP verified first",
+}
 
 # score's test of predict's landmark / non-landmark verdict (metrics.json "verdict") -> column title
-VERDICT = {"threshold": "threshold (chosen on val)", "val_right_decisions": "right decisions on val",
-           "right_decisions": "right decisions on test", "right_decisions_without_threshold": "same, keeping every answer",
-           "landmark_answers_kept": "right landmark answers kept", "nonlandmark_rejected": "non-landmarks rejected"}
+VERDICT = {
+    "threshold": "threshold (chosen on val)",
+    "val_right_decisions": "right decisions on val",
+    "right_decisions": "right decisions on test",
+    "right_decisions_without_threshold": "same, keeping every answer",
+    "landmark_answers_kept": "right landmark answers kept",
+    "nonlandmark_rejected": "non-landmarks rejected",
+}
 
 
 def mean_sd(values: pd.Series) -> str:
@@ -214,9 +290,12 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
     for regime, table in results.groupby("regime", sort=False):
         seeds = sorted(table["seed"].unique())
         baseline = table[table["experiment"] == "pretrained"].set_index("seed")["gap"]
-        lines += [f"### {regime} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})", "",
-                  "| experiment | " + " | ".join(COLUMNS.values()) + " | GAP − pretrained |",
-                  "|---|" + "---:|" * (len(COLUMNS) + 1)]
+        lines += [
+            f"### {regime} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})",
+            "",
+            "| experiment | " + " | ".join(COLUMNS.values()) + " | GAP − pretrained |",
+            "|---|" + "---:|" * (len(COLUMNS) + 1),
+        ]
         for name in experiments:
             rows = table[table["experiment"] == name]
             if rows.empty:
@@ -225,9 +304,14 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
             cells = [mean_sd(rows[key]) for key in COLUMNS] + [mean_sd(gain) if name != "pretrained" else ""]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         confidences = [c for c in CONFIDENCES.values() if c in table and table[c].notna().any()]
-        lines += ["", "The same predicted landmarks ranked by other confidences (GAP; the table above ranks by "
-                      "each experiment's own confidence and by the raw top-1 cosine):", "",
-                  "| experiment | " + " | ".join(confidences) + " | model.pt is |", "|---|" + "---:|" * len(confidences) + "---|"]
+        lines += [
+            "",
+            "The same predicted landmarks ranked by other confidences (GAP; the table above ranks by "
+            "each experiment's own confidence and by the raw top-1 cosine):",
+            "",
+            "| experiment | " + " | ".join(confidences) + " | model.pt is |",
+            "|---|" + "---:|" * len(confidences) + "---|",
+        ]
         for name in experiments:
             rows = table[table["experiment"] == name]
             if not rows.empty:
@@ -235,16 +319,24 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
                 lines.append(f"| {name} | " + " | ".join(mean_sd(rows[c]) for c in confidences) + f" | {selected} |")
         verdicts = [c for c in VERDICT.values() if c in table and table[c].notna().any()]
         if verdicts:
-            lines += ["", "predict's landmark / non-landmark verdict (a landmark query is decided right when its "
-                          "landmark is right and kept, a non-landmark query when it is rejected):", "",
-                      "| experiment | " + " | ".join(verdicts) + " |", "|---|" + "---:|" * len(verdicts)]
+            lines += [
+                "",
+                "predict's landmark / non-landmark verdict (a landmark query is decided right when its "
+                "landmark is right and kept, a non-landmark query when it is rejected):",
+                "",
+                "| experiment | " + " | ".join(verdicts) + " |",
+                "|---|" + "---:|" * len(verdicts),
+            ]
             for name in experiments:
                 rows = table[table["experiment"] == name]
                 if not rows.empty:
                     lines.append(f"| {name} | " + " | ".join(mean_sd(rows[c]) for c in verdicts) + " |")
         lines.append("")
-    lines += ["mean ± standard deviation over seeds. " + "; ".join(
-        f"**{name}**: {spec.get('description', '')}" for name, spec in experiments.items()), ""]
+    lines += [
+        "mean ± standard deviation over seeds. "
+        + "; ".join(f"**{name}**: {spec.get('description', '')}" for name, spec in experiments.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -255,17 +347,24 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--experiments", nargs="+", default=None, help="names to run (default: all)")
     parser.add_argument("--variants", action="store_true", help="also run the variants that did not win")
-    parser.add_argument("--test-time", action="store_true",
-                        help="the test-time variants instead (embedding size, multi-scale); use their own --out")
+    parser.add_argument(
+        "--test-time",
+        action="store_true",
+        help="the test-time variants instead (embedding size, multi-scale); use their own --out",
+    )
     parser.add_argument("--train", default="{}", help="JSON train settings for every experiment (e.g. a backbone)")
     parser.add_argument("--out", type=Path, default=OUT, help="working folders and the result tables")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
-    parser.add_argument("--port", type=int, default=8766, help="port of the local photo server (fixed: the CSVs name it)")
+    parser.add_argument(
+        "--port", type=int, default=8766, help="port of the local photo server (fixed: the CSVs name it)"
+    )
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs' working folders first")
     args = parser.parse_args()
     if not (args.data / "paris6k_subset" / "labels.csv").exists() or not (args.data / "distractors").exists():
-        print(f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
-              f"paris6k_subset/ and distractors/)")
+        print(
+            f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
+            f"paris6k_subset/ and distractors/)"
+        )
         return 0
     known = {**EXPERIMENTS, **VARIANTS, **TEST_TIME}
     catalogue = {**EXPERIMENTS, **(VARIANTS if args.variants else {})}

@@ -51,8 +51,10 @@ def train_torch_threads(w, threads):
 def train_launcher(w):
     s = train_settings(w)
     if s["nodes"] > 1:
-        return f"srun --nodes={s['nodes']} --ntasks-per-node={train_processes_per_node(w)} --kill-on-bad-exit=1 " \
-               "python -m landmarks.train"
+        return (
+            f"srun --nodes={s['nodes']} --ntasks-per-node={train_processes_per_node(w)} --kill-on-bad-exit=1 "
+            "python -m landmarks.train"
+        )
     if s["gpus"] > 1:
         return f"torchrun --standalone --nproc_per_node={s['gpus']} -m landmarks.train"
     return "python -m landmarks.train"
@@ -84,6 +86,7 @@ def predictor_settings(w):
 
 def predict_inputs(w):
     if not config["predict"]["inputs"]:
-        raise WorkflowError(f"{CONFIG_SOURCE}: predict.inputs is empty: list the photos, folders or CSV files "
-                            "of id,url to recognise")
+        raise WorkflowError(
+            f"{CONFIG_SOURCE}: predict.inputs is empty: list the photos, folders or CSV files " "of id,url to recognise"
+        )
     return config["predict"]["inputs"]

@@ -13,6 +13,14 @@ if GLDV2:
         output:
             # fetch job k writes the indexes of shards k, k+P, k+2P, ...; this marker says it finished
             touch(f"{GLDV2_INDEX}/fetch-{{part}}.done"),
+        log:
+            f"{LOGS}/download/gldv2-fetch-{{part}}.log",
+        conda:
+            "../envs/pipeline.yaml"
+        threads: config["download"]["threads"]
+        resources:
+            mem_mb=4000,
+            runtime=24 * 60,
         params:
             images=IMAGES,
             index_dir=GLDV2_INDEX,
@@ -21,14 +29,6 @@ if GLDV2:
             tar_url=config["download"]["gldv2_tar_url"],
             md5_url=config["download"]["gldv2_md5_url"],
             settings=download_settings(),
-        log:
-            f"{LOGS}/download/gldv2-fetch-{{part}}.log",
-        threads: config["download"]["threads"]
-        resources:
-            mem_mb=4000,
-            runtime=24 * 60,
-        conda:
-            "../envs/pipeline.yaml"
         shell:
             "python -m landmarks.gldv2 fetch --shards {params.shards:q} --jobs {params.jobs} --job {wildcards.part} "
             "--images {params.images:q} --index-dir {params.index_dir:q} --tar-url {params.tar_url:q} "
@@ -40,16 +40,16 @@ if GLDV2:
             fetched=expand(f"{GLDV2_INDEX}/fetch-{{part}}.done", part=PARTS),
         output:
             f"{R}/download/part-{{part}}/manifest.parquet",
-        params:
-            index_dir=GLDV2_INDEX,
         log:
             f"{LOGS}/download/part-{{part}}.log",
+        conda:
+            "../envs/pipeline.yaml"
         threads: 1
         resources:
             mem_mb=2000,
             runtime=60,
-        conda:
-            "../envs/pipeline.yaml"
+        params:
+            index_dir=GLDV2_INDEX,
         shell:
             "python -m landmarks.gldv2 manifest --part {input.part:q} --index-dir {params.index_dir:q} "
             "--out {output:q} > {log:q} 2>&1"
@@ -61,17 +61,17 @@ else:
             f"{R}/split/part-{{part}}.parquet",
         output:
             f"{R}/download/part-{{part}}/manifest.parquet",
-        params:
-            images=IMAGES,
-            settings=download_settings(),
         log:
             f"{LOGS}/download/part-{{part}}.log",
+        conda:
+            "../envs/pipeline.yaml"
         threads: config["download"]["threads"]
         resources:
             mem_mb=2000,
             runtime=24 * 60,
-        conda:
-            "../envs/pipeline.yaml"
+        params:
+            images=IMAGES,
+            settings=download_settings(),
         shell:
             "python -m landmarks.download --part {input:q} --images {params.images:q} --out {output:q} "
             "--settings {params.settings:q} --no-progress > {log:q} 2>&1"

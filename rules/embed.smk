@@ -2,6 +2,7 @@
 # optional flip / multi-scale test-time augmentation, bf16 AMP on a GPU. The default DAG embeds train,
 # test and nonlandmark (what retrieve needs); `snakemake results/experiments/X/embed/val.npy` embeds val.
 
+
 rule embed:
     input:
         model=f"{R}/experiments/{{experiment}}/train/model.pt",
@@ -9,23 +10,26 @@ rule embed:
     output:
         embeddings=f"{R}/experiments/{{experiment}}/embed/{{split}}.npy",
         ids=f"{R}/experiments/{{experiment}}/embed/{{split}}.ids.parquet",
-    params:
-        s=lambda w: experiment(w.experiment, "embed"),
-        image_size=lambda w: (f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
-                              if experiment(w.experiment, "embed")["image_size"] else ""),
-        flip=lambda w: "--flip-tta" if experiment(w.experiment, "embed")["flip_tta"] else "",
-        scales=lambda w: " ".join(str(s) for s in experiment(w.experiment, "embed")["scales"]),
-        amp=lambda w: "--amp" if experiment(w.experiment, "embed")["amp"] else "--no-amp",
-        device=lambda w: "cuda" if experiment(w.experiment, "embed")["gpus"] else "auto",
     log:
         f"{LOGS}/embed/{{experiment}}-{{split}}.log",
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=6 * 60,
         gpu=lambda w: experiment(w.experiment, "embed")["gpus"],
-    conda:
-        "../envs/torch.yaml"
+    params:
+        s=lambda w: experiment(w.experiment, "embed"),
+        image_size=lambda w: (
+            f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
+            if experiment(w.experiment, "embed")["image_size"]
+            else ""
+        ),
+        flip=lambda w: "--flip-tta" if experiment(w.experiment, "embed")["flip_tta"] else "",
+        scales=lambda w: " ".join(str(s) for s in experiment(w.experiment, "embed")["scales"]),
+        amp=lambda w: "--amp" if experiment(w.experiment, "embed")["amp"] else "--no-amp",
+        device=lambda w: "cuda" if experiment(w.experiment, "embed")["gpus"] else "auto",
     shell:
         "python -m landmarks.embed --model {input.model:q} --shards {input.shards:q} --out {output.embeddings:q} "
         "{params.image_size} --batch-size {params.s[batch_size]} {params.flip} --scales {params.scales} "

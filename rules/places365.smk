@@ -1,11 +1,21 @@
 # places365[part]: Places365 scene categories of each downloaded image (GPU when present). Stores the
 # top-k categories, probabilities and outdoor flags, so changing the vote rule reruns only `select`.
 
+
 rule places365:
     input:
         manifest=f"{R}/download/part-{{part}}/manifest.parquet",
     output:
         f"{R}/places365/part-{{part}}.parquet",
+    log:
+        f"{LOGS}/places365/part-{{part}}.log",
+    conda:
+        "../envs/torch.yaml"
+    threads: max(1, config["places365"]["workers"])
+    resources:
+        mem_mb=8000,
+        runtime=12 * 60,
+        gpu=config["places365"]["gpus"],
     params:
         images=IMAGES,
         arch=config["places365"]["arch"],
@@ -16,15 +26,6 @@ rule places365:
         top_k=config["places365"]["top_k"],
         batch_size=config["places365"]["batch_size"],
         workers=config["places365"]["workers"],
-    log:
-        f"{LOGS}/places365/part-{{part}}.log",
-    threads: max(1, config["places365"]["workers"])
-    resources:
-        mem_mb=8000,
-        runtime=12 * 60,
-        gpu=config["places365"]["gpus"],
-    conda:
-        "../envs/torch.yaml"
     shell:
         "python -m landmarks.places365 --manifest {input.manifest:q} --images {params.images:q} --out {output:q} "
         "--arch {params.arch} --weights={params.weights:q} --labels-dir={params.labels_dir:q} "

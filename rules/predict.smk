@@ -5,8 +5,10 @@
 
 PREDICT_EXPERIMENT = config["predict"]["experiment"] or EXPERIMENTS[0]
 if PREDICT_EXPERIMENT not in EXPERIMENTS:
-    raise WorkflowError(f"{CONFIG_SOURCE}: key 'predict.experiment': {PREDICT_EXPERIMENT!r} is not one of the "
-                        f"experiments ({', '.join(EXPERIMENTS)})")
+    raise WorkflowError(
+        f"{CONFIG_SOURCE}: key 'predict.experiment': {PREDICT_EXPERIMENT!r} is not one of the "
+        f"experiments ({', '.join(EXPERIMENTS)})"
+    )
 PREDICT_DIR = f"{R}/experiments/{PREDICT_EXPERIMENT}/predict"
 
 
@@ -24,24 +26,27 @@ rule predict:
         csv=f"{PREDICT_DIR}/predictions.csv",
         submission=f"{PREDICT_DIR}/submission.csv",
         page=f"{PREDICT_DIR}/index.html",
-    params:
-        experiment=lambda w, input: Path(input.model).parent.parent,
-        out_dir=lambda w, output: Path(output.page).parent,
-        s=config["predict"],
-        threshold=lambda w: ("" if config["predict"]["nonlandmark_threshold"] is None
-                             else f"--nonlandmark-threshold {config['predict']['nonlandmark_threshold']}"),
-        saliency="" if config["predict"]["saliency"] else "--no-saliency",
-        download=download_settings(),
-        device=lambda w: "cuda" if experiment(PREDICT_EXPERIMENT, "embed")["gpus"] else "auto",
     log:
         f"{LOGS}/predict/{PREDICT_EXPERIMENT}.log",
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=60,
         gpu=lambda w: experiment(PREDICT_EXPERIMENT, "embed")["gpus"],
-    conda:
-        "../envs/torch.yaml"
+    params:
+        experiment=lambda w, input: Path(input.model).parent.parent,
+        out_dir=lambda w, output: Path(output.page).parent,
+        s=config["predict"],
+        threshold=lambda w: (
+            ""
+            if config["predict"]["nonlandmark_threshold"] is None
+            else f"--nonlandmark-threshold {config['predict']['nonlandmark_threshold']}"
+        ),
+        saliency="" if config["predict"]["saliency"] else "--no-saliency",
+        download=download_settings(),
+        device=lambda w: "cuda" if experiment(PREDICT_EXPERIMENT, "embed")["gpus"] else "auto",
     shell:
         "python -m landmarks.predict --experiment {params.experiment:q} {input.photos:q} --out-dir {params.out_dir:q} "
         "{params.threshold} --top-landmarks {params.s[top_landmarks]} --neighbours {params.s[neighbours]} "

@@ -4,6 +4,7 @@
 # needs to answer new photos the same way: the faiss indexes, the database rows, and predictor.json
 # (the embed and shard settings, and the non-landmark threshold chosen on val).
 
+
 rule retrieve:
     input:
         database=f"{R}/experiments/{{experiment}}/embed/train.npy",
@@ -20,20 +21,20 @@ rule retrieve:
         bank_index=f"{R}/experiments/{{experiment}}/retrieve/bank.faiss",
         database=f"{R}/experiments/{{experiment}}/retrieve/database.parquet",
         predictor=f"{R}/experiments/{{experiment}}/retrieve/predictor.json",
-    params:
-        settings=lambda w: as_json(retrieve_settings(w)),
-        predictor=lambda w: as_json(predictor_settings(w)),
-        out_dir=lambda w: f"{R}/experiments/{w.experiment}/retrieve",
-        device=lambda w: "gpu" if experiment(w.experiment, "retrieve")["gpus"] else "auto",
     log:
         f"{LOGS}/retrieve/{{experiment}}.log",
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=2 * 60,
         gpu=lambda w: experiment(w.experiment, "retrieve")["gpus"],
-    conda:
-        "../envs/torch.yaml"
+    params:
+        settings=lambda w: as_json(retrieve_settings(w)),
+        predictor=lambda w: as_json(predictor_settings(w)),
+        out_dir=lambda w: f"{R}/experiments/{w.experiment}/retrieve",
+        device=lambda w: "gpu" if experiment(w.experiment, "retrieve")["gpus"] else "auto",
     shell:
         "python -m landmarks.retrieve --database {input.database:q} --queries {input.queries:q} --bank {input.bank:q} "
         "--val {input.val:q} --out-dir {params.out_dir:q} --settings {params.settings:q} --shards {input.shards:q} "

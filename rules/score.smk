@@ -1,8 +1,8 @@
 # score[experiment]: GAP (Kaggle definition), accuracy, report and figures. The saliency figure runs the
 # trained model (on the CPU, a few images), hence the torch env.
 
-SCORE_FIGURES = ["examples", "precision_vs_rank", "score_distributions", "per_class_accuracy", "confusion",
-                 "saliency"]
+SCORE_FIGURES = ["examples", "precision_vs_rank", "score_distributions", "per_class_accuracy", "confusion", "saliency"]
+
 
 rule score:
     input:
@@ -17,23 +17,32 @@ rule score:
     output:
         metrics=f"{R}/experiments/{{experiment}}/score/metrics.json",
         report=f"{R}/experiments/{{experiment}}/score/report.md",
-        figures=[report(f"{R}/experiments/{{experiment}}/score/{name}.png", category="Recognition",
-                        subcategory="{experiment}", caption=f"../report/{name}.rst")
-                 for name in SCORE_FIGURES],
-    params:
-        out_dir=lambda w: f"{R}/experiments/{w.experiment}/score",
-        solution=lambda w, input: f"--solution {shlex.quote(input.solution[0])}" if input.solution else "",
-        # The size the embed stage feeds the model (null: the checkpoint's training size, score's default).
-        image_size=lambda w: (f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
-                              if experiment(w.experiment, "embed")["image_size"] else ""),
+        figures=[
+            report(
+                f"{R}/experiments/{{experiment}}/score/{name}.png",
+                category="Recognition",
+                subcategory="{experiment}",
+                caption=f"../report/{name}.rst",
+            )
+            for name in SCORE_FIGURES
+        ],
     log:
         f"{LOGS}/score/{{experiment}}.log",
+    conda:
+        "../envs/torch.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        out_dir=lambda w: f"{R}/experiments/{w.experiment}/score",
+        solution=lambda w, input: f"--solution {shlex.quote(input.solution[0])}" if input.solution else "",
+        # The size the embed stage feeds the model (null: the checkpoint's training size, score's default).
+        image_size=lambda w: (
+            f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
+            if experiment(w.experiment, "embed")["image_size"]
+            else ""
+        ),
     shell:
         "python -m landmarks.score --predictions {input.predictions:q} --neighbours {input.neighbours:q} "
         "--selection {input.selection:q} {params.solution} --shards {input.shards:q} "

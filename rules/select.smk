@@ -1,6 +1,7 @@
 # select: drop failed downloads and indoor images, apply the class rules, assign the splits.
 # Cheap: editing the `select` section (vote threshold included) reruns only this and what follows.
 
+
 rule select:
     input:
         manifests=expand(f"{R}/download/part-{{part}}/manifest.parquet", part=PARTS),
@@ -8,6 +9,14 @@ rule select:
     output:
         selection=f"{R}/select/selection.parquet",
         report=report(f"{R}/select/report.md", category="Data", caption="../report/select.rst"),
+    log:
+        f"{LOGS}/select.log",
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         s=dict(sorted(config["select"].items())),  # sorted: reordering keys in config.yaml reruns nothing
         scenes_flag="--scenes" if config["places365"]["enabled"] else "",
@@ -15,14 +24,6 @@ rule select:
         exclude=" ".join(str(c) for c in config["select"]["exclude_classes"]),
         top_n=config["select"]["top_n_classes"] or 0,
         max_per_class=config["select"]["max_images_per_class"] or 0,
-    log:
-        f"{LOGS}/select.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "../envs/pipeline.yaml"
     shell:
         "python -m landmarks.select --manifests {input.manifests:q} {params.scenes_flag} {input.scenes:q} "
         "--out {output.selection:q} --report {output.report:q} "

@@ -1,21 +1,22 @@
 # split: stream the URL CSV into P partitions (one download job each).
 
+
 rule split:
     input:
         URLS_CSV,
     output:
         expand(f"{R}/split/part-{{part}}.parquet", part=PARTS),
-    params:
-        partitions=config["split"]["partitions"],
-        out_dir=lambda w, output: Path(output[0]).parent,
     log:
         f"{LOGS}/split.log",
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        partitions=config["split"]["partitions"],
+        out_dir=lambda w, output: Path(output[0]).parent,
     shell:
         "python -m landmarks.split --csv {input:q} --partitions {params.partitions} --out-dir {params.out_dir:q} "
         "> {log:q} 2>&1"

@@ -1,20 +1,23 @@
 # summary: one table across every experiment of the run.
 
+
 rule summary:
     input:
         expand(f"{R}/experiments/{{experiment}}/score/metrics.json", experiment=EXPERIMENTS),
     output:
         report(f"{R}/summary.md", category="Summary", caption="../report/summary.rst"),
-    params:
-        descriptions=as_json({name: (spec or {}).get("description", "") for name, spec in config["experiments"].items()}),
     log:
         f"{LOGS}/summary.log",
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/pipeline.yaml"
+    params:
+        descriptions=as_json(
+            {name: (spec or {}).get("description", "") for name, spec in config["experiments"].items()}
+        ),
     shell:
         "python -m landmarks.summary --metrics {input:q} --descriptions {params.descriptions:q} --out {output:q} "
         "> {log:q} 2>&1"

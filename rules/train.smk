@@ -13,8 +13,12 @@ TRAIN_OUTPUT = dict(
     model=f"{R}/experiments/{{experiment}}/train/model.pt",
     metrics=f"{R}/experiments/{{experiment}}/train/metrics.csv",
     summary=f"{R}/experiments/{{experiment}}/train/train.json",
-    curves=report(f"{R}/experiments/{{experiment}}/train/curves.png", category="Training",
-                  subcategory="{experiment}", caption="../report/curves.rst"),
+    curves=report(
+        f"{R}/experiments/{{experiment}}/train/curves.png",
+        category="Training",
+        subcategory="{experiment}",
+        caption="../report/curves.rst",
+    ),
 )
 TRAIN_PARAMS = dict(
     settings=lambda w: as_json(train_settings(w)),
@@ -28,8 +32,9 @@ TRAIN_SHELL = (
     "--out-dir {params.out_dir:q} --settings {params.settings:q} --threads {params.torch_threads} "
     "> {log:q} 2>&1"
 )
-MULTINODE_EXPERIMENTS = [name for name in EXPERIMENTS
-                         if lmconfig.experiment_settings(config, name, CONFIG_SOURCE)["train"]["nodes"] > 1]
+MULTINODE_EXPERIMENTS = [
+    name for name in EXPERIMENTS if lmconfig.experiment_settings(config, name, CONFIG_SOURCE)["train"]["nodes"] > 1
+]
 SINGLE_NODE_EXPERIMENTS = [name for name in EXPERIMENTS if name not in MULTINODE_EXPERIMENTS]
 
 
@@ -42,19 +47,19 @@ if SINGLE_NODE_EXPERIMENTS:
             bank=shard_dirs("nonlandmark"),  # a sample joins val as non-landmark queries
         output:
             **TRAIN_OUTPUT,
-        params:
-            **TRAIN_PARAMS,
         log:
             f"{LOGS}/train/{{experiment}}.log",
         wildcard_constraints:
             experiment="|".join(map(re.escape, SINGLE_NODE_EXPERIMENTS)),
+        conda:
+            "../envs/torch.yaml"
         threads: lambda w: train_processes_per_node(w) * train_threads_per_process(w)
         resources:
             mem_mb=lambda w: 16000 * train_processes_per_node(w),
             runtime=24 * 60,
             gpu=lambda w: train_settings(w)["gpus"],
-        conda:
-            "../envs/torch.yaml"
+        params:
+            **TRAIN_PARAMS,
         shell:
             TRAIN_SHELL
 
@@ -68,12 +73,12 @@ if MULTINODE_EXPERIMENTS:
             bank=shard_dirs("nonlandmark"),  # a sample joins val as non-landmark queries
         output:
             **TRAIN_OUTPUT,
-        params:
-            **TRAIN_PARAMS,
         log:
             f"{LOGS}/train/{{experiment}}.log",
         wildcard_constraints:
             experiment="|".join(map(re.escape, MULTINODE_EXPERIMENTS)),
+        conda:
+            "../envs/torch.yaml"
         threads: lambda w: train_threads_per_process(w)  # per task (SLURM --cpus-per-task)
         resources:
             mem_mb=lambda w: 16000 * train_processes_per_node(w),  # per node (SLURM --mem)
@@ -87,9 +92,9 @@ if MULTINODE_EXPERIMENTS:
             # --ntasks-per-node; the GPUs are spread per node instead.
             tasks_per_gpu=0,
             slurm_extra=lambda w: f"--ntasks-per-node={train_processes_per_node(w)} "
-                                  f"--gpus-per-node={train_settings(w)['gpus']}",
+            f"--gpus-per-node={train_settings(w)['gpus']}",
             mpi="srun",
-        conda:
-            "../envs/torch.yaml"
+        params:
+            **TRAIN_PARAMS,
         shell:
             TRAIN_SHELL

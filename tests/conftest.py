@@ -17,19 +17,26 @@ def tiny_workflow_config(port: int) -> dict:
     partitions, short timeouts, 3 epochs at 96 px, and two experiments: the fine-tuned model and its
     untrained backbone (the baseline it must beat)."""
     return {
-        "demo": {"landmarks": 20, "views_per_landmark": 8, "nonlandmarks": 20, "broken_fraction": 0.1,
-                 "port": port},
+        "demo": {"landmarks": 20, "views_per_landmark": 8, "nonlandmarks": 20, "broken_fraction": 0.1, "port": port},
         "split": {"partitions": 2},
-        "download": {"connect_timeout_s": 2, "read_timeout_s": 2, "total_timeout_s": 3, "retries": 1,
-                     "backoff_s": 0.1, "concurrency": 8},
+        "download": {
+            "connect_timeout_s": 2,
+            "read_timeout_s": 2,
+            "total_timeout_s": 3,
+            "retries": 1,
+            "backoff_s": 0.1,
+            "concurrency": 8,
+        },
         "select": {"min_images_per_class": 3, "val_fraction": 0.1, "test_fraction": 0.3},
         "shard": {"size": 112, "images_per_shard": 16, "threads": 1},
         "train": {"image_size": 96, "epochs": 3, "batch_size": 16, "lr": 0.0005, "workers": 0},
         "embed": {"batch_size": 32, "workers": 0},
         "retrieve": {"k": 5},
         "predict": {"experiment": "tiny", "inputs": ["data/demo/new_photos"]},
-        "experiments": {"tiny": {"description": "tiny test experiment"},
-                        "baseline": {"description": "the untrained backbone", "train": {"epochs": 0}}},
+        "experiments": {
+            "tiny": {"description": "tiny test experiment"},
+            "baseline": {"description": "the untrained backbone", "train": {"epochs": 0}},
+        },
     }
 
 
@@ -50,6 +57,7 @@ def one_thread():
 
 
 # A tiny image set, its shards and a model trained on them (shard -> train -> embed -> retrieve -> predict tests)
+
 
 def _draw_class_image(rng, colour, box, size):
     image = Image.new("RGB", size, colour)
@@ -77,8 +85,14 @@ def tiny_set(tmp_path_factory):
     for n in range(8):
         image_id = f"noise{n}"
         Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(images / f"{image_id}.jpg")
-        rows.append({"id": image_id, "landmark_id": None, "split": "test" if n < 4 else "nonlandmark",
-                     "path": f"{image_id}.jpg"})
+        rows.append(
+            {
+                "id": image_id,
+                "landmark_id": None,
+                "split": "test" if n < 4 else "nonlandmark",
+                "path": f"{image_id}.jpg",
+            }
+        )
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
     rows.append({"id": "broken", "landmark_id": 100, "split": "train", "path": "broken.jpg"})
     selection = pd.DataFrame(rows)
@@ -91,9 +105,25 @@ def tiny_set(tmp_path_factory):
 def shards(tiny_set):
     out = tiny_set / "shards"
     for split in ("train", "val", "test", "nonlandmark"):
-        assert shard.main(["--selection", str(tiny_set / "selection.parquet"), "--images", str(tiny_set / "images"),
-                           "--split", split, "--out-dir", str(out / split / "part-00"), "--size", "64",
-                           "--images-per-shard", "16"]) == 0
+        assert (
+            shard.main(
+                [
+                    "--selection",
+                    str(tiny_set / "selection.parquet"),
+                    "--images",
+                    str(tiny_set / "images"),
+                    "--split",
+                    split,
+                    "--out-dir",
+                    str(out / split / "part-00"),
+                    "--size",
+                    "64",
+                    "--images-per-shard",
+                    "16",
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -101,7 +131,21 @@ def shards(tiny_set):
 def trained(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     settings = {"epochs": 2, "image_size": 64, "batch_size": 8, "workers": 0, "neck": "linear", "embedding_dim": 64}
-    assert train.main(["--train-shards", str(shards / "train" / "part-00"), "--val-shards",
-                       str(shards / "val" / "part-00"), "--out-dir", str(out), "--settings", json.dumps(settings),
-                       "--threads", "2"]) == 0
+    assert (
+        train.main(
+            [
+                "--train-shards",
+                str(shards / "train" / "part-00"),
+                "--val-shards",
+                str(shards / "val" / "part-00"),
+                "--out-dir",
+                str(out),
+                "--settings",
+                json.dumps(settings),
+                "--threads",
+                "2",
+            ]
+        )
+        == 0
+    )
     return out

@@ -61,7 +61,7 @@ class FaultServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self) -> FaultServer:
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True, name="faultserver")
         self._thread.start()
@@ -115,10 +115,19 @@ class FaultServer:
             writer.close()
 
     @staticmethod
-    def _send(writer, code: int, body: bytes = b"", content_type: str = "text/plain", headers: dict | None = None,
-              length: int | None = None) -> None:
-        lines = [f"HTTP/1.1 {code} {_REASONS.get(code, 'Status')}", f"Content-Type: {content_type}",
-                 "Connection: close"]
+    def _send(
+        writer,
+        code: int,
+        body: bytes = b"",
+        content_type: str = "text/plain",
+        headers: dict | None = None,
+        length: int | None = None,
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {code} {_REASONS.get(code, 'Status')}",
+            f"Content-Type: {content_type}",
+            "Connection: close",
+        ]
         if length is not False:
             lines.append(f"Content-Length: {len(body) if length is None else length}")
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -141,8 +150,13 @@ class FaultServer:
                 if start >= len(data):
                     send(writer, 416, b"")
                 else:
-                    send(writer, 206, data[start:], content_type,
-                         headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+                    send(
+                        writer,
+                        206,
+                        data[start:],
+                        content_type,
+                        headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"},
+                    )
             else:
                 send(writer, 200, data, content_type)
         elif kind == "corrupt-once":
@@ -206,5 +220,17 @@ class FaultServer:
         await writer.drain()
 
 
-_REASONS = {200: "OK", 206: "Partial Content", 416: "Range Not Satisfiable", 302: "Found", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 410: "Gone",
-            429: "Too Many Requests", 500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    206: "Partial Content",
+    416: "Range Not Satisfiable",
+    302: "Found",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    410: "Gone",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}

@@ -21,13 +21,22 @@ def load_bench():
 def stand_in_data(root: Path) -> Path:
     """labels.csv files in the format of ../shared/data: 3 landmarks x 9 photos + 2 web photos each,
     and non-landmark photos of 6 scenes (one scene of 4 frames)."""
-    landmarks = [{"id": f"lm{l}_{i}", "path": f"images/{l}/{i}.jpg", "landmark_id": l, "split": "paris6k"}
-                 for l in range(3) for i in range(9)]
-    landmarks += [{"id": f"web{l}_{i}", "path": f"web/{l}_{i}.jpg", "landmark_id": l, "split": "web_query"}
-                  for l in range(3) for i in range(2)]
+    landmarks = [
+        {"id": f"lm{lm}_{i}", "path": f"images/{lm}/{i}.jpg", "landmark_id": lm, "split": "paris6k"}
+        for lm in range(3)
+        for i in range(9)
+    ]
+    landmarks += [
+        {"id": f"web{lm}_{i}", "path": f"web/{lm}_{i}.jpg", "landmark_id": lm, "split": "web_query"}
+        for lm in range(3)
+        for i in range(2)
+    ]
     scenes = [("room0", 4), ("room1", 2), ("room2", 2), ("street", 1), ("office", 1), ("hall", 2)]
-    distractors = [{"id": f"{scene}_{i}", "path": f"images/{scene}_{i}.jpg", "landmark_id": -1, "scene": scene}
-                   for scene, frames in scenes for i in range(frames)]
+    distractors = [
+        {"id": f"{scene}_{i}", "path": f"images/{scene}_{i}.jpg", "landmark_id": -1, "scene": scene}
+        for scene, frames in scenes
+        for i in range(frames)
+    ]
     for folder, rows in (("paris6k_subset", landmarks), ("distractors", distractors)):
         (root / folder).mkdir(parents=True)
         pd.DataFrame(rows).to_csv(root / folder / "labels.csv", index=False)
@@ -41,7 +50,9 @@ def test_fewshot_csv_keeps_five_train_and_one_val_photo_per_landmark(tmp_path):
         table = bench.urls_table(data, "http://127.0.0.1:1", "fewshot", seed)
         photos = table[table["id"].str.startswith("lm")]
         assert photos.groupby(["landmark_id", "split"]).size().unstack().to_dict("list") == {
-            "train": [5, 5, 5], "val": [1, 1, 1]}
+            "train": [5, 5, 5],
+            "val": [1, 1, 1],
+        }
         assert set(table.loc[table["id"].str.startswith("web"), "split"]) == {"test"}  # web photos are the queries
     picked = [set(bench.urls_table(data, "u", "fewshot", seed).query("split == 'train'")["id"]) for seed in (0, 1)]
     assert picked[0] != picked[1]  # the seed draws the few shots
@@ -61,7 +72,8 @@ def test_nonlandmark_scenes_never_straddle_queries_and_bank(tmp_path):
 
 
 def test_skips_with_the_reason_when_the_photos_are_absent(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path / "absent")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--data", str(tmp_path / "absent")], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "SKIPPED: no real photos at" in result.stdout
     assert not (tmp_path / "absent").exists()

@@ -14,8 +14,17 @@ from landmarks.config import demo_mode, experiment_settings, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-PUBLISHED = ["seed000", "seed001_top10", "seed001_top20", "seed001_top30", "seed001_top50", "seed002", "seed003",
-             "seed004", "glr2020"]
+PUBLISHED = [
+    "seed000",
+    "seed001_top10",
+    "seed001_top20",
+    "seed001_top30",
+    "seed001_top50",
+    "seed002",
+    "seed003",
+    "seed004",
+    "glr2020",
+]
 
 
 def header(path: Path) -> str:
@@ -32,9 +41,9 @@ def write_stand_in_data(config: dict, workdir: Path) -> None:
     """Tiny files at the paths the config names, so the DAG can be built without the real data."""
     urls_csv = workdir / config["input"]["urls_csv"]
     urls_csv.parent.mkdir(parents=True, exist_ok=True)
-    urls_csv.write_text("id,url,landmark_id,split\n"
-                        "0a1b2c,https://example.org/a.jpg,1,\n"
-                        "0d4e5f,https://example.org/b.jpg,,test\n")
+    urls_csv.write_text(
+        "id,url,landmark_id,split\n0a1b2c,https://example.org/a.jpg,1,\n0d4e5f,https://example.org/b.jpg,,test\n"
+    )
     if config["input"]["solution_csv"]:
         solution = workdir / config["input"]["solution_csv"]
         solution.parent.mkdir(parents=True, exist_ok=True)
@@ -45,9 +54,23 @@ def dry_run_jobs(path: Path, workdir: Path) -> list[dict]:
     """Every job `snakemake -n --configfile <path>` plans: rule name, wildcards and resources."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(path)],
-        capture_output=True, text=True, timeout=120, env=env)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = []
     for block in re.split(r"^(?=(?:local)?rule \w+:$)", result.stdout + result.stderr, flags=re.M):
@@ -55,9 +78,13 @@ def dry_run_jobs(path: Path, workdir: Path) -> list[dict]:
         if not rule:
             continue
         fields = dict(re.findall(r"^    (wildcards|resources): (.*)$", block, re.M))
-        jobs.append({"rule": rule.group(1),
-                     "wildcards": dict(kv.split("=", 1) for kv in fields.get("wildcards", "").split(", ") if kv),
-                     "resources": dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if kv)})
+        jobs.append(
+            {
+                "rule": rule.group(1),
+                "wildcards": dict(kv.split("=", 1) for kv in fields.get("wildcards", "").split(", ") if kv),
+                "resources": dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if kv),
+            }
+        )
     return jobs
 
 
@@ -74,8 +101,12 @@ def test_config_is_valid_and_names_its_data_and_reported_numbers(path):
         settings = experiment_settings(config, name, str(path))  # each experiment's merged sections are valid too
         # The published recipe, not the few-photos defaults: a trained linear neck, no WiSE-FT, no verification.
         train = settings["train"]
-        assert (train["neck"], train["head_init"], train["freeze_bn"], train["wise_alpha"]) == \
-            ("linear", "random", False, 1.0), name
+        assert (train["neck"], train["head_init"], train["freeze_bn"], train["wise_alpha"]) == (
+            "linear",
+            "random",
+            False,
+            1.0,
+        ), name
         assert settings["retrieve"]["verify"]["neighbours"] == 0, name
     assert not demo_mode(config), "a reproduction config points at the data it reproduces, not the demo"
     text = header(path)

@@ -64,7 +64,7 @@ def read_faults(root: Path) -> dict[str, str]:
 def local_url(srv: demo.DemoServer, url: str) -> str:
     """The URL on the test server (it listens on a free port, not the default 8765)."""
     assert url.startswith(BASE_URL)
-    return srv.base_url + url[len(BASE_URL):]
+    return srv.base_url + url[len(BASE_URL) :]
 
 
 def file_of(url: str) -> str:
@@ -99,6 +99,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
+
 
 def test_same_arguments_give_identical_bytes(demo_set, tmp_path):
     root, _ = demo_set
@@ -287,9 +288,30 @@ def test_new_photos_are_unseen(demo_set):
 def test_new_photos_change_nothing_else(demo_set, tmp_path, capsys):
     root, _ = demo_set
     out = tmp_path / "none"
-    assert demo.main(["generate", "--out", str(out), "--seed", "7", "--landmarks", "5", "--views", "4",
-                      "--nonlandmarks", "6", "--broken-fraction", "0.3", "--workers", "1",
-                      "--new-photos", "0"]) == 0
+    assert (
+        demo.main(
+            [
+                "generate",
+                "--out",
+                str(out),
+                "--seed",
+                "7",
+                "--landmarks",
+                "5",
+                "--views",
+                "4",
+                "--nonlandmarks",
+                "6",
+                "--broken-fraction",
+                "0.3",
+                "--workers",
+                "1",
+                "--new-photos",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["new_photos"] == 0
     # No new photos, and the set's files are byte for byte those written alongside new photos.
     assert (out / "new_photos").is_dir() and not list((out / "new_photos").iterdir())
@@ -328,6 +350,7 @@ def test_lookalike_pairs_share_their_structure_family():
 # ---------------------------------------------------------------------------------------------
 # Server
 # ---------------------------------------------------------------------------------------------
+
 
 def test_good_urls_return_the_file_bytes(demo_set, server):
     root, _ = demo_set
@@ -372,9 +395,8 @@ def test_corrupt_fault_is_an_undecodable_jpeg(demo_set, server):
         assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
         data = resp.read()
     assert data == demo.corrupt_jpeg((demo_set[0] / "images" / name).read_bytes())
-    with Image.open(io.BytesIO(data)) as image:
-        with pytest.raises(OSError):
-            image.load()
+    with Image.open(io.BytesIO(data)) as image, pytest.raises(OSError):
+        image.load()
 
 
 def test_truncated_fault_sends_less_than_its_content_length(demo_set, server):
@@ -382,7 +404,7 @@ def test_truncated_fault_sends_less_than_its_content_length(demo_set, server):
     size = (demo_set[0] / "images" / name).stat().st_size
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
     try:
-        conn.request("GET", url[len(server.base_url):])
+        conn.request("GET", url[len(server.base_url) :])
         resp = conn.getresponse()
         assert resp.status == 200 and int(resp.headers["Content-Length"]) == size
         with pytest.raises(http.client.IncompleteRead) as err:
@@ -410,7 +432,7 @@ def test_slow_requests_do_not_block_shutdown(demo_set):
             try:
                 urllib.request.urlopen(url_path, timeout=30).read()
                 outcome["result"] = "answered"
-            except Exception as err:  # noqa: BLE001 - any failure is what we expect here
+            except Exception as err:
                 outcome["result"] = type(err).__name__
 
         thread = threading.Thread(target=client, daemon=True)
@@ -422,16 +444,19 @@ def test_slow_requests_do_not_block_shutdown(demo_set):
     assert not thread.is_alive() and outcome["result"] != "answered"
 
 
-@pytest.mark.parametrize("path", [
-    "/images/../urls.csv",
-    "/images/..%2Furls.csv",
-    "/images/%2e%2e/urls.csv",
-    "/images/..%2F..%2Fetc%2Fpasswd",
-    "/fault/html/..%2Furls.csv",
-    "/fault/truncated/..%2Fdemo.json",
-    "/images/.hidden.jpg",
-    "/urls.csv",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/../urls.csv",
+        "/images/..%2Furls.csv",
+        "/images/%2e%2e/urls.csv",
+        "/images/..%2F..%2Fetc%2Fpasswd",
+        "/fault/html/..%2Furls.csv",
+        "/fault/truncated/..%2Fdemo.json",
+        "/images/.hidden.jpg",
+        "/urls.csv",
+    ],
+)
 def test_path_traversal_is_refused(server, path):
     status, _, body = raw_get(server.port, path)
     assert status in (400, 403, 404)
@@ -458,7 +483,9 @@ def test_port_in_use_is_a_clear_error(tmp_path):
             demo.DemoServer(tmp_path, port=port).start()
         result = subprocess.run(
             [sys.executable, "-m", "landmarks.demo", "serve", "--root", str(tmp_path), "--port", str(port)],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     assert result.returncode == 2
     assert f"port {port}" in result.stderr and "already in use" in result.stderr
@@ -502,8 +529,12 @@ print(server.pid, flush=True)
 def test_serve_exits_when_its_parent_process_is_gone(tmp_path):
     ready = tmp_path / "ready.json"
     port = free_port()
-    result = subprocess.run([sys.executable, "-c", INTERMEDIATE, str(tmp_path), str(port), str(ready)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", INTERMEDIATE, str(tmp_path), str(port), str(ready)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     server_pid = int(result.stdout.strip())
     try:
         info = json.loads(ready.read_text())
@@ -519,6 +550,7 @@ def test_serve_exits_when_its_parent_process_is_gone(tmp_path):
 
 
 def test_cli_help():
-    result = subprocess.run([sys.executable, "-m", "landmarks.demo", "--help"], capture_output=True, text=True,
-                            timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "landmarks.demo", "--help"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0 and "/fault/truncated/" in result.stdout

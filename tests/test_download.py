@@ -27,12 +27,20 @@ from landmarks.download import HostScheduler, Job, PartDownloader, Settings, ins
 from landmarks.split import PART_SCHEMA
 
 sys.path.insert(0, str(Path(__file__).parent))
-from faultserver import FaultServer  # noqa: E402
+from faultserver import FaultServer
 
 # Short limits so the faulty routes fail in well under a second each.
 FAST = dict(
-    concurrency=16, per_host=8, connect_timeout_s=1.0, read_timeout_s=0.4, total_timeout_s=0.8,
-    retries=2, backoff_s=0.05, max_bytes=1_000_000, max_redirects=3, threads=2,
+    concurrency=16,
+    per_host=8,
+    connect_timeout_s=1.0,
+    read_timeout_s=0.4,
+    total_timeout_s=0.8,
+    retries=2,
+    backoff_s=0.05,
+    max_bytes=1_000_000,
+    max_redirects=3,
+    threads=2,
 )
 
 
@@ -51,7 +59,7 @@ def photo(size=(64, 48), seed=0, mode="RGB", fmt="JPEG", **save) -> bytes:
 
 
 def png16() -> bytes:
-    image = Image.fromarray((np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20))
+    image = Image.fromarray(np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20)
     assert image.mode.startswith("I;16")
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -83,7 +91,9 @@ def huge_png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def write_part(path: Path, rows: list[tuple[str, str]], landmark_ids=None, splits=None) -> Path:
@@ -221,11 +231,24 @@ def test_unsafe_ids_and_urls_fail_per_row_and_never_escape(tmp_path, server):
     good = server.add("g.jpg", photo())
     url = server.url(f"/img/{good}")
     rows = [
-        ("../x", url), ("/etc/passwd", url), ("", url), ("a\x00b", url), ("x" * 300, url), (".hidden", url),
-        ("a/b", url), ("fileurl", "file:///etc/passwd"), ("ftpurl", "ftp://example.org/a.jpg"),
-        ("dataurl", "data:image/png;base64,iVBORw0KGgo="), ("relative", "images/a.jpg"), ("blank", ""),
-        ("nohost", "http://"), ("idna", "http://xn--.com/a.jpg"), ("port", "http://h:99999/a.jpg"),
-        ("ipv6", "http://[::1/a.jpg"), ("dots", "http://a..b/a.jpg"), ("fine", url),
+        ("../x", url),
+        ("/etc/passwd", url),
+        ("", url),
+        ("a\x00b", url),
+        ("x" * 300, url),
+        (".hidden", url),
+        ("a/b", url),
+        ("fileurl", "file:///etc/passwd"),
+        ("ftpurl", "ftp://example.org/a.jpg"),
+        ("dataurl", "data:image/png;base64,iVBORw0KGgo="),
+        ("relative", "images/a.jpg"),
+        ("blank", ""),
+        ("nohost", "http://"),
+        ("idna", "http://xn--.com/a.jpg"),
+        ("port", "http://h:99999/a.jpg"),
+        ("ipv6", "http://[::1/a.jpg"),
+        ("dots", "http://a..b/a.jpg"),
+        ("fine", url),
     ]
     manifest = manifest_rows(write_and_run(tmp_path, rows))
     statuses = {r["id"]: (r["status"], r["attempts"]) for r in manifest}
@@ -250,10 +273,17 @@ def write_and_run(tmp_path: Path, rows, **settings) -> Path:
 
 
 def test_the_image_folder_holds_exactly_the_ok_rows_after_every_run(tmp_path, server):
-    big, small, gone = server.add("big.jpg", photo((400, 300), seed=1)), server.add("s.jpg", photo()), \
-        server.add("gone.jpg", photo(seed=2))
-    rows = [("bigone", server.url(f"/img/{big}")), ("smallone", server.url(f"/img/{small}")),
-            ("goneone", server.url(f"/img/{gone}")), ("killed", server.url("/status/404"))]
+    big, small, gone = (
+        server.add("big.jpg", photo((400, 300), seed=1)),
+        server.add("s.jpg", photo()),
+        server.add("gone.jpg", photo(seed=2)),
+    )
+    rows = [
+        ("bigone", server.url(f"/img/{big}")),
+        ("smallone", server.url(f"/img/{small}")),
+        ("goneone", server.url(f"/img/{gone}")),
+        ("killed", server.url("/status/404")),
+    ]
     part = write_part(tmp_path / "split" / "part-003.parquet", rows)
     out = tmp_path / "download" / "part-003" / "manifest.parquet"
     images = tmp_path / "images"
@@ -283,13 +313,31 @@ def test_manifest_schema_and_carried_columns(tmp_path, server):
     rows = [("abc", server.url(f"/img/{name}")), ("abd", server.url("/status/404"))]
     part = write_part(tmp_path / "part-007.parquet", rows, landmark_ids=[12, None], splits=["train", None])
     out = tmp_path / "m" / "manifest.parquet"
-    assert download.main(["--part", str(part), "--images", str(tmp_path / "img"), "--out", str(out), "--no-progress",
-                          "--settings", json.dumps(FAST), "--retries", "0"]) == 0
+    assert (
+        download.main(
+            [
+                "--part",
+                str(part),
+                "--images",
+                str(tmp_path / "img"),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--settings",
+                json.dumps(FAST),
+                "--retries",
+                "0",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     assert table.schema.equals(download.MANIFEST_SCHEMA)
     rows = table.to_pylist()
     assert [(r["id"], r["landmark_id"], r["split"], r["part"], r["row"]) for r in rows] == [
-        ("abc", 12, "train", 7, 1), ("abd", None, None, 7, 2)]
+        ("abc", 12, "train", 7, 1),
+        ("abd", None, None, 7, 2),
+    ]
     assert rows[1]["http_status"] == 404 and rows[1]["bytes"] is None and rows[0]["elapsed_s"] > 0
 
 
@@ -316,8 +364,20 @@ def test_kill_9_mid_download_then_resume_matches_an_uninterrupted_run(tmp_path, 
     part = write_part(tmp_path / "split" / "part-000.parquet", rows)
     killed = tmp_path / "killed"
     out = killed / "download" / "manifest.parquet"
-    command = [sys.executable, "-m", "landmarks.download", "--part", str(part), "--images", str(killed / "images"),
-               "--out", str(out), "--settings", json.dumps(settings), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "landmarks.download",
+        "--part",
+        str(part),
+        "--images",
+        str(killed / "images"),
+        "--out",
+        str(out),
+        "--settings",
+        json.dumps(settings),
+        "--no-progress",
+    ]
     journal = out.with_name("manifest.journal.jsonl")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -396,8 +456,9 @@ def test_parts_running_side_by_side_share_the_image_folder(tmp_path, server):
     def run(k):
         try:
             part = write_part(tmp_path / "split" / f"part-{k:03d}.parquet", parts[k])
-            PartDownloader(part, tmp_path / "images", tmp_path / f"d{k}" / "manifest.parquet", Settings(**FAST), k,
-                           progress=False).run()
+            PartDownloader(
+                part, tmp_path / "images", tmp_path / f"d{k}" / "manifest.parquet", Settings(**FAST), k, progress=False
+            ).run()
         except Exception as err:  # surfaced below
             errors.append(err)
 
@@ -487,17 +548,37 @@ def test_settings_and_cli_errors(tmp_path, capsys):
     with pytest.raises(StageError, match="unknown key 'concurency' under 'download'"):
         download.load_settings('{"concurency": 3}', {})
     # The entry point checks its settings against config.yaml's schema: a one-line error naming the key.
-    for settings, problem in (('{"retries": "x"}', "'x' is not of type 'integer'"),
-                              ('{"max_bytes": null}', "None is not of type 'integer'"),
-                              ('{"retries": 1.5}', "1.5 is not of type 'integer'")):
+    for settings, problem in (
+        ('{"retries": "x"}', "'x' is not of type 'integer'"),
+        ('{"max_bytes": null}', "None is not of type 'integer'"),
+        ('{"retries": 1.5}', "1.5 is not of type 'integer'"),
+    ):
         key = "retries" if "retries" in settings else "max_bytes"
-        result = subprocess.run([sys.executable, "-m", "landmarks.download", "--part", "p", "--images", "i", "--out",
-                                 "o", "--settings", settings], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "landmarks.download",
+                "--part",
+                "p",
+                "--images",
+                "i",
+                "--out",
+                "o",
+                "--settings",
+                settings,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"key 'download.{key}': {problem}" in result.stderr
     assert download.load_settings('{"retries": 1}', {"retries": 5}).retries == 5
     with pytest.raises(SystemExit) as exit_info:
-        download.run_cli(lambda: download.main(["--part", str(tmp_path / "nope.parquet"), "--images", "i", "--out", "o"]))
+        download.run_cli(
+            lambda: download.main(["--part", str(tmp_path / "nope.parquet"), "--images", "i", "--out", "o"])
+        )
     assert exit_info.value.code == 2 and "nope.parquet: file not found" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "landmarks.download", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--max-pixels-per-byte" in result.stdout
@@ -542,35 +623,50 @@ def make_tar(members: dict[str, bytes], extra_symlink: bool = True) -> bytes:
 def test_gldv2_shards_are_verified_retried_extracted_and_give_the_same_manifest(tmp_path, server):
     from landmarks import gldv2
 
-    shard0 = make_tar({"a/b/c/abc001.jpg": photo(seed=1), "a/b/c/abc002.jpg": photo(seed=2)[:600],
-                       "notes.txt": b"hello"})
+    shard0 = make_tar(
+        {"a/b/c/abc001.jpg": photo(seed=1), "a/b/c/abc002.jpg": photo(seed=2)[:600], "notes.txt": b"hello"}
+    )
     shard1 = make_tar({"../../escape01.jpg": photo(seed=3), "d/e/f/def001.jpg": photo(seed=4)})
     for shard, data in ((0, shard0), (1, shard1)):
         server.add(f"images_{shard:03d}.tar", data, "application/x-tar")
-        server.add(f"md5.images_{shard:03d}.txt", f"{hashlib.md5(data).hexdigest()}  images_{shard:03d}.tar\n".encode(),
-                   "text/plain")
+        server.add(
+            f"md5.images_{shard:03d}.txt",
+            f"{hashlib.md5(data).hexdigest()}  images_{shard:03d}.tar\n".encode(),
+            "text/plain",
+        )
     settings = Settings(**{**FAST, "retries": 2, "read_timeout_s": 5})
     images, index_dir = tmp_path / "images", tmp_path / "gldv2"
     # Shard 1 arrives damaged the first time: the md5 check catches it and it is fetched again.
     tar_url = server.url("/corrupt-once/images_{shard:03d}.tar")
-    asyncio.run(gldv2.fetch_shards([0, 1], images, index_dir, settings, tar_url, server.url("/img/md5.images_{shard:03d}.txt")))
+    asyncio.run(
+        gldv2.fetch_shards([0, 1], images, index_dir, settings, tar_url, server.url("/img/md5.images_{shard:03d}.txt"))
+    )
     assert server.hits["/corrupt-once/images_001.tar"] == 2 and server.hits["/corrupt-once/images_000.tar"] == 2
     assert (images / "e/s/c/escape01.jpg").read_bytes() == photo(seed=3)  # folder names from the tar are ignored
     assert not (tmp_path / "escape01.jpg").exists() and not list(images.rglob("link.jpg"))
 
-    part = write_part(tmp_path / "part-002.parquet", [("abc001", "u1"), ("abc002", "u2"), ("def001", "u3"), ("zzz999", "u4")])
+    part = write_part(
+        tmp_path / "part-002.parquet", [("abc001", "u1"), ("abc002", "u2"), ("def001", "u3"), ("zzz999", "u4")]
+    )
     out = tmp_path / "m" / "manifest.parquet"
     assert gldv2.main(["manifest", "--part", str(part), "--index-dir", str(index_dir), "--out", str(out)]) == 0
     table = pq.read_table(out)
     assert table.schema.equals(download.MANIFEST_SCHEMA)
     rows = {r["id"]: r for r in table.to_pylist()}
-    assert [rows[i]["status"] for i in ("abc001", "abc002", "def001", "zzz999")] == ["ok", "truncated", "ok", "not_in_shards"]
+    assert [rows[i]["status"] for i in ("abc001", "abc002", "def001", "zzz999")] == [
+        "ok",
+        "truncated",
+        "ok",
+        "not_in_shards",
+    ]
     assert rows["abc001"]["sha256"] == hashlib.sha256(photo(seed=1)).hexdigest() and rows["abc001"]["part"] == 2
     assert rows["abc001"]["path"] == "a/b/c/abc001.jpg" and rows["abc002"]["path"] is None
 
     # A rerun skips finished shards.
     hits = dict(server.hits)
-    asyncio.run(gldv2.fetch_shards([0, 1], images, index_dir, settings, tar_url, server.url("/img/md5.images_{shard:03d}.txt")))
+    asyncio.run(
+        gldv2.fetch_shards([0, 1], images, index_dir, settings, tar_url, server.url("/img/md5.images_{shard:03d}.txt"))
+    )
     assert dict(server.hits) == hits
 
 
@@ -588,8 +684,16 @@ def test_gldv2_resumes_a_cut_tar_and_gives_up_on_a_wrong_md5(tmp_path, server):
     (work / "images_000.tar.part").write_bytes(data[: len(data) // 2])  # what a killed run left
     settings = Settings(**{**FAST, "retries": 1, "backoff_s": 0.01, "read_timeout_s": 5})
     with pytest.raises(StageError, match=r"(?s)1 shard\(s\) failed.*images_001.*does not match"):
-        asyncio.run(gldv2.fetch_shards([0, 1], images, index_dir, settings, server.url("/img/images_{shard:03d}.tar"),
-                                       server.url("/img/md5.images_{shard:03d}.txt")))
+        asyncio.run(
+            gldv2.fetch_shards(
+                [0, 1],
+                images,
+                index_dir,
+                settings,
+                server.url("/img/images_{shard:03d}.tar"),
+                server.url("/img/md5.images_{shard:03d}.txt"),
+            )
+        )
     assert server.ranges["/img/images_000.tar"] == [f"bytes={len(data) // 2}-"]
     assert (index_dir / "images_000.parquet").exists() and not (index_dir / "images_001.parquet").exists()
     assert server.hits["/img/images_001.tar"] == 2

@@ -41,9 +41,27 @@ def shards(tmp_path_factory):
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     selection.to_parquet(root / "selection.parquet")
     out = root / "shards"
-    assert shard.main(["--selection", str(root / "selection.parquet"), "--images", str(images), "--split", "train",
-                       "--out-dir", str(out), "--size", str(SIZE), "--images-per-shard", "4",
-                       "--jpeg-quality", "100"]) == 0
+    assert (
+        shard.main(
+            [
+                "--selection",
+                str(root / "selection.parquet"),
+                "--images",
+                str(images),
+                "--split",
+                "train",
+                "--out-dir",
+                str(out),
+                "--size",
+                str(SIZE),
+                "--images-per-shard",
+                "4",
+                "--jpeg-quality",
+                "100",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -52,21 +70,52 @@ def model_file(tmp_path_factory):
     torch.manual_seed(0)
     model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"model": model.state_dict(), "data_config": model.data_config,
-                "settings": {"backbone": "simple_cnn", "embedding_dim": 16, "gem_p": 3.0, "pooling": "gem",
-                             "image_size": SIZE}}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "data_config": model.data_config,
+            "settings": {
+                "backbone": "simple_cnn",
+                "embedding_dim": 16,
+                "gem_p": 3.0,
+                "pooling": "gem",
+                "image_size": SIZE,
+            },
+        },
+        path,
+    )
     return path
 
 
 def _load_model(path):
     from landmarks.model import model_from_checkpoint
+
     return model_from_checkpoint(path)[0].eval()
 
 
 def test_flip_and_scale_tta_average_the_normalised_views(shards, model_file, tmp_path):
     out = tmp_path / "train.npy"
-    assert embed.main(["--model", str(model_file), "--shards", str(shards), "--out", str(out), "--flip-tta",
-                       "--scales", "1.0", "0.75", "--dtype", "float32", "--batch-size", "3"]) == 0
+    assert (
+        embed.main(
+            [
+                "--model",
+                str(model_file),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--flip-tta",
+                "--scales",
+                "1.0",
+                "0.75",
+                "--dtype",
+                "float32",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     vectors, ids = embed.load_embeddings(out)
     assert vectors.shape == (10, 16)
     # By hand: every view normalised, the views summed, the sum normalised.
@@ -86,8 +135,12 @@ def test_flip_and_scale_tta_average_the_normalised_views(shards, model_file, tmp
 
 def test_flip_tta_makes_an_image_and_its_mirror_the_same(shards, model_file, tmp_path):
     for flip, name in ((["--flip-tta"], "tta"), ([], "plain")):
-        assert embed.main(["--model", str(model_file), "--shards", str(shards),
-                           "--out", str(tmp_path / f"{name}.npy"), *flip]) == 0
+        assert (
+            embed.main(
+                ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / f"{name}.npy"), *flip]
+            )
+            == 0
+        )
     for name, expect_same in (("tta", True), ("plain", False)):
         vectors, ids = embed.load_embeddings(tmp_path / f"{name}.npy")
         row = {image_id: i for i, image_id in enumerate(ids["id"])}
@@ -99,8 +152,12 @@ def test_flip_tta_makes_an_image_and_its_mirror_the_same(shards, model_file, tmp
 
 
 def test_rows_follow_the_shard_index_in_float16_with_ids(shards, model_file, tmp_path):
-    assert embed.main(["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / "a.npy"),
-                       "--batch-size", "4"]) == 0
+    assert (
+        embed.main(
+            ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / "a.npy"), "--batch-size", "4"]
+        )
+        == 0
+    )
     stored = np.load(tmp_path / "a.npy")
     assert stored.dtype == np.float16
     assert np.allclose(np.linalg.norm(stored.astype(np.float32), axis=1), 1, atol=2e-3)
@@ -111,15 +168,17 @@ def test_rows_follow_the_shard_index_in_float16_with_ids(shards, model_file, tmp
     assert {"shard", "key"} <= set(ids.columns)  # where each row came from
     # Two DataLoader workers read interleaved slices; rows still land in index order.
     model = _load_model(model_file)
-    parallel = embed.compute_embeddings(model, ShardIndex.from_dirs([shards]), SIZE, batch_size=3, workers=2,
-                                        progress=False)
+    parallel = embed.compute_embeddings(
+        model, ShardIndex.from_dirs([shards]), SIZE, batch_size=3, workers=2, progress=False
+    )
     assert parallel == pytest.approx(stored.astype(np.float32), abs=2e-3)
 
 
 def test_reading_embeddings_checks_the_id_table(shards, model_file, tmp_path):
     vectors = np.eye(3, 4, dtype=np.float32)
-    embed.write_embeddings(vectors, pd.DataFrame({"id": ["a", "b", "c"], "landmark_id": [1, 2, None]}),
-                           tmp_path / "x.npy")
+    embed.write_embeddings(
+        vectors, pd.DataFrame({"id": ["a", "b", "c"], "landmark_id": [1, 2, None]}), tmp_path / "x.npy"
+    )
     loaded, ids = embed.load_embeddings(tmp_path / "x.npy")
     assert loaded.dtype == np.float32 and ids["id"].tolist() == ["a", "b", "c"]
     mapped, _ = embed.load_embeddings(tmp_path / "x.npy", mmap=True)

@@ -32,8 +32,18 @@ def test_without_cuda_it_says_what_to_do():
 
 
 def test_quick_cpu_run_exercises_embedding_and_faiss(tmp_path):
-    result = run("--quick", "--device", "cpu", "--sections", "embed", "faiss", "--threads", "2",
-                 "--out", str(tmp_path / "out.json"))
+    result = run(
+        "--quick",
+        "--device",
+        "cpu",
+        "--sections",
+        "embed",
+        "faiss",
+        "--threads",
+        "2",
+        "--out",
+        str(tmp_path / "out.json"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [row["check"].split(" ")[:2] for row in rows] == [["embed", "64"], ["faiss", "exact"], ["faiss", "IVF-PQ"]]

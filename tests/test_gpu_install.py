@@ -25,8 +25,7 @@ def pins(path: Path) -> dict[str, str]:
 def test_the_gpu_lock_swaps_faiss_cpu_for_faiss_gpu_with_its_cuda12_runtime():
     gpu, cpu = pins(REPO / "requirements-gpu.lock"), pins(REPO / "requirements.lock")
     assert gpu["faiss-gpu"] == cpu["faiss-cpu"] == "1.15.1"  # the same faiss, on either device
-    for package in ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12", "nvidia-curand-cu12",
-                    "nvidia-cuda-nvrtc-cu12"):
+    for package in ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12", "nvidia-curand-cu12", "nvidia-cuda-nvrtc-cu12"):
         assert gpu[package].startswith(("12.", "10.")), package  # faiss-gpu's wheel is built for CUDA 12
     assert "faiss-cpu" not in gpu and "faiss-gpu" not in cpu
     assert not set(gpu) & set(cpu)  # nothing else changes: torch keeps its own CUDA 13 runtime
@@ -35,8 +34,9 @@ def test_the_gpu_lock_swaps_faiss_cpu_for_faiss_gpu_with_its_cuda12_runtime():
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_env_gpu_installs_faiss_gpu_instead_of_faiss_cpu():
     def commands(*args):
-        result = subprocess.run(["make", "-n", "-B", "env", *args], cwd=REPO, capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(
+            ["make", "-n", "-B", "env", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 

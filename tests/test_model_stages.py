@@ -13,8 +13,7 @@ from PIL import Image
 
 from landmarks import embed, retrieve, score, shard, summary
 
-STAGES = ["demo", "split", "download", "places365", "select", "shard", "train", "embed", "retrieve", "score",
-          "summary"]
+STAGES = ["demo", "split", "download", "places365", "select", "shard", "train", "embed", "retrieve", "score", "summary"]
 
 
 # runpy warns when a stage module was already imported by another test: harmless for --help.
@@ -47,8 +46,22 @@ def test_shards_are_webdataset_tars_with_an_index(shards):
 
 
 def test_shards_are_deterministic(tiny_set, shards, tmp_path):
-    shard.main(["--selection", str(tiny_set / "selection.parquet"), "--images", str(tiny_set / "images"),
-                "--split", "train", "--out-dir", str(tmp_path), "--size", "64", "--images-per-shard", "16"])
+    shard.main(
+        [
+            "--selection",
+            str(tiny_set / "selection.parquet"),
+            "--images",
+            str(tiny_set / "images"),
+            "--split",
+            "train",
+            "--out-dir",
+            str(tmp_path),
+            "--size",
+            "64",
+            "--images-per-shard",
+            "16",
+        ]
+    )
     for name in ("shard-00-00000.tar", "shard-00-00001.tar"):
         assert (tmp_path / name).read_bytes() == (shards / "train" / "part-00" / name).read_bytes()
 
@@ -78,7 +91,9 @@ def test_resize_modes_and_colour_conversions(tmp_path):
 
 def test_loader_reads_every_image_once_across_workers(shards):
     from torch.utils.data import DataLoader
+
     from landmarks.loader import ShardDataset, ShardIndex
+
     index = ShardIndex.from_dirs([shards / "train" / "part-00"])
     dataset = ShardDataset(index, transform=lambda image: 0, shuffle=True, seed=3, shuffle_buffer=4)
     positions = [int(p) for _, _, batch in DataLoader(dataset, batch_size=5, num_workers=2) for p in batch]
@@ -102,26 +117,70 @@ def test_train_writes_model_metrics_and_curves(trained):
 
 def test_embed_retrieve_score_summary_chain(shards, trained, tiny_set, tmp_path):
     for split in ("train", "test", "nonlandmark"):
-        assert embed.main(["--model", str(trained / "model.pt"), "--shards", str(shards / split / "part-00"),
-                           "--out", str(tmp_path / f"{split}.npy"), "--flip-tta"]) == 0
+        assert (
+            embed.main(
+                [
+                    "--model",
+                    str(trained / "model.pt"),
+                    "--shards",
+                    str(shards / split / "part-00"),
+                    "--out",
+                    str(tmp_path / f"{split}.npy"),
+                    "--flip-tta",
+                ]
+            )
+            == 0
+        )
     vectors, ids = embed.load_embeddings(tmp_path / "test.npy")
     assert vectors.shape == (10, 64) and len(ids) == 10
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)  # float16 storage
-    assert retrieve.main(["--database", str(tmp_path / "train.npy"), "--queries", str(tmp_path / "test.npy"),
-                          "--bank", str(tmp_path / "nonlandmark.npy"), "--out-dir", str(tmp_path / "retrieve"),
-                          "--settings", '{"k": 5, "bank_k": 3}',
-                          "--shards", str(shards / "test" / "part-00"), str(shards / "train" / "part-00")]) == 0
+    assert (
+        retrieve.main(
+            [
+                "--database",
+                str(tmp_path / "train.npy"),
+                "--queries",
+                str(tmp_path / "test.npy"),
+                "--bank",
+                str(tmp_path / "nonlandmark.npy"),
+                "--out-dir",
+                str(tmp_path / "retrieve"),
+                "--settings",
+                '{"k": 5, "bank_k": 3}',
+                "--shards",
+                str(shards / "test" / "part-00"),
+                str(shards / "train" / "part-00"),
+            ]
+        )
+        == 0
+    )
     submission = pd.read_csv(tmp_path / "retrieve" / "submission.csv", dtype=str, keep_default_na=False)
     assert sorted(submission["id"]) == sorted(ids["id"])
     assert submission["landmarks"].str.fullmatch(r"\d+ -?[\d.e-]+").all()
     neighbours = pd.read_parquet(tmp_path / "retrieve" / "neighbours.parquet")
     assert (neighbours.groupby("query_id")["rank"].max() == 5).all()
-    assert score.main(["--predictions", str(tmp_path / "retrieve" / "predictions.parquet"),
-                       "--neighbours", str(tmp_path / "retrieve" / "neighbours.parquet"),
-                       "--selection", str(tiny_set / "selection.parquet"),
-                       "--shards", str(shards / "test" / "part-00"), str(shards / "train" / "part-00"),
-                       "--train-summary", str(trained / "train.json"), "--experiment", "tiny",
-                       "--out-dir", str(tmp_path / "score")]) == 0
+    assert (
+        score.main(
+            [
+                "--predictions",
+                str(tmp_path / "retrieve" / "predictions.parquet"),
+                "--neighbours",
+                str(tmp_path / "retrieve" / "neighbours.parquet"),
+                "--selection",
+                str(tiny_set / "selection.parquet"),
+                "--shards",
+                str(shards / "test" / "part-00"),
+                str(shards / "train" / "part-00"),
+                "--train-summary",
+                str(trained / "train.json"),
+                "--experiment",
+                "tiny",
+                "--out-dir",
+                str(tmp_path / "score"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "score" / "metrics.json").read_text())
     assert metrics["queries"] == 10 and metrics["landmark_queries"] == 6
     assert metrics["accuracy"] >= 0.5  # six flat-colour classes: nearly trivial after two epochs
@@ -145,8 +204,9 @@ def test_reranking_rules_by_hand():
     assert labels.tolist() == [7, 7]  # query 2: label 7 has 0.5 + 0.4 > 0.6
     assert confidence == pytest.approx([0.9, 0.5])
     db_bank = np.array([0.2, 0.1, 0.0, 0.3], np.float32)
-    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, rerank="glr2020", query_bank=query_bank,
-                                             db_bank=db_bank, neighbours_per_label=3)
+    labels, confidence, _, _ = retrieve.predict(
+        cosines, positions, db_labels, rerank="glr2020", query_bank=query_bank, db_bank=db_bank, neighbours_per_label=3
+    )
     # query 1: label 7 -> (0.9-0.2)+(0.8-0.1)=1.4, label 9 -> 0.7-0.0; minus C=0.5
     # query 2: label 9 -> 0.6-0.0=0.6, label 7 -> (0.5-0.3)+(0.4-0.2)=0.4; minus C=0.1
     assert labels.tolist() == [7, 9]
@@ -155,8 +215,12 @@ def test_reranking_rules_by_hand():
 
 def test_random_access_by_offset_matches_streaming(shards):
     from landmarks.loader import ShardDataset, ShardIndex, ShardMapDataset
+
     index = ShardIndex.from_dirs([shards / "train" / "part-00"])
-    as_bytes = lambda image: image.tobytes()
+
+    def as_bytes(image):
+        return image.tobytes()
+
     streamed = {p: data for data, _, p in ShardDataset(index, as_bytes)}
     mapped = ShardMapDataset(index, as_bytes)
     assert len(mapped) == len(streamed)

@@ -75,8 +75,16 @@ def make_manifest(tmp_path: Path) -> tuple[Path, Path]:
         if write is not None:
             (images / rel).parent.mkdir(parents=True, exist_ok=True)
             write(images / rel)
-        rows.append({"id": image_id, "url": f"http://example/{image_id}", "landmark_id": 1, "status": status,
-                     "path": rel if status == "ok" else None, "part": 0})
+        rows.append(
+            {
+                "id": image_id,
+                "url": f"http://example/{image_id}",
+                "landmark_id": 1,
+                "status": status,
+                "path": rel if status == "ok" else None,
+                "part": 0,
+            }
+        )
 
     def rotated(path):  # EXIF orientation 6 (rotate 90): exercised by exif_transpose
         exif = Image.Exif()
@@ -98,13 +106,15 @@ def make_manifest(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_stage(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "landmarks.places365", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "landmarks.places365", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Vote rules
 # ------------------------------------------------------------------------------------------------
+
 
 def test_votes_rule():
     assert places365.outdoor_by_votes([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], min_votes=3, top_k=5)
@@ -138,6 +148,7 @@ def test_vectorised_rules_agree_with_pure_functions():
 # Label files
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.skipif(not SHARED_LABELS.is_dir(), reason=f"{SHARED_LABELS} (official Places365 label files) not present")
 def test_parse_official_label_files():
     labels = places365.load_labels(SHARED_LABELS)
@@ -153,17 +164,29 @@ def test_parse_synthetic_labels(tmp_path):
     assert set(labels.sha256) == {places365.CATEGORIES_FILE, places365.IO_FILE}
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda c, io: c.write_text(c.read_text().replace("/c/category_7 7\n", "")), "index"),
-    (lambda c, io: c.write_text(c.read_text() + "/c/extra 365\n"), "366 categories"),
-    (lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3", "/c/category_3 4")), "index '4', expected 3"),
-    (lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3\n", "/c/category_3 3\n\n")), "blank"),
-    (lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3", "category_3 3")), "expected '<category path> <index>'"),
-    (lambda c, io: io.write_text(io.read_text().replace("/c/category_5 1", "/c/category_5 3")), "1 indoor|2 outdoor"),
-    (lambda c, io: io.write_text(io.read_text().replace("/c/category_5 1", "/c/category_9 1")), "category 5 is"),
-    (lambda c, io: io.write_text("".join(io.read_text().splitlines(keepends=True)[:-1])), "364 lines"),
-    (lambda c, io: io.unlink(), "not found"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c, io: c.write_text(c.read_text().replace("/c/category_7 7\n", "")), "index"),
+        (lambda c, io: c.write_text(c.read_text() + "/c/extra 365\n"), "366 categories"),
+        (
+            lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3", "/c/category_3 4")),
+            "index '4', expected 3",
+        ),
+        (lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3\n", "/c/category_3 3\n\n")), "blank"),
+        (
+            lambda c, io: c.write_text(c.read_text().replace("/c/category_3 3", "category_3 3")),
+            "expected '<category path> <index>'",
+        ),
+        (
+            lambda c, io: io.write_text(io.read_text().replace("/c/category_5 1", "/c/category_5 3")),
+            "1 indoor|2 outdoor",
+        ),
+        (lambda c, io: io.write_text(io.read_text().replace("/c/category_5 1", "/c/category_9 1")), "category 5 is"),
+        (lambda c, io: io.write_text("".join(io.read_text().splitlines(keepends=True)[:-1])), "364 lines"),
+        (lambda c, io: io.unlink(), "not found"),
+    ],
+)
 def test_malformed_label_files_are_refused(tmp_path, damage, message):
     folder = write_labels(tmp_path)
     damage(folder / places365.CATEGORIES_FILE, folder / places365.IO_FILE)
@@ -183,6 +206,7 @@ def test_label_file_without_final_newline_is_fine(tmp_path):
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
 
+
 def test_official_layout_checkpoint_loads_and_forces_ranking(tmp_path):
     model = places365.load_checkpoint(official_checkpoint(tmp_path / "ck.pth.tar"), "resnet18")
     with torch.inference_mode():
@@ -190,13 +214,16 @@ def test_official_layout_checkpoint_loads_and_forces_ranking(tmp_path):
     assert top.tolist() == [FORCED_TOP10, FORCED_TOP10]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"this is not a checkpoint", "cannot read as a PyTorch checkpoint"),
-    ([1, 2, 3], "holds a list, not a dict"),
-    ({"epoch": 1, "model": {}}, "no 'state_dict' entry (top-level keys: epoch, model)"),
-    ({"state_dict": {"module.conv1.weight": torch.zeros(64, 3, 7, 7)}}, "does not match resnet18"),
-    ({"arch": "resnet50", "state_dict": {}}, "checkpoint is for arch 'resnet50'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"this is not a checkpoint", "cannot read as a PyTorch checkpoint"),
+        ([1, 2, 3], "holds a list, not a dict"),
+        ({"epoch": 1, "model": {}}, "no 'state_dict' entry (top-level keys: epoch, model)"),
+        ({"state_dict": {"module.conv1.weight": torch.zeros(64, 3, 7, 7)}}, "does not match resnet18"),
+        ({"arch": "resnet50", "state_dict": {}}, "checkpoint is for arch 'resnet50'"),
+    ],
+)
 def test_malformed_checkpoint_names_file_and_problem(tmp_path, content, message):
     path = tmp_path / "broken.pth.tar"
     if isinstance(content, bytes):
@@ -261,16 +288,37 @@ def test_unsupported_arch_lists_supported():
 # The stage end to end
 # ------------------------------------------------------------------------------------------------
 
+
 def test_stage_scores_images_and_votes_decide(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "resnet18_places365.pth.tar")
     out = tmp_path / "scenes.parquet"
-    places365.main([
-        "--manifest", str(manifest), "--images", str(images), "--out", str(out), "--arch", "resnet18",
-        "--weights", str(weights), "--labels-dir", str(write_labels(tmp_path / "labels")),
-        "--cache-dir", str(tmp_path / "empty-cache"), "--top-k", "12", "--batch-size", "2",
-        "--workers", "1", "--device", "cpu",
-    ])
+    places365.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(weights),
+            "--labels-dir",
+            str(write_labels(tmp_path / "labels")),
+            "--cache-dir",
+            str(tmp_path / "empty-cache"),
+            "--top-k",
+            "12",
+            "--batch-size",
+            "2",
+            "--workers",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     table = pq.read_table(out)
     assert table.schema.field("topk_index").type.value_type.bit_width == 16
     assert str(table.schema.field("topk_prob").type.value_type) == "float"
@@ -304,8 +352,24 @@ def test_weights_and_labels_found_in_cache_without_network(tmp_path, monkeypatch
 
     monkeypatch.setattr(places365, "download", no_network)
     out = tmp_path / "scenes.parquet"
-    places365.main(["--manifest", str(manifest), "--images", str(images), "--out", str(out), "--arch", "resnet18",
-                    "--cache-dir", str(cache), "--workers", "0", "--device", "cpu"])
+    places365.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--arch",
+            "resnet18",
+            "--cache-dir",
+            str(cache),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert places365.read_metadata(out)["weights_path"] == str(cache / "resnet18_places365.pth.tar")
     assert (pq.read_table(out).column("scene_status").to_pylist()).count("scored") == 3
 
@@ -313,9 +377,25 @@ def test_weights_and_labels_found_in_cache_without_network(tmp_path, monkeypatch
 def test_offline_without_weights_keeps_every_image(tmp_path):
     manifest, images = make_manifest(tmp_path)
     cache, out, url = tmp_path / "empty-cache", tmp_path / "scenes.parquet", closed_port_url("resnet18.pth.tar")
-    result = run_stage("--manifest", str(manifest), "--images", str(images), "--out", str(out),
-                       "--arch", "resnet18", "--cache-dir", str(cache), "--weights-url", url,
-                       "--labels-url", closed_port_url() + "/", "--download-timeout", "5", timeout=120)
+    result = run_stage(
+        "--manifest",
+        str(manifest),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--cache-dir",
+        str(cache),
+        "--weights-url",
+        url,
+        "--labels-url",
+        closed_port_url() + "/",
+        "--download-timeout",
+        "5",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "NO PLACES365 WEIGHTS" in result.stderr and "kept all 5 images" in result.stderr
     assert url in result.stderr and str(cache / "resnet18_places365.pth.tar") in result.stderr
@@ -332,16 +412,45 @@ def test_weights_without_labels_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "ck.pth.tar")
     with pytest.raises(StageError, match="--labels-dir"):
-        places365.main(["--manifest", str(manifest), "--images", str(images), "--out", str(tmp_path / "o.parquet"),
-                        "--arch", "resnet18", "--weights", str(weights), "--cache-dir", str(tmp_path / "cache"),
-                        "--labels-url", closed_port_url() + "/", "--download-timeout", "5"])
+        places365.main(
+            [
+                "--manifest",
+                str(manifest),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "o.parquet"),
+                "--arch",
+                "resnet18",
+                "--weights",
+                str(weights),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--labels-url",
+                closed_port_url() + "/",
+                "--download-timeout",
+                "5",
+            ]
+        )
 
 
 def test_missing_explicit_weights_path_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
     with pytest.raises(StageError, match="weights file not found"):
-        places365.main(["--manifest", str(manifest), "--images", str(images), "--out", str(tmp_path / "o.parquet"),
-                        "--arch", "resnet18", "--weights", str(tmp_path / "nowhere.pth.tar")])
+        places365.main(
+            [
+                "--manifest",
+                str(manifest),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "o.parquet"),
+                "--arch",
+                "resnet18",
+                "--weights",
+                str(tmp_path / "nowhere.pth.tar"),
+            ]
+        )
 
 
 def test_cli_broken_weights_exit_code_and_message(tmp_path):
@@ -349,8 +458,20 @@ def test_cli_broken_weights_exit_code_and_message(tmp_path):
     broken = tmp_path / "resnet18_places365.pth.tar"
     broken.write_bytes(b"\x00" * 100)
     out = tmp_path / "scenes.parquet"
-    result = run_stage("--manifest", str(manifest), "--images", str(images), "--out", str(out),
-                       "--arch", "resnet18", "--weights", str(broken), "--labels-dir", str(write_labels(tmp_path / "l")))
+    result = run_stage(
+        "--manifest",
+        str(manifest),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--weights",
+        str(broken),
+        "--labels-dir",
+        str(write_labels(tmp_path / "l")),
+    )
     assert result.returncode == 2
     assert f"error: {broken}: cannot read as a PyTorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
@@ -366,8 +487,19 @@ def test_manifest_of_wrong_shape_names_file(tmp_path):
 def test_cli_help():
     result = run_stage("--help", timeout=120)
     assert result.returncode == 0
-    for option in ["--manifest", "--images", "--out", "--arch", "--weights", "--labels-dir", "--cache-dir",
-                   "--top-k", "--batch-size", "--workers", "--device"]:
+    for option in [
+        "--manifest",
+        "--images",
+        "--out",
+        "--arch",
+        "--weights",
+        "--labels-dir",
+        "--cache-dir",
+        "--top-k",
+        "--batch-size",
+        "--workers",
+        "--device",
+    ]:
         assert option in result.stdout
 
 

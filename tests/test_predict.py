@@ -27,21 +27,52 @@ def experiment(tiny_set, shards, trained, tmp_path_factory):
     (exp / "train").mkdir()
     shutil.copy(trained / "model.pt", exp / "train" / "model.pt")
     for split in SPLITS:
-        assert embed.main(["--model", str(exp / "train" / "model.pt"), "--shards", str(shards / split / "part-00"),
-                           "--out", str(exp / "embed" / f"{split}.npy"), "--flip-tta", "--no-progress"]) == 0
+        assert (
+            embed.main(
+                [
+                    "--model",
+                    str(exp / "train" / "model.pt"),
+                    "--shards",
+                    str(shards / split / "part-00"),
+                    "--out",
+                    str(exp / "embed" / f"{split}.npy"),
+                    "--flip-tta",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     predictor = {"embed": {"flip_tta": True}, "shard": {"size": 64}}
-    assert retrieve.main([
-        "--database", str(exp / "embed" / "train.npy"), "--queries", str(exp / "embed" / "test.npy"),
-        "--bank", str(exp / "embed" / "nonlandmark.npy"), "--val", str(exp / "embed" / "val.npy"),
-        "--out-dir", str(exp / "retrieve"), "--settings", json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
-        "--predictor", json.dumps(predictor),
-        "--shards", *(str(shards / split / "part-00") for split in SPLITS)]) == 0
+    assert (
+        retrieve.main(
+            [
+                "--database",
+                str(exp / "embed" / "train.npy"),
+                "--queries",
+                str(exp / "embed" / "test.npy"),
+                "--bank",
+                str(exp / "embed" / "nonlandmark.npy"),
+                "--val",
+                str(exp / "embed" / "val.npy"),
+                "--out-dir",
+                str(exp / "retrieve"),
+                "--settings",
+                json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
+                "--predictor",
+                json.dumps(predictor),
+                "--shards",
+                *(str(shards / split / "part-00") for split in SPLITS),
+            ]
+        )
+        == 0
+    )
     return exp
 
 
 def run_predict(experiment, inputs, out_dir, *extra):
-    return predict.main(["--experiment", str(experiment), *map(str, inputs), "--out-dir", str(out_dir),
-                         "--no-progress", *extra])
+    return predict.main(
+        ["--experiment", str(experiment), *map(str, inputs), "--out-dir", str(out_dir), "--no-progress", *extra]
+    )
 
 
 def read_rows(out_dir: Path) -> dict:
@@ -70,8 +101,10 @@ def test_test_photos_get_the_answer_retrieve_gave_them(experiment, tiny_set, tmp
         assert got["error"] is None
         assert got["predicted_landmark_id"] == want["landmark_id"], image_id
         assert got["confidence"] == pytest.approx(want["score"], abs=1e-4), image_id
-        assert got["top_landmarks"][0] == {"landmark_id": want["landmark_id"],
-                                           "confidence": pytest.approx(want["score"], abs=1e-4)}
+        assert got["top_landmarks"][0] == {
+            "landmark_id": want["landmark_id"],
+            "confidence": pytest.approx(want["score"], abs=1e-4),
+        }
         neighbours = got["neighbours"]
         assert [n["cosine"] for n in neighbours] == sorted((n["cosine"] for n in neighbours), reverse=True)
     # the verdict uses the threshold chosen on val, and says so
@@ -86,8 +119,7 @@ def test_test_photos_get_the_answer_retrieve_gave_them(experiment, tiny_set, tmp
 
 
 def test_a_threshold_from_the_config_overrides_val(experiment, tiny_set, tmp_path):
-    assert run_predict(experiment, [tiny_set / "images" / "lm0v6.jpg"], tmp_path,
-                       "--nonlandmark-threshold", "99") == 0
+    assert run_predict(experiment, [tiny_set / "images" / "lm0v6.jpg"], tmp_path, "--nonlandmark-threshold", "99") == 0
     (row,) = read_rows(tmp_path).values()
     assert row["verdict"] == "non-landmark" and row["threshold_source"] == "config"
     assert row["predicted_landmark_id"] is not None and row["landmark_id"] is None
@@ -123,14 +155,24 @@ def test_bad_photos_fail_alone_with_a_clear_message(experiment, tiny_set, served
     bad.mkdir()
     (bad / "text.jpg").write_text("<html>not a photo</html>")
     (bad / "cut.jpg").write_bytes(data[: len(data) // 2])
-    (bad / "random.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 3000,
-                                                                                                dtype=np.uint8)))
+    (bad / "random.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0" + bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8))
+    )
     Image.new("RGB", (3000, 3000)).save(bad / "huge.png")
     (bad / "heavy.jpg").write_bytes(data + bytes(300_000))  # a whole JPEG, then padding past max_bytes
-    (tmp_path / "crawl.csv").write_text(f"id,url\nfetched,{served}/lm4v6.jpg\ndead,{served}/missing.jpg\n"
-                                        "notaurl,ftp://example.org/x.jpg\n")
-    inputs = [good, bad / "text.jpg", bad / "cut.jpg", bad / "random.jpg", bad / "huge.png", bad / "heavy.jpg",
-              tmp_path / "nowhere.jpg", tmp_path / "crawl.csv"]
+    (tmp_path / "crawl.csv").write_text(
+        f"id,url\nfetched,{served}/lm4v6.jpg\ndead,{served}/missing.jpg\nnotaurl,ftp://example.org/x.jpg\n"
+    )
+    inputs = [
+        good,
+        bad / "text.jpg",
+        bad / "cut.jpg",
+        bad / "random.jpg",
+        bad / "huge.png",
+        bad / "heavy.jpg",
+        tmp_path / "nowhere.jpg",
+        tmp_path / "crawl.csv",
+    ]
     limits = json.dumps({"max_pixels": 4_000_000, "max_bytes": 200_000, "retries": 0, "total_timeout_s": 5})
     assert run_predict(experiment, inputs, tmp_path / "out", "--download-settings", limits) == 1
     rows = read_rows(tmp_path / "out")
@@ -141,7 +183,9 @@ def test_bad_photos_fail_alone_with_a_clear_message(experiment, tiny_set, served
     assert re.search(r"not_image: .*HTML", errors[str(bad / "text.jpg")])
     assert "truncated" in errors[str(bad / "cut.jpg")]
     assert re.search(r"corrupt_image|truncated", errors[str(bad / "random.jpg")])
-    assert "decompression_bomb: 3000x3000 = 9,000,000 pixels, above max_pixels 4,000,000" in errors[str(bad / "huge.png")]
+    assert (
+        "decompression_bomb: 3000x3000 = 9,000,000 pixels, above max_pixels 4,000,000" in errors[str(bad / "huge.png")]
+    )
     assert re.search(r"[\d,]+ bytes, above download.max_bytes 200,000", errors[str(bad / "heavy.jpg")])
     assert "no such file or folder" in errors[str(tmp_path / "nowhere.jpg")]
     assert "http_404" in errors["dead"] or "404" in errors["dead"]
@@ -174,8 +218,9 @@ def test_a_missing_or_half_written_experiment_is_named(experiment, tiny_set, tmp
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`; "
-                                             ".ci/run installs it)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (Debian package `chromium`; .ci/run installs it)"
+)
 def test_the_page_renders_in_headless_chromium(experiment, tiny_set, tmp_path):
     photos = [tiny_set / "images" / name for name in ("lm0v6.jpg", "lm5v6.jpg", "noise0.jpg")]
     assert run_predict(experiment, [*photos, tmp_path / "missing.jpg"], tmp_path) == 1
@@ -183,9 +228,14 @@ def test_the_page_renders_in_headless_chromium(experiment, tiny_set, tmp_path):
     assert "http" not in page.replace("http-equiv", "")  # self-contained: no link to fetch
     # Count, in the browser, the images that decoded (a broken data URI has naturalWidth 0).
     probe = tmp_path / "probe.html"
-    probe.write_text(page.replace("</body>", "<script>addEventListener('load', () => document.title = 'images:' + "
-                                  "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length + '/' + "
-                                  "document.images.length)</script></body>"))
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>addEventListener('load', () => document.title = 'images:' + "
+            "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length + '/' + "
+            "document.images.length)</script></body>",
+        )
+    )
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
     dom = subprocess.run([*command, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     rendered = re.search(r"<title>images:(\d+)/(\d+)</title>", dom.stdout)
@@ -193,14 +243,18 @@ def test_the_page_renders_in_headless_chromium(experiment, tiny_set, tmp_path):
     shown, total = map(int, rendered.groups())
     assert total >= 3 * 3 and shown == total  # each photo, its saliency map, its neighbours
     screenshot = tmp_path / "page.png"
-    subprocess.run([*command, f"--screenshot={screenshot}", "--window-size=1200,900", (tmp_path / "index.html").as_uri()],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [*command, f"--screenshot={screenshot}", "--window-size=1200,900", (tmp_path / "index.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     pixels = np.asarray(Image.open(screenshot).convert("RGB"))
     assert pixels.std() > 20  # photos drawn, not an empty page
 
 
-def test_predict_finds_the_database_images_after_the_results_folder_moves(experiment, shards, tiny_set, tmp_path,
-                                                                          monkeypatch):
+def test_predict_finds_the_database_images_after_the_results_folder_moves(
+    experiment, shards, tiny_set, tmp_path, monkeypatch
+):
     """A workflow records shard paths relative to where it ran; predict runs from anywhere, also after the
     results folder was moved or copied elsewhere."""
     workdir = tmp_path / "run"
@@ -210,14 +264,42 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(experi
     monkeypatch.chdir(workdir)
     relative = {split: f"results/shards/{split}/part-00" for split in SPLITS}
     for split in SPLITS:
-        assert embed.main(["--model", "results/experiments/x/train/model.pt", "--shards", relative[split],
-                           "--out", f"results/experiments/x/embed/{split}.npy", "--flip-tta", "--no-progress"]) == 0
-    assert retrieve.main([
-        "--database", "results/experiments/x/embed/train.npy", "--queries", "results/experiments/x/embed/test.npy",
-        "--bank", "results/experiments/x/embed/nonlandmark.npy", "--out-dir", "results/experiments/x/retrieve",
-        "--settings", json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
-        "--predictor", json.dumps({"embed": {"flip_tta": True}, "shard": {"size": 64}}),
-        "--shards", *relative.values()]) == 0
+        assert (
+            embed.main(
+                [
+                    "--model",
+                    "results/experiments/x/train/model.pt",
+                    "--shards",
+                    relative[split],
+                    "--out",
+                    f"results/experiments/x/embed/{split}.npy",
+                    "--flip-tta",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    assert (
+        retrieve.main(
+            [
+                "--database",
+                "results/experiments/x/embed/train.npy",
+                "--queries",
+                "results/experiments/x/embed/test.npy",
+                "--bank",
+                "results/experiments/x/embed/nonlandmark.npy",
+                "--out-dir",
+                "results/experiments/x/retrieve",
+                "--settings",
+                json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
+                "--predictor",
+                json.dumps({"embed": {"flip_tta": True}, "shard": {"size": 64}}),
+                "--shards",
+                *relative.values(),
+            ]
+        )
+        == 0
+    )
     moved = tmp_path / "elsewhere"
     shutil.move(workdir, moved)
     monkeypatch.chdir(tmp_path)

@@ -21,20 +21,25 @@ def _unit(rows):
 
 def _write(path, vectors, ids, labels=None):
     labels = labels if labels is not None else [None] * len(ids)
-    write_embeddings(_unit(vectors), pd.DataFrame({"id": ids, "landmark_id": pd.array(labels, dtype="Int64")}), path,
-                     dtype="float32")
+    write_embeddings(
+        _unit(vectors), pd.DataFrame({"id": ids, "landmark_id": pd.array(labels, dtype="Int64")}), path, dtype="float32"
+    )
     return path
 
 
 # ---- predict(): the vectorised rules against a plain loop over each query -------------------------------------
+
 
 def _reference(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
     """The documented rules, one query at a time: candidates are found neighbours with a label; ties go to
     the label whose first candidate ranks higher."""
     labels, confidence, base = [], [], []
     for cos_row, pos_row, bank in zip(cosines, positions, query_bank):
-        candidates = [(rank, db_labels[p], float(c), p) for rank, (c, p) in enumerate(zip(cos_row, pos_row))
-                      if p >= 0 and db_labels[p] >= 0]
+        candidates = [
+            (rank, db_labels[p], float(c), p)
+            for rank, (c, p) in enumerate(zip(cos_row, pos_row))
+            if p >= 0 and db_labels[p] >= 0
+        ]
         if not candidates:
             labels.append(-1), confidence.append(-np.inf), base.append(-np.inf)
             continue
@@ -45,11 +50,13 @@ def _reference(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
             best = candidates[0][1]
             total = None
         else:
+
             def total_of(label):
-                hits = per_label[label]
+                hits = per_label[label]  # noqa: B023 (called inside the loop that binds it)
                 if rule == "glr2020":
                     return sum(min(max(c, 0.0), 1.0) - db_bank[p] for _, c, p in hits[:cap])
                 return sum(c for _, c, _ in hits)
+
             best = min(per_label, key=lambda label: (-total_of(label), per_label[label][0][0]))
             total = total_of(best)
         top = max(c for _, c, _ in per_label[best])
@@ -62,8 +69,10 @@ def _reference(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
     return np.array(labels), np.array(confidence), np.array(base)
 
 
-@pytest.mark.parametrize("prediction, rerank", [("top1", "none"), ("top1", "seed004"), ("vote", "none"),
-                                                ("vote", "seed004"), ("top1", "glr2020")])
+@pytest.mark.parametrize(
+    "prediction, rerank",
+    [("top1", "none"), ("top1", "seed004"), ("vote", "none"), ("vote", "seed004"), ("top1", "glr2020")],
+)
 def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
     rng = np.random.default_rng(1)
     n_queries, k, n_db = 400, 8, 60
@@ -78,13 +87,21 @@ def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
     db_labels[::7] = -1  # database images without a landmark id
     query_bank = rng.uniform(0, 0.5, n_queries).astype(np.float32)
     db_bank = rng.uniform(0, 0.3, n_db).astype(np.float32)
-    labels, confidence, base, _ = retrieve.predict(cosines, positions, db_labels, prediction=prediction,
-                                                   rerank=rerank, query_bank=query_bank, db_bank=db_bank,
-                                                   neighbours_per_label=2)
+    labels, confidence, base, _ = retrieve.predict(
+        cosines,
+        positions,
+        db_labels,
+        prediction=prediction,
+        rerank=rerank,
+        query_bank=query_bank,
+        db_bank=db_bank,
+        neighbours_per_label=2,
+    )
     rule = "glr2020" if rerank == "glr2020" else prediction
     bank = query_bank if rerank != "none" else np.zeros(n_queries)
-    expected_labels, expected_confidence, expected_base = _reference(cosines, positions, db_labels, rule, bank,
-                                                                     db_bank, 2)
+    expected_labels, expected_confidence, expected_base = _reference(
+        cosines, positions, db_labels, rule, bank, db_bank, 2
+    )
     assert labels.tolist() == expected_labels.tolist()
     assert confidence == pytest.approx(expected_confidence, abs=1e-6)
     assert base == pytest.approx(expected_base, abs=1e-6)
@@ -112,6 +129,7 @@ def test_reranking_needs_its_bank_similarities():
 
 # ---- knn -----------------------------------------------------------------------------------------------------------
 
+
 def test_exact_knn_matches_numpy_and_pads_short_databases():
     rng = np.random.default_rng(2)
     database, queries = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(25, 16)))
@@ -132,6 +150,7 @@ def test_equal_cosines_are_ordered_by_database_row():
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def clustered(tmp_path):
@@ -155,14 +174,32 @@ def clustered(tmp_path):
 def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_same(clustered, tmp_path):
     paths, truth_labels = clustered
     out = tmp_path / "out"
-    assert retrieve.main(["--database", str(paths["database"]), "--queries", str(paths["queries"]), "--bank",
-                          str(paths["bank"]), "--out-dir", str(out), "--settings", '{"k": 5, "verify": {"neighbours": 0}}',
-                          "--threads", "1"]) == 0
+    assert (
+        retrieve.main(
+            [
+                "--database",
+                str(paths["database"]),
+                "--queries",
+                str(paths["queries"]),
+                "--bank",
+                str(paths["bank"]),
+                "--out-dir",
+                str(out),
+                "--settings",
+                '{"k": 5, "verify": {"neighbours": 0}}',
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert predictions["landmark_id"].iloc[:8].tolist() == truth_labels.tolist()  # well separated clusters
     neighbours = pd.read_parquet(out / "neighbours.parquet")
-    assert len(neighbours) == 14 * 5 and neighbours.groupby("query_id")["rank"].apply(list).map(
-        lambda r: r == [1, 2, 3, 4, 5]).all()
+    assert (
+        len(neighbours) == 14 * 5
+        and neighbours.groupby("query_id")["rank"].apply(list).map(lambda r: r == [1, 2, 3, 4, 5]).all()
+    )
     truth = {f"q{i}": ([int(truth_labels[i])] if i < 8 else []) for i in range(14)}
     submission = read_submission_csv(out / "submission.csv")
     assert score_predictions(submission, truth) == score_predictions(predictions, truth)
@@ -173,8 +210,18 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
 
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
     paths, _ = clustered
-    retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path, k=6, rerank="glr2020",
-                      verify={"neighbours": 0}, bank_k=5, glr2020_query_bank_k=10, glr2020_neighbours_per_label=3)
+    retrieve.retrieve(
+        paths["database"],
+        paths["queries"],
+        paths["bank"],
+        tmp_path,
+        k=6,
+        rerank="glr2020",
+        verify={"neighbours": 0},
+        bank_k=5,
+        glr2020_query_bank_k=10,
+        glr2020_neighbours_per_label=3,
+    )
     database = np.load(paths["database"])
     queries, bank = np.load(paths["queries"]), np.load(paths["bank"])
     db_labels = pd.read_parquet(str(paths["database"]).replace(".npy", ".ids.parquet"))["landmark_id"].to_numpy()
@@ -204,8 +251,9 @@ def test_a_query_that_is_also_in_the_database_is_not_its_own_neighbour(clustered
     neighbours = pd.read_parquet(tmp_path / "loo" / "neighbours.parquet")
     assert (neighbours["query_id"] != neighbours["neighbour_id"]).all()
     assert (neighbours.groupby("query_id").size() == 4).all()
-    retrieve.retrieve(database, database, paths["bank"], tmp_path / "self", k=4, exclude_self=False,
-                      verify={"neighbours": 0})
+    retrieve.retrieve(
+        database, database, paths["bank"], tmp_path / "self", k=4, exclude_self=False, verify={"neighbours": 0}
+    )
     first = pd.read_parquet(tmp_path / "self" / "neighbours.parquet").query("rank == 1")
     assert (first["query_id"] == first["neighbour_id"]).all()
 
@@ -218,10 +266,33 @@ def test_ivfpq_reports_its_recall_against_exact_search(tmp_path, capsys):
     queries = centres[labels[:300]] + 0.3 * rng.normal(size=(300, 32))
     _write(tmp_path / "db.npy", database, [f"d{i}" for i in range(3000)], labels)
     _write(tmp_path / "q.npy", queries, [f"q{i}" for i in range(300)])
-    assert retrieve.main(["--database", str(tmp_path / "db.npy"), "--queries", str(tmp_path / "q.npy"),
-                          "--out-dir", str(tmp_path / "out"), "--threads", "1", "--settings",
-                          json.dumps({"rerank": "none", "index": "ivfpq", "ivf_lists": 16, "pq_m": 8, "nprobe": 4,
-                                      "recall_sample": 300, "verify": {"neighbours": 0}})]) == 0
+    assert (
+        retrieve.main(
+            [
+                "--database",
+                str(tmp_path / "db.npy"),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--threads",
+                "1",
+                "--settings",
+                json.dumps(
+                    {
+                        "rerank": "none",
+                        "index": "ivfpq",
+                        "ivf_lists": 16,
+                        "pq_m": 8,
+                        "nprobe": 4,
+                        "recall_sample": 300,
+                        "verify": {"neighbours": 0},
+                    }
+                ),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "out" / "retrieve.json").read_text())
     assert summary["index"]["type"] == "ivfpq" and summary["index"]["ivf_lists"] == 16
     recall = summary["recall"]
@@ -265,8 +336,9 @@ def test_margin_and_bank_weights_shape_the_confidence():
     positions = np.array([[0, 1, 2], [3, 4, 5]])
     db_labels = np.array([1, 2, 2, 3, 3, 3])  # query 2: every neighbour has the same landmark
     bank = np.array([0.2, 0.4])
-    result = retrieve.predict(cosines, positions, db_labels, rerank="seed004", query_bank=bank, margin_weight=1.0,
-                              bank_weight=0.5)
+    result = retrieve.predict(
+        cosines, positions, db_labels, rerank="seed004", query_bank=bank, margin_weight=1.0, bank_weight=0.5
+    )
     assert result.label.tolist() == [1, 3]
     assert result.other_cosine == pytest.approx([0.8, 0.4])  # runner-up landmark; else the k-th cosine
     assert result.confidence == pytest.approx([0.9 - 0.8 - 0.1, 0.7 - 0.4 - 0.2], abs=1e-6)
@@ -285,7 +357,9 @@ def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
     assert base.label.tolist() == [2, 4] and base.confidence == pytest.approx([0.8, 0.6])  # the new label's cosine
     result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, weight=1.0)
     assert result.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0]) and label_inliers.tolist() == [40, 12]
-    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, {**settings, "relabel": False})
+    forced, labels, is_verified = retrieve.verified_labels(
+        positions, db_labels, inliers, {**settings, "relabel": False}
+    )
     kept = retrieve.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     kept, _ = retrieve.verified(kept, labels, is_verified, inliers, weight=1.0)
     assert kept.label.tolist() == [1, 4] and kept.confidence == pytest.approx([0.9, 1.6])  # landmark 1 unverified
@@ -295,26 +369,62 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
     """A query whose nearest embedding is the wrong landmark, but whose second neighbour is another view
     of the same (textured) scene: verification finds it, relabels the query and marks it verified."""
     from test_verify import scene, second_view
+
     from landmarks import shard
+
     images = tmp_path / "images"
     images.mkdir()
-    rows = [("db_a", scene(1), 1, "train"), ("db_b", scene(2), 2, "train"), ("db_c", scene(3), 3, "train"),
-            ("q", Image.fromarray(second_view(scene(2))), None, "test"), ("q2", scene(4), None, "test")]
+    rows = [
+        ("db_a", scene(1), 1, "train"),
+        ("db_b", scene(2), 2, "train"),
+        ("db_c", scene(3), 3, "train"),
+        ("q", Image.fromarray(second_view(scene(2))), None, "test"),
+        ("q2", scene(4), None, "test"),
+    ]
     for image_id, image, _, _ in rows:
         image.save(images / f"{image_id}.jpg", quality=95)
-    selection = pd.DataFrame({"id": [r[0] for r in rows], "landmark_id": pd.array([r[2] for r in rows], "Int64"),
-                              "split": [r[3] for r in rows], "path": [f"{r[0]}.jpg" for r in rows]})
+    selection = pd.DataFrame(
+        {
+            "id": [r[0] for r in rows],
+            "landmark_id": pd.array([r[2] for r in rows], "Int64"),
+            "split": [r[3] for r in rows],
+            "path": [f"{r[0]}.jpg" for r in rows],
+        }
+    )
     selection.to_parquet(tmp_path / "selection.parquet")
     for split in ("train", "test"):
-        assert shard.main(["--selection", str(tmp_path / "selection.parquet"), "--images", str(images),
-                           "--split", split, "--out-dir", str(tmp_path / split), "--size", "300"]) == 0
+        assert (
+            shard.main(
+                [
+                    "--selection",
+                    str(tmp_path / "selection.parquet"),
+                    "--images",
+                    str(images),
+                    "--split",
+                    split,
+                    "--out-dir",
+                    str(tmp_path / split),
+                    "--size",
+                    "300",
+                ]
+            )
+            == 0
+        )
     unit = np.eye(4, dtype=np.float32)
     database = _write(tmp_path / "db.npy", unit[:3], ["db_a", "db_b", "db_c"], [1, 2, 3])
     # Both queries look most like db_a; q is really db_b's scene, q2 is none of them.
     queries = _write(tmp_path / "q.npy", np.array([[0.8, 0.6, 0, 0], [0.7, 0.1, 0.1, 0.7]], np.float32), ["q", "q2"])
     out = tmp_path / "out"
-    predictions = retrieve.retrieve(database, queries, None, out, rerank="none", k=3,
-                                    verify={"neighbours": 2}, shard_dirs=[tmp_path / "train", tmp_path / "test"])
+    predictions = retrieve.retrieve(
+        database,
+        queries,
+        None,
+        out,
+        rerank="none",
+        k=3,
+        verify={"neighbours": 2},
+        shard_dirs=[tmp_path / "train", tmp_path / "test"],
+    )
     by_id = predictions.set_index("id")
     assert by_id.loc["q", "landmark_id"] == 2 and by_id.loc["q", "inliers"] >= 10
     assert by_id.loc["q", "score"] == pytest.approx(0.6 + 1.0, abs=1e-6)  # its cosine to db_b + the bonus
@@ -323,8 +433,15 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
     assert neighbours["inliers"].notna().sum() == 4  # 2 queries x 2 verified neighbours; rank 3 not checked
     assert json.loads((out / "retrieve.json").read_text())["verified"] == 1
     with pytest.raises(StageError, match="retrieve.verify: .* images are in none of the shards"):
-        retrieve.retrieve(database, queries, None, tmp_path / "x", rerank="none", verify={"neighbours": 2},
-                          shard_dirs=[tmp_path / "train"])
+        retrieve.retrieve(
+            database,
+            queries,
+            None,
+            tmp_path / "x",
+            rerank="none",
+            verify={"neighbours": 2},
+            shard_dirs=[tmp_path / "train"],
+        )
 
 
 def test_the_nonlandmark_threshold_makes_the_most_right_decisions():
@@ -337,10 +454,12 @@ def test_the_nonlandmark_threshold_makes_the_most_right_decisions():
     assert chosen["threshold"] == pytest.approx(0.55) and chosen["accuracy"] == pytest.approx(5 / 6)
     assert chosen["accuracy_without_threshold"] == pytest.approx(3 / 6)
     # Equal confidences cannot be told apart: the cut never falls between them.
-    tied = retrieve.choose_threshold(np.array([0.5, 0.5, 0.2]), np.array([True, False, False]),
-                                     np.array([True, False, False]))
+    tied = retrieve.choose_threshold(
+        np.array([0.5, 0.5, 0.2]), np.array([True, False, False]), np.array([True, False, False])
+    )
     assert tied["threshold"] == pytest.approx(0.35)
     # Only right landmark answers: keep them all; a query without a prediction (-inf) is rejected first.
-    keep = retrieve.choose_threshold(np.array([0.3, 0.9, -np.inf]), np.array([True, True, False]),
-                                     np.array([True, True, False]))
+    keep = retrieve.choose_threshold(
+        np.array([0.3, 0.9, -np.inf]), np.array([True, True, False]), np.array([True, True, False])
+    )
     assert keep["threshold"] == pytest.approx(0.3 - 1e-6) and keep["accuracy"] == 1.0

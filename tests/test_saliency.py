@@ -47,25 +47,27 @@ def test_the_half_that_looks_like_the_target_is_salient(model, target_half):
     # A textured target is needed: a flat one switches few features on and pulls weakly. (Checked over
     # 10 seeds of the random backbone, both ways round: left - right mean saliency >= 0.29 every time.)
     stripes, checks = _stripes(SIZE), _checks(SIZE)
-    picture = np.concatenate([stripes[:, : SIZE // 2], checks[:, SIZE // 2:]], axis=1)
+    picture = np.concatenate([stripes[:, : SIZE // 2], checks[:, SIZE // 2 :]], axis=1)
     target = _embedding(model, stripes if target_half == "left" else checks)
     heat = similarity_map(model, Image.fromarray(picture), target, SIZE)
     width = heat.shape[1]
-    left, right = heat[:, : width // 2].mean(), heat[:, width // 2:].mean()
+    left, right = heat[:, : width // 2].mean(), heat[:, width // 2 :].mean()
     assert (left > right + 0.2) if target_half == "left" else (right > left + 0.2)
 
 
 def test_map_has_the_feature_maps_shape_and_lies_in_0_1(model):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8))
-    target = torch.nn.functional.normalize(torch.randn(model.embedding_dim), dim=0)
+    # Seeded: an unseeded random target can pull nowhere (an all-zero map), making the test order-dependent.
+    target = torch.nn.functional.normalize(
+        torch.randn(model.embedding_dim, generator=torch.Generator().manual_seed(0)), dim=0
+    )
     heat = similarity_map(model, image, target.numpy(), SIZE)  # a numpy target works too
     with torch.no_grad():
         features = model.feature_map(torch.zeros(1, 3, SIZE, SIZE))
     assert heat.shape == tuple(features.shape[2:]) == (4, 4) and heat.dtype == np.float32
     assert heat.min() >= 0 and heat.max() == pytest.approx(1.0)
-    # Towards its own embedding an image is salient somewhere; a map without any pull is all zeros.
-    own = _embedding(model, np.asarray(model_view(image, SIZE)))
-    assert similarity_map(model, image, own, SIZE).max() == pytest.approx(1.0)
+    # Not towards the image's own embedding: there the cosine is at its maximum (1), its gradient is 0
+    # and the map is rounding noise, zero or not by chance (that check was order-dependent).
 
 
 def test_model_is_left_as_it_was(model):

@@ -21,23 +21,32 @@ def results(tmp_path):
     """Ten test queries (six landmark, four non-landmark) with predictions whose reranked score puts the
     non-landmark queries last while the raw cosine does not; one landmark query is predicted wrong and one
     has no prediction."""
-    selection = pd.DataFrame({
-        "id": [f"q{i}" for i in range(10)] + ["t0", "t1"],
-        "landmark_id": pd.array([1, 2, 3, 4, 5, 6, None, None, None, None, 1, 2], dtype="Int64"),
-        "split": ["test"] * 10 + ["train"] * 2,
-    })
+    selection = pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(10)] + ["t0", "t1"],
+            "landmark_id": pd.array([1, 2, 3, 4, 5, 6, None, None, None, None, 1, 2], dtype="Int64"),
+            "split": ["test"] * 10 + ["train"] * 2,
+        }
+    )
     selection.to_parquet(tmp_path / "selection.parquet")
-    predictions = pd.DataFrame({
-        "id": [f"q{i}" for i in range(10)],
-        "landmark_id": pd.array([1, 2, 3, 9, 5, None, 1, 2, 3, 4], dtype="Int64"),
-        "score": [0.9, 0.8, 0.7, 0.65, 0.6, np.nan, 0.1, 0.05, 0.02, 0.01],
-        "top_cosine": np.array([0.7, 0.6, 0.65, 0.9, 0.5, np.nan, 0.95, 0.55, 0.4, 0.3], np.float32),
-    })
+    predictions = pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(10)],
+            "landmark_id": pd.array([1, 2, 3, 9, 5, None, 1, 2, 3, 4], dtype="Int64"),
+            "score": [0.9, 0.8, 0.7, 0.65, 0.6, np.nan, 0.1, 0.05, 0.02, 0.01],
+            "top_cosine": np.array([0.7, 0.6, 0.65, 0.9, 0.5, np.nan, 0.95, 0.55, 0.4, 0.3], np.float32),
+        }
+    )
     predictions.to_parquet(tmp_path / "predictions.parquet")
-    neighbours = pd.DataFrame({"query_id": np.repeat(predictions["id"], 2).to_numpy(), "rank": [1, 2] * 10,
-                               "neighbour_id": ["t0", "t1"] * 10,
-                               "neighbour_landmark_id": pd.array([1, 2] * 10, dtype="Int64"),
-                               "cosine": np.tile([0.7, 0.6], 10).astype(np.float32)})
+    neighbours = pd.DataFrame(
+        {
+            "query_id": np.repeat(predictions["id"], 2).to_numpy(),
+            "rank": [1, 2] * 10,
+            "neighbour_id": ["t0", "t1"] * 10,
+            "neighbour_landmark_id": pd.array([1, 2] * 10, dtype="Int64"),
+            "cosine": np.tile([0.7, 0.6], 10).astype(np.float32),
+        }
+    )
     neighbours.to_parquet(tmp_path / "neighbours.parquet")
     truth = {f"q{i}": ([i + 1] if i < 6 else []) for i in range(10)}
     return tmp_path, predictions, truth
@@ -45,9 +54,23 @@ def results(tmp_path):
 
 def test_metrics_are_the_kaggle_gap_with_and_without_reranking(results):
     folder, predictions, truth = results
-    assert score.main(["--predictions", str(folder / "predictions.parquet"), "--selection",
-                       str(folder / "selection.parquet"), "--neighbours", str(folder / "neighbours.parquet"),
-                       "--experiment", "exp", "--out-dir", str(folder / "score")]) == 0
+    assert (
+        score.main(
+            [
+                "--predictions",
+                str(folder / "predictions.parquet"),
+                "--selection",
+                str(folder / "selection.parquet"),
+                "--neighbours",
+                str(folder / "neighbours.parquet"),
+                "--experiment",
+                "exp",
+                "--out-dir",
+                str(folder / "score"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((folder / "score" / "metrics.json").read_text())
     expected = score_predictions(predictions, truth)
     raw = score_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
@@ -71,8 +94,12 @@ def test_solution_csv_gives_public_and_private_scores(results):
     usage = ["Public", "Private", "Public", "Private", "Public", "Private", "Public", "Private", "Ignored", "Public"]
     rows = ["id,landmarks,Usage"] + [f"q{i},{' '.join(map(str, truth[f'q{i}']))},{usage[i]}" for i in range(10)]
     (folder / "solution.csv").write_text("\n".join(rows) + "\n")
-    result = score.score(folder / "predictions.parquet", folder / "out", solution_path=folder / "solution.csv",
-                         selection_path=folder / "selection.parquet")
+    result = score.score(
+        folder / "predictions.parquet",
+        folder / "out",
+        solution_path=folder / "solution.csv",
+        selection_path=folder / "selection.parquet",
+    )
     scored = {q: labels for q, labels in truth.items() if q != "q8"}
     public = {q: truth[q] for q, u in zip(truth, usage) if u == "Public"}
     private = {q: truth[q] for q, u in zip(truth, usage) if u == "Private"}
@@ -95,10 +122,15 @@ def test_examples_show_wrong_landmarks_and_non_landmark_queries(results):
     _, predictions, truth = results
     ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
     picked = [(group, row["id"]) for group, row in report.pick_examples(ranked, per_group=2)]
-    assert picked == [("most confident correct", "q0"), ("most confident correct", "q1"),
-                      ("least confident correct", "q4"), ("least confident correct", "q2"),
-                      ("most confident wrong landmark", "q3"),
-                      ("most confident non-landmark query", "q6"), ("most confident non-landmark query", "q7")]
+    assert picked == [
+        ("most confident correct", "q0"),
+        ("most confident correct", "q1"),
+        ("least confident correct", "q4"),
+        ("least confident correct", "q2"),
+        ("most confident wrong landmark", "q3"),
+        ("most confident non-landmark query", "q6"),
+        ("most confident non-landmark query", "q7"),
+    ]
 
 
 def test_bad_predictions_are_named(results):
@@ -112,8 +144,10 @@ def test_bad_predictions_are_named(results):
 
 
 def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
-    rows = {"a": {"experiment": "a", "gap": 0.5, "accuracy": 0.7, "rerank": "seed004", "queries": 10},
-            "b": {"gap": 0.625, "accuracy": 0.6, "rerank": "glr2020", "queries": 10}}
+    rows = {
+        "a": {"experiment": "a", "gap": 0.5, "accuracy": 0.7, "rerank": "seed004", "queries": 10},
+        "b": {"gap": 0.625, "accuracy": 0.6, "rerank": "glr2020", "queries": 10},
+    }
     paths = []
     for name, row in rows.items():
         path = tmp_path / "experiments" / name / "score" / "metrics.json"
@@ -121,8 +155,12 @@ def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
         path.write_text(json.dumps(row))
         paths.append(str(path))
     out = tmp_path / "summary.md"
-    assert summary.main(["--metrics", *paths, "--descriptions", json.dumps({"a": "first", "b": "second"}),
-                         "--out", str(out)]) == 0
+    assert (
+        summary.main(
+            ["--metrics", *paths, "--descriptions", json.dumps({"a": "first", "b": "second"}), "--out", str(out)]
+        )
+        == 0
+    )
     lines = out.read_text().splitlines()
     assert lines[2] == "| experiment | GAP | top-1 accuracy | reranking | test queries |"
     assert lines[4] == "| a | 0.5000 | **0.7000** | seed004 | 10 |"
@@ -135,11 +173,17 @@ def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
 
 def test_gap_by_confidence_ranks_the_same_labels_by_each_available_confidence():
     truth = pd.DataFrame({"id": ["a", "b", "c"], "landmarks": [[1], [2], []]})
-    predictions = pd.DataFrame({
-        "id": ["a", "b", "c"], "landmark_id": pd.array([1, 3, 1], dtype="Int64"), "score": [0.5, 0.4, 0.3],
-        # b is wrong with a high cosine but a close runner-up; c is a non-landmark near the bank
-        "top_cosine": np.array([0.7, 0.9, 0.8], np.float32), "other_cosine": np.array([0.2, 0.85, 0.5], np.float32),
-        "bank_cosine": np.array([0.1, 0.1, 0.7], np.float32)})
+    predictions = pd.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "landmark_id": pd.array([1, 3, 1], dtype="Int64"),
+            "score": [0.5, 0.4, 0.3],
+            # b is wrong with a high cosine but a close runner-up; c is a non-landmark near the bank
+            "top_cosine": np.array([0.7, 0.9, 0.8], np.float32),
+            "other_cosine": np.array([0.2, 0.85, 0.5], np.float32),
+            "bank_cosine": np.array([0.1, 0.1, 0.7], np.float32),
+        }
+    )
     by = score.gap_by_confidence(predictions, truth)
     assert by["the retrieve stage's confidence (score)"] == pytest.approx(0.5)  # a first: 1/1, then nothing right
     assert by["top-1 cosine"] == pytest.approx(1 / 3 / 2)  # b, c above a: a at rank 3
@@ -193,18 +237,48 @@ def with_model(results):
         dirs.append(str(out))
     torch.manual_seed(0)
     model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
-    torch.save({"model": model.state_dict(), "data_config": model.data_config,
-                "settings": {"backbone": "simple_cnn", "embedding_dim": 16, "gem_p": 3.0, "pooling": "gem",
-                             "image_size": 64}}, folder / "model.pt")
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "data_config": model.data_config,
+            "settings": {
+                "backbone": "simple_cnn",
+                "embedding_dim": 16,
+                "gem_p": 3.0,
+                "pooling": "gem",
+                "image_size": 64,
+            },
+        },
+        folder / "model.pt",
+    )
     return folder, dirs, folder / "model.pt"
 
 
 def test_report_explains_results_with_saliency_and_confusions(with_model):
     folder, dirs, model = with_model
-    assert score.main(["--predictions", str(folder / "predictions.parquet"), "--selection",
-                       str(folder / "selection.parquet"), "--neighbours", str(folder / "neighbours.parquet"),
-                       "--shards", *dirs, "--model", str(model), "--image-size", "96", "--experiment", "exp",
-                       "--out-dir", str(folder / "score")]) == 0
+    assert (
+        score.main(
+            [
+                "--predictions",
+                str(folder / "predictions.parquet"),
+                "--selection",
+                str(folder / "selection.parquet"),
+                "--neighbours",
+                str(folder / "neighbours.parquet"),
+                "--shards",
+                *dirs,
+                "--model",
+                str(model),
+                "--image-size",
+                "96",
+                "--experiment",
+                "exp",
+                "--out-dir",
+                str(folder / "score"),
+            ]
+        )
+        == 0
+    )
     for figure in score.FIGURES + score.MODEL_FIGURES:
         assert (folder / "score" / figure).read_bytes()[:4] == b"\x89PNG"
     text = (folder / "score" / "report.md").read_text()
@@ -213,14 +287,19 @@ def test_report_explains_results_with_saliency_and_confusions(with_model):
     assert "| true landmark | predicted landmark | queries |" in pairs and "| 4 | 9 | 1 |" in pairs  # q3
     assert "1 of 6 landmark queries have no prediction." in text  # q5
     with pytest.raises(StageError, match="missing.pt: model checkpoint not found"):
-        score.score(folder / "predictions.parquet", folder / "out", selection_path=folder / "selection.parquet",
-                    model_path=folder / "missing.pt")
+        score.score(
+            folder / "predictions.parquet",
+            folder / "out",
+            selection_path=folder / "selection.parquet",
+            model_path=folder / "missing.pt",
+        )
 
 
 def test_saliency_panels_compare_each_query_with_its_top_neighbour(with_model, results):
     folder, dirs, model_path = with_model
     _, predictions, truth = results
     from landmarks.model import model_from_checkpoint
+
     model, _ = model_from_checkpoint(model_path)
     ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
     neighbours = pd.read_parquet(folder / "neighbours.parquet")
@@ -229,8 +308,12 @@ def test_saliency_panels_compare_each_query_with_its_top_neighbour(with_model, r
     images.rows.pop("q2")  # an image missing from the shards
     panels = score.saliency_panels(model, 72, ranked, neighbours, images)
     assert [(p["group"], p["query_id"]) for p in panels] == [
-        ("most confident", "q0"), ("most confident", "q1"), ("most confident", "q2"), ("most confident", "q3"),
-        ("least confident", "q4")]  # landmark queries with a prediction; q5 has none, q6+ are non-landmarks
+        ("most confident", "q0"),
+        ("most confident", "q1"),
+        ("most confident", "q2"),
+        ("most confident", "q3"),
+        ("least confident", "q4"),
+    ]  # landmark queries with a prediction; q5 has none, q6+ are non-landmarks
     first = panels[0]
     assert (first["neighbour_id"], first["neighbour_landmark_id"], first["cosine"]) == ("t0", 1, pytest.approx(0.7))
     assert first["correct"] and not panels[3]["correct"]
@@ -247,16 +330,24 @@ def test_saliency_examples_are_the_most_and_least_confident_landmark_queries(res
     _, predictions, truth = results
     ranked = score.ranked_predictions(predictions, pd.DataFrame({"id": list(truth), "landmarks": list(truth.values())}))
     picked = [(group, row["id"]) for group, row in report.pick_saliency_examples(ranked, per_group=2)]
-    assert picked == [("most confident", "q0"), ("most confident", "q1"),
-                      ("least confident", "q4"), ("least confident", "q3")]
+    assert picked == [
+        ("most confident", "q0"),
+        ("most confident", "q1"),
+        ("least confident", "q4"),
+        ("least confident", "q3"),
+    ]
 
 
 def _outcomes(pairs):
     """Landmark-query outcomes from (true landmark, predicted landmark or None) pairs."""
-    return pd.DataFrame({"id": [f"q{i}" for i in range(len(pairs))],
-                         "truth_landmark_id": np.array([t for t, _ in pairs], dtype=np.int64),
-                         "predicted_landmark_id": pd.array([p for _, p in pairs], dtype="Int64"),
-                         "correct": np.array([t == p for t, p in pairs], dtype=bool)})
+    return pd.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(len(pairs))],
+            "truth_landmark_id": np.array([t for t, _ in pairs], dtype=np.int64),
+            "predicted_landmark_id": pd.array([p for _, p in pairs], dtype="Int64"),
+            "correct": np.array([t == p for t, p in pairs], dtype=bool),
+        }
+    )
 
 
 def test_most_confused_landmarks_count_both_sides_of_each_mistake():
@@ -281,17 +372,22 @@ def test_most_confused_landmarks_count_both_sides_of_each_mistake():
 def test_confusion_figure_is_written_with_and_without_mistakes(tmp_path):
     report.plot_confusion(_outcomes([(1, 1), (2, 2)]), tmp_path / "none.png")
     report.plot_confusion(_outcomes([]), tmp_path / "empty.png")
-    report.plot_confusion(_outcomes([(t % 25, (t * 7) % 25 if t % 3 else None) for t in range(200)]),
-                          tmp_path / "many.png")
+    report.plot_confusion(
+        _outcomes([(t % 25, (t * 7) % 25 if t % 3 else None) for t in range(200)]), tmp_path / "many.png"
+    )
     for name in ("none", "empty", "many"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_nonlandmark_verdict_is_scored_on_the_test_queries():
     truth = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "landmarks": [[1], [2], [3], [], []]})
-    predictions = pd.DataFrame({"id": ["a", "b", "c", "d", "e"],
-                                "landmark_id": pd.array([1, 9, 3, 1, None], dtype="Int64"),
-                                "score": [0.9, 0.8, 0.3, 0.5, np.nan]})
+    predictions = pd.DataFrame(
+        {
+            "id": ["a", "b", "c", "d", "e"],
+            "landmark_id": pd.array([1, 9, 3, 1, None], dtype="Int64"),
+            "score": [0.9, 0.8, 0.3, 0.5, np.nan],
+        }
+    )
     verdict = score.verdict_accuracy(predictions, truth, threshold=0.6)
     # a kept and right; b kept but wrong; c right but rejected; d rejected; e has no answer: rejected
     assert verdict["right_decisions"] == pytest.approx(3 / 5)

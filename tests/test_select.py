@@ -27,13 +27,26 @@ def manifest_rows(class_sizes=CLASS_SIZES, n_nonlandmark=N_NONLANDMARK, n_failed
 
     def add(image_id, landmark_id, status="ok"):
         ok = status == "ok"
-        rows.append({
-            "id": image_id, "url": f"http://example.org/{image_id}.jpg", "landmark_id": landmark_id, "split": None,
-            "status": status, "reason": "" if ok else "not found", "http_status": 200 if ok else 404,
-            "attempts": 1, "bytes": 1000 if ok else 0, "width": 640 if ok else None, "height": 480 if ok else None,
-            "format": "JPEG" if ok else None, "sha256": f"sha-{image_id}" if ok else None, "elapsed_s": 0.1,
-            "path": f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg" if ok else None, "part": 0,
-        })
+        rows.append(
+            {
+                "id": image_id,
+                "url": f"http://example.org/{image_id}.jpg",
+                "landmark_id": landmark_id,
+                "split": None,
+                "status": status,
+                "reason": "" if ok else "not found",
+                "http_status": 200 if ok else 404,
+                "attempts": 1,
+                "bytes": 1000 if ok else 0,
+                "width": 640 if ok else None,
+                "height": 480 if ok else None,
+                "format": "JPEG" if ok else None,
+                "sha256": f"sha-{image_id}" if ok else None,
+                "elapsed_s": 0.1,
+                "path": f"{image_id[0]}/{image_id[1]}/{image_id[2]}/{image_id}.jpg" if ok else None,
+                "part": 0,
+            }
+        )
 
     for landmark_id, n in class_sizes.items():
         for i in range(n):
@@ -54,30 +67,46 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_scenes(path: Path, outdoor_by_id: dict[str, list[bool] | None], status_by_id: dict[str, str] | None = None,
-                 note: str | None = None) -> Path:
+def write_scenes(
+    path: Path,
+    outdoor_by_id: dict[str, list[bool] | None],
+    status_by_id: dict[str, str] | None = None,
+    note: str | None = None,
+) -> Path:
     """A scene table like places365 writes: None lists for rows that were not scored."""
     status_by_id = status_by_id or {}
     ids = list(outdoor_by_id)
     status = [status_by_id.get(i, "scored") for i in ids]
     lists = [v if s == "scored" else None for v, s in zip(outdoor_by_id.values(), status)]
     k = 10
-    table = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "scene_status": pa.array(status, pa.string()),
-        "topk_index": pa.array([list(range(k)) if v is not None else None for v in lists], pa.list_(pa.int16())),
-        "topk_prob": pa.array([[0.1] * k if v is not None else None for v in lists], pa.list_(pa.float32())),
-        "topk_outdoor": pa.array(lists, pa.list_(pa.bool_())),
-    })
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "scene_status": pa.array(status, pa.string()),
+            "topk_index": pa.array([list(range(k)) if v is not None else None for v in lists], pa.list_(pa.int16())),
+            "topk_prob": pa.array([[0.1] * k if v is not None else None for v in lists], pa.list_(pa.float32())),
+            "topk_outdoor": pa.array(lists, pa.list_(pa.bool_())),
+        }
+    )
     meta = {"stage": "places365", "status": "no_weights" if note else "scored", "note": note or ""}
     write_table(table.replace_schema_metadata({places365.METADATA_KEY: json.dumps(meta).encode()}), path)
     return path
 
 
-def run(tmp_path: Path, manifests: list[Path], *options: str, scenes: list[Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def run(
+    tmp_path: Path, manifests: list[Path], *options: str, scenes: list[Path] = ()
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     out, report, table = tmp_path / "selection.parquet", tmp_path / "report.md", tmp_path / "report.parquet"
-    argv = ["--manifests", *map(str, manifests), "--out", str(out), "--report", str(report),
-            "--report-table", str(table)]
+    argv = [
+        "--manifests",
+        *map(str, manifests),
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--report-table",
+        str(table),
+    ]
     if scenes:
         argv += ["--scenes", *map(str, scenes)]
     if "--outdoor-rule" not in options:
@@ -114,6 +143,7 @@ def manifest(tmp_path) -> Path:
 # Filters and counts
 # ------------------------------------------------------------------------------------------------
 
+
 def test_failed_downloads_dropped_and_counts_add_up(tmp_path, manifest):
     selection, table, report = run(tmp_path, [manifest])
     total_ok = sum(CLASS_SIZES.values()) + N_NONLANDMARK
@@ -130,9 +160,12 @@ def test_failed_downloads_dropped_and_counts_add_up(tmp_path, manifest):
 
 def test_a_run_with_nothing_to_learn_stops_here_with_the_cause_and_the_counts(tmp_path):
     every_url_broken = write_manifest(tmp_path / "broken.parquet", manifest_rows({}, n_nonlandmark=0, n_failed=4))
-    with pytest.raises(StageError, match=r"no landmark image is left to train on: step 'downloaded \(status ok\)' "
-                                         r"removed the last landmark images \(http_404: 4\)\. Images left after "
-                                         r"each step: manifest rows: 4 \(4 landmark\); downloaded \(status ok\): 0"):
+    with pytest.raises(
+        StageError,
+        match=r"no landmark image is left to train on: step 'downloaded \(status ok\)' "
+        r"removed the last landmark images \(http_404: 4\)\. Images left after "
+        r"each step: manifest rows: 4 \(4 landmark\); downloaded \(status ok\): 0",
+    ):
         run(tmp_path, [every_url_broken])
     no_landmarks = write_manifest(tmp_path / "nolabels.parquet", manifest_rows({}, n_nonlandmark=5, n_failed=0))
     with pytest.raises(StageError, match=r"the CSV has 5 rows and none with a landmark_id"):
@@ -181,12 +214,28 @@ def test_max_images_per_class_is_a_seeded_sample(tmp_path, manifest):
 
 def test_class_rules_apply_in_order(tmp_path, manifest):
     # Exclude 1 first, so the top 2 by count are then 2 and 6 (tie at 10), capped at 3 each.
-    selection, table, _ = run(tmp_path, [manifest], "--exclude-classes", "1", "--min-images-per-class", "2",
-                              "--top-n-classes", "2", "--max-images-per-class", "3")
+    selection, table, _ = run(
+        tmp_path,
+        [manifest],
+        "--exclude-classes",
+        "1",
+        "--min-images-per-class",
+        "2",
+        "--top-n-classes",
+        "2",
+        "--max-images-per-class",
+        "3",
+    )
     assert selection["landmark_id"].value_counts().to_dict() == {2: 3, 6: 3}
     steps = list(table.loc[table["section"] == "filter", "step"])
-    assert steps == ["manifest rows", "downloaded (status ok)", "excluded classes removed",
-                     "classes with >= 2 images", "top 2 classes by image count", "at most 3 images per class"]
+    assert steps == [
+        "manifest rows",
+        "downloaded (status ok)",
+        "excluded classes removed",
+        "classes with >= 2 images",
+        "top 2 classes by image count",
+        "at most 3 images per class",
+    ]
     assert_counts_add_up(selection, table)
 
 
@@ -194,32 +243,39 @@ def test_class_rules_apply_in_order(tmp_path, manifest):
 # Splits
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n, val, test, min_train, expected", [
-    (20, 0.1, 0.1, 1, (2, 2)),
-    (5, 0.1, 0.1, 1, (1, 1)),  # 0.5 rounds up
-    (4, 0.1, 0.1, 1, (0, 0)),
-    (1, 0.5, 0.4, 1, (0, 0)),  # tiny classes keep their train image
-    (2, 0.3, 0.3, 1, (1, 0)),
-    (10, 0.2, 0.2, 8, (1, 1)),
-    (3, 0.2, 0.2, 5, (0, 0)),
-])
+
+@pytest.mark.parametrize(
+    "n, val, test, min_train, expected",
+    [
+        (20, 0.1, 0.1, 1, (2, 2)),
+        (5, 0.1, 0.1, 1, (1, 1)),  # 0.5 rounds up
+        (4, 0.1, 0.1, 1, (0, 0)),
+        (1, 0.5, 0.4, 1, (0, 0)),  # tiny classes keep their train image
+        (2, 0.3, 0.3, 1, (1, 0)),
+        (10, 0.2, 0.2, 8, (1, 1)),
+        (3, 0.2, 0.2, 5, (0, 0)),
+    ],
+)
 def test_val_test_quota(n, val, test, min_train, expected):
     assert select.val_test_quota(n, val, test, min_train) == expected
 
 
-@pytest.mark.parametrize("n, val, test, min_train, min_class, given_test, expected", [
-    (3, 0.1, 0.1, 1, 3, 0, (1, 0)),  # the fractions give no val; the floor gives 1, train keeps 2
-    (2, 0.1, 0.1, 1, 3, 0, (0, 0)),  # below val_min_class_images: as before
-    (2, 0.1, 0.1, 1, 2, 0, (1, 0)),
-    (4, 0.1, 0.15, 1, 3, 0, (1, 1)),  # test 0.6 -> 1 first, then the val floor, train keeps 2
-    (40, 0.1, 0.1, 1, 3, 0, (4, 4)),  # the fractions already give val: unchanged
-    (3, 0.1, 0.5, 1, 3, 0, (0, 2)),  # test 1.5 -> 2 leaves 1 train: test wins over val
-    (3, 0.1, 0.1, 2, 3, 0, (1, 0)),  # 1 val + 2 train
-    (3, 0.1, 0.1, 3, 3, 0, (0, 0)),  # min_train_per_class wins
-    (3, 0.1, 0.1, 1, 3, 2, (0, 0)),  # 2 pre-assigned test rows leave only the train image
-    (3, 0.1, 0.1, 1, 3, 1, (1, 0)),
-    (3, 0.0, 0.1, 1, 3, 0, (0, 0)),  # val_fraction 0: no val at all
-])
+@pytest.mark.parametrize(
+    "n, val, test, min_train, min_class, given_test, expected",
+    [
+        (3, 0.1, 0.1, 1, 3, 0, (1, 0)),  # the fractions give no val; the floor gives 1, train keeps 2
+        (2, 0.1, 0.1, 1, 3, 0, (0, 0)),  # below val_min_class_images: as before
+        (2, 0.1, 0.1, 1, 2, 0, (1, 0)),
+        (4, 0.1, 0.15, 1, 3, 0, (1, 1)),  # test 0.6 -> 1 first, then the val floor, train keeps 2
+        (40, 0.1, 0.1, 1, 3, 0, (4, 4)),  # the fractions already give val: unchanged
+        (3, 0.1, 0.5, 1, 3, 0, (0, 2)),  # test 1.5 -> 2 leaves 1 train: test wins over val
+        (3, 0.1, 0.1, 2, 3, 0, (1, 0)),  # 1 val + 2 train
+        (3, 0.1, 0.1, 3, 3, 0, (0, 0)),  # min_train_per_class wins
+        (3, 0.1, 0.1, 1, 3, 2, (0, 0)),  # 2 pre-assigned test rows leave only the train image
+        (3, 0.1, 0.1, 1, 3, 1, (1, 0)),
+        (3, 0.0, 0.1, 1, 3, 0, (0, 0)),  # val_fraction 0: no val at all
+    ],
+)
 def test_val_quota_floor(n, val, test, min_train, min_class, given_test, expected):
     assert select.val_test_quota(n, val, test, min_train, min_class, given_test) == expected
 
@@ -236,8 +292,9 @@ def test_val_quota_floor_keeps_train_and_test_first():
 
 
 def test_split_fractions_stratified(tmp_path, manifest):
-    selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
-                                   "--nonlandmark-test-fraction", "0.5")
+    selection, table, report = run(
+        tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--nonlandmark-test-fraction", "0.5"
+    )
     landmark = selection[selection["landmark_id"].notna()]
     per_class = landmark.groupby(["landmark_id", "split"]).size().unstack(fill_value=0)
     assert per_class.loc[1].to_dict() == {"train": 16, "val": 2, "test": 2}
@@ -256,8 +313,9 @@ def test_split_fractions_stratified(tmp_path, manifest):
 
 
 def test_min_train_per_class_wins_over_fractions(tmp_path, manifest):
-    selection, table, _ = run(tmp_path, [manifest], "--val-fraction", "0.4", "--test-fraction", "0.4",
-                              "--min-train-per-class", "3")
+    selection, table, _ = run(
+        tmp_path, [manifest], "--val-fraction", "0.4", "--test-fraction", "0.4", "--min-train-per-class", "3"
+    )
     train = selection[selection["split"] == "train"]["landmark_id"].value_counts()
     for landmark_id, n in CLASS_SIZES.items():
         assert train[landmark_id] >= min(n, 3)
@@ -287,8 +345,9 @@ def test_val_covers_every_class_with_enough_images(tmp_path):
     # Class 5 has a pre-assigned test row, class 6 a pre-assigned val row.
     manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
     for seed in range(3):
-        selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
-                                       "--seed", str(seed))
+        selection, table, report = run(
+            tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--seed", str(seed)
+        )
         assert per_class_splits(selection) == {
             1: {"train": 32, "val": 4, "test": 4},  # round(0.1 x 40) each
             2: {"train": 2, "val": 1, "test": 0},  # 3 images: 1 val, train keeps 2
@@ -309,8 +368,9 @@ def test_val_covers_every_class_with_enough_images(tmp_path):
 
 def test_val_floor_gives_way_to_test_and_min_train(tmp_path):
     manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
-    selection, table, report = run(tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1",
-                                   "--min-train-per-class", "2")
+    selection, table, report = run(
+        tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--min-train-per-class", "2"
+    )
     splits = per_class_splits(selection)
     # Class 5 (3 images, 1 given test) cannot spare a val image and keep 2 train.
     assert splits[5] == {"train": 2, "val": 0, "test": 1}
@@ -355,8 +415,14 @@ def test_deterministic_and_independent_of_manifest_order(tmp_path):
 
 def test_preassigned_splits_are_kept_and_counted(tmp_path):
     rows = manifest_rows()
-    given = {"L001x000": "test", "L001x001": "test", "L001x002": "test", "L005x000": "val",
-             "N00x000": "nonlandmark", "N00x001": "test"}
+    given = {
+        "L001x000": "test",
+        "L001x001": "test",
+        "L001x002": "test",
+        "L005x000": "val",
+        "N00x000": "nonlandmark",
+        "N00x001": "test",
+    }
     for row in rows:
         row["split"] = given.get(row["id"])
     selection, table, _ = run(tmp_path, [write_manifest(tmp_path / "m.parquet", rows)])
@@ -370,11 +436,14 @@ def test_preassigned_splits_are_kept_and_counted(tmp_path):
     assert_counts_add_up(selection, table)
 
 
-@pytest.mark.parametrize("image_id, split, message", [
-    ("L001x000", "holdout", "split values not in train, val, test, nonlandmark"),
-    ("L001x000", "nonlandmark", "landmark rows pre-assigned to 'nonlandmark'"),
-    ("N00x000", "train", "non-landmark rows pre-assigned to train/val"),
-])
+@pytest.mark.parametrize(
+    "image_id, split, message",
+    [
+        ("L001x000", "holdout", "split values not in train, val, test, nonlandmark"),
+        ("L001x000", "nonlandmark", "landmark rows pre-assigned to 'nonlandmark'"),
+        ("N00x000", "train", "non-landmark rows pre-assigned to train/val"),
+    ],
+)
 def test_invalid_preassigned_split_names_file_and_id(tmp_path, image_id, split, message):
     rows = manifest_rows()
     for row in rows:
@@ -435,20 +504,38 @@ def scene_inputs(tmp_path):
     rows = manifest_rows(class_sizes={1: 6}, n_nonlandmark=2, n_failed=0)
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     outdoor = {
-        "L001x000": INDOOR_BY_VOTES, "L001x001": OUTDOOR_VOTES_ONLY, "L001x002": OUTDOOR_BOTH, "L001x003": TIE,
-        "L001x004": OUTDOOR_BOTH, "L001x005": OUTDOOR_BOTH,
-        "N00x000": [False] * 10, "N00x001": OUTDOOR_BOTH,  # an indoor non-landmark photo stays
+        "L001x000": INDOOR_BY_VOTES,
+        "L001x001": OUTDOOR_VOTES_ONLY,
+        "L001x002": OUTDOOR_BOTH,
+        "L001x003": TIE,
+        "L001x004": OUTDOOR_BOTH,
+        "L001x005": OUTDOOR_BOTH,
+        "N00x000": [False] * 10,
+        "N00x001": OUTDOOR_BOTH,  # an indoor non-landmark photo stays
     }
     status = {"L001x004": "unreadable", "L001x005": "no_weights"}
-    scenes = write_scenes(tmp_path / "scenes.parquet", outdoor, status,
-                          note="kept all images unscored because no Places365 weights were found: tried http://x")
+    scenes = write_scenes(
+        tmp_path / "scenes.parquet",
+        outdoor,
+        status,
+        note="kept all images unscored because no Places365 weights were found: tried http://x",
+    )
     return manifest, scenes
 
 
 def test_votes_rule_drops_indoor_landmark_images(tmp_path, scene_inputs):
     manifest, scenes = scene_inputs
-    selection, table, report = run(tmp_path, [manifest], "--outdoor-rule", "votes", "--min-outdoor-votes", "3",
-                                   "--outdoor-top-k", "5", scenes=[scenes])
+    selection, table, report = run(
+        tmp_path,
+        [manifest],
+        "--outdoor-rule",
+        "votes",
+        "--min-outdoor-votes",
+        "3",
+        "--outdoor-top-k",
+        "5",
+        scenes=[scenes],
+    )
     assert set(selection["id"]) == {"L001x001", "L001x002", "L001x003", "L001x005", "N00x000", "N00x001"}
     by_id = selection.set_index("id")
     assert by_id.loc["L001x001", "outdoor_votes"] == 3 and bool(by_id.loc["L001x001", "is_outdoor"])
@@ -498,6 +585,7 @@ def test_scene_table_with_too_few_categories(tmp_path, scene_inputs):
 # Bad inputs and the CLI
 # ------------------------------------------------------------------------------------------------
 
+
 def test_manifest_of_wrong_shape_names_file(tmp_path, manifest):
     bad = tmp_path / "bad.parquet"
     write_table(pd.DataFrame({"id": ["a"], "url": ["u"], "landmark": [1]}), bad)
@@ -531,17 +619,49 @@ def test_output_schema_and_metadata(tmp_path, manifest):
 
 
 def test_cli_help_and_exit_code(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "landmarks.select", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "landmarks.select", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0
-    for option in ["--manifests", "--scenes", "--out", "--report", "--report-table", "--outdoor-rule",
-                   "--min-outdoor-votes", "--outdoor-top-k", "--min-images-per-class", "--top-n-classes",
-                   "--max-images-per-class", "--exclude-classes", "--val-fraction", "--test-fraction",
-                   "--nonlandmark-test-fraction", "--min-train-per-class", "--val-min-class-images", "--seed"]:
+    for option in [
+        "--manifests",
+        "--scenes",
+        "--out",
+        "--report",
+        "--report-table",
+        "--outdoor-rule",
+        "--min-outdoor-votes",
+        "--outdoor-top-k",
+        "--min-images-per-class",
+        "--top-n-classes",
+        "--max-images-per-class",
+        "--exclude-classes",
+        "--val-fraction",
+        "--test-fraction",
+        "--nonlandmark-test-fraction",
+        "--min-train-per-class",
+        "--val-min-class-images",
+        "--seed",
+    ]:
         assert option in result.stdout
-    result = subprocess.run([sys.executable, "-m", "landmarks.select", "--manifests", str(tmp_path / "none.parquet"),
-                             "--out", str(tmp_path / "o.parquet"), "--report", str(tmp_path / "r.md"),
-                             "--outdoor-rule", "none"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "landmarks.select",
+            "--manifests",
+            str(tmp_path / "none.parquet"),
+            "--out",
+            str(tmp_path / "o.parquet"),
+            "--report",
+            str(tmp_path / "r.md"),
+            "--outdoor-rule",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "none.parquet: file not found" in result.stderr
 
 

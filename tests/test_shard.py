@@ -21,24 +21,28 @@ def _three_bands(size):
     width, height = size
     array = np.zeros((height, width, 3), np.uint8)
     array[:, : width // 3, 0] = 255
-    array[:, width // 3: 2 * width // 3, 1] = 255
-    array[:, 2 * width // 3:, 2] = 255
+    array[:, width // 3 : 2 * width // 3, 1] = 255
+    array[:, 2 * width // 3 :, 2] = 255
     return Image.fromarray(array)
 
 
-@pytest.mark.parametrize("mode, upscale, wide, tall, small", [
-    ("shorter_side", False, (200, 100), (100, 200), (80, 60)),
-    ("longer_side", False, (100, 50), (50, 100), (80, 60)),
-    ("center_crop", False, (100, 100), (100, 100), (60, 60)),
-    ("pad", False, (100, 100), (100, 100), (80, 80)),
-    ("none", False, (400, 200), (200, 400), (80, 60)),
-    ("shorter_side", True, (200, 100), (100, 200), (133, 100)),
-    ("longer_side", True, (100, 50), (50, 100), (100, 75)),
-    ("center_crop", True, (100, 100), (100, 100), (100, 100)),
-    ("pad", True, (100, 100), (100, 100), (100, 100)),
-])
-def test_resize_modes_give_the_expected_sizes_and_never_upscale_unless_asked(tmp_path, mode, upscale, wide, tall,
-                                                                              small):
+@pytest.mark.parametrize(
+    "mode, upscale, wide, tall, small",
+    [
+        ("shorter_side", False, (200, 100), (100, 200), (80, 60)),
+        ("longer_side", False, (100, 50), (50, 100), (80, 60)),
+        ("center_crop", False, (100, 100), (100, 100), (60, 60)),
+        ("pad", False, (100, 100), (100, 100), (80, 80)),
+        ("none", False, (400, 200), (200, 400), (80, 60)),
+        ("shorter_side", True, (200, 100), (100, 200), (133, 100)),
+        ("longer_side", True, (100, 50), (50, 100), (100, 75)),
+        ("center_crop", True, (100, 100), (100, 100), (100, 100)),
+        ("pad", True, (100, 100), (100, 100), (100, 100)),
+    ],
+)
+def test_resize_modes_give_the_expected_sizes_and_never_upscale_unless_asked(
+    tmp_path, mode, upscale, wide, tall, small
+):
     for name, size, expected in (("wide", (400, 200), wide), ("tall", (200, 400), tall), ("small", (80, 60), small)):
         path = tmp_path / f"{name}.png"
         _three_bands(size).save(path)
@@ -99,7 +103,7 @@ def test_palette_without_transparency_keeps_its_colours(tmp_path):
 
 def test_la_alpha_is_composited_onto_white(tmp_path):
     array = np.zeros((4, 3, 2), np.uint8)
-    array[..., 0] = 40                    # dark grey
+    array[..., 0] = 40  # dark grey
     array[:, 0, 1], array[:, 1, 1], array[:, 2, 1] = 0, 255, 128  # transparent, opaque, half
     rgb = _roundtrip(tmp_path, Image.fromarray(array, "LA"), "la.png")
     assert (rgb[:, 0] == 255).all() and (rgb[:, 1] == 40).all()
@@ -144,13 +148,13 @@ def _upright(width=96, height=64):
 # What a camera stores for each orientation: the tag says how to turn the stored pixels to show them
 # upright (EXIF 2.3, tag 0x0112), so the stored pixels are the upright photo turned the other way.
 STORED = {
-    2: lambda a: a[:, ::-1],                  # mirrored left-right
-    3: lambda a: a[::-1, ::-1],               # rotated 180
-    4: lambda a: a[::-1],                     # mirrored top-bottom
-    5: lambda a: a.transpose(1, 0, 2),        # mirrored along the main diagonal
-    6: lambda a: np.rot90(a, 1),              # shown after turning 90 degrees clockwise
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, 1),  # shown after turning 90 degrees clockwise
     7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the anti-diagonal
-    8: lambda a: np.rot90(a, -1),             # shown after turning 90 degrees counter-clockwise
+    8: lambda a: np.rot90(a, -1),  # shown after turning 90 degrees counter-clockwise
 }
 
 
@@ -254,7 +258,7 @@ def image_set(tmp_path):
         if n == 3:
             image = image.convert("CMYK")
         elif n == 4:
-            image, name = Image.fromarray((np.asarray(image.convert("L"), np.uint16) * 257)), f"{image_id}.png"
+            image, name = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257), f"{image_id}.png"
         elif n == 5:
             image, name = image.convert("P"), f"{image_id}.gif"
         image.save(images / name)
@@ -266,10 +270,12 @@ def image_set(tmp_path):
     _photo_like(300, 200).save(whole, "JPEG")
     (images / "truncated.jpg").write_bytes(whole.getvalue()[:2000])
     (images / "text.jpg").write_text("<html>not found</html>")
-    rows += [{"id": "truncated", "landmark_id": 10, "split": "train", "path": "truncated.jpg"},
-             {"id": "text", "landmark_id": 10, "split": "train", "path": "text.jpg"},
-             {"id": "missing", "landmark_id": 10, "split": "train", "path": "missing.jpg"},
-             {"id": "nopath", "landmark_id": 10, "split": "train", "path": None}]
+    rows += [
+        {"id": "truncated", "landmark_id": 10, "split": "train", "path": "truncated.jpg"},
+        {"id": "text", "landmark_id": 10, "split": "train", "path": "text.jpg"},
+        {"id": "missing", "landmark_id": 10, "split": "train", "path": "missing.jpg"},
+        {"id": "nopath", "landmark_id": 10, "split": "train", "path": None},
+    ]
     selection = pd.DataFrame(rows)
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     return selection, images
@@ -295,7 +301,8 @@ def test_shards_are_webdataset_tars_and_corrupt_images_are_skipped(image_set, tm
     assert sorted(index["id"]) == sorted(selection.loc[selection["split"].eq("train"), "id"].iloc[:25])
     assert not index["key"].str.contains(".", regex=False).any()
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"shard-00-{n:05d}.tar" for n in range(7)] + ["index.parquet", "skipped.parquet", "shard.json"])
+        [f"shard-00-{n:05d}.tar" for n in range(7)] + ["index.parquet", "skipped.parquet", "shard.json"]
+    )
     for shard_name, rows in index.groupby("shard"):
         with tarfile.open(out / shard_name) as tar:  # plain tarfile reads them
             members = tar.getmembers()
@@ -378,8 +385,9 @@ def test_bad_selections_and_arguments_are_clear_errors(image_set, tmp_path):
     doubled = pd.concat([selection, selection.iloc[[0]]])
     with pytest.raises(StageError, match="img00.v0.*more than once"):
         _run(doubled, images, tmp_path / "a")
-    clash = pd.concat([selection, pd.DataFrame([{"id": "img00_v0", "landmark_id": 1, "split": "train",
-                                                 "path": "x.jpg"}])])
+    clash = pd.concat(
+        [selection, pd.DataFrame([{"id": "img00_v0", "landmark_id": 1, "split": "train", "path": "x.jpg"}])]
+    )
     with pytest.raises(StageError, match="same WebDataset key"):
         _run(clash, images, tmp_path / "b")
     with pytest.raises(StageError, match="--part 3 is outside 0..2"):
@@ -388,5 +396,19 @@ def test_bad_selections_and_arguments_are_clear_errors(image_set, tmp_path):
         _run(selection, images, tmp_path / "d", resize_mode="stretch")
     selection.to_parquet(tmp_path / "selection.parquet")
     with pytest.raises(StageError, match="--part 2 is outside 0..1"):
-        shard.main(["--selection", str(tmp_path / "selection.parquet"), "--images", str(images), "--split", "train",
-                    "--part", "2", "--parts", "2", "--out-dir", str(tmp_path / "e")])
+        shard.main(
+            [
+                "--selection",
+                str(tmp_path / "selection.parquet"),
+                "--images",
+                str(images),
+                "--split",
+                "train",
+                "--part",
+                "2",
+                "--parts",
+                "2",
+                "--out-dir",
+                str(tmp_path / "e"),
+            ]
+        )

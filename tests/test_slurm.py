@@ -20,16 +20,27 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_workflow_config
 import yaml
+from conftest import free_port, tiny_workflow_config
 
 from landmarks.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 START_SCRIPT = "../shared/slurm/start-local-slurm.sh"
-DAG_RULES = {"demo", "split", "download", "places365", "select", "shard", "train", "embed", "retrieve", "score",
-             "summary"}
+DAG_RULES = {
+    "demo",
+    "split",
+    "download",
+    "places365",
+    "select",
+    "shard",
+    "train",
+    "embed",
+    "retrieve",
+    "score",
+    "summary",
+}
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
@@ -37,14 +48,17 @@ def tiny_config(port: int) -> dict:
     """The workflow tests' tiny demo, smaller still (each SLURM job costs a Snakemake start-up)."""
     config = tiny_workflow_config(port)
     config["experiments"] = {}  # one experiment: each SLURM job costs a Snakemake start-up
-    return deep_merge(config, {
-        "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
-        "shard": {"size": 72},
-        "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
-        "download": {"threads": 1},
-        "places365": {"workers": 0, "download_timeout_s": 2},
-        "experiments": {"tiny": {"description": "tiny SLURM test experiment"}},
-    })
+    return deep_merge(
+        config,
+        {
+            "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+            "shard": {"size": 72},
+            "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
+            "download": {"threads": 1},
+            "places365": {"workers": 0, "download_timeout_s": 2},
+            "experiments": {"tiny": {"description": "tiny SLURM test experiment"}},
+        },
+    )
 
 
 def write_config(path: Path, config: dict) -> None:
@@ -83,16 +97,40 @@ def cluster_problem() -> str | None:
     return None
 
 
-def snakemake(workdir: Path, *args: str, config: str = "config.yaml", profile: bool = True,
-              path_prefix: Path | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path,
+    *args: str,
+    config: str = "config.yaml",
+    profile: bool = True,
+    path_prefix: Path | None = None,
+    timeout: float = 1500,
+) -> subprocess.CompletedProcess:
     """Snakemake as a user runs it on SLURM. Test-only settings: the first status poll after 1 s instead
     of 40 s, and at most 1 core per job so that two jobs share the 2-core test node."""
     path = os.pathsep.join(str(p) for p in (path_prefix, Path(sys.executable).parent) if p)
     env = {**os.environ, "PATH": f"{path}{os.pathsep}{os.environ['PATH']}"}  # jobs inherit it (--export=ALL)
-    slurm = ["--profile", str(PROFILE),
-             "--slurm-init-seconds-before-status-checks", "1", "--max-threads", "1"] if profile else []
-    return run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-                "--configfile", str(workdir / config), *slurm, *args], timeout=timeout, env=env)
+    slurm = (
+        ["--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1", "--max-threads", "1"]
+        if profile
+        else []
+    )
+    return run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / config),
+            *slurm,
+            *args,
+        ],
+        timeout=timeout,
+        env=env,
+    )
 
 
 def job_stats(output: str) -> Counter:
@@ -135,8 +173,11 @@ def slurm_run(tmp_path_factory):
     problem = cluster_problem()
     if problem:
         why = os.environ.get("LANDMARKS_SLURM_UNAVAILABLE")  # .ci/run says why it could not start one
-        pytest.skip(f"no SLURM cluster: {problem}" + (f" ({why})" if why else "") +
-                    f"; start one with `sudo bash {START_SCRIPT}` (.ci/run does when it runs as root)")
+        pytest.skip(
+            f"no SLURM cluster: {problem}"
+            + (f" ({why})" if why else "")
+            + f"; start one with `sudo bash {START_SCRIPT}` (.ci/run does when it runs as root)"
+        )
     workdir = tmp_path_factory.mktemp("slurm")
     write_config(workdir / "config.yaml", tiny_config(free_port()))
     started = time.monotonic()
@@ -182,8 +223,12 @@ def test_sbatch_asks_for_what_each_rule_declares_and_no_gpu(slurm_run):
         assert " --requeue" in call  # a preempted job goes back to the queue and resumes
         assert "--gpus" not in call and "--gres" not in call, call  # every gpus setting is 0 in this config
     # The GPU rules declare the resource (0 here), so a config with GPUs is all it takes (see below).
-    assert {jobs[c]["rule"] for c in calls if "gpu" in jobs[c]["resources"]} == {"places365", "train", "embed",
-                                                                                   "retrieve"}
+    assert {jobs[c]["rule"] for c in calls if "gpu" in jobs[c]["resources"]} == {
+        "places365",
+        "train",
+        "embed",
+        "retrieve",
+    }
 
 
 def test_second_run_submits_nothing_locally_or_on_slurm(slurm_run):
@@ -205,7 +250,9 @@ RERUNS = [  # (section, key, value) -> rules that rerun, every job of each (READ
 ]
 
 
-@pytest.mark.parametrize("edit, reruns", RERUNS, ids=lambda v: ".".join(map(str, v[:2])) if isinstance(v, tuple) else None)
+@pytest.mark.parametrize(
+    "edit, reruns", RERUNS, ids=lambda v: ".".join(map(str, v[:2])) if isinstance(v, tuple) else None
+)
 def test_config_edits_rerun_exactly_the_dependent_stages(slurm_run, edit, reruns):
     workdir, output = slurm_run
     section, key, value = edit
@@ -222,8 +269,10 @@ def test_config_edits_rerun_exactly_the_dependent_stages(slurm_run, edit, reruns
 def test_reordering_config_keys_reruns_nothing(slurm_run):
     workdir, _ = slurm_run
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    reordered = {section: dict(reversed(list(values.items()))) if isinstance(values, dict) else values
-                 for section, values in reversed(list(config.items()))}
+    reordered = {
+        section: dict(reversed(list(values.items()))) if isinstance(values, dict) else values
+        for section, values in reversed(list(config.items()))
+    }
     write_config(workdir / "reordered.yaml", reordered)
     dry = snakemake(workdir, "-n", config="reordered.yaml", timeout=120)
     assert dry.returncode == 0, dry.stderr[-3000:]
@@ -248,8 +297,9 @@ def submit_with_stand_in_sbatch(slurm_run, tmp_path):
     stub = tmp_path / "bin"
     stub.mkdir()
     record = tmp_path / "sbatch-calls.txt"
-    (stub / "sbatch").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{record}"\n'
-                                 'echo "sbatch: test stand-in, job not submitted" >&2\nexit 1\n')
+    (stub / "sbatch").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{record}"\necho "sbatch: test stand-in, job not submitted" >&2\nexit 1\n'
+    )
     (stub / "sbatch").chmod(0o755)
     config = yaml.safe_load((slurm_run[0] / "config.yaml").read_text())
 
@@ -290,8 +340,13 @@ def sbatch_refusal(arguments: list[str]) -> str | None:
 def test_gpu_settings_reach_sbatch(submit_with_stand_in_sbatch):
     submit = submit_with_stand_in_sbatch
     # A new 2-GPU experiment (its train job is ready: the shards exist) and GPU embeddings for "tiny".
-    calls = submit({"experiments": {"tiny": {}, "ddp": {"train": {"gpus": 2}}}, "embed": {"gpus": 1}},
-                   "--set-resources", "train:gpu_model=a100", "--max-threads", "64")
+    calls = submit(
+        {"experiments": {"tiny": {}, "ddp": {"train": {"gpus": 2}}}, "embed": {"gpus": 1}},
+        "--set-resources",
+        "train:gpu_model=a100",
+        "--max-threads",
+        "64",
+    )
     ddp = calls.pop("rule_train_wildcards_ddp")
     assert "--gpus=a100:2" in ddp and "--cpus-per-task=2" in ddp  # 2 processes x (0 workers + 1 loop)
     assert set(calls) == {f"rule_embed_wildcards_tiny_{split}" for split in ("train", "val", "test", "nonlandmark")}
@@ -308,8 +363,9 @@ def test_gpu_settings_reach_sbatch(submit_with_stand_in_sbatch):
 
 
 def test_multinode_training_request_is_accepted_by_sbatch(submit_with_stand_in_sbatch):
-    calls = submit_with_stand_in_sbatch({"experiments": {"tiny": {}, "ddp2x2": {"train": {"gpus": 2, "nodes": 2}}}},
-                                        "--max-threads", "64")
+    calls = submit_with_stand_in_sbatch(
+        {"experiments": {"tiny": {}, "ddp2x2": {"train": {"gpus": 2, "nodes": 2}}}}, "--max-threads", "64"
+    )
     multinode = calls["rule_train_multinode_wildcards_ddp2x2"]
     assert {"--nodes=2", "--gpus=4", "--ntasks=4", "--ntasks-per-node=2"} <= set(multinode)
     # The local cluster has a single node: ask sbatch about one node with this request's shape.

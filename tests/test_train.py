@@ -23,9 +23,22 @@ REPO = Path(__file__).resolve().parents[1]
 # A tiny timm model at 32 px: these tests are about the loop, not about accuracy. A plain recipe (a
 # linear neck, one pass over the data per epoch, no WiSE-FT, BatchNorm statistics updated) so that
 # each test turns on the option it is about.
-TINY = {"backbone": "test_efficientnet", "pretrained": "none", "image_size": 32, "embedding_dim": 16,
-        "batch_size": 4, "workers": 0, "lr": 0.01, "warmup_epochs": 0.5, "arcface_s": 8.0, "neck": "linear",
-        "head_init": "random", "freeze_bn": False, "wise_alpha": 1.0, "min_steps_per_epoch": 1}
+TINY = {
+    "backbone": "test_efficientnet",
+    "pretrained": "none",
+    "image_size": 32,
+    "embedding_dim": 16,
+    "batch_size": 4,
+    "workers": 0,
+    "lr": 0.01,
+    "warmup_epochs": 0.5,
+    "arcface_s": 8.0,
+    "neck": "linear",
+    "head_init": "random",
+    "freeze_bn": False,
+    "wise_alpha": 1.0,
+    "min_steps_per_epoch": 1,
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -47,8 +60,14 @@ def shards(tmp_path_factory):
             ImageDraw.Draw(image).ellipse([x, y, x + 20, y + 16], fill=tuple(255 - c for c in colour))
             image_id = f"lm{landmark}v{view}"
             image.save(images / f"{image_id}.jpg")
-            rows.append({"id": image_id, "landmark_id": 500 + landmark, "split": "train" if view < 5 else "val",
-                         "path": f"{image_id}.jpg"})
+            rows.append(
+                {
+                    "id": image_id,
+                    "landmark_id": 500 + landmark,
+                    "split": "train" if view < 5 else "val",
+                    "path": f"{image_id}.jpg",
+                }
+            )
     for number in range(4):  # the non-landmark bank: plain noise
         Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(images / f"nl{number}.jpg")
         rows.append({"id": f"nl{number}", "landmark_id": None, "split": "nonlandmark", "path": f"nl{number}.jpg"})
@@ -56,14 +75,43 @@ def shards(tmp_path_factory):
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     selection.to_parquet(root / "selection.parquet")
     for split in ("train", "val", "nonlandmark"):
-        assert shard.main(["--selection", str(root / "selection.parquet"), "--images", str(images), "--split", split,
-                           "--out-dir", str(root / split), "--size", "48", "--images-per-shard", "8"]) == 0
+        assert (
+            shard.main(
+                [
+                    "--selection",
+                    str(root / "selection.parquet"),
+                    "--images",
+                    str(images),
+                    "--split",
+                    split,
+                    "--out-dir",
+                    str(root / split),
+                    "--size",
+                    "48",
+                    "--images-per-shard",
+                    "8",
+                ]
+            )
+            == 0
+        )
     return root
 
 
 def run_args(shards, out_dir, settings):
-    return ["--train-shards", str(shards / "train"), "--val-shards", str(shards / "val"), "--out-dir", str(out_dir),
-            "--settings", json.dumps(settings), "--device", "cpu", "--threads", "1"]
+    return [
+        "--train-shards",
+        str(shards / "train"),
+        "--val-shards",
+        str(shards / "val"),
+        "--out-dir",
+        str(out_dir),
+        "--settings",
+        json.dumps(settings),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,10 +160,12 @@ def test_a_small_train_set_is_drawn_several_times_per_epoch():
 
 def test_batches_depend_on_seed_and_epoch_and_ranks_get_disjoint_images():
     class_of = np.repeat(np.arange(10), 5)
+
     def plan(rank, epoch, skip=0, seed=0):
         sampler = TrainBatchSampler(class_of, batch_size=4, seed=seed, rank=rank, world_size=2)
         sampler.set_epoch(epoch, skip=skip)
-        return [batch for batch in sampler]
+        return list(sampler)
+
     rank0, rank1 = plan(0, 0), plan(1, 0)
     assert len(rank0) == len(rank1) == 50 // 8
     images0 = {p for batch in rank0 for p, _ in batch}
@@ -130,8 +180,10 @@ def test_seeded_dataset_makes_augmentation_a_function_of_the_item_only():
     class RandomCrop:
         def __getitem__(self, position):
             return position, torch.rand(1).item()
+
         def __len__(self):
             return 10
+
     dataset = SeededDataset(RandomCrop())
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -147,11 +199,12 @@ def test_subspace_clusters_group_similar_classes():
     means = np.concatenate([directions[g] + rng.normal(0, 0.05, (6, 8)) for g in range(3)])  # 3 groups of 6
     means = np.concatenate([means, directions[2:3] * -1])  # a lone class, far from everything
     clusters = cluster_classes(means, np.ones(len(means), bool), n_clusters=4, min_classes=3, seed=0)
-    groups = [set(clusters[g * 6:(g + 1) * 6]) for g in range(3)]
+    groups = [set(clusters[g * 6 : (g + 1) * 6]) for g in range(3)]
     assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
     assert clusters[-1] in set.union(*groups)  # merged into a cluster big enough for a batch
-    sampler = TrainBatchSampler(np.repeat(np.arange(19), 3), mode="subspace", classes_per_batch=3,
-                                images_per_class=2, seed=1)
+    sampler = TrainBatchSampler(
+        np.repeat(np.arange(19), 3), mode="subspace", classes_per_batch=3, images_per_class=2, seed=1
+    )
     sampler.set_epoch(0, clusters=clusters)
     for batch in sampler:
         classes = {p // 3 for p, _ in batch}
@@ -200,8 +253,13 @@ KILLER = textwrap.dedent("""
 
 def killed_run(shards, out_dir, settings, at):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-c", KILLER, str(at), *run_args(shards, out_dir, settings)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", KILLER, str(at), *run_args(shards, out_dir, settings)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def sigterm_at_checkpoint(monkeypatch, at):
@@ -269,31 +327,61 @@ def test_killed_and_resumed_training_ends_with_the_same_weights(shards, tmp_path
 
 
 def test_triplet_loss_on_subspace_batches_and_an_untrained_baseline(shards, tmp_path):
-    settings = {**TINY, "epochs": 2, "loss": "triplet", "sampler": "subspace", "pk_classes": 2, "pk_images": 2,
-                "subspaces": 2, "subspace_images_per_class": 2, "optimizer": "sgd", "lr": 0.05}
-    metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "triplet", settings_for(settings),
-                          device=torch.device("cpu"))
+    settings = {
+        **TINY,
+        "epochs": 2,
+        "loss": "triplet",
+        "sampler": "subspace",
+        "pk_classes": 2,
+        "pk_images": 2,
+        "subspaces": 2,
+        "subspace_images_per_class": 2,
+        "optimizer": "sgd",
+        "lr": 0.05,
+    }
+    metrics = train.train(
+        [shards / "train"], [shards / "val"], tmp_path / "triplet", settings_for(settings), device=torch.device("cpu")
+    )
     assert [row["epoch"] for row in metrics] == [0, 1, 2]  # epoch 0: the untrained model
     assert all(np.isfinite(row["train_loss"]) and np.isnan(row["train_accuracy"]) for row in metrics[1:])
     clusters = checkpoint(tmp_path / "triplet" / "last.ckpt")["clusters"]  # saved for an exact resume
     assert clusters.shape == (6,) and (clusters >= 0).all()
-    baseline = train.train([shards / "train"], [shards / "val"], tmp_path / "baseline", settings_for({**TINY, "epochs": 0}),
-                           device=torch.device("cpu"))
+    baseline = train.train(
+        [shards / "train"],
+        [shards / "val"],
+        tmp_path / "baseline",
+        settings_for({**TINY, "epochs": 0}),
+        device=torch.device("cpu"),
+    )
     assert [row["epoch"] for row in baseline] == [0] and 0 <= baseline[0]["val_gap"] <= 1
     assert checkpoint(tmp_path / "baseline" / "model.pt")["epoch"] == 0
 
 
 def settings_for(values):
     from landmarks.config import section_settings
+
     return section_settings("train", values)
 
 
 def test_ddp_with_two_gloo_processes_via_torchrun(shards, tmp_path):
     settings = {**TINY, "epochs": 1, "loss": "softmax"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "landmarks.train", *run_args(shards, tmp_path, settings)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "landmarks.train",
+            *run_args(shards, tmp_path, settings),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
     assert summary["world_size"] == 2 and summary["ddp"]["backend"] == "gloo"
@@ -307,12 +395,38 @@ def test_ddp_with_two_gloo_processes_via_torchrun(shards, tmp_path):
 
 def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"experiments": {
-        "cpu": {}, "one_gpu": {"train": {"gpus": 1}}, "four_gpus": {"train": {"gpus": 4}},
-        "two_nodes": {"train": {"gpus": 4, "nodes": 2}}}}))
-    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
-                             "--directory", str(tmp_path), "--configfile", str(config), "--cores", "16"],
-                            capture_output=True, text=True, timeout=120)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiments": {
+                    "cpu": {},
+                    "one_gpu": {"train": {"gpus": 1}},
+                    "four_gpus": {"train": {"gpus": 4}},
+                    "two_nodes": {"train": {"gpus": 4, "nodes": 2}},
+                }
+            }
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(config),
+            "--cores",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     commands = {}
     for line in result.stdout.splitlines():
@@ -345,12 +459,15 @@ def model_weights(path):
 def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, tmp_path, monkeypatch):
     settings = settings_for({**TINY, "epochs": 2})
     untrained = tmp_path / "untrained"
-    train.train([shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0}),
-                device=torch.device("cpu"))
+    train.train(
+        [shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0}), device=torch.device("cpu")
+    )
     assert json.loads((untrained / "train.json").read_text())["selected"] == "pretrained (epochs: 0)"
 
     fake_val_gaps(monkeypatch, [0.8, 0.7, 0.75])  # every epoch is worse than the start on val
-    metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "worse", settings, device=torch.device("cpu"))
+    metrics = train.train(
+        [shards / "train"], [shards / "val"], tmp_path / "worse", settings, device=torch.device("cpu")
+    )
     assert [row["epoch"] for row in metrics] == [0, 1, 2]
     summary = json.loads((tmp_path / "worse" / "train.json").read_text())
     assert (summary["selected"], summary["best_epoch"], summary["untrained_val_gap"]) == ("pretrained", 0, 0.8)
@@ -369,8 +486,13 @@ def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, 
 
 def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards, tmp_path):
     untrained = tmp_path / "untrained"
-    train.train([shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0, "neck": "none"}),
-                device=torch.device("cpu"))
+    train.train(
+        [shards / "train"],
+        [shards / "val"],
+        untrained,
+        settings_for({**TINY, "epochs": 0, "neck": "none"}),
+        device=torch.device("cpu"),
+    )
     start = model_weights(untrained / "model.pt")
     settings = settings_for({**TINY, "epochs": 1, "wise_alpha": 0.25, "neck": "none", "val_nonlandmark_ratio": 0})
     train.train([shards / "train"], [], tmp_path / "wise", settings, device=torch.device("cpu"))  # no val: last epoch
@@ -393,34 +515,56 @@ def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):
     assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0}))) == 6
     assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 5}))) == 6 + 4
     # Through the entry point: non-landmark queries count in val GAP (no prediction on them is correct).
-    assert train.main(run_args(shards, tmp_path / "run", {**TINY, "epochs": 0}) +
-                      ["--nonlandmark-shards", str(shards / "nonlandmark")]) == 0
+    assert (
+        train.main(
+            run_args(shards, tmp_path / "run", {**TINY, "epochs": 0})
+            + ["--nonlandmark-shards", str(shards / "nonlandmark")]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert summary["val_images"] == 6 + 4
 
 
 def test_frozen_backbone_epochs_and_frozen_batchnorm_statistics(shards, tmp_path):
-    train.train([shards / "train"], [shards / "val"], tmp_path / "start", settings_for({**TINY, "epochs": 0}),
-                device=torch.device("cpu"))
+    train.train(
+        [shards / "train"],
+        [shards / "val"],
+        tmp_path / "start",
+        settings_for({**TINY, "epochs": 0}),
+        device=torch.device("cpu"),
+    )
     start = model_weights(tmp_path / "start" / "model.pt")
     backbone = [key for key in start if key.startswith("backbone.")]
     bn_stats = [key for key in backbone if key.endswith(("running_mean", "running_var"))]
     neck = [key for key in start if key.startswith("neck.")]
 
     frozen = {**TINY, "epochs": 1, "freeze_backbone_epochs": 1}
-    train.train([shards / "train"], [shards / "val"], tmp_path / "frozen", settings_for(frozen), device=torch.device("cpu"))
+    train.train(
+        [shards / "train"], [shards / "val"], tmp_path / "frozen", settings_for(frozen), device=torch.device("cpu")
+    )
     after = checkpoint(tmp_path / "frozen" / "last.ckpt")["model"]
     assert all(torch.equal(after[key], start[key]) for key in backbone)  # weights and BatchNorm statistics
     assert not all(torch.equal(after[key], start[key]) for key in neck)  # the head warmed up
 
-    train.train([shards / "train"], [shards / "val"], tmp_path / "bn", settings_for({**TINY, "epochs": 1, "freeze_bn": True}),
-                device=torch.device("cpu"))
+    train.train(
+        [shards / "train"],
+        [shards / "val"],
+        tmp_path / "bn",
+        settings_for({**TINY, "epochs": 1, "freeze_bn": True}),
+        device=torch.device("cpu"),
+    )
     after = checkpoint(tmp_path / "bn" / "last.ckpt")["model"]
     assert all(torch.equal(after[key], start[key]) for key in bn_stats)
     assert not all(torch.equal(after[key], start[key]) for key in backbone if key not in bn_stats)
 
-    train.train([shards / "train"], [shards / "val"], tmp_path / "free", settings_for({**TINY, "epochs": 1}),
-                device=torch.device("cpu"))
+    train.train(
+        [shards / "train"],
+        [shards / "val"],
+        tmp_path / "free",
+        settings_for({**TINY, "epochs": 1}),
+        device=torch.device("cpu"),
+    )
     after = checkpoint(tmp_path / "free" / "last.ckpt")["model"]
     assert not all(torch.equal(after[key], start[key]) for key in bn_stats)  # freeze_bn false updates them
 
@@ -428,6 +572,7 @@ def test_frozen_backbone_epochs_and_frozen_batchnorm_statistics(shards, tmp_path
 def test_layer_decay_gives_lower_blocks_lower_learning_rates():
     from landmarks.losses import build_head
     from landmarks.model import LandmarkModel
+
     settings = settings_for({**TINY, "layer_decay": 0.5, "lr": 0.1, "head_lr_multiplier": 10})
     model = LandmarkModel("test_efficientnet", "none", 16)
     head = build_head(settings, 3, torch.ones(3), model.embedding_dim)
@@ -444,7 +589,9 @@ def test_layer_decay_gives_lower_blocks_lower_learning_rates():
 
 def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
     settings = {**TINY, "epochs": 0, "neck_init": "pca", "head_init": "class_means", "pca_shrinkage": 0.5}
-    train.train([shards / "train"], [shards / "val"], tmp_path / "init", settings_for(settings), device=torch.device("cpu"))
+    train.train(
+        [shards / "train"], [shards / "val"], tmp_path / "init", settings_for(settings), device=torch.device("cpu")
+    )
     summary = json.loads((tmp_path / "init" / "train.json").read_text())
     assert summary["initialised"]["images"] == 30 and summary["initialised"]["head_classes_initialised"] == 6
     assert summary["initialised"]["pca"]["shrinkage"] == 0.5
@@ -455,22 +602,42 @@ def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
 
 def test_a_second_training_job_on_the_same_folder_is_refused_naming_the_holder(shards, tmp_path):
     from landmarks.common import exclusive_lock
+
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from landmarks.common import exclusive_lock\n"
-        f"with exclusive_lock({str(out / '.train.lock')!r}, 'x'):\n"
-        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from landmarks.common import exclusive_lock\n"
+                f"with exclusive_lock({str(out / '.train.lock')!r}, 'x'):\n"
+                "    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(StageError, match=rf"\.train\.lock: another training job is already running on this "
-                                             rf"folder \(pid {holder.pid} on .*\); wait for it"):
-            train.train([shards / "train"], [shards / "val"], out, settings_for({**TINY, "epochs": 0}),
-                        device=torch.device("cpu"))
+        with pytest.raises(
+            StageError,
+            match=rf"\.train\.lock: another training job is already running on this "
+            rf"folder \(pid {holder.pid} on .*\); wait for it",
+        ):
+            train.train(
+                [shards / "train"],
+                [shards / "val"],
+                out,
+                settings_for({**TINY, "epochs": 0}),
+                device=torch.device("cpu"),
+            )
     finally:
         holder.kill()
         holder.wait()
     # The holder is gone (killed, even): the lock went with it.
-    train.train([shards / "train"], [shards / "val"], out, settings_for({**TINY, "epochs": 0}), device=torch.device("cpu"))
+    train.train(
+        [shards / "train"], [shards / "val"], out, settings_for({**TINY, "epochs": 0}), device=torch.device("cpu")
+    )
     with exclusive_lock(out / ".train.lock", "x"):
         pass

@@ -9,8 +9,17 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from landmarks.common import StageError
-from landmarks.verify import (EMPTY, MODELS, VerifySettings, count_inliers, extract, inliers, is_missing, match,
-                              verify_neighbours)
+from landmarks.verify import (
+    EMPTY,
+    MODELS,
+    VerifySettings,
+    count_inliers,
+    extract,
+    inliers,
+    is_missing,
+    match,
+    verify_neighbours,
+)
 
 SETTINGS = VerifySettings()
 
@@ -35,8 +44,13 @@ def second_view(image: Image.Image) -> np.ndarray:
     w, h = image.size
     corners = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
     moved = np.float32([[30, 20], [w * 0.8 - 10, 5], [w * 0.8 + 5, h * 0.8 + 10], [10, h * 0.8 - 15]])
-    warped = cv2.warpPerspective(np.asarray(image), cv2.getPerspectiveTransform(corners, moved), (w, h),
-                                 flags=cv2.INTER_LINEAR, borderValue=(90, 90, 90))
+    warped = cv2.warpPerspective(
+        np.asarray(image),
+        cv2.getPerspectiveTransform(corners, moved),
+        (w, h),
+        flags=cv2.INTER_LINEAR,
+        borderValue=(90, 90, 90),
+    )
     return np.clip(warped.astype(np.float32) * 0.7 + 25, 0, 255).astype(np.uint8)
 
 
@@ -74,8 +88,13 @@ def test_features_respect_max_side_and_max_features(views):
 
 
 def test_blank_tiny_and_odd_images_give_no_inliers(features):
-    odd = [Image.new("RGB", (300, 200), (120, 120, 120)), Image.new("L", (3, 2)), np.zeros((0, 0, 3), np.uint8),
-           np.zeros((1, 1), np.uint8), np.full((50, 80, 4), 255, np.uint8)]
+    odd = [
+        Image.new("RGB", (300, 200), (120, 120, 120)),
+        Image.new("L", (3, 2)),
+        np.zeros((0, 0, 3), np.uint8),
+        np.zeros((1, 1), np.uint8),
+        np.full((50, 80, 4), 255, np.uint8),
+    ]
     for image in odd:
         empty = extract(image, SETTINGS)
         assert len(empty) == 0
@@ -140,8 +159,7 @@ def test_verify_neighbours_loads_each_image_once_and_skips_missing(views):
     assert counts[0, 0] >= 4 * SETTINGS.min_inliers and counts[0, 1] < SETTINGS.min_inliers
     assert counts[1, 0] > 4 * SETTINGS.min_inliers  # the same picture
     assert counts[0, 2] == counts[1, 1] == 0 and not counts[2].any()
-    again = verify_neighbours(["q1", "q2", "q3"], neighbours, images.__getitem__, SETTINGS, threads=1,
-                              progress=False)
+    again = verify_neighbours(["q1", "q2", "q3"], neighbours, images.__getitem__, SETTINGS, threads=1, progress=False)
     np.testing.assert_array_equal(counts, again)  # threads do not change the counts
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, tiny_workflow_config
 import yaml
+from conftest import free_port, tiny_workflow_config
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
@@ -21,9 +21,25 @@ UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
-        capture_output=True, text=True, timeout=timeout, env=env)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "config.yaml"),
+            "--cores",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
@@ -38,7 +54,7 @@ def job_stats(output: str) -> dict[str, int]:
     if "Nothing to be done" in output:
         return {}
     stats = output.split("Job stats:", 1)[1]
-    jobs = dict((name, int(count)) for name, count in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M))
+    jobs = {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M)}
     jobs.pop("total", None)
     jobs.pop("all", None)
     return jobs
@@ -90,8 +106,9 @@ def test_demo_dag_runs_end_to_end(finished_run):
 @pytest.mark.slow
 def test_fine_tuning_beats_the_untrained_backbone_on_the_demo(finished_run):
     experiments = finished_run / "results" / "experiments"
-    tuned, untrained = (json.loads((experiments / name / "score" / "metrics.json").read_text())
-                        for name in ("tiny", "baseline"))
+    tuned, untrained = (
+        json.loads((experiments / name / "score" / "metrics.json").read_text()) for name in ("tiny", "baseline")
+    )
     assert tuned["gap"] > untrained["gap"] and tuned["accuracy"] > untrained["accuracy"], (tuned, untrained)
     assert json.loads((experiments / "tiny" / "train" / "train.json").read_text())["selected"] != "pretrained"
 
@@ -117,8 +134,10 @@ def test_snakemake_predict_recognises_the_demo_new_photos(finished_run, tmp_path
     assert len(rows) == len(truth) and not any(row["error"] for row in rows)
     answers = {Path(row["id"]).name: row for row in rows}
     landmarks = truth[truth["landmark_id"] != ""]
-    right = sum(str(answers[name]["predicted_landmark_id"]) == label for name, label in zip(landmarks["file"],
-                                                                                             landmarks["landmark_id"]))
+    right = sum(
+        str(answers[name]["predicted_landmark_id"]) == label
+        for name, label in zip(landmarks["file"], landmarks["landmark_id"])
+    )
     assert right >= len(landmarks) // 2, (right, len(landmarks))
     assert all(row["threshold_source"] == "val" for row in rows)
     assert (out / "index.html").stat().st_size > 0 and (out / "submission.csv").exists()
@@ -156,9 +175,12 @@ def test_editing_retrieve_reruns_retrieve_score_summary(finished_run, tmp_path):
     edit_config(workdir, "retrieve", "rerank", "glr2020")
     assert planned_jobs(workdir) == {"retrieve": 2, "score": 2, "summary": 1}
     results = workdir / "results"
-    upstream = [results / "download" / "part-000" / "manifest.parquet", results / "select" / "selection.parquet",
-                results / "experiments" / "tiny" / "train" / "model.pt",
-                results / "experiments" / "tiny" / "embed" / "test.npy"]
+    upstream = [
+        results / "download" / "part-000" / "manifest.parquet",
+        results / "select" / "selection.parquet",
+        results / "experiments" / "tiny" / "train" / "model.pt",
+        results / "experiments" / "tiny" / "embed" / "test.npy",
+    ]
     before = [path.stat().st_mtime_ns for path in upstream]
     result = snakemake(workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -171,13 +193,30 @@ def test_shipped_config_dry_runs_the_whole_dag(tmp_path):
     """`snakemake -n` on the shipped config.yaml lists every stage of the DAG."""
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     jobs = planned_jobs(tmp_path)
-    assert set(jobs) == {"demo", "split", "download", "places365", "select", "shard", "train", "embed",
-                         "retrieve", "score", "summary"}
+    assert set(jobs) == {
+        "demo",
+        "split",
+        "download",
+        "places365",
+        "select",
+        "shard",
+        "train",
+        "embed",
+        "retrieve",
+        "score",
+        "summary",
+    }
     assert jobs["download"] == yaml.safe_load((REPO / "config.yaml").read_text())["split"]["partitions"]
 
 
 def test_lint_is_clean():
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, \
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, (
         result.stdout + result.stderr
+    )

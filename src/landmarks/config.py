@@ -80,9 +80,11 @@ def validate_config(config: dict, source: str = "config") -> dict:
     _check_min_lr(config["train"], source, "train")  # here, so that the error names the key that was set
     select = config["select"]
     if select["val_fraction"] + select["test_fraction"] >= 1:
-        raise ConfigError(f"{source}: keys 'select.val_fraction' ({select['val_fraction']}) and "
-                          f"'select.test_fraction' ({select['test_fraction']}) must sum to less than 1 "
-                          "(the rest of each class is train)")
+        raise ConfigError(
+            f"{source}: keys 'select.val_fraction' ({select['val_fraction']}) and "
+            f"'select.test_fraction' ({select['test_fraction']}) must sum to less than 1 "
+            "(the rest of each class is train)"
+        )
     for name in config["experiments"]:
         experiment_settings(config, name, source=source)
     return config
@@ -131,8 +133,10 @@ def section_settings(section: str, values: dict | None, source: str = "settings"
 
 def _check_min_lr(train: dict, source: str, prefix: str) -> None:
     if train["min_lr"] > train["lr"]:
-        raise ConfigError(f"{source}: key '{prefix}.min_lr': {train['min_lr']} is above 'lr' ({train['lr']}); "
-                          "the schedule decays from lr down to min_lr")
+        raise ConfigError(
+            f"{source}: key '{prefix}.min_lr': {train['min_lr']} is above 'lr' ({train['lr']}); "
+            "the schedule decays from lr down to min_lr"
+        )
 
 
 def experiment_settings(config: dict, name: str, source: str = "config") -> dict:
@@ -141,9 +145,15 @@ def experiment_settings(config: dict, name: str, source: str = "config") -> dict
         known = ", ".join(sorted(config["experiments"]))
         raise ConfigError(f"{source}: unknown experiment {name!r} (defined: {known})")
     overrides = config["experiments"][name] or {}
-    settings = {section: section_settings(section, deep_merge(config[section], overrides.get(section, {})),
-                                          source, prefix=f"experiments.{name}.{section}")
-                for section in EXPERIMENT_SECTIONS}
+    settings = {
+        section: section_settings(
+            section,
+            deep_merge(config[section], overrides.get(section, {})),
+            source,
+            prefix=f"experiments.{name}.{section}",
+        )
+        for section in EXPERIMENT_SECTIONS
+    }
     train = settings["train"]
     problem = unknown_backbone(train["backbone"])
     if problem:
@@ -164,12 +174,16 @@ def timm_model_names() -> frozenset[str]:
     by importing timm: importing it imports torch, seconds that every Snakemake start would pay."""
     import importlib.util
     import re
+
     spec = importlib.util.find_spec("timm")
     if spec is None or not spec.submodule_search_locations:
         return frozenset()
     registered = re.compile(r"@register_model\s*(?:\([^)]*\))?\s*\ndef\s+(\w+)\s*\(")
-    return frozenset(name for path in (Path(spec.submodule_search_locations[0]) / "models").rglob("*.py")
-                     for name in registered.findall(path.read_text(errors="replace")))
+    return frozenset(
+        name
+        for path in (Path(spec.submodule_search_locations[0]) / "models").rglob("*.py")
+        for name in registered.findall(path.read_text(errors="replace"))
+    )
 
 
 def unknown_backbone(name: str) -> str | None:
@@ -178,12 +192,15 @@ def unknown_backbone(name: str) -> str | None:
     if name in PROJECT_BACKBONES or name.split(".", 1)[0] in timm_model_names():  # "resnet50.a1_in1k": a tag
         return None
     import difflib
+
     import timm
+
     if timm.is_model(name):
         return None
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
-    return f"{name!r} is not a timm model" + (f" (closest: {', '.join(close)})" if close else
-                                              " (timm.list_models() lists them)")
+    return f"{name!r} is not a timm model" + (
+        f" (closest: {', '.join(close)})" if close else " (timm.list_models() lists them)"
+    )
 
 
 def image_sizes_needed(config: dict) -> dict[str, int]:

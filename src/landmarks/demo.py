@@ -96,8 +96,18 @@ VARIANTS = ("jpeg", "progressive_jpeg", *VARIANT_SHARES)
 PROGRESSIVE_SHARE = 0.10
 
 STRUCTURE_FAMILIES = (
-    "tower", "domed_hall", "arch", "temple", "pagoda", "castle",
-    "bridge", "skyline", "pyramid", "lighthouse", "wheel", "statue",
+    "tower",
+    "domed_hall",
+    "arch",
+    "temple",
+    "pagoda",
+    "castle",
+    "bridge",
+    "skyline",
+    "pyramid",
+    "lighthouse",
+    "wheel",
+    "statue",
 )
 NONLANDMARK_STYLES = ("room", "texture", "tabletop", "clutter", "portrait", "document")
 
@@ -115,6 +125,7 @@ _NEW_PHOTO_NAME = re.compile(r"photo-[0-9]+\.(jpg|png)")
 # ---------------------------------------------------------------------------------------------
 # Deterministic randomness and colours
 # ---------------------------------------------------------------------------------------------
+
 
 def _rng(seed: int, tag: str, *keys: int) -> np.random.Generator:
     """An independent generator per (seed, purpose, index): results never depend on task order."""
@@ -154,6 +165,7 @@ def _to_image(arr: np.ndarray) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 # Materials and the drawing layer
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Material:
@@ -321,6 +333,7 @@ class Layer:
 # Landmark scenes
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LandmarkSpec:
     """What makes one landmark: its structure family and the seeds of its geometry, colours, setting."""
@@ -470,8 +483,15 @@ def _draw_tower(L, g, pal, cx, gy):
             x0, x1 = sorted((cx + side * w * 0.45, cx + side * (w * 0.45 + ww)))
             _box(L, x0, gy - wh, x1, gy, pal.wall2, depth=ww * 0.12 if side > 0 else 0)
             _windows(L, g, pal, x0 + 6, gy - wh + 8, x1 - 6, gy - 8, int(g.integers(1, 4)), int(g.integers(3, 8)))
-            L.polygon([(x0 - 4, gy - wh), (x1 + 4, gy - wh), (x1 - wh * 0.2, gy - wh * 1.25),
-                       (x0 + wh * 0.2, gy - wh * 1.25)], pal.roof)
+            L.polygon(
+                [
+                    (x0 - 4, gy - wh),
+                    (x1 + 4, gy - wh),
+                    (x1 - wh * 0.2, gy - wh * 1.25),
+                    (x0 + wh * 0.2, gy - wh * 1.25),
+                ],
+                pal.roof,
+            )
     segments = int(g.integers(1, 4))
     heights = g.dirichlet(np.ones(segments) * 3) * h
     y, seg_w = gy, w
@@ -479,8 +499,7 @@ def _draw_tower(L, g, pal, cx, gy):
     for k, sh in enumerate(sorted(heights, reverse=True)):
         _box(L, cx - seg_w / 2, y - sh, cx + seg_w / 2, y, pal.wall, depth=seg_w * 0.18)
         rows = max(1, int(sh / (seg_w * g.uniform(0.35, 0.6))))
-        _windows(L, g, pal, cx - seg_w * 0.4, y - sh + 6, cx + seg_w * 0.4, y - 6, rows,
-                 int(g.integers(1, 4)), arched)
+        _windows(L, g, pal, cx - seg_w * 0.4, y - sh + 6, cx + seg_w * 0.4, y - 6, rows, int(g.integers(1, 4)), arched)
         L.rect((cx - seg_w * 0.56, y - sh, cx + seg_w * 0.56, y - sh + max(4, seg_w * 0.06)), pal.trim)
         y -= sh
         if k < segments - 1:
@@ -498,25 +517,37 @@ def _draw_tower(L, g, pal, cx, gy):
 def _draw_domed_hall(L, g, pal, cx, gy):
     bw, bh = W * g.uniform(0.32, 0.48), H * g.uniform(0.12, 0.2)
     _box(L, cx - bw / 2, gy - bh, cx + bw / 2, gy, pal.wall, depth=bw * 0.05)
-    _windows(L, g, pal, cx - bw * 0.48, gy - bh * 0.9, cx + bw * 0.48, gy - bh * 0.15,
-             int(g.integers(1, 3)), int(g.integers(6, 14)), g.random() < 0.6)
+    _windows(
+        L,
+        g,
+        pal,
+        cx - bw * 0.48,
+        gy - bh * 0.9,
+        cx + bw * 0.48,
+        gy - bh * 0.15,
+        int(g.integers(1, 3)),
+        int(g.integers(6, 14)),
+        g.random() < 0.6,
+    )
     if g.random() < 0.7:  # portico
         pw = bw * g.uniform(0.3, 0.5)
         _columns(L, g, pal, cx - pw / 2, cx + pw / 2, gy - bh * 1.05, gy, int(g.integers(4, 9)))
-        L.polygon([(cx - pw * 0.55, gy - bh * 1.05), (cx + pw * 0.55, gy - bh * 1.05),
-                   (cx, gy - bh * 1.05 - pw * 0.22)], pal.trim)
+        L.polygon(
+            [(cx - pw * 0.55, gy - bh * 1.05), (cx + pw * 0.55, gy - bh * 1.05), (cx, gy - bh * 1.05 - pw * 0.22)],
+            pal.trim,
+        )
     dw = bw * g.uniform(0.35, 0.6)
     drum_h = dw * g.uniform(0.2, 0.45)
     top = gy - bh
     _box(L, cx - dw * 0.45, top - drum_h, cx + dw * 0.45, top, pal.wall2)
-    _columns(L, g, pal, cx - dw * 0.42, cx + dw * 0.42, top - drum_h * 0.85, top - drum_h * 0.1,
-             int(g.integers(6, 12)))
+    _columns(L, g, pal, cx - dw * 0.42, cx + dw * 0.42, top - drum_h * 0.85, top - drum_h * 0.1, int(g.integers(6, 12)))
     dh = dw * g.uniform(0.35, 0.6)
     L.dome(cx, top - drum_h, dw, dh, pal.roof)
     L.dome(cx + dw * 0.12, top - drum_h, dw * 0.7, dh * 0.92, pal.roof, 0.85)
     lantern_w = dw * 0.12
-    L.rect((cx - lantern_w / 2, top - drum_h - dh - lantern_w * 1.4, cx + lantern_w / 2, top - drum_h - dh + 2),
-           pal.trim)
+    L.rect(
+        (cx - lantern_w / 2, top - drum_h - dh - lantern_w * 1.4, cx + lantern_w / 2, top - drum_h - dh + 2), pal.trim
+    )
     _roof_top(L, g, pal, cx, top - drum_h - dh - lantern_w * 1.4, lantern_w, ("spire", "dome")[g.integers(2)])
     if g.random() < 0.5:  # minarets / flanking towers
         mw, mh = bw * 0.06, H * g.uniform(0.3, 0.45)
@@ -552,8 +583,15 @@ def _draw_arch(L, g, pal, cx, gy):
             L.rect((px - aw * 0.012, gy - ah + attic * 1.2, px + aw * 0.012, gy), pal.wall, 0.8)
     if g.random() < 0.6:  # statue group on top
         sw = aw * g.uniform(0.2, 0.4)
-        L.polygon([(cx - sw / 2, gy - ah), (cx + sw / 2, gy - ah), (cx + sw * 0.2, gy - ah - sw * 0.6),
-                   (cx - sw * 0.3, gy - ah - sw * 0.45)], pal.accent)
+        L.polygon(
+            [
+                (cx - sw / 2, gy - ah),
+                (cx + sw / 2, gy - ah),
+                (cx + sw * 0.2, gy - ah - sw * 0.6),
+                (cx - sw * 0.3, gy - ah - sw * 0.45),
+            ],
+            pal.accent,
+        )
 
 
 def _draw_temple(L, g, pal, cx, gy):
@@ -570,10 +608,15 @@ def _draw_temple(L, g, pal, cx, gy):
     L.rect((cx - tw * 0.51, base - ch - ent, cx + tw * 0.51, base - ch), pal.wall2)
     L.rect((cx - tw * 0.51, base - ch - ent * 0.35, cx + tw * 0.51, base - ch - ent * 0.2), pal.trim)
     ph = tw * g.uniform(0.1, 0.2)
-    L.polygon([(cx - tw * 0.53, base - ch - ent), (cx + tw * 0.53, base - ch - ent), (cx, base - ch - ent - ph)],
-              pal.roof if g.random() < 0.5 else pal.wall)
-    L.polygon([(cx - tw * 0.4, base - ch - ent - 4), (cx + tw * 0.4, base - ch - ent - 4),
-               (cx, base - ch - ent - ph * 0.8)], pal.wall2, 0.8)
+    L.polygon(
+        [(cx - tw * 0.53, base - ch - ent), (cx + tw * 0.53, base - ch - ent), (cx, base - ch - ent - ph)],
+        pal.roof if g.random() < 0.5 else pal.wall,
+    )
+    L.polygon(
+        [(cx - tw * 0.4, base - ch - ent - 4), (cx + tw * 0.4, base - ch - ent - 4), (cx, base - ch - ent - ph * 0.8)],
+        pal.wall2,
+        0.8,
+    )
 
 
 def _draw_pagoda(L, g, pal, cx, gy):
@@ -585,13 +628,30 @@ def _draw_pagoda(L, g, pal, cx, gy):
     for _ in range(tiers):
         body_w = w * 0.72
         _box(L, cx - body_w / 2, y - tier_h, cx + body_w / 2, y, pal.wall, depth=body_w * 0.06)
-        _windows(L, g, pal, cx - body_w * 0.4, y - tier_h * 0.85, cx + body_w * 0.4, y - tier_h * 0.15,
-                 1, int(g.integers(2, 5)))
+        _windows(
+            L,
+            g,
+            pal,
+            cx - body_w * 0.4,
+            y - tier_h * 0.85,
+            cx + body_w * 0.4,
+            y - tier_h * 0.15,
+            1,
+            int(g.integers(2, 5)),
+        )
         roof_y = y - tier_h
         flare = w * 0.62
-        L.polygon([(cx - flare, roof_y + tier_h * 0.05), (cx - w * 0.4, roof_y - tier_h * 0.32),
-                   (cx + w * 0.4, roof_y - tier_h * 0.32), (cx + flare, roof_y + tier_h * 0.05),
-                   (cx + w * 0.45, roof_y - tier_h * 0.08), (cx - w * 0.45, roof_y - tier_h * 0.08)], pal.roof)
+        L.polygon(
+            [
+                (cx - flare, roof_y + tier_h * 0.05),
+                (cx - w * 0.4, roof_y - tier_h * 0.32),
+                (cx + w * 0.4, roof_y - tier_h * 0.32),
+                (cx + flare, roof_y + tier_h * 0.05),
+                (cx + w * 0.45, roof_y - tier_h * 0.08),
+                (cx - w * 0.45, roof_y - tier_h * 0.08),
+            ],
+            pal.roof,
+        )
         y = roof_y - tier_h * 0.32
         w *= shrink
     L.rect((cx - 3, y - tier_h * 1.6, cx + 3, y), pal.accent)
@@ -616,8 +676,7 @@ def _draw_castle(L, g, pal, cx, gy):
         tw, th = cw * g.uniform(0.09, 0.15), ch * g.uniform(1.5, 2.6)
         round_tower = g.random() < 0.5
         _box(L, tx - tw / 2, gy - th, tx + tw / 2, gy, pal.wall2 if round_tower else pal.wall, depth=tw * 0.1)
-        _windows(L, g, pal, tx - tw * 0.3, gy - th * 0.9, tx + tw * 0.3, gy - th * 0.4,
-                 int(g.integers(1, 4)), 1, True)
+        _windows(L, g, pal, tx - tw * 0.3, gy - th * 0.9, tx + tw * 0.3, gy - th * 0.4, int(g.integers(1, 4)), 1, True)
         if round_tower:
             _roof_top(L, g, pal, tx, gy - th, tw * 1.15, "spire")
         else:
@@ -651,8 +710,15 @@ def _draw_bridge(L, g, pal, cx, gy):
         for tx in tower_x:
             _box(L, tx - tw / 2, deck_y - th, tx + tw / 2, deck_y, pal.wall2, depth=tw * 0.15)
             L.arch_hole(tx - tw * 0.25, deck_y - th * 0.6, tx + tw * 0.25, deck_y - th * 0.15)
-            _roof_top(L, g, pal, tx, deck_y - th, tw, ("spire", "pyramid", "crenel")[g.integers(3)]
-                      if style == "towers" else "crenel")
+            _roof_top(
+                L,
+                g,
+                pal,
+                tx,
+                deck_y - th,
+                tw,
+                ("spire", "pyramid", "crenel")[g.integers(3)] if style == "towers" else "crenel",
+            )
         if style == "suspension":
             sag = th * 0.8
             for a, b in ((x0, tower_x[0]), (tower_x[0], tower_x[1]), (tower_x[1], x1)):
@@ -660,7 +726,7 @@ def _draw_bridge(L, g, pal, cx, gy):
                 for t in np.linspace(0, 1, 24):
                     x = a + (b - a) * t
                     if a == x0:
-                        y = deck_y - th * t ** 1.6
+                        y = deck_y - th * t**1.6
                     elif b == x1:
                         y = deck_y - th * (1 - t) ** 1.6
                     else:
@@ -681,8 +747,9 @@ def _draw_skyline(L, g, pal, cx, gy):
         paint = pal.wall2 if i % 2 else pal.wall
         _box(L, x - w / 2, gy - h, x + w / 2, gy, paint, depth=w * 0.15)
         if paint.kind != "glass":
-            _windows(L, g, pal, x - w * 0.45, gy - h + 6, x + w * 0.45, gy - 4,
-                     max(2, int(h / 22)), int(g.integers(3, 7)))
+            _windows(
+                L, g, pal, x - w * 0.45, gy - h + 6, x + w * 0.45, gy - 4, max(2, int(h / 22)), int(g.integers(3, 7))
+            )
         if i == tallest:
             _roof_top(L, g, pal, x, gy - h, w, ("spire", "antenna", "pyramid")[g.integers(3)])
         elif g.random() < 0.3:
@@ -693,7 +760,7 @@ def _draw_pyramid(L, g, pal, cx, gy):
     if g.random() < 0.5:  # pyramids
         n = int(g.integers(1, 4))
         for i in range(n):
-            pw = W * g.uniform(0.25, 0.45) * (0.75 ** i)
+            pw = W * g.uniform(0.25, 0.45) * (0.75**i)
             px = cx + (i - (n - 1) / 2) * W * 0.24 + g.uniform(-20, 20)
             ph = pw * g.uniform(0.5, 0.7)
             apex = px + pw * g.uniform(-0.05, 0.08)
@@ -709,8 +776,9 @@ def _draw_pyramid(L, g, pal, cx, gy):
         L.rect((cx - pw * 0.55, gy - ph, cx + pw * 0.55, gy - ph * 0.85), pal.trim)
         ow, oh = pw * g.uniform(0.3, 0.45), H * g.uniform(0.35, 0.55)
         top = gy - ph - oh
-        L.polygon([(cx - ow / 2, gy - ph), (cx + ow / 2, gy - ph), (cx + ow * 0.33, top), (cx - ow * 0.33, top)],
-                  pal.wall)
+        L.polygon(
+            [(cx - ow / 2, gy - ph), (cx + ow / 2, gy - ph), (cx + ow * 0.33, top), (cx - ow * 0.33, top)], pal.wall
+        )
         L.polygon([(cx, gy - ph), (cx + ow / 2, gy - ph), (cx + ow * 0.33, top), (cx, top)], pal.wall, 0.75)
         L.polygon([(cx - ow * 0.33, top), (cx + ow * 0.33, top), (cx, top - ow * 0.5)], pal.roof)
 
@@ -719,13 +787,20 @@ def _draw_lighthouse(L, g, pal, cx, gy):
     bw, th = W * g.uniform(0.08, 0.12), H * g.uniform(0.38, 0.5)
     tw = bw * g.uniform(0.55, 0.75)
     rock_w = W * g.uniform(0.3, 0.5)
-    L.polygon([(cx - rock_w / 2, gy + 6), (cx - rock_w * 0.3, gy - H * 0.04), (cx, gy - H * 0.05),
-               (cx + rock_w * 0.35, gy - H * 0.03), (cx + rock_w / 2, gy + 6)], (92, 84, 78))
+    L.polygon(
+        [
+            (cx - rock_w / 2, gy + 6),
+            (cx - rock_w * 0.3, gy - H * 0.04),
+            (cx, gy - H * 0.05),
+            (cx + rock_w * 0.35, gy - H * 0.03),
+            (cx + rock_w / 2, gy + 6),
+        ],
+        (92, 84, 78),
+    )
     base = gy - H * 0.045
     bands = int(g.integers(2, 6))
     stripes = Material("stripes", pal.wall.base, pal.roof.base, th / (2 * bands))
-    L.polygon([(cx - bw / 2, base), (cx + bw / 2, base), (cx + tw / 2, base - th),
-               (cx - tw / 2, base - th)], stripes)
+    L.polygon([(cx - bw / 2, base), (cx + bw / 2, base), (cx + tw / 2, base - th), (cx - tw / 2, base - th)], stripes)
     L.polygon([(cx, base), (cx + bw / 2, base), (cx + tw / 2, base - th), (cx, base - th)], stripes, 0.8)
     top = base - th
     L.rect((cx - tw * 0.75, top - 8, cx + tw * 0.75, top), pal.trim)
@@ -779,8 +854,15 @@ def _draw_statue(L, g, pal, cx, gy):
     metal = Material("metal", pal.accent, _shade(pal.accent, 0.6), 8.0)
     fh = H * g.uniform(0.25, 0.35)
     body_w = pw * 0.45
-    L.polygon([(cx - body_w / 2, y), (cx + body_w / 2, y), (cx + body_w * 0.3, y - fh * 0.75),
-               (cx - body_w * 0.3, y - fh * 0.75)], metal)
+    L.polygon(
+        [
+            (cx - body_w / 2, y),
+            (cx + body_w / 2, y),
+            (cx + body_w * 0.3, y - fh * 0.75),
+            (cx - body_w * 0.3, y - fh * 0.75),
+        ],
+        metal,
+    )
     head = body_w * 0.35
     L.ellipse((cx - head / 2, y - fh * 0.75 - head, cx + head / 2, y - fh * 0.75), metal)
     side = 1 if g.random() < 0.5 else -1
@@ -850,8 +932,7 @@ def _far_background(image: Image.Image, g: np.random.Generator, horizon: float) 
         amplitude = H * (0.18 if kind == "mountains" else 0.07)
         xs = np.linspace(0, W, 40)
         ys = horizon - amplitude * (0.5 + 0.5 * _smooth_noise(g, 40, 1, 5 if kind == "mountains" else 12)[0])
-        color = haze if kind == "mountains" else \
-            _hsv(g.uniform(0.22, 0.35), g.uniform(0.3, 0.5), g.uniform(0.35, 0.55))
+        color = haze if kind == "mountains" else _hsv(g.uniform(0.22, 0.35), g.uniform(0.3, 0.5), g.uniform(0.35, 0.55))
         draw.polygon([(0, horizon + 2), *zip(xs, ys), (W, horizon + 2)], fill=color)
     elif kind == "city":
         x = 0.0
@@ -863,8 +944,9 @@ def _far_background(image: Image.Image, g: np.random.Generator, horizon: float) 
         color = _hsv(g.uniform(0.25, 0.38), g.uniform(0.35, 0.6), g.uniform(0.25, 0.45))
         for x in np.arange(-20, W + 20, 18):
             r = g.uniform(18, 40)
-            draw.ellipse((x - r, horizon - r * 1.6, x + r, horizon + r * 0.4),
-                         fill=_shade(color, g.uniform(0.85, 1.15)))
+            draw.ellipse(
+                (x - r, horizon - r * 1.6, x + r, horizon + r * 0.4), fill=_shade(color, g.uniform(0.85, 1.15))
+            )
     else:
         draw.rectangle((0, horizon - H * 0.02, W, horizon + 2), fill=_hsv(g.uniform(0.55, 0.6), 0.5, 0.55))
 
@@ -875,8 +957,7 @@ def _ground(image: Image.Image, g: np.random.Generator, gy: float, rng_tex: np.r
     if kind == "grass":
         mat = Material("flat", _hsv(g.uniform(0.22, 0.32), g.uniform(0.4, 0.65), g.uniform(0.4, 0.65)), (0, 0, 0))
     elif kind == "plaza":
-        mat = Material("stone", _hsv(g.uniform(0.05, 0.12), g.uniform(0.05, 0.25), g.uniform(0.55, 0.8)),
-                       (0, 0, 0), 10)
+        mat = Material("stone", _hsv(g.uniform(0.05, 0.12), g.uniform(0.05, 0.25), g.uniform(0.55, 0.8)), (0, 0, 0), 10)
     elif kind == "water":
         mat = Material("flat", _hsv(g.uniform(0.52, 0.6), g.uniform(0.4, 0.7), g.uniform(0.35, 0.6)), (0, 0, 0))
     elif kind == "sand":
@@ -920,8 +1001,9 @@ def _side_props(image: Image.Image, g: np.random.Generator, gy: float, keep_clea
             for _ in range(4):
                 r = h * g.uniform(0.2, 0.35)
                 ox, oy = g.uniform(-r, r) * 0.6, g.uniform(-h * 0.9, -h * 0.5)
-                draw.ellipse((x + ox - r, base + oy - r, x + ox + r, base + oy + r),
-                             fill=_shade(green, g.uniform(0.85, 1.15)))
+                draw.ellipse(
+                    (x + ox - r, base + oy - r, x + ox + r, base + oy + r), fill=_shade(green, g.uniform(0.85, 1.15))
+                )
         else:
             h = g.uniform(0.1, 0.16) * H
             base = gy + g.uniform(0, 0.08) * H
@@ -952,6 +1034,7 @@ def render_landmark(spec: LandmarkSpec) -> tuple[Image.Image, Image.Image]:
 # ---------------------------------------------------------------------------------------------
 # Taking photos: viewpoint, lighting, occluders
 # ---------------------------------------------------------------------------------------------
+
 
 def _output_size(g: np.random.Generator) -> tuple[int, int]:
     aw, ah = ASPECTS[g.integers(len(ASPECTS))]
@@ -1035,8 +1118,13 @@ def _relight(image: Image.Image, g: np.random.Generator, strength: float = 1.0) 
     m, offset = m * (gains / peak)[:, None], offset * gains / peak
     matrix = tuple(np.concatenate([m, offset[:, None]], axis=1).ravel().tolist())
     image = image.convert("RGB", matrix)
-    corners = np.array([[1 - falloff_x - falloff_y, 1 + falloff_x - falloff_y],
-                        [1 - falloff_x + falloff_y, 1 + falloff_x + falloff_y]], np.float32)
+    corners = np.array(
+        [
+            [1 - falloff_x - falloff_y, 1 + falloff_x - falloff_y],
+            [1 - falloff_x + falloff_y, 1 + falloff_x + falloff_y],
+        ],
+        np.float32,
+    )
     ramp = Image.fromarray(np.clip(corners / peak * 255, 0, 255).astype(np.uint8), "L")
     ramp = ramp.resize(image.size, Image.BILINEAR).convert("RGB")
     image = ImageChops.multiply(image, ramp)
@@ -1073,18 +1161,24 @@ def _occlude(image: Image.Image, g: np.random.Generator) -> None:
             for _ in range(5):
                 r = th * g.uniform(0.15, 0.28)
                 ox, oy = g.uniform(-r, r), g.uniform(-th, -th * 0.55)
-                draw.ellipse((x + ox - r, base + oy - r, x + ox + r, base + oy + r),
-                             fill=_shade(green, g.uniform(0.8, 1.2)))
+                draw.ellipse(
+                    (x + ox - r, base + oy - r, x + ox + r, base + oy + r), fill=_shade(green, g.uniform(0.8, 1.2))
+                )
         elif kind == "car":
             ch = h * g.uniform(0.08, 0.18)
             cw = ch * g.uniform(2.2, 3.0)
-            draw.rounded_rectangle((x - cw / 2, base - ch, x + cw / 2, base - ch * 0.2), radius=ch * 0.2,
-                                   fill=color)
-            draw.polygon([(x - cw * 0.3, base - ch), (x + cw * 0.25, base - ch), (x + cw * 0.15, base - ch * 1.5),
-                          (x - cw * 0.2, base - ch * 1.5)], fill=_shade(color, 0.8))
+            draw.rounded_rectangle((x - cw / 2, base - ch, x + cw / 2, base - ch * 0.2), radius=ch * 0.2, fill=color)
+            draw.polygon(
+                [
+                    (x - cw * 0.3, base - ch),
+                    (x + cw * 0.25, base - ch),
+                    (x + cw * 0.15, base - ch * 1.5),
+                    (x - cw * 0.2, base - ch * 1.5),
+                ],
+                fill=_shade(color, 0.8),
+            )
             for wx in (x - cw * 0.3, x + cw * 0.3):
-                draw.ellipse((wx - ch * 0.25, base - ch * 0.45, wx + ch * 0.25, base + ch * 0.05),
-                             fill=(20, 20, 20))
+                draw.ellipse((wx - ch * 0.25, base - ch * 0.45, wx + ch * 0.25, base + ch * 0.05), fill=(20, 20, 20))
         else:
             sw, sh = w * g.uniform(0.05, 0.15), h * g.uniform(0.05, 0.12)
             y = h * g.uniform(0.3, 0.8)
@@ -1145,6 +1239,7 @@ def photograph(scene: _Scene, g: np.random.Generator) -> Image.Image:
 # Non-landmark photos: unique everyday scenes in a few shared styles
 # ---------------------------------------------------------------------------------------------
 
+
 def _indoor_colour(g: np.random.Generator) -> tuple[int, int, int]:
     """Warm, muted interior tones shared by all non-landmark styles."""
     return _hsv(g.uniform(0.02, 0.14), g.uniform(0.08, 0.4), g.uniform(0.45, 0.92))
@@ -1167,8 +1262,9 @@ def _nl_room(image, g):
         draw.line([(w / 2 + k * w * 0.03, horizon), (w / 2 + k * w * 0.25, h)], fill=_shade(floor, 0.85), width=2)
     if g.random() < 0.6:  # window
         wx, ww = g.uniform(0.05, 0.6) * w, g.uniform(0.15, 0.3) * w
-        draw.rectangle((wx, h * 0.1, wx + ww, horizon * 0.75), fill=_hsv(0.58, 0.2, 0.95),
-                       outline=(240, 240, 235), width=5)
+        draw.rectangle(
+            (wx, h * 0.1, wx + ww, horizon * 0.75), fill=_hsv(0.58, 0.2, 0.95), outline=(240, 240, 235), width=5
+        )
         draw.line([(wx + ww / 2, h * 0.1), (wx + ww / 2, horizon * 0.75)], fill=(240, 240, 235), width=4)
     for _ in range(int(g.integers(1, 4))):  # pictures
         px, py = g.uniform(0, w * 0.9), g.uniform(h * 0.08, horizon * 0.5)
@@ -1180,10 +1276,10 @@ def _nl_room(image, g):
         color = _object_colour(g) if g.random() < 0.5 else _shade(_indoor_colour(g), 0.6)
         if kind == "sofa":
             fh = fw * 0.35
-            draw.rounded_rectangle((fx, horizon - fh * 0.5, fx + fw, horizon + fh * 0.5), radius=fh * 0.2,
-                                   fill=color)
-            draw.rounded_rectangle((fx, horizon - fh * 0.9, fx + fw, horizon - fh * 0.3), radius=fh * 0.2,
-                                   fill=_shade(color, 0.85))
+            draw.rounded_rectangle((fx, horizon - fh * 0.5, fx + fw, horizon + fh * 0.5), radius=fh * 0.2, fill=color)
+            draw.rounded_rectangle(
+                (fx, horizon - fh * 0.9, fx + fw, horizon - fh * 0.3), radius=fh * 0.2, fill=_shade(color, 0.85)
+            )
         elif kind == "table":
             ty = horizon + g.uniform(0.05, 0.2) * h
             draw.rectangle((fx, ty - 10, fx + fw, ty), fill=(120, 80, 50))
@@ -1204,8 +1300,15 @@ def _nl_room(image, g):
     if g.random() < 0.5:  # lamp
         lx = g.uniform(0.1, 0.9) * w
         draw.line([(lx, horizon), (lx, horizon - h * 0.3)], fill=(50, 50, 50), width=4)
-        draw.polygon([(lx - 30, horizon - h * 0.3), (lx + 30, horizon - h * 0.3), (lx + 18, horizon - h * 0.4),
-                      (lx - 18, horizon - h * 0.4)], fill=_hsv(0.12, 0.3, 0.95))
+        draw.polygon(
+            [
+                (lx - 30, horizon - h * 0.3),
+                (lx + 30, horizon - h * 0.3),
+                (lx + 18, horizon - h * 0.4),
+                (lx - 18, horizon - h * 0.4),
+            ],
+            fill=_hsv(0.12, 0.3, 0.95),
+        )
 
 
 def _nl_texture(image, g):
@@ -1278,8 +1381,9 @@ def _nl_clutter(image, g):
         elif kind == 2:
             draw.polygon([(x + g.uniform(0, s), y + g.uniform(0, s)) for _ in range(5)], fill=color)
         else:
-            draw.line([(x, y), (x + g.uniform(-s, s) * 2, y + g.uniform(-s, s))], fill=color,
-                      width=int(g.integers(2, 8)))
+            draw.line(
+                [(x, y), (x + g.uniform(-s, s) * 2, y + g.uniform(-s, s))], fill=color, width=int(g.integers(2, 8))
+            )
 
 
 def _nl_portrait(image, g):
@@ -1298,10 +1402,16 @@ def _nl_portrait(image, g):
     hair = _hsv(g.uniform(0.02, 0.12), g.uniform(0.2, 0.7), g.uniform(0.05, 0.6))
     draw.chord((cx - head * 0.8, hy - head * 1.1, cx + head * 0.8, hy + head * 0.6), 180, 360, fill=hair)
     for side in (-1, 1):
-        draw.ellipse((cx + side * head * 0.3 - head * 0.09, hy - head * 0.1, cx + side * head * 0.3 + head * 0.09,
-                      hy + head * 0.05), fill=(35, 30, 30))
-    draw.arc((cx - head * 0.3, hy + head * 0.2, cx + head * 0.3, hy + head * 0.6), 20, 160,
-             fill=(120, 50, 50), width=3)
+        draw.ellipse(
+            (
+                cx + side * head * 0.3 - head * 0.09,
+                hy - head * 0.1,
+                cx + side * head * 0.3 + head * 0.09,
+                hy + head * 0.05,
+            ),
+            fill=(35, 30, 30),
+        )
+    draw.arc((cx - head * 0.3, hy + head * 0.2, cx + head * 0.3, hy + head * 0.6), 20, 160, fill=(120, 50, 50), width=3)
 
 
 def _nl_document(image, g):
@@ -1322,8 +1432,10 @@ def _nl_document(image, g):
                 bw = (px1 - px0) * 0.6 / bars
                 for k in range(bars):
                     bh = g.uniform(0.2, 1) * line_h * 6
-                    draw.rectangle((px0 + line_h + k * bw, y + line_h * 6 - bh, px0 + line_h + (k + 0.7) * bw,
-                                    y + line_h * 6), fill=_object_colour(g))
+                    draw.rectangle(
+                        (px0 + line_h + k * bw, y + line_h * 6 - bh, px0 + line_h + (k + 0.7) * bw, y + line_h * 6),
+                        fill=_object_colour(g),
+                    )
                 y += line_h * 7
             y += line_h
             continue
@@ -1419,6 +1531,7 @@ def corrupt_jpeg(data: bytes) -> bytes:
 # The plan: which photo gets which id, label, file variant and fault
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Photo:
     image_id: str
@@ -1449,13 +1562,13 @@ def landmark_specs(seed: int, n_landmarks: int) -> list[LandmarkSpec]:
     return specs
 
 
-def plan_photos(seed: int, n_landmarks: int, views: int, n_nonlandmarks: int,
-                broken_fraction: float) -> list[Photo]:
+def plan_photos(seed: int, n_landmarks: int, views: int, n_nonlandmarks: int, broken_fraction: float) -> list[Photo]:
     """Every photo of the set, landmarks' views first: its id, file variant and fault (if any)."""
     g = _rng(seed, "plan")
     keys = [(i, v) for i in range(n_landmarks) for v in range(views)] + [(None, k) for k in range(n_nonlandmarks)]
-    ids = [_image_id(seed, "landmark" if i is not None else "nonlandmark", i if i is not None else 0, n)
-           for i, n in keys]
+    ids = [
+        _image_id(seed, "landmark" if i is not None else "nonlandmark", i if i is not None else 0, n) for i, n in keys
+    ]
     if len(set(ids)) != len(ids):
         raise StageError("image id collision; choose another seed")
     # Broken links: the same fraction of landmark and of non-landmark rows, kinds taken in turn.
@@ -1481,10 +1594,7 @@ def plan_photos(seed: int, n_landmarks: int, views: int, n_nonlandmarks: int,
     rest = good[position:]
     for row in rest[: int(round(PROGRESSIVE_SHARE * len(good)))]:
         variants[row] = "progressive_jpeg"
-    return [
-        Photo(ids[r], i, n, variants.get(r, "jpeg"), faults.get(r))
-        for r, (i, n) in enumerate(keys)
-    ]
+    return [Photo(ids[r], i, n, variants.get(r, "jpeg"), faults.get(r)) for r, (i, n) in enumerate(keys)]
 
 
 def plan_new_photos(seed: int, n_landmarks: int, new_photos: int) -> list[Photo]:
@@ -1507,15 +1617,13 @@ def plan_new_photos(seed: int, n_landmarks: int, new_photos: int) -> list[Photo]
     weights = np.array([1.0 - sum(shares.values()), *shares.values()])
     variants = [choices[j] for j in g.choice(len(choices), len(keys), p=weights / weights.sum())]
     width = max(2, len(str(len(keys))))
-    return [
-        Photo(f"photo-{int(numbers[r]):0{width}d}", i, n, variants[r], None)
-        for r, (i, n) in enumerate(keys)
-    ]
+    return [Photo(f"photo-{int(numbers[r]):0{width}d}", i, n, variants[r], None) for r, (i, n) in enumerate(keys)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Generation (in worker processes)
 # ---------------------------------------------------------------------------------------------
+
 
 def _write_photo(images_dir: Path, photo: Photo, image: Image.Image, g: np.random.Generator) -> dict:
     data, ext = encode(image, photo.variant, g)
@@ -1614,11 +1722,12 @@ def generate(
         if photo.landmark_index is not None:
             new_by_landmark.setdefault(photo.landmark_index, []).append(photo)
     new_others = [p for p in new_plan if p.landmark_index is None]
-    tasks = [("landmark", (seed, images_dir, specs[i], ps, new_dir, new_by_landmark.get(i, [])))
-             for i, ps in by_landmark.items()]
+    tasks = [
+        ("landmark", (seed, images_dir, specs[i], ps, new_dir, new_by_landmark.get(i, [])))
+        for i, ps in by_landmark.items()
+    ]
     chunk = 12
-    tasks += [("nonlandmark", (seed, images_dir, others[k : k + chunk], False))
-              for k in range(0, len(others), chunk)]
+    tasks += [("nonlandmark", (seed, images_dir, others[k : k + chunk], False)) for k in range(0, len(others), chunk)]
     if new_others:
         tasks.append(("nonlandmark", (seed, new_dir, new_others, True)))
 
@@ -1673,25 +1782,37 @@ def generate(
         "broken": len(faults),
         "faults": fault_counts,
         "variants": variant_counts,
-        "lookalike_pairs": [
-            [landmark_ids[s.twin_of], landmark_ids[s.index]] for s in specs if s.twin_of is not None
-        ],
+        "lookalike_pairs": [[landmark_ids[s.twin_of], landmark_ids[s.index]] for s in specs if s.twin_of is not None],
         "new_photos": len(new_plan),
     }
-    write_json_atomic(out_dir / "demo.json", {
-        "arguments": {
-            "seed": seed, "n_landmarks": n_landmarks, "views_per_landmark": views_per_landmark,
-            "n_nonlandmarks": n_nonlandmarks, "broken_fraction": broken_fraction, "base_url": base_url,
+    write_json_atomic(
+        out_dir / "demo.json",
+        {
+            "arguments": {
+                "seed": seed,
+                "n_landmarks": n_landmarks,
+                "views_per_landmark": views_per_landmark,
+                "n_nonlandmarks": n_nonlandmarks,
+                "broken_fraction": broken_fraction,
+                "base_url": base_url,
+            },
+            "counts": counts,
+            "families": {str(landmark_ids[s.index]): s.family for s in specs},
         },
-        "counts": counts,
-        "families": {str(landmark_ids[s.index]): s.family for s in specs},
-    })
+    )
     write_text_atomic(out_dir / "new_photos.csv", _csv_text(NEW_PHOTOS_COLUMNS, new_rows))
     write_text_atomic(out_dir / "urls.csv", _csv_text(URLS_COLUMNS, rows))
     counts["seconds"] = round(time.monotonic() - started, 2)
-    log.info("wrote %d photos (%d landmarks, %d non-landmarks, %d broken links) and %d new photos to %s "
-             "in %.1f s", len(photos), n_landmarks, len(others), len(faults), len(new_plan), out_dir,
-             counts["seconds"])
+    log.info(
+        "wrote %d photos (%d landmarks, %d non-landmarks, %d broken links) and %d new photos to %s in %.1f s",
+        len(photos),
+        n_landmarks,
+        len(others),
+        len(faults),
+        len(new_plan),
+        out_dir,
+        counts["seconds"],
+    )
     return counts
 
 
@@ -1793,8 +1914,10 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         if err.errno == errno.EADDRINUSE:
-            raise StageError(f"port {port} on {host} is already in use (is another demo server running?); "
-                             f"stop it or choose another port") from err
+            raise StageError(
+                f"port {port} on {host} is already in use (is another demo server running?); "
+                f"stop it or choose another port"
+            ) from err
         raise StageError(f"cannot listen on {host}:{port}: {err}") from err
     sock.setblocking(False)
     return sock
@@ -1825,12 +1948,13 @@ async def _start(root, host: str, port: int, slow_seconds: float, stopping: asyn
 class DemoServer:
     """The demo server in a background thread, for tests and notebooks.
 
-        with DemoServer("data/demo", port=0, slow_seconds=2) as server:
-            urllib.request.urlopen(server.base_url + "/healthz")
+    with DemoServer("data/demo", port=0, slow_seconds=2) as server:
+        urllib.request.urlopen(server.base_url + "/healthz")
     """
 
-    def __init__(self, root, host: str = "127.0.0.1", port: int = 0, slow_seconds: float = 600.0,
-                 access_log: bool = False):
+    def __init__(
+        self, root, host: str = "127.0.0.1", port: int = 0, slow_seconds: float = 600.0, access_log: bool = False
+    ):
         self.root, self.host, self.port = Path(root), host, port
         self.slow_seconds, self.access_log = slow_seconds, access_log
         self._ready = threading.Event()
@@ -1844,7 +1968,7 @@ class DemoServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "DemoServer":
+    def start(self, timeout: float = 10.0) -> DemoServer:
         self._thread = threading.Thread(target=self._run, name="demo-server", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -1863,8 +1987,9 @@ class DemoServer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        runner, self.port = await _start(self.root, self.host, self.port, self.slow_seconds,
-                                         self._stopping, self.access_log)
+        runner, self.port = await _start(
+            self.root, self.host, self.port, self.slow_seconds, self._stopping, self.access_log
+        )
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -1880,7 +2005,7 @@ class DemoServer:
             if self._thread.is_alive():
                 raise RuntimeError(f"demo server did not stop within {timeout} s")
 
-    def __enter__(self) -> "DemoServer":
+    def __enter__(self) -> DemoServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -1905,8 +2030,16 @@ def process_alive(pid: int) -> bool:
         return True
 
 
-async def serve(root, host: str, port: int, *, parent_pid: int | None = None, ready_file=None,
-                slow_seconds: float = 600.0, access_log: bool = True) -> None:
+async def serve(
+    root,
+    host: str,
+    port: int,
+    *,
+    parent_pid: int | None = None,
+    ready_file=None,
+    slow_seconds: float = 600.0,
+    access_log: bool = True,
+) -> None:
     """Serve until SIGTERM/SIGINT, or until process `parent_pid` is gone (checked every second)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -1918,8 +2051,16 @@ async def serve(root, host: str, port: int, *, parent_pid: int | None = None, re
         if not Path(root, "images").is_dir():
             log.info("%s/images does not exist yet; photos are looked up per request", root)
         if ready_file:
-            write_json_atomic(ready_file, {"pid": os.getpid(), "host": host, "port": bound_port,
-                                           "base_url": f"http://{host}:{bound_port}", "root": str(root)})
+            write_json_atomic(
+                ready_file,
+                {
+                    "pid": os.getpid(),
+                    "host": host,
+                    "port": bound_port,
+                    "base_url": f"http://{host}:{bound_port}",
+                    "root": str(root),
+                },
+            )
         log.info("serving %s on http://%s:%d (pid %d)", root, host, bound_port, os.getpid())
         while not stopping.is_set():
             if parent_pid is not None:
@@ -1938,16 +2079,37 @@ async def serve(root, host: str, port: int, *, parent_pid: int | None = None, re
         log.info("demo server stopped")
 
 
-def start_server_process(root, host: str = "127.0.0.1", port: int = 8765, timeout: float = 30.0, *,
-                         log_path=None, slow_seconds: float | None = None) -> subprocess.Popen:
+def start_server_process(
+    root,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    timeout: float = 30.0,
+    *,
+    log_path=None,
+    slow_seconds: float | None = None,
+) -> subprocess.Popen:
     """Start `python -m landmarks.demo serve` as a child of this process; return once it accepts
     connections. It exits by itself when this process dies. Raises StageError with its log if it fails."""
     tmp_dir = Path(tempfile.mkdtemp(prefix="landmarks-demo-server-"))
     ready_file = tmp_dir / "ready.json"
     log_file = Path(log_path) if log_path else tmp_dir / "server.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "landmarks.demo", "serve", "--root", str(root), "--host", host,
-               "--port", str(port), "--parent-pid", str(os.getpid()), "--ready-file", str(ready_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "landmarks.demo",
+        "serve",
+        "--root",
+        str(root),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--parent-pid",
+        str(os.getpid()),
+        "--ready-file",
+        str(ready_file),
+    ]
     if slow_seconds is not None:
         command += ["--slow-seconds", str(slow_seconds)]
     with open(log_file, "ab") as log_fh:
@@ -1969,8 +2131,7 @@ def start_server_process(root, host: str = "127.0.0.1", port: int = 8765, timeou
     return proc
 
 
-def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0, *,
-                        remove_tmp_dir: bool = True) -> int | None:
+def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0, *, remove_tmp_dir: bool = True) -> int | None:
     """Stop a server from start_server_process (SIGTERM, then SIGKILL after `timeout`)."""
     if proc.poll() is None:
         proc.terminate()
@@ -1989,10 +2150,15 @@ def stop_server_process(proc: subprocess.Popen, timeout: float = 10.0, *,
 # Command line
 # ---------------------------------------------------------------------------------------------
 
+
 def _parser() -> argparse.ArgumentParser:
-    url_scheme = __doc__[__doc__.index("URL scheme"):]
-    parser = argparse.ArgumentParser(prog="python -m landmarks.demo", description=__doc__.split("\n\n")[0],
-                                     epilog=url_scheme, formatter_class=argparse.RawDescriptionHelpFormatter)
+    url_scheme = __doc__[__doc__.index("URL scheme") :]
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.demo",
+        description=__doc__.split("\n\n")[0],
+        epilog=url_scheme,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="write the synthetic photo set, urls.csv and faults.csv")
@@ -2004,9 +2170,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--broken-fraction", type=float, default=0.08, help="fraction of rows with a broken URL")
     gen.add_argument("--base-url", default=DEFAULT_BASE_URL, help="where the server will serve the set")
     gen.add_argument("--workers", type=int, default=None, help="processes (default: available CPUs)")
-    gen.add_argument("--new-photos", type=int, default=8, metavar="N",
-                     help="also write N new landmark photos and ceil(N/2) new non-landmark photos, unseen by "
-                          "any model, into OUT/new_photos with their answers in OUT/new_photos.csv (0: none)")
+    gen.add_argument(
+        "--new-photos",
+        type=int,
+        default=8,
+        metavar="N",
+        help="also write N new landmark photos and ceil(N/2) new non-landmark photos, unseen by "
+        "any model, into OUT/new_photos with their answers in OUT/new_photos.csv (0: none)",
+    )
     gen.add_argument("-v", "--verbose", action="store_true")
 
     srv = sub.add_parser("serve", help="serve a generated set over HTTP, with fault URLs")
@@ -2025,15 +2196,32 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
     if args.command == "generate":
-        counts = generate(args.out, seed=args.seed, n_landmarks=args.landmarks, views_per_landmark=args.views,
-                          n_nonlandmarks=args.nonlandmarks, broken_fraction=args.broken_fraction,
-                          base_url=args.base_url, workers=args.workers, new_photos=args.new_photos)
+        counts = generate(
+            args.out,
+            seed=args.seed,
+            n_landmarks=args.landmarks,
+            views_per_landmark=args.views,
+            n_nonlandmarks=args.nonlandmarks,
+            broken_fraction=args.broken_fraction,
+            base_url=args.base_url,
+            workers=args.workers,
+            new_photos=args.new_photos,
+        )
         print(json.dumps(counts, sort_keys=True))
         return 0
     if args.parent_pid is not None and not process_alive(args.parent_pid):
         raise StageError(f"parent process {args.parent_pid} does not exist")
-    asyncio.run(serve(args.root, args.host, args.port, parent_pid=args.parent_pid, ready_file=args.ready_file,
-                      slow_seconds=args.slow_seconds, access_log=not args.no_access_log))
+    asyncio.run(
+        serve(
+            args.root,
+            args.host,
+            args.port,
+            parent_pid=args.parent_pid,
+            ready_file=args.ready_file,
+            slow_seconds=args.slow_seconds,
+            access_log=not args.no_access_log,
+        )
+    )
     return 0
 
 

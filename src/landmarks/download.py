@@ -54,11 +54,11 @@ import sys
 import time
 import warnings
 from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import aiohttp
 import pyarrow as pa
@@ -247,15 +247,20 @@ def inspect_image(
         pixels = width * height
         if pixels > max_pixels:
             return ImageCheck(
-                "decompression_bomb", f"{width}x{height} = {pixels:,} pixels, above max_pixels {max_pixels:,}",
-                width, height, fmt,
+                "decompression_bomb",
+                f"{width}x{height} = {pixels:,} pixels, above max_pixels {max_pixels:,}",
+                width,
+                height,
+                fmt,
             )
         if pixels >= BOMB_MIN_PIXELS and pixels > max_pixels_per_byte * len(data):
             return ImageCheck(
                 "decompression_bomb",
                 f"{width}x{height} = {pixels:,} pixels from only {len(data):,} bytes "
                 f"({pixels / len(data):,.0f} pixels per byte, limit {max_pixels_per_byte:g})",
-                width, height, fmt,
+                width,
+                height,
+                fmt,
             )
         try:
             if fmt in ("JPEG", "MPO"):
@@ -276,6 +281,7 @@ def check_jpeg_data(data: bytes, mode: str, width: int, height: int, fmt: str) -
     warnings (premature end of data, corrupt data, extraneous bytes) are failures. Pillow ignores them
     and decodes noise from a scan of random bytes or a file cut before its end marker."""
     import simplejpeg
+
     try:
         # 1/8 scale, one channel: libjpeg still entropy-decodes every block (where broken data shows)
         # but skips most of the pixel work. CMYK cannot be converted to grey by libjpeg.
@@ -284,8 +290,9 @@ def check_jpeg_data(data: bytes, mode: str, width: int, height: int, fmt: str) -
         message = str(err)
         if "premature end" in message.lower():
             return ImageCheck("truncated", f"{fmt} image data ends early (libjpeg: {message})", width, height, fmt)
-        return ImageCheck("corrupt_image", f"{fmt} image data cannot be decoded cleanly (libjpeg: {message})",
-                          width, height, fmt)
+        return ImageCheck(
+            "corrupt_image", f"{fmt} image data cannot be decoded cleanly (libjpeg: {message})", width, height, fmt
+        )
     return ImageCheck(OK, "", width, height, fmt)
 
 
@@ -370,7 +377,8 @@ class Fetcher:
                         http_status=code,
                         transient=_transient_http(code),
                         retry_after_s=parse_retry_after(response.headers.get("Retry-After"))
-                        if code in (429, 503) else None,
+                        if code in (429, 503)
+                        else None,
                     )
                 return await self._read_body(response)
         except aiohttp.TooManyRedirects:
@@ -394,9 +402,13 @@ class Fetcher:
         except aiohttp.ClientPayloadError as err:
             got = re.search(r"received \d+ of \d+ bytes", str(err))
             detail = f" ({got.group(0)})" if got else f" ({err})"
-            return Attempt(status="truncated", reason=f"connection closed before the end of the body{detail}", transient=True)
+            return Attempt(
+                status="truncated", reason=f"connection closed before the end of the body{detail}", transient=True
+            )
         except aiohttp.ClientResponseError as err:
-            return Attempt(status="bad_response", reason=f"malformed HTTP response ({err.message})", http_status=err.status or None)
+            return Attempt(
+                status="bad_response", reason=f"malformed HTTP response ({err.message})", http_status=err.status or None
+            )
         except (aiohttp.ClientError, ConnectionError) as err:
             return Attempt(status="connection_error", reason=f"{type(err).__name__}: {err}", transient=True)
         except ValueError as err:  # URLs aiohttp cannot encode (bad IDNA, bad port, ...)
@@ -412,8 +424,11 @@ class Fetcher:
         encoded = encoding not in ("", "identity")
         declared = response.content_length
         if declared is not None and declared > limit and not encoded:
-            return Attempt(status="too_large", reason=f"Content-Length {declared:,} bytes is above max_bytes {limit:,}",
-                           http_status=response.status)
+            return Attempt(
+                status="too_large",
+                reason=f"Content-Length {declared:,} bytes is above max_bytes {limit:,}",
+                http_status=response.status,
+            )
         chunks, size = [], 0
         async for chunk in response.content.iter_any():
             size += len(chunk)
@@ -425,9 +440,13 @@ class Fetcher:
                         + (f" from {declared:,} bytes sent" if declared is not None else ""),
                         http_status=response.status,
                     )
-                return Attempt(status="too_large", reason=f"body is larger than max_bytes {limit:,}", http_status=response.status)
+                return Attempt(
+                    status="too_large", reason=f"body is larger than max_bytes {limit:,}", http_status=response.status
+                )
             chunks.append(chunk)
-        return Attempt(body=b"".join(chunks), content_type=response.headers.get("Content-Type"), http_status=response.status)
+        return Attempt(
+            body=b"".join(chunks), content_type=response.headers.get("Content-Type"), http_status=response.status
+        )
 
 
 # ----------------------------------------------------------------------------- scheduling
@@ -605,8 +624,9 @@ def _record(image_id: str, url: str, outcome: Outcome) -> dict:
 class PartDownloader:
     """Downloads the rows of one part file; see the module docstring."""
 
-    def __init__(self, part_path: Path, images: Path, out: Path, settings: Settings, part_index: int,
-                 progress: bool = True):
+    def __init__(
+        self, part_path: Path, images: Path, out: Path, settings: Settings, part_index: int, progress: bool = True
+    ):
         self.part_path = part_path
         self.images = images
         self.out = out
@@ -634,7 +654,9 @@ class PartDownloader:
         old_settings, records = (None, {}) if fresh else self.journal.load()
         same_settings = old_settings == settings
         if records and not same_settings:
-            log.info("download settings changed since %s was written: its failed rows will be retried", self.journal.path)
+            log.info(
+                "download settings changed since %s was written: its failed rows will be retried", self.journal.path
+            )
         kept, pending, reused_ok, reused_failed = [], [], 0, 0
         for i, (image_id, url) in enumerate(zip(self.rows["id"], self.rows["url"])):
             id_problem = check_image_id(image_id)
@@ -654,8 +676,14 @@ class PartDownloader:
             pending.append(i)
         self.journal.start(settings, kept)
         if kept:
-            log.info("resuming from %s: %d done before (%d ok, %d failed), %d to fetch",
-                     self.journal.path, len(kept), reused_ok, reused_failed, len(pending))
+            log.info(
+                "resuming from %s: %d done before (%d ok, %d failed), %d to fetch",
+                self.journal.path,
+                len(kept),
+                reused_ok,
+                reused_failed,
+                len(pending),
+            )
         return pending
 
     def _reusable(self, record: dict, same_settings: bool, retry_failed: bool) -> bool:
@@ -673,16 +701,22 @@ class PartDownloader:
 
     async def _run(self, pending: list[int]) -> None:
         s = self.settings
-        timeout = aiohttp.ClientTimeout(total=s.total_timeout_s, sock_connect=s.connect_timeout_s,
-                                        sock_read=s.read_timeout_s)
+        timeout = aiohttp.ClientTimeout(
+            total=s.total_timeout_s, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s
+        )
         connector = aiohttp.TCPConnector(limit=s.concurrency, limit_per_host=s.per_host, ttl_dns_cache=300)
         headers = {"User-Agent": s.user_agent, "Accept": ACCEPT, "Accept-Encoding": "identity"}
         jobs = (Job(i, self.rows["id"][i], self.rows["url"][i], _host_of(self.rows["url"][i])) for i in pending)
         scheduler = HostScheduler(jobs, s.per_host, lookahead=max(1000, 20 * s.concurrency))
         loop = asyncio.get_running_loop()
         with ThreadPoolExecutor(max_workers=s.threads, thread_name_prefix="decode") as pool:
-            async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers,
-                                             auto_decompress=True, trust_env=_proxy_configured()) as session:
+            async with aiohttp.ClientSession(
+                connector=connector,
+                timeout=timeout,
+                headers=headers,
+                auto_decompress=True,
+                trust_env=_proxy_configured(),
+            ) as session:
                 fetcher = Fetcher(session, s)
                 async with asyncio.TaskGroup() as group:
                     for _ in range(min(s.concurrency, max(1, len(pending)))):
@@ -698,7 +732,9 @@ class PartDownloader:
             if attempt.body is None:
                 retry_after = attempt.retry_after_s
                 if retry_after is not None and retry_after > s.max_retry_after_s:
-                    attempt.reason += f"; Retry-After {retry_after:g} s is longer than max_retry_after_s {s.max_retry_after_s:g}"
+                    attempt.reason += (
+                        f"; Retry-After {retry_after:g} s is longer than max_retry_after_s {s.max_retry_after_s:g}"
+                    )
                 elif attempt.transient and job.attempts <= s.retries:
                     now = time.monotonic()
                     scheduler.finished(
@@ -723,8 +759,15 @@ class PartDownloader:
         s = self.settings
         body = attempt.body
         check = inspect_image(body, s.max_pixels, s.max_pixels_per_byte, attempt.content_type)
-        outcome = Outcome(check.status, check.reason, attempt.http_status, bytes=len(body),
-                          width=check.width, height=check.height, format=check.format)
+        outcome = Outcome(
+            check.status,
+            check.reason,
+            attempt.http_status,
+            bytes=len(body),
+            width=check.width,
+            height=check.height,
+            format=check.format,
+        )
         if check.status != OK:
             return outcome
         relpath = image_relpath(job.image_id, check.extension).as_posix()
@@ -776,9 +819,14 @@ class PartDownloader:
             if pending:
                 interactive = sys.stderr.isatty()
                 self._bar = tqdm(
-                    total=n, initial=n - len(pending), unit="img", desc=f"part {self.part_index:03d}",
-                    disable=not self.progress, mininterval=0.5 if interactive else PROGRESS_LOG_EVERY_S,
-                    dynamic_ncols=True, file=sys.stderr,
+                    total=n,
+                    initial=n - len(pending),
+                    unit="img",
+                    desc=f"part {self.part_index:03d}",
+                    disable=not self.progress,
+                    mininterval=0.5 if interactive else PROGRESS_LOG_EVERY_S,
+                    dynamic_ncols=True,
+                    file=sys.stderr,
                 )
                 self._bar.set_postfix(self._postfix(), refresh=False)
                 try:
@@ -792,8 +840,14 @@ class PartDownloader:
             self._remove_images_of_failed_rows()
             counts = self._write_manifest()
             rate = len(pending) / elapsed if pending and elapsed > 0 else 0.0
-            log.info("part %03d: %d rows, %d fetched this run in %.1f s (%.1f rows/s)",
-                     self.part_index, n, len(pending), elapsed, rate)
+            log.info(
+                "part %03d: %d rows, %d fetched this run in %.1f s (%.1f rows/s)",
+                self.part_index,
+                n,
+                len(pending),
+                elapsed,
+                rate,
+            )
             return counts
         finally:
             self.journal.close()
@@ -814,8 +868,11 @@ class PartDownloader:
                     os.unlink(os.path.join(self._images_str, image_relpath(image_id, extension)))
                     removed += 1
         if removed:
-            log.info("part %03d: removed %d image(s) stored by an earlier run for rows that failed now",
-                     self.part_index, removed)
+            log.info(
+                "part %03d: removed %d image(s) stored by an earlier run for rows that failed now",
+                self.part_index,
+                removed,
+            )
 
     def _write_manifest(self) -> dict:
         rows, outcomes = self.rows, self.outcomes
@@ -882,16 +939,22 @@ def _read_part(path: Path) -> dict[str, list]:
     rows = {
         "id": table.column("id").cast(pa.string()).to_pylist(),
         "url": table.column("url").cast(pa.string()).to_pylist(),
-        "landmark_id": table.column("landmark_id").cast(pa.int64()).to_pylist() if "landmark_id" in table.column_names else [None] * n,
+        "landmark_id": table.column("landmark_id").cast(pa.int64()).to_pylist()
+        if "landmark_id" in table.column_names
+        else [None] * n,
         "split": table.column("split").cast(pa.string()).to_pylist() if "split" in table.column_names else [None] * n,
-        "row": table.column("row").cast(pa.int64()).to_pylist() if "row" in table.column_names else list(range(1, n + 1)),
+        "row": table.column("row").cast(pa.int64()).to_pylist()
+        if "row" in table.column_names
+        else list(range(1, n + 1)),
     }
     rows["id"] = ["" if v is None else v for v in rows["id"]]
     rows["url"] = ["" if v is None else v for v in rows["url"]]
     seen: dict[str, int] = {}
     for i, image_id in enumerate(rows["id"]):
         if image_id and seen.setdefault(image_id, i) != i:
-            raise StageError(f"{path}: duplicate id {image_id!r} at rows {rows['row'][seen[image_id]]} and {rows['row'][i]}")
+            raise StageError(
+                f"{path}: duplicate id {image_id!r} at rows {rows['row'][seen[image_id]]} and {rows['row'][i]}"
+            )
     return rows
 
 
@@ -914,8 +977,11 @@ _FLAGS = {  # CLI flag -> (Settings field, type, help)
     "--max-bytes": ("max_bytes", int, "largest body accepted, after decompression"),
     "--max-redirects": ("max_redirects", int, "redirects followed"),
     "--max-pixels": ("max_pixels", int, "largest image (width x height) accepted"),
-    "--max-pixels-per-byte": ("max_pixels_per_byte", float,
-                              f"decompression bomb: more pixels per file byte than this (images above {BOMB_MIN_PIXELS:,} pixels)"),
+    "--max-pixels-per-byte": (
+        "max_pixels_per_byte",
+        float,
+        f"decompression bomb: more pixels per file byte than this (images above {BOMB_MIN_PIXELS:,} pixels)",
+    ),
     "--user-agent": ("user_agent", str, "User-Agent header; put your contact in it for large crawls"),
     "--threads": ("threads", int, "threads that decode, hash and write images"),
 }
@@ -932,6 +998,7 @@ def load_settings(settings_json: str | None, overrides: dict) -> Settings:
         if not isinstance(values, dict):
             raise StageError("--settings must be a JSON object of download settings")
         from .config import section_settings
+
         section_settings("download", values, "--settings")  # types and ranges as config.yaml's; names the key
     # `mode` and `gldv2_*` belong to the same config section but steer the workflow, not this stage.
     values = {k: v for k, v in values.items() if k != "mode" and not k.startswith("gldv2_")}
@@ -953,12 +1020,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", required=True, help="part file from the split stage (part-NNN.parquet)")
     parser.add_argument("--images", required=True, help="image root shared by all parts")
     parser.add_argument("--out", required=True, help="manifest Parquet to write; its journal and counts go beside it")
-    parser.add_argument("--part-index", type=int, default=None, help="part number for the manifest (default: from the part file name)")
-    parser.add_argument("--settings", default=None, help="JSON object with config.yaml's download section (flags override it)")
+    parser.add_argument(
+        "--part-index", type=int, default=None, help="part number for the manifest (default: from the part file name)"
+    )
+    parser.add_argument(
+        "--settings", default=None, help="JSON object with config.yaml's download section (flags override it)"
+    )
     for flag, (field, kind, text) in _FLAGS.items():
-        parser.add_argument(flag, dest=field, type=kind, default=None,
-                            help=f"{text} (default {getattr(defaults, field)!r})")
-    parser.add_argument("--retry-failed", action="store_true", help="on resume, retry the rows the journal lists as failed")
+        parser.add_argument(
+            flag, dest=field, type=kind, default=None, help=f"{text} (default {getattr(defaults, field)!r})"
+        )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="on resume, retry the rows the journal lists as failed"
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore the journal: fetch every row again")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -967,7 +1041,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.settings, {field: getattr(args, field) for field, _, _ in _FLAGS.values()})
     part = Path(args.part)
     downloader = PartDownloader(
-        part, Path(args.images), Path(args.out), settings,
+        part,
+        Path(args.images),
+        Path(args.out),
+        settings,
         args.part_index if args.part_index is not None else part_index_from_name(part),
         progress=not args.no_progress,
     )

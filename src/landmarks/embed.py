@@ -72,7 +72,7 @@ def embed_views(model, views_by_scale, device: torch.device, *, flip: bool = Fal
     total = None
     for images in views_by_scale:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        for view in ([images, torch.flip(images, dims=[3])] if flip else [images]):
+        for view in [images, torch.flip(images, dims=[3])] if flip else [images]:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 embedding = model(view)
             embedding = F.normalize(embedding.float(), dim=1)
@@ -81,9 +81,20 @@ def embed_views(model, views_by_scale, device: torch.device, *, flip: bool = Fal
 
 
 @torch.no_grad()
-def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size: int = 64, workers: int = 0,
-                       device: torch.device | None = None, flip: bool = False, scales=(1.0,),
-                       progress: bool = True, amp: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+def compute_embeddings(
+    model,
+    index: ShardIndex,
+    image_size: int,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: torch.device | None = None,
+    flip: bool = False,
+    scales=(1.0,),
+    progress: bool = True,
+    amp: bool = True,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """L2-normalised embeddings (len(index), dim) in index order.
 
     `out`, when given, is filled and returned (e.g. a float16 memory map); otherwise a float32 array is
@@ -103,8 +114,14 @@ def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size:
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     written = np.zeros(n, bool)
     interactive = sys.stderr.isatty()
-    bar = tqdm(loader, total=-(-n // batch_size), desc=f"embed {n} images @{'/'.join(map(str, sizes))}px",
-               unit="batch", disable=not progress, mininterval=2.0 if interactive else 30.0)
+    bar = tqdm(
+        loader,
+        total=-(-n // batch_size),
+        desc=f"embed {n} images @{'/'.join(map(str, sizes))}px",
+        unit="batch",
+        disable=not progress,
+        mininterval=2.0 if interactive else 30.0,
+    )
     try:
         for views_by_scale, _, positions in bar:
             batch = embed_views(model, views_by_scale, device, flip=flip, amp=amp)
@@ -119,8 +136,9 @@ def compute_embeddings(model, index: ShardIndex, image_size: int, *, batch_size:
         model.train(was_training)
     if not written.all():
         missing = index.table.loc[~written, ["id", "shard", "key"]].head(3).to_dict("records")
-        raise StageError(f"embed: {int((~written).sum())} images of the index were not found in their shards, "
-                         f"e.g. {missing}")
+        raise StageError(
+            f"embed: {int((~written).sum())} images of the index were not found in their shards, e.g. {missing}"
+        )
     return out
 
 
@@ -132,10 +150,14 @@ def ids_path(embeddings_path: str | Path) -> Path:
 def id_table(index: ShardIndex) -> pd.DataFrame:
     """The rows of the embedding array: id, landmark_id (nullable) and where each image came from."""
     table = index.table
-    return pd.DataFrame({"id": table["id"].astype(str).to_numpy(),
-                         "landmark_id": table["landmark_id"].astype("Int64").to_numpy(),
-                         "shard": table["shard"].astype(str).to_numpy(),
-                         "key": table["key"].astype(str).to_numpy()})
+    return pd.DataFrame(
+        {
+            "id": table["id"].astype(str).to_numpy(),
+            "landmark_id": table["landmark_id"].astype("Int64").to_numpy(),
+            "shard": table["shard"].astype(str).to_numpy(),
+            "key": table["key"].astype(str).to_numpy(),
+        }
+    )
 
 
 def write_embeddings(embeddings: np.ndarray, ids: pd.DataFrame, out: Path, dtype: str = "float16") -> None:
@@ -147,8 +169,7 @@ def write_embeddings(embeddings: np.ndarray, ids: pd.DataFrame, out: Path, dtype
     write_table(ids.reset_index(drop=True), ids_path(out))
 
 
-def embed_to_file(model, index: ShardIndex, image_size: int, out: Path, *, dtype: str = "float16",
-                  **options) -> None:
+def embed_to_file(model, index: ShardIndex, image_size: int, out: Path, *, dtype: str = "float16", **options) -> None:
     """Embed `index` into `out` (.npy, via a memory map renamed into place) and its id table beside it."""
     if dtype not in ("float16", "float32"):
         raise StageError(f"embed.dtype: {dtype!r} is not float16 or float32")
@@ -188,18 +209,22 @@ def load_embeddings(path: str | Path, *, mmap: bool = False) -> tuple[np.ndarray
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.embed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="model.pt written by the train stage")
-    parser.add_argument("--shards", nargs="+", required=True, help="shard folders of the split (each with index.parquet)")
+    parser.add_argument(
+        "--shards", nargs="+", required=True, help="shard folders of the split (each with index.parquet)"
+    )
     parser.add_argument("--out", required=True, help="output .npy (the id table goes beside it as .ids.parquet)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training image size")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on a GPU (ignored on the CPU)")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU (ignored on the CPU)"
+    )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -211,6 +236,7 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise StageError(f"--batch-size must be at least 1, got {args.batch_size}")
     from .model import model_from_checkpoint
+
     if not Path(args.model).exists():
         raise StageError(f"{args.model}: model checkpoint not found")
     device = pick_device(args.device)
@@ -218,15 +244,36 @@ def main(argv=None) -> int:
     image_size = args.image_size or checkpoint["settings"]["image_size"]
     index = ShardIndex.from_dirs(args.shards)
     started = time.perf_counter()
-    embed_to_file(model, index, image_size, Path(args.out), dtype=args.dtype, batch_size=args.batch_size,
-                  workers=args.workers, device=device, flip=args.flip_tta, scales=args.scales,
-                  progress=not args.no_progress, amp=args.amp)
+    embed_to_file(
+        model,
+        index,
+        image_size,
+        Path(args.out),
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        flip=args.flip_tta,
+        scales=args.scales,
+        progress=not args.no_progress,
+        amp=args.amp,
+    )
     elapsed = time.perf_counter() - started
     views = len(args.scales) * (2 if args.flip_tta else 1)
-    log.info("embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s) on %s%s in %.1f s (%.1f images/s)"
-             " -> %s", len(index), model.embedding_dim, args.dtype, views, args.scales, args.flip_tta, device,
-             " with bf16 AMP" if args.amp and device.type == "cuda" else "", elapsed,
-             len(index) / max(elapsed, 1e-9), args.out)
+    log.info(
+        "embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s) on %s%s in %.1f s (%.1f images/s) -> %s",
+        len(index),
+        model.embedding_dim,
+        args.dtype,
+        views,
+        args.scales,
+        args.flip_tta,
+        device,
+        " with bf16 AMP" if args.amp and device.type == "cuda" else "",
+        elapsed,
+        len(index) / max(elapsed, 1e-9),
+        args.out,
+    )
     return 0
 
 

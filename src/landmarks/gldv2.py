@@ -189,21 +189,39 @@ def extract(tar_path: Path, shard: int, images: Path, work: Path, settings: Sett
                 except OSError as err:
                     raise StageError(f"cannot write {final}: {err}") from err
                 path, sha = relpath.as_posix(), hashlib.sha256(data).hexdigest()
-            for key, value in (("id", image_id), ("status", check.status), ("reason", check.reason),
-                               ("bytes", len(data)), ("width", check.width), ("height", check.height),
-                               ("format", check.format), ("sha256", sha), ("path", path), ("shard", shard)):
+            for key, value in (
+                ("id", image_id),
+                ("status", check.status),
+                ("reason", check.reason),
+                ("bytes", len(data)),
+                ("width", check.width),
+                ("height", check.height),
+                ("format", check.format),
+                ("sha256", sha),
+                ("path", path),
+                ("shard", shard),
+            ):
                 rows[key].append(value)
     if skipped:
         log.info("shard %03d: skipped %d members that are not <id>.jpg files", shard, skipped)
     return pa.table(rows, schema=INDEX_SCHEMA)
 
 
-async def fetch_shards(shards: list[int], images: Path, index_dir: Path, settings: Settings,
-                       tar_url: str = TAR_URL, md5_url: str = MD5_URL, keep_tars: bool = False) -> None:
+async def fetch_shards(
+    shards: list[int],
+    images: Path,
+    index_dir: Path,
+    settings: Settings,
+    tar_url: str = TAR_URL,
+    md5_url: str = MD5_URL,
+    keep_tars: bool = False,
+) -> None:
     index_dir.mkdir(parents=True, exist_ok=True)
     work = work_dir(images, index_dir, shards)
     work.mkdir(parents=True, exist_ok=True)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+    )
     failed = []
     headers = {"User-Agent": settings.user_agent or DEFAULT_USER_AGENT, "Accept": ACCEPT}
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
@@ -237,7 +255,9 @@ def build_manifest(part_path: Path, index_dir: Path, out: Path, part_index: int)
     rows = _read_part(part_path)
     index_files = sorted(index_dir.glob("images_*.parquet"))
     if not index_files:
-        raise StageError(f"{index_dir}: no shard index (images_NNN.parquet); run `python -m landmarks.gldv2 fetch` first")
+        raise StageError(
+            f"{index_dir}: no shard index (images_NNN.parquet); run `python -m landmarks.gldv2 fetch` first"
+        )
     wanted = set(rows["id"])
     found: dict[str, dict] = {}
     for path in index_files:
@@ -248,13 +268,28 @@ def build_manifest(part_path: Path, index_dir: Path, out: Path, part_index: int)
     for i, image_id in enumerate(rows["id"]):
         record = found.get(image_id)
         if record is None:
-            record = {"status": "not_in_shards", "reason": f"id not found in the {len(index_files)} GLDv2 shards fetched"}
+            record = {
+                "status": "not_in_shards",
+                "reason": f"id not found in the {len(index_files)} GLDv2 shards fetched",
+            }
         values = {
-            "id": image_id, "url": rows["url"][i], "landmark_id": rows["landmark_id"][i], "split": rows["split"][i],
-            "status": record["status"], "reason": record.get("reason") or "", "http_status": None,
-            "attempts": 1 if "shard" in record else 0, "bytes": record.get("bytes"), "width": record.get("width"),
-            "height": record.get("height"), "format": record.get("format"), "sha256": record.get("sha256"),
-            "elapsed_s": 0.0, "path": record.get("path"), "part": part_index, "row": rows["row"][i],
+            "id": image_id,
+            "url": rows["url"][i],
+            "landmark_id": rows["landmark_id"][i],
+            "split": rows["split"][i],
+            "status": record["status"],
+            "reason": record.get("reason") or "",
+            "http_status": None,
+            "attempts": 1 if "shard" in record else 0,
+            "bytes": record.get("bytes"),
+            "width": record.get("width"),
+            "height": record.get("height"),
+            "format": record.get("format"),
+            "sha256": record.get("sha256"),
+            "elapsed_s": 0.0,
+            "path": record.get("path"),
+            "part": part_index,
+            "row": rows["row"][i],
         }
         for name in MANIFEST_SCHEMA.names:
             columns[name].append(values[name])
@@ -263,10 +298,20 @@ def build_manifest(part_path: Path, index_dir: Path, out: Path, part_index: int)
     for status in columns["status"]:
         by_status[status] = by_status.get(status, 0) + 1
     ok = by_status.get(OK, 0)
-    counts = {"part": part_index, "rows": len(rows["id"]), "ok": ok, "failed": len(rows["id"]) - ok,
-              "by_status": dict(sorted(by_status.items()))}
+    counts = {
+        "part": part_index,
+        "rows": len(rows["id"]),
+        "ok": ok,
+        "failed": len(rows["id"]) - ok,
+        "by_status": dict(sorted(by_status.items())),
+    }
     write_json_atomic(counts_path(out), counts)
-    log.info("part %03d: %d rows = %s", part_index, len(rows["id"]), ", ".join(f"{k} {v}" for k, v in counts["by_status"].items()))
+    log.info(
+        "part %03d: %d rows = %s",
+        part_index,
+        len(rows["id"]),
+        ", ".join(f"{k} {v}" for k, v in counts["by_status"].items()),
+    )
     return counts
 
 
@@ -281,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--index-dir", required=True, help="folder for the per-shard indexes images_NNN.parquet")
     fetch.add_argument("--tar-url", default=TAR_URL, help="URL template of a shard (default: official train set)")
     fetch.add_argument("--md5-url", default=MD5_URL, help="URL template of a shard's md5 file")
-    fetch.add_argument("--settings", default=None, help="JSON of config.yaml's download section (timeouts, retries, ...)")
+    fetch.add_argument(
+        "--settings", default=None, help="JSON of config.yaml's download section (timeouts, retries, ...)"
+    )
     fetch.add_argument("--keep-tars", action="store_true", help="keep the verified tars in --index-dir")
     manifest = commands.add_parser("manifest", help="one part's manifest from the shard indexes")
     manifest.add_argument("--part", required=True, help="part file from the split stage")
@@ -297,12 +344,19 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError(f"--job must be between 0 and --jobs - 1 (got {args.job} of {args.jobs})")
         settings = load_settings(args.settings, {})
         shards = shards_for_job(args.shards, args.jobs, args.job)
-        asyncio.run(fetch_shards(shards, Path(args.images), Path(args.index_dir), settings,
-                                 args.tar_url, args.md5_url, args.keep_tars))
+        asyncio.run(
+            fetch_shards(
+                shards, Path(args.images), Path(args.index_dir), settings, args.tar_url, args.md5_url, args.keep_tars
+            )
+        )
     else:
         part = Path(args.part)
-        build_manifest(part, Path(args.index_dir), Path(args.out),
-                       args.part_index if args.part_index is not None else part_index_from_name(part))
+        build_manifest(
+            part,
+            Path(args.index_dir),
+            Path(args.out),
+            args.part_index if args.part_index is not None else part_index_from_name(part),
+        )
     return 0
 
 

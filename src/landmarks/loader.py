@@ -60,7 +60,7 @@ class ShardIndex:
     table: pd.DataFrame
 
     @classmethod
-    def from_dirs(cls, dirs) -> "ShardIndex":
+    def from_dirs(cls, dirs) -> ShardIndex:
         frames = []
         for folder in map(Path, dirs):
             index_path = folder / "index.parquet"
@@ -69,8 +69,9 @@ class ShardIndex:
             frame = read_table(index_path)
             missing = set(INDEX_COLUMNS) - set(frame.columns)
             if missing:
-                raise StageError(f"{index_path}: missing columns {sorted(missing)} (written by an older shard "
-                                 "stage? rerun it)")
+                raise StageError(
+                    f"{index_path}: missing columns {sorted(missing)} (written by an older shard stage? rerun it)"
+                )
             for name in dict.fromkeys(frame["shard"]):
                 if not (folder / name).exists():
                     raise StageError(f"{index_path}: lists {name}, which is not in {folder}")
@@ -109,8 +110,10 @@ class ShardImages:
         self.rows = {}
         if shard_dirs:
             table = ShardIndex.from_dirs(shard_dirs).table
-            self.rows = {i: (s, k, o, n) for i, s, k, o, n in zip(table["id"], table["shard"], table["key"],
-                                                                  table["offset"], table["size"])}
+            self.rows = {
+                i: (s, k, o, n)
+                for i, s, k, o, n in zip(table["id"], table["shard"], table["key"], table["offset"], table["size"])
+            }
 
     def __contains__(self, image_id) -> bool:
         return image_id in self.rows
@@ -189,10 +192,12 @@ class ShardMapDataset(torch.utils.data.Dataset):
         handle.seek(offset - tarfile.BLOCKSIZE)
         data = handle.read(tarfile.BLOCKSIZE + size)
         if len(data) != tarfile.BLOCKSIZE + size:
-            raise StageError(f"{shard}: file ends before byte {offset + size} where index.parquet has a sample "
-                             "(truncated shard? rerun the shard stage)")
-        _check_header(data[:tarfile.BLOCKSIZE], self._key[position], offset, size, shard)
-        return data[tarfile.BLOCKSIZE:]
+            raise StageError(
+                f"{shard}: file ends before byte {offset + size} where index.parquet has a sample "
+                "(truncated shard? rerun the shard stage)"
+            )
+        _check_header(data[: tarfile.BLOCKSIZE], self._key[position], offset, size, shard)
+        return data[tarfile.BLOCKSIZE :]
 
     def __getitem__(self, position: int):
         image = decode_rgb(self.read(position))
@@ -217,8 +222,10 @@ def _check_header(block: bytes, key: str, offset: int, size: int, path: str) -> 
     except ValueError:
         stored_size = -1
     if stored_size != size or name != expected.encode("utf-8")[:100]:
-        raise StageError(f"{path}: no {expected} at byte {offset} as index.parquet says; the shard and its "
-                         "index do not match (rerun the shard stage)")
+        raise StageError(
+            f"{path}: no {expected} at byte {offset} as index.parquet says; the shard and its "
+            "index do not match (rerun the shard stage)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,10 +244,10 @@ def rank_share(order: np.ndarray, rank: int, world: int, balance: str) -> np.nda
         return order
     if balance == "pad":
         per_rank = -(-count // world)
-        return np.resize(order, per_rank * world)[rank * per_rank:(rank + 1) * per_rank]  # resize repeats cyclically
+        return np.resize(order, per_rank * world)[rank * per_rank : (rank + 1) * per_rank]  # resize repeats cyclically
     if balance == "drop":
         per_rank = count // world
-        return order[rank * per_rank:(rank + 1) * per_rank]
+        return order[rank * per_rank : (rank + 1) * per_rank]
     start, stop = split_range(count, world, rank)
     return order[start:stop]
 
@@ -274,9 +281,19 @@ class ShardDataset(IterableDataset):
     `rank`/`world_size` default to torch.distributed's (given explicitly, they simulate DDP ranks).
     """
 
-    def __init__(self, index: ShardIndex, transform, labels: dict | None = None, shuffle: bool = False,
-                 seed: int = 0, shuffle_buffer: int = 512, *, balance: str = "auto", rank: int | None = None,
-                 world_size: int | None = None):
+    def __init__(
+        self,
+        index: ShardIndex,
+        transform,
+        labels: dict | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 512,
+        *,
+        balance: str = "auto",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         if balance not in BALANCE_MODES:
             raise StageError(f"ShardDataset: balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
         if (rank is None) != (world_size is None) or (world_size is not None and not 0 <= rank < world_size):
@@ -302,7 +319,7 @@ class ShardDataset(IterableDataset):
         # Positions of each shard's samples, in the order they lie in the file.
         order = np.lexsort((self._offset, self._shard_code))
         bounds = np.searchsorted(self._shard_code[order], np.arange(len(self._shard_paths) + 1))
-        self._shard_positions = [order[bounds[s]:bounds[s + 1]] for s in range(len(self._shard_paths))]
+        self._shard_positions = [order[bounds[s] : bounds[s + 1]] for s in range(len(self._shard_paths))]
 
     # -- epochs and division -------------------------------------------------------------------------
 
@@ -331,8 +348,9 @@ class ShardDataset(IterableDataset):
         parts = [self._shard_positions[s] for s in shards]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def reader_positions(self, rank: int, world: int, worker: int = 0, workers: int = 1,
-                         epoch: int | None = None) -> np.ndarray:
+    def reader_positions(
+        self, rank: int, world: int, worker: int = 0, workers: int = 1, epoch: int | None = None
+    ) -> np.ndarray:
         """Positions that worker `worker` of `workers` on rank `rank` of `world` reads this epoch."""
         mine = rank_share(self.epoch_order(epoch), rank, world, self.balance)
         start, stop = split_range(len(mine), workers, worker)
@@ -371,8 +389,11 @@ class ShardDataset(IterableDataset):
                 while j < count:
                     nxt = positions[j]
                     nxt_end = self._offset[nxt] + self._size[nxt]
-                    if (self._shard_code[nxt] != shard or self._offset[nxt] - tarfile.BLOCKSIZE < end
-                            or nxt_end - start > READ_CHUNK_BYTES):
+                    if (
+                        self._shard_code[nxt] != shard
+                        or self._offset[nxt] - tarfile.BLOCKSIZE < end
+                        or nxt_end - start > READ_CHUNK_BYTES
+                    ):
                         break
                     end, j = nxt_end, j + 1
                 path = self._shard_paths[shard]
@@ -383,13 +404,20 @@ class ShardDataset(IterableDataset):
                 handle.seek(start)
                 chunk = handle.read(end - start)
                 if len(chunk) != end - start:
-                    raise StageError(f"{path}: file ends at byte {start + len(chunk)}, but index.parquet has a "
-                                     f"sample up to byte {end} (truncated shard? rerun the shard stage)")
+                    raise StageError(
+                        f"{path}: file ends at byte {start + len(chunk)}, but index.parquet has a "
+                        f"sample up to byte {end} (truncated shard? rerun the shard stage)"
+                    )
                 for position in positions[i:j]:
                     at = self._offset[position] - start
-                    _check_header(chunk[at - tarfile.BLOCKSIZE:at], self._key[position], self._offset[position],
-                                  self._size[position], path)
-                    yield int(position), chunk[at:at + self._size[position]]
+                    _check_header(
+                        chunk[at - tarfile.BLOCKSIZE : at],
+                        self._key[position],
+                        self._offset[position],
+                        self._size[position],
+                        path,
+                    )
+                    yield int(position), chunk[at : at + self._size[position]]
                 i = j
         finally:
             if handle is not None:
@@ -419,8 +447,9 @@ class ShardDataset(IterableDataset):
         epoch = self.epoch
         samples = self.read_samples(self.reader_positions(rank, world, worker_id, workers, epoch))
         if self.shuffle:
-            samples = self._shuffled(samples, self.shuffle_buffer,
-                                     np.random.default_rng((self.seed, epoch, rank, worker_id)))
+            samples = self._shuffled(
+                samples, self.shuffle_buffer, np.random.default_rng((self.seed, epoch, rank, worker_id))
+            )
         for position, data in samples:
             yield self._decode(data, position)
 
@@ -435,16 +464,25 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def make_loader(dataset, batch_size: int, *, workers: int = 0, device: str | torch.device | None = None,
-                drop_last: bool = False, prefetch_factor: int = 4, persistent_workers: bool = True) -> DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    device: str | torch.device | None = None,
+    drop_last: bool = False,
+    prefetch_factor: int = 4,
+    persistent_workers: bool = True,
+) -> DataLoader:
     """A DataLoader that keeps a GPU fed: batches in pinned memory when `device` is CUDA (so
     `.to(device, non_blocking=True)` overlaps the copy), `prefetch_factor` batches queued per worker,
     workers kept across epochs (ShardDataset.set_epoch still reaches them), per-rank worker seeds."""
     pin = device is not None and torch.device(device).type == "cuda"
     options = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin, drop_last=drop_last)
     if workers > 0:
-        options.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                       worker_init_fn=_seed_worker)
+        options.update(
+            prefetch_factor=prefetch_factor, persistent_workers=persistent_workers, worker_init_fn=_seed_worker
+        )
     return DataLoader(dataset, **options)
 
 
@@ -457,8 +495,13 @@ def train_transform(settings: dict, mean, std):
     `image_size` (scale `augment.random_resized_crop_scale`), horizontal flip, small rotations,
     random shifts (`augment.translate`), colour jitter (brightness, contrast, saturation), then normalisation. A 0/false turns a step off."""
     aug = settings["augment"]
-    steps = [transforms.RandomResizedCrop(settings["image_size"], scale=tuple(aug["random_resized_crop_scale"]),
-                                          interpolation=transforms.InterpolationMode.BICUBIC)]
+    steps = [
+        transforms.RandomResizedCrop(
+            settings["image_size"],
+            scale=tuple(aug["random_resized_crop_scale"]),
+            interpolation=transforms.InterpolationMode.BICUBIC,
+        )
+    ]
     if aug["hflip"]:
         steps.append(transforms.RandomHorizontalFlip())
     if aug["rotation_degrees"]:
@@ -475,12 +518,14 @@ def train_transform(settings: dict, mean, std):
 
 def eval_transform(image_size: int, mean, std):
     """Shorter side to `image_size`, centre crop, normalise: no augmentation at evaluation time."""
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
 
 
 def class_mapping(landmark_ids) -> dict[int, int]:

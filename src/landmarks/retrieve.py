@@ -86,8 +86,16 @@ def _float32(rows) -> np.ndarray:
     return np.ascontiguousarray(rows, dtype=np.float32)
 
 
-def build_index(database: np.ndarray, *, index_type: str = "flat", ivf_lists: int = 1024, pq_m: int = 64,
-                nprobe: int = 32, use_gpu: bool | None = None, seed: int = 0):
+def build_index(
+    database: np.ndarray,
+    *,
+    index_type: str = "flat",
+    ivf_lists: int = 1024,
+    pq_m: int = 64,
+    nprobe: int = 32,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+):
     """(faiss index holding `database`, description dict). `database` may be a float16 memory map.
 
     flat: exact inner product. ivfpq: an inverted file of `ivf_lists` lists (fewer when the database
@@ -106,21 +114,32 @@ def build_index(database: np.ndarray, *, index_type: str = "flat", ivf_lists: in
             raise StageError(f"retrieve.pq_m: {pq_m} sub-quantisers do not divide the embedding dimension {dim}")
         if dim // pq_m < 4:
             # Measured: 64 sub-quantisers of 2 dimensions train ~15x slower than 16 of 8 (faiss k-means).
-            log.warning("retrieve.pq_m %d gives %d-dimensional sub-vectors: product quantiser training is "
-                        "slow below 4 dimensions each (e.g. pq_m %d)", pq_m, dim // pq_m, max(1, dim // 8))
+            log.warning(
+                "retrieve.pq_m %d gives %d-dimensional sub-vectors: product quantiser training is "
+                "slow below 4 dimensions each (e.g. pq_m %d)",
+                pq_m,
+                dim // pq_m,
+                max(1, dim // 8),
+            )
         lists = max(1, min(ivf_lists, n // 39))
         nbits = 8 if n >= 256 else max(1, int(np.log2(n)))
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
         # k-means uses at most 256 points per centroid anyway: train on a sample, not 50M rows.
-        sample_size = min(n, max(256 * lists, 256 * 2 ** nbits))
+        sample_size = min(n, max(256 * lists, 256 * 2**nbits))
         sample = np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
         try:
             index.train(_float32(database[sample]))
         except RuntimeError as err:
             raise StageError(f"retrieve: faiss could not train IVF-PQ ({lists} lists, pq_m {pq_m}): {err}") from err
         index.nprobe = min(nprobe, lists)
-        about = {"type": "ivfpq", "ivf_lists": lists, "pq_m": pq_m, "pq_bits": nbits, "nprobe": index.nprobe,
-                 "trained_on": int(sample_size)}
+        about = {
+            "type": "ivfpq",
+            "ivf_lists": lists,
+            "pq_m": pq_m,
+            "pq_bits": nbits,
+            "nprobe": index.nprobe,
+            "trained_on": int(sample_size),
+        }
     else:
         raise StageError(f"unknown index type {index_type!r} (flat or ivfpq)")
     if use_gpu is None:
@@ -140,7 +159,7 @@ def build_index(database: np.ndarray, *, index_type: str = "flat", ivf_lists: in
     else:
         about["device"] = "cpu"
     for start in range(0, n, SEARCH_CHUNK):
-        index.add(_float32(database[start:start + SEARCH_CHUNK]))
+        index.add(_float32(database[start : start + SEARCH_CHUNK]))
     return index, about
 
 
@@ -175,9 +194,18 @@ def search(index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = N
     return cosines, positions
 
 
-def knn(database: np.ndarray, queries: np.ndarray, k: int, *, use_gpu: bool | None = None,
-        index_type: str = "flat", ivf_lists: int = 1024, pq_m: int = 64, nprobe: int = 32,
-        exclude: np.ndarray | None = None):
+def knn(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    *,
+    use_gpu: bool | None = None,
+    index_type: str = "flat",
+    ivf_lists: int = 1024,
+    pq_m: int = 64,
+    nprobe: int = 32,
+    exclude: np.ndarray | None = None,
+):
     """(cosines, positions) of the k nearest database rows for each query, by inner product.
 
     Exact search by default; on GPUs when faiss sees any (sharded over several). See `build_index`
@@ -189,13 +217,15 @@ def knn(database: np.ndarray, queries: np.ndarray, k: int, *, use_gpu: bool | No
         raise StageError(f"knn: database vectors are {database.shape[1]}-d but queries {queries.shape[1]}-d")
     if len(database) == 0 or len(queries) == 0:
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-    index, _ = build_index(database, index_type=index_type, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe,
-                           use_gpu=use_gpu)
+    index, _ = build_index(
+        database, index_type=index_type, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, use_gpu=use_gpu
+    )
     return search(index, queries, k, exclude=exclude)
 
 
-def bank_similarity(vectors: np.ndarray, bank: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
-                    **knn_options) -> np.ndarray:
+def bank_similarity(
+    vectors: np.ndarray, bank: np.ndarray, k: int, *, exclude: np.ndarray | None = None, **knn_options
+) -> np.ndarray:
     """Mean of each vector's top-k cosines to the non-landmark bank (0 when there is no bank)."""
     if bank is None or len(bank) == 0 or len(vectors) == 0:
         return np.zeros(len(vectors), np.float32)
@@ -203,8 +233,9 @@ def bank_similarity(vectors: np.ndarray, bank: np.ndarray, k: int, *, exclude: n
     return bank_similarity_from_index(index, vectors, k, exclude=exclude)
 
 
-def bank_similarity_from_index(bank_index, vectors: np.ndarray, k: int, *,
-                               exclude: np.ndarray | None = None) -> np.ndarray:
+def bank_similarity_from_index(
+    bank_index, vectors: np.ndarray, k: int, *, exclude: np.ndarray | None = None
+) -> np.ndarray:
     """`bank_similarity` against a bank already in a faiss index (retrieve builds it once; predict loads it)."""
     if bank_index is None or bank_index.ntotal == 0 or len(vectors) == 0:
         return np.zeros(len(vectors), np.float32)
@@ -226,7 +257,8 @@ def recall_against_exact(approximate: np.ndarray, exact: np.ndarray) -> dict:
     found = (exact[:, :, None] == approximate[:, None, :]).any(axis=2) & valid
     has_any = valid[:, 0]
     return {
-        "queries": int(has_any.sum()), "k": int(k),
+        "queries": int(has_any.sum()),
+        "k": int(k),
         "recall_at_1": float((approximate[has_any, 0] == exact[has_any, 0]).mean()) if has_any.any() else None,
         "top1_in_top_k": float(found[has_any, 0].mean()) if has_any.any() else None,
         "recall_at_k": float(found.sum() / max(valid.sum(), 1)),
@@ -291,10 +323,20 @@ def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap
     return label, confidence, base.astype(np.float32), other.astype(np.float32)
 
 
-def predict(cosines: np.ndarray, positions: np.ndarray, db_labels: np.ndarray, *, prediction: str = "top1",
-            rerank: str = "seed004", query_bank: np.ndarray | None = None, db_bank: np.ndarray | None = None,
-            neighbours_per_label: int = 3, margin_weight: float = 0.0, bank_weight: float = 1.0,
-            labels: np.ndarray | None = None) -> Predictions:
+def predict(
+    cosines: np.ndarray,
+    positions: np.ndarray,
+    db_labels: np.ndarray,
+    *,
+    prediction: str = "top1",
+    rerank: str = "seed004",
+    query_bank: np.ndarray | None = None,
+    db_bank: np.ndarray | None = None,
+    neighbours_per_label: int = 3,
+    margin_weight: float = 0.0,
+    bank_weight: float = 1.0,
+    labels: np.ndarray | None = None,
+) -> Predictions:
     """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
     a label.
 
@@ -325,16 +367,28 @@ def predict(cosines: np.ndarray, positions: np.ndarray, db_labels: np.ndarray, *
     db_bank = np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None
     weights = {"margin": margin_weight, "bank": bank_weight}
     n = len(cosines)
-    out = Predictions(np.full(n, -1, np.int64), np.full(n, -np.inf, np.float64), np.full(n, -np.inf, np.float32),
-                      np.full(n, -np.inf, np.float32))
+    out = Predictions(
+        np.full(n, -1, np.int64),
+        np.full(n, -np.inf, np.float64),
+        np.full(n, -np.inf, np.float32),
+        np.full(n, -np.inf, np.float32),
+    )
     if cosines.shape[1] == 0:
         return out
     chunk = max(1, PREDICT_CELLS // cosines.shape[1] ** 2)
     for start in range(0, n, chunk):
         part = slice(start, min(start + chunk, n))
-        results = _predict_chunk(cosines[part], positions[part], db_labels, rule,
-                                 None if bank is None else bank[part], db_bank, neighbours_per_label, weights,
-                                 None if labels is None else np.asarray(labels)[part])
+        results = _predict_chunk(
+            cosines[part],
+            positions[part],
+            db_labels,
+            rule,
+            None if bank is None else bank[part],
+            db_bank,
+            neighbours_per_label,
+            weights,
+            None if labels is None else np.asarray(labels)[part],
+        )
         for column, values in zip(out, results):
             column[part] = values
     return out
@@ -343,8 +397,9 @@ def predict(cosines: np.ndarray, positions: np.ndarray, db_labels: np.ndarray, *
 def _check_unique_ids(ids: pd.DataFrame, path) -> None:
     duplicated = ids["id"].duplicated()
     if duplicated.any():
-        raise StageError(f"{path}: {int(duplicated.sum())} duplicate ids in its id table, "
-                         f"e.g. {ids['id'][duplicated].iloc[0]!r}")
+        raise StageError(
+            f"{path}: {int(duplicated.sum())} duplicate ids in its id table, e.g. {ids['id'][duplicated].iloc[0]!r}"
+        )
 
 
 def _positions_of(ids_wanted: pd.Series, ids_table: pd.DataFrame) -> np.ndarray:
@@ -363,8 +418,10 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
         bank, bank_ids = np.zeros((0, queries.shape[1]), np.float32), pd.DataFrame({"id": [], "landmark_id": []})
     for array, path in ((database, database_path), (bank, bank_path)):
         if len(array) and len(queries) and array.shape[1] != queries.shape[1]:
-            raise StageError(f"{path}: {array.shape[1]}-d embeddings, but the queries ({queries_path}) are "
-                             f"{queries.shape[1]}-d: embedded by different models?")
+            raise StageError(
+                f"{path}: {array.shape[1]}-d embeddings, but the queries ({queries_path}) are "
+                f"{queries.shape[1]}-d: embedded by different models?"
+            )
     for ids, path in ((db_ids, database_path), (query_ids, queries_path), (bank_ids, bank_path)):
         if path:
             _check_unique_ids(ids, path)
@@ -372,9 +429,11 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
         raise StageError(f"rerank '{rerank}' needs a non-empty non-landmark bank ({bank_path or 'none given'})")
     leaked = query_ids["id"].isin(bank_ids["id"])
     if leaked.any():
-        raise StageError(f"{queries_path}: {int(leaked.sum())} queries are also in the non-landmark bank "
-                         f"{bank_path} (e.g. {query_ids['id'][leaked].iloc[0]!r}): the bank must not contain "
-                         f"test images, it would give their answer away")
+        raise StageError(
+            f"{queries_path}: {int(leaked.sum())} queries are also in the non-landmark bank "
+            f"{bank_path} (e.g. {query_ids['id'][leaked].iloc[0]!r}): the bank must not contain "
+            f"test images, it would give their answer away"
+        )
     return database, db_ids, queries, query_ids, bank, bank_ids
 
 
@@ -385,12 +444,21 @@ def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) 
         return None
     rng = np.random.default_rng(s["seed"])
     sample = np.sort(rng.choice(len(queries), min(s["recall_sample"], len(queries)), replace=False))
-    _, exact_positions = knn(database, queries[sample], s["k"], use_gpu=use_gpu,
-                             exclude=None if exclude is None else exclude[sample])
+    _, exact_positions = knn(
+        database, queries[sample], s["k"], use_gpu=use_gpu, exclude=None if exclude is None else exclude[sample]
+    )
     recall = recall_against_exact(positions[sample], exact_positions)
-    log.info("%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
-             "%.4f, recall@%d %.4f", s["index"], recall["queries"], recall["recall_at_1"] or float("nan"),
-             s["k"], recall["top1_in_top_k"] or float("nan"), s["k"], recall["recall_at_k"])
+    log.info(
+        "%s recall against exact search on %d sampled queries: recall@1 %.4f, true top-1 in top-%d "
+        "%.4f, recall@%d %.4f",
+        s["index"],
+        recall["queries"],
+        recall["recall_at_1"] or float("nan"),
+        s["k"],
+        recall["top1_in_top_k"] or float("nan"),
+        s["k"],
+        recall["recall_at_k"],
+    )
     return recall
 
 
@@ -405,8 +473,10 @@ def database_bank_terms(database, db_ids, bank_index, bank_ids, s: dict) -> np.n
         return None
     db_in_bank = _positions_of(db_ids["id"], bank_ids)
     if (db_in_bank >= 0).any():
-        log.warning("%d database images are also in the non-landmark bank: each is left out of its own B_j",
-                    int((db_in_bank >= 0).sum()))
+        log.warning(
+            "%d database images are also in the non-landmark bank: each is left out of its own B_j",
+            int((db_in_bank >= 0).sum()),
+        )
     return bank_similarity_from_index(bank_index, database, s["bank_k"], exclude=db_in_bank)
 
 
@@ -428,8 +498,9 @@ def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.nd
     return forced, labels, is_verified
 
 
-def verified(result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray,
-             weight: float) -> tuple[Predictions, np.ndarray]:
+def verified(
+    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, weight: float
+) -> tuple[Predictions, np.ndarray]:
     """A prediction whose label has a verified neighbour gains `weight` in confidence, which puts the
     verified answers above the unverified ones. Returns them and each query's best inlier count for its
     label (`labels`, `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
@@ -445,6 +516,7 @@ class ImageSource:
 
     def __init__(self, shard_dirs=(), extra: dict | None = None):
         from .loader import ShardImages
+
         self.shards = ShardImages(shard_dirs)
         self.extra = extra or {}
         self.shard_dirs = list(shard_dirs)
@@ -455,7 +527,7 @@ class ImageSource:
     def image(self, image_id):
         return self.extra[image_id] if image_id in self.extra else self.shards.image(image_id)
 
-    def with_extra(self, extra: dict) -> "ImageSource":
+    def with_extra(self, extra: dict) -> ImageSource:
         """The same shards (their index read once) plus these images held in memory."""
         source = copy.copy(self)
         source.extra = extra
@@ -465,19 +537,23 @@ class ImageSource:
 def verify_neighbours_of(query_ids, db_ids, positions, images: ImageSource, v: dict, threads: int) -> np.ndarray:
     """SIFT + RANSAC inlier counts between each query and its first `v['neighbours']` neighbours."""
     from .verify import VerifySettings, verify_neighbours
+
     if not images.shard_dirs and not images.extra:
-        raise StageError(f"retrieve.verify.neighbours is {v['neighbours']}: verification reads the images from "
-                         "their shards; give them (--shards), or set retrieve.verify.neighbours: 0")
+        raise StageError(
+            f"retrieve.verify.neighbours is {v['neighbours']}: verification reads the images from "
+            "their shards; give them (--shards), or set retrieve.verify.neighbours: 0"
+        )
     m = min(v["neighbours"], positions.shape[1])
     db = db_ids["id"].to_numpy(dtype=object)
     neighbour_ids = np.where(positions[:, :m] >= 0, db[np.where(positions[:, :m] >= 0, positions[:, :m], 0)], None)
     missing = [i for i in list(query_ids) + [x for x in neighbour_ids.ravel() if x is not None] if i not in images]
     if missing:
         shards = ", ".join(map(str, images.shard_dirs)) or "none given"
-        raise StageError(f"retrieve.verify: {len(missing)} images are in none of the shards ({shards}), e.g. "
-                         f"{missing[0]!r}; give their shards (--shards), or set retrieve.verify.neighbours: 0")
-    settings = VerifySettings(**{key: v[key] for key in ("max_side", "max_features", "ratio", "model",
-                                                          "min_inliers")})
+        raise StageError(
+            f"retrieve.verify: {len(missing)} images are in none of the shards ({shards}), e.g. "
+            f"{missing[0]!r}; give their shards (--shards), or set retrieve.verify.neighbours: 0"
+        )
+    settings = VerifySettings(**{key: v[key] for key in ("max_side", "max_features", "ratio", "model", "min_inliers")})
     return verify_neighbours(list(query_ids), neighbour_ids, images.image, settings, threads=threads)
 
 
@@ -485,34 +561,49 @@ class Answers(NamedTuple):
     """Everything retrieval decides for a set of queries (see `answer_queries`)."""
 
     predictions: Predictions
-    cosines: np.ndarray          # (queries, k), best first
-    positions: np.ndarray        # (queries, k) database rows, -1 = none
-    query_bank: np.ndarray       # the query's bank term
-    inliers: np.ndarray | None   # (queries, m) RANSAC inliers of the first m neighbours (verify on)
+    cosines: np.ndarray  # (queries, k), best first
+    positions: np.ndarray  # (queries, k) database rows, -1 = none
+    query_bank: np.ndarray  # the query's bank term
+    inliers: np.ndarray | None  # (queries, m) RANSAC inliers of the first m neighbours (verify on)
     label_inliers: np.ndarray | None  # best inlier count of the predicted landmark's neighbours
 
 
 class Database(NamedTuple):
     """What a query is answered against: the database index and its rows, the bank index, the settings."""
 
-    index: object                # faiss index of the database embeddings
-    ids: pd.DataFrame            # id, landmark_id (+ shard, key) per database row
-    labels: np.ndarray           # landmark id per row, -1 for none
+    index: object  # faiss index of the database embeddings
+    ids: pd.DataFrame  # id, landmark_id (+ shard, key) per database row
+    labels: np.ndarray  # landmark id per row, -1 for none
     bank_terms: np.ndarray | None  # B_j per row (glr2020)
-    bank_index: object | None    # faiss index of the non-landmark bank
-    settings: dict               # the retrieve section, validated
+    bank_index: object | None  # faiss index of the non-landmark bank
+    settings: dict  # the retrieve section, validated
 
 
 def prediction_options(db: Database, query_bank: np.ndarray) -> dict:
     """`predict`'s keyword arguments for these queries (their bank terms) under the retrieve settings."""
     s = db.settings
-    return dict(prediction=s["prediction"], rerank=s["rerank"], query_bank=query_bank, db_bank=db.bank_terms,
-                neighbours_per_label=s["glr2020_neighbours_per_label"], margin_weight=s["margin_weight"],
-                bank_weight=s["bank_weight"])
+    return dict(
+        prediction=s["prediction"],
+        rerank=s["rerank"],
+        query_bank=query_bank,
+        db_bank=db.bank_terms,
+        neighbours_per_label=s["glr2020_neighbours_per_label"],
+        margin_weight=s["margin_weight"],
+        bank_weight=s["bank_weight"],
+    )
 
 
-def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None, exclude_bank=None,
-                   images: ImageSource | None = None, threads: int = 1, seconds: dict | None = None) -> Answers:
+def answer_queries(
+    db: Database,
+    queries: np.ndarray,
+    query_ids,
+    *,
+    exclude=None,
+    exclude_bank=None,
+    images: ImageSource | None = None,
+    threads: int = 1,
+    seconds: dict | None = None,
+) -> Answers:
     """Search, bank terms, geometric verification and prediction for `queries` (L2-normalised rows):
     the one path by which the retrieve stage answers its test queries, its val queries (for the
     non-landmark threshold) and predict answers new photos, so each gets the same answer.
@@ -529,8 +620,9 @@ def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None
     inliers = label_inliers = forced = None
     if s["verify"]["neighbours"]:
         started = time.perf_counter()
-        inliers = verify_neighbours_of(list(query_ids), db.ids, positions, images or ImageSource(), s["verify"],
-                                       threads)
+        inliers = verify_neighbours_of(
+            list(query_ids), db.ids, positions, images or ImageSource(), s["verify"], threads
+        )
         forced, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, s["verify"])
         seconds["verify"] = seconds.get("verify", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
@@ -538,8 +630,12 @@ def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None
     result = predict(cosines, positions, db.labels, **options)
     if inliers is not None:
         relabelled = (forced >= 0) & (forced != result.label)
-        log.info("geometric verification: %d of %d queries have a verified neighbour; %d change their label",
-                 int(is_verified.any(axis=1).sum()), len(queries), int(relabelled.sum()))
+        log.info(
+            "geometric verification: %d of %d queries have a verified neighbour; %d change their label",
+            int(is_verified.any(axis=1).sum()),
+            len(queries),
+            int(relabelled.sum()),
+        )
         if relabelled.any():
             result = predict(cosines, positions, db.labels, labels=forced, **options)
         result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"]["weight"])
@@ -550,14 +646,14 @@ def answer_queries(db: Database, queries: np.ndarray, query_ids, *, exclude=None
 def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> list[tuple[int, float]]:
     """The query's candidate landmarks (the prediction first, then the other landmarks among its
     neighbours by confidence), each with the confidence it would have as the answer; at most `limit`."""
-    positions, cosines = answers.positions[row:row + 1], answers.cosines[row:row + 1]
+    positions, cosines = answers.positions[row : row + 1], answers.cosines[row : row + 1]
     found = positions[0] >= 0
     labels = list(dict.fromkeys(int(x) for x in db.labels[positions[0][found]] if x >= 0))
     predicted = int(answers.predictions.label[row])
     candidates = [predicted] + [x for x in labels if x != predicted] if predicted >= 0 else labels
-    options = prediction_options(db, answers.query_bank[row:row + 1])
+    options = prediction_options(db, answers.query_bank[row : row + 1])
     if answers.inliers is not None:
-        inliers = answers.inliers[row:row + 1]
+        inliers = answers.inliers[row : row + 1]
         _, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, db.settings["verify"])
     scored = []
     for label in candidates:
@@ -567,7 +663,7 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
         scored.append((label, float(result.confidence[0])))
     if predicted >= 0:  # the rule's answer stays first, whatever the others score
         scored[0] = (predicted, float(answers.predictions.confidence[row]))
-        return [scored[0]] + sorted(scored[1:], key=lambda item: -item[1])[:limit - 1]
+        return [scored[0]] + sorted(scored[1:], key=lambda item: -item[1])[: limit - 1]
     return sorted(scored, key=lambda item: -item[1])[:limit]
 
 
@@ -597,9 +693,14 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, is_landmark: n
     else:
         threshold = float((values[best - 1] + values[best]) / 2)
     n = len(values)
-    return {"threshold": threshold, "accuracy": float(right[best] / n) if n else None, "queries": int(n),
-            "landmark_queries": int(is_landmark.sum()), "nonlandmark_queries": int((~is_landmark).sum()),
-            "accuracy_without_threshold": float((correct & is_landmark).sum() / n) if n else None}
+    return {
+        "threshold": threshold,
+        "accuracy": float(right[best] / n) if n else None,
+        "queries": int(n),
+        "landmark_queries": int(is_landmark.sum()),
+        "nonlandmark_queries": int((~is_landmark).sum()),
+        "accuracy_without_threshold": float((correct & is_landmark).sum() / n) if n else None,
+    }
 
 
 def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=None) -> pd.DataFrame:
@@ -608,17 +709,19 @@ def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=N
     keep = flat_positions >= 0
     neighbour_rows = flat_positions[keep]
     neighbour_labels = db_labels[neighbour_rows]
-    table = pd.DataFrame({
-        "query_id": np.repeat(query_ids["id"].to_numpy(dtype=object), k)[keep],
-        "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n)[keep],
-        "neighbour_id": db_ids["id"].to_numpy(dtype=object)[neighbour_rows],
-        "neighbour_landmark_id": pd.array(np.where(neighbour_labels >= 0, neighbour_labels, 0), dtype="Int64"),
-        "cosine": cosines.reshape(-1)[keep],
-    })
+    table = pd.DataFrame(
+        {
+            "query_id": np.repeat(query_ids["id"].to_numpy(dtype=object), k)[keep],
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n)[keep],
+            "neighbour_id": db_ids["id"].to_numpy(dtype=object)[neighbour_rows],
+            "neighbour_landmark_id": pd.array(np.where(neighbour_labels >= 0, neighbour_labels, 0), dtype="Int64"),
+            "cosine": cosines.reshape(-1)[keep],
+        }
+    )
     table.loc[neighbour_labels < 0, "neighbour_landmark_id"] = pd.NA
     if inliers is not None:  # verified neighbours only; NA for the others
         padded = np.full((n, k), -1, np.int64)
-        padded[:, :inliers.shape[1]] = inliers
+        padded[:, : inliers.shape[1]] = inliers
         table["inliers"] = pd.array(padded.reshape(-1)[keep], dtype="Int64")
         table.loc[table["inliers"] < 0, "inliers"] = pd.NA
     return table
@@ -626,14 +729,16 @@ def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=N
 
 def predictions_table(query_ids, result: Predictions, query_bank, label_inliers=None) -> pd.DataFrame:
     has_label = result.label >= 0
-    table = pd.DataFrame({
-        "id": query_ids["id"].to_numpy(dtype=object),
-        "landmark_id": pd.array(np.where(has_label, result.label, 0), dtype="Int64"),
-        "score": np.where(has_label, result.confidence, np.nan),
-        "top_cosine": np.where(has_label, result.top_cosine, np.nan).astype(np.float32),
-        "other_cosine": np.where(has_label, result.other_cosine, np.nan).astype(np.float32),
-        "bank_cosine": query_bank,
-    })
+    table = pd.DataFrame(
+        {
+            "id": query_ids["id"].to_numpy(dtype=object),
+            "landmark_id": pd.array(np.where(has_label, result.label, 0), dtype="Int64"),
+            "score": np.where(has_label, result.confidence, np.nan),
+            "top_cosine": np.where(has_label, result.top_cosine, np.nan).astype(np.float32),
+            "other_cosine": np.where(has_label, result.other_cosine, np.nan).astype(np.float32),
+            "bank_cosine": query_bank,
+        }
+    )
     if label_inliers is not None:
         table["inliers"] = np.where(has_label, label_inliers, 0).astype(np.int32)
     table.loc[~has_label, "landmark_id"] = pd.NA
@@ -650,11 +755,15 @@ def calibration_queries(val_path, bank, bank_ids, dim: int, seed: int):
     landmark = val_ids["landmark_id"].notna().to_numpy()
     val, val_ids = val[landmark], val_ids[landmark].reset_index(drop=True)
     size = min(len(bank), len(val_ids))
-    rows = np.sort(np.random.default_rng([seed, 29]).choice(len(bank), size, replace=False)) if size else \
-        np.zeros(0, np.int64)
+    rows = (
+        np.sort(np.random.default_rng([seed, 29]).choice(len(bank), size, replace=False))
+        if size
+        else np.zeros(0, np.int64)
+    )
     vectors = np.concatenate([val, bank[rows]]) if size else val
-    ids = pd.concat([val_ids[["id", "landmark_id"]],
-                     bank_ids.iloc[rows][["id"]].assign(landmark_id=pd.NA)], ignore_index=True)
+    ids = pd.concat(
+        [val_ids[["id", "landmark_id"]], bank_ids.iloc[rows][["id"]].assign(landmark_id=pd.NA)], ignore_index=True
+    )
     exclude_bank = np.concatenate([np.full(len(val_ids), -1, np.int64), rows.astype(np.int64)])
     return vectors, ids, exclude_bank
 
@@ -664,17 +773,26 @@ def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSou
     as the test queries are answered."""
     vectors, ids, exclude_bank = calibration_queries(val_path, bank, bank_ids, db.index.d, db.settings["seed"])
     if not ids["landmark_id"].notna().any():
-        log.warning("%s has no landmark images: no non-landmark threshold chosen (predict keeps every "
-                    "answer unless predict.nonlandmark_threshold is set)", val_path)
+        log.warning(
+            "%s has no landmark images: no non-landmark threshold chosen (predict keeps every "
+            "answer unless predict.nonlandmark_threshold is set)",
+            val_path,
+        )
         return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}
     answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
     truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     label = answers.predictions.label
     chosen = choose_threshold(answers.predictions.confidence, (label == truth) & (truth >= 0), truth >= 0)
     chosen["source"] = "val"
-    log.info("non-landmark threshold %.4f chosen on val: %d landmark + %d non-landmark queries, %.1f%% right "
-             "decisions (%.1f%% without a threshold)", chosen["threshold"], chosen["landmark_queries"],
-             chosen["nonlandmark_queries"], 100 * chosen["accuracy"], 100 * chosen["accuracy_without_threshold"])
+    log.info(
+        "non-landmark threshold %.4f chosen on val: %d landmark + %d non-landmark queries, %.1f%% right "
+        "decisions (%.1f%% without a threshold)",
+        chosen["threshold"],
+        chosen["landmark_queries"],
+        chosen["nonlandmark_queries"],
+        100 * chosen["accuracy"],
+        100 * chosen["accuracy_without_threshold"],
+    )
     return chosen
 
 
@@ -701,9 +819,19 @@ def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) ->
     write_table(table.reset_index(drop=True), out_dir / "database.parquet")
 
 
-def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: bool | None = None,
-             shard_dirs=(), threads: int = 1, val_path=None, predictor: dict | None = None,
-             **settings) -> pd.DataFrame:
+def retrieve(
+    database_path,
+    queries_path,
+    bank_path,
+    out_dir: Path,
+    *,
+    use_gpu: bool | None = None,
+    shard_dirs=(),
+    threads: int = 1,
+    val_path=None,
+    predictor: dict | None = None,
+    **settings,
+) -> pd.DataFrame:
     """Search, predict (and verify) and write the stage's files into `out_dir`; returns the predictions
     table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled); `shard_dirs`:
     shards holding the query, database (and val and bank) images, for `verify`; `val_path`: val
@@ -714,36 +842,61 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: 
     dimensions, and a reranking without a bank.
     """
     from .config import section_settings
+
     s = section_settings("retrieve", settings, "retrieve settings")
     out_dir = Path(out_dir)
-    database, db_ids, queries, query_ids, bank, bank_ids = load_inputs(database_path, queries_path, bank_path,
-                                                                       s["rerank"])
+    database, db_ids, queries, query_ids, bank, bank_ids = load_inputs(
+        database_path, queries_path, bank_path, s["rerank"]
+    )
     self_rows = _positions_of(query_ids["id"], db_ids)
     in_database = int((self_rows >= 0).sum())
     if in_database:
-        log.warning("%d of %d queries are also in the database (same id): %s", in_database, len(queries),
-                    "each is left out of its own neighbours" if s["exclude_self"]
-                    else "kept (exclude_self false): they will find themselves first")
+        log.warning(
+            "%d of %d queries are also in the database (same id): %s",
+            in_database,
+            len(queries),
+            "each is left out of its own neighbours"
+            if s["exclude_self"]
+            else "kept (exclude_self false): they will find themselves first",
+        )
     seconds = {}
     started = time.perf_counter()
-    index, about = build_index(database, seed=s["seed"], use_gpu=use_gpu, index_type=s["index"],
-                               ivf_lists=s["ivf_lists"], pq_m=s["pq_m"], nprobe=s["nprobe"])
-    bank_index, bank_about = build_index(bank if len(bank) else np.zeros((0, queries.shape[1]), np.float32),
-                                         use_gpu=use_gpu)  # small: exact search
+    index, about = build_index(
+        database,
+        seed=s["seed"],
+        use_gpu=use_gpu,
+        index_type=s["index"],
+        ivf_lists=s["ivf_lists"],
+        pq_m=s["pq_m"],
+        nprobe=s["nprobe"],
+    )
+    bank_index, bank_about = build_index(
+        bank if len(bank) else np.zeros((0, queries.shape[1]), np.float32), use_gpu=use_gpu
+    )  # small: exact search
     seconds["index"] = time.perf_counter() - started
     db_labels = db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     unlabelled = int((db_labels < 0).sum())
     if unlabelled:
-        log.warning("%d database images have no landmark id: they are listed as neighbours but give no label",
-                    unlabelled)
-    db = Database(index, db_ids, db_labels, database_bank_terms(database, db_ids, bank_index, bank_ids, s),
-                  bank_index, s)
+        log.warning(
+            "%d database images have no landmark id: they are listed as neighbours but give no label", unlabelled
+        )
+    db = Database(
+        index, db_ids, db_labels, database_bank_terms(database, db_ids, bank_index, bank_ids, s), bank_index, s
+    )
     images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
     exclude = self_rows if s["exclude_self"] else None
-    answers = answer_queries(db, queries, query_ids["id"], exclude=exclude, images=images, threads=threads,
-                             seconds=seconds)
-    log.info("searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
-             len(queries), len(database), about["type"], about["device"], seconds["search"], seconds["index"])
+    answers = answer_queries(
+        db, queries, query_ids["id"], exclude=exclude, images=images, threads=threads, seconds=seconds
+    )
+    log.info(
+        "searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
+        len(queries),
+        len(database),
+        about["type"],
+        about["device"],
+        seconds["search"],
+        seconds["index"],
+    )
     recall = approximate_recall(database, queries, answers.positions, exclude, s, use_gpu)
     threshold = {"threshold": None, "source": "none: no val embeddings given"}
     if val_path:
@@ -754,32 +907,57 @@ def retrieve(database_path, queries_path, bank_path, out_dir: Path, *, use_gpu: 
     result = answers.predictions
     predictions = predictions_table(query_ids, result, answers.query_bank, answers.label_inliers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(neighbours_table(query_ids, db_ids, db_labels, answers.cosines, answers.positions, answers.inliers),
-                out_dir / "neighbours.parquet")
+    write_table(
+        neighbours_table(query_ids, db_ids, db_labels, answers.cosines, answers.positions, answers.inliers),
+        out_dir / "neighbours.parquet",
+    )
     write_table(predictions, out_dir / "predictions.parquet")
     from .metrics import write_submission_csv
+
     write_submission_csv(predictions, out_dir / "submission.csv")  # every query; empty = no prediction
     save_database(out_dir, db, about, bank_about)
     has_label = result.label >= 0
     summary = {
         "database": {"path": str(database_path), "images": len(database), "unlabelled": unlabelled},
-        "queries": {"path": str(queries_path), "images": len(queries), "in_database": in_database,
-                    "without_prediction": int((~has_label).sum())},
+        "queries": {
+            "path": str(queries_path),
+            "images": len(queries),
+            "in_database": in_database,
+            "without_prediction": int((~has_label).sum()),
+        },
         "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
-        "dim": int(queries.shape[1]), "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
-        "settings": s, "index": about, "recall": recall,
-        "verified": None if answers.inliers is None else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
+        "dim": int(queries.shape[1]),
+        "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
+        "settings": s,
+        "index": about,
+        "recall": recall,
+        "verified": None
+        if answers.inliers is None
+        else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
         "nonlandmark_threshold": threshold,
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
-    write_json_atomic(out_dir / "predictor.json", {
-        "dim": int(queries.shape[1]), "database_images": len(database), "bank_images": len(bank),
-        "retrieve": s, "nonlandmark_threshold": threshold, **(predictor or {})})
+    write_json_atomic(
+        out_dir / "predictor.json",
+        {
+            "dim": int(queries.shape[1]),
+            "database_images": len(database),
+            "bank_images": len(bank),
+            "retrieve": s,
+            "nonlandmark_threshold": threshold,
+            **(predictor or {}),
+        },
+    )
     write_json_atomic(out_dir / "retrieve.json", summary)
-    log.info("%d of %d queries got a prediction (rerank %s%s); timings %s", int(has_label.sum()), len(queries),
-             s["rerank"], "" if answers.inliers is None else f", {summary['verified']} verified", summary["seconds"])
+    log.info(
+        "%d of %d queries got a prediction (rerank %s%s); timings %s",
+        int(has_label.sum()),
+        len(queries),
+        s["rerank"],
+        "" if answers.inliers is None else f", {summary['verified']} verified",
+        summary["seconds"],
+    )
     return predictions
-
 
 
 def _json_object(text: str, flag: str) -> dict:
@@ -793,21 +971,32 @@ def _json_object(text: str, flag: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.retrieve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.retrieve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--database", required=True, help="embeddings of the database (train split) .npy")
     parser.add_argument("--queries", required=True, help="embeddings of the queries (test split) .npy")
     parser.add_argument("--bank", default=None, help="embeddings of the non-landmark bank .npy")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--settings", default="{}",
-                        help="JSON object of retrieve settings (config.yaml's retrieve section); defaults fill the rest")
-    parser.add_argument("--shards", nargs="*", default=[],
-                        help="shard folders of the query and database images (for verify)")
-    parser.add_argument("--val", default=None,
-                        help="embeddings of the val split .npy: the non-landmark threshold predict uses is chosen on them")
-    parser.add_argument("--predictor", default="{}",
-                        help="JSON object recorded in predictor.json for predict: the experiment's embed and shard "
-                             "settings ({\"embed\": {...}, \"shard\": {...}})")
+    parser.add_argument(
+        "--settings",
+        default="{}",
+        help="JSON object of retrieve settings (config.yaml's retrieve section); defaults fill the rest",
+    )
+    parser.add_argument(
+        "--shards", nargs="*", default=[], help="shard folders of the query and database images (for verify)"
+    )
+    parser.add_argument(
+        "--val",
+        default=None,
+        help="embeddings of the val split .npy: the non-landmark threshold predict uses is chosen on them",
+    )
+    parser.add_argument(
+        "--predictor",
+        default="{}",
+        help="JSON object recorded in predictor.json for predict: the experiment's embed and shard "
+        'settings ({"embed": {...}, "shard": {...}})',
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.add_argument("--threads", type=int, default=None, help="faiss CPU threads (OpenMP) and verify threads")
     args = parser.parse_args(argv)
@@ -818,9 +1007,18 @@ def main(argv=None) -> int:
         raise StageError("--device gpu: faiss sees no GPU (faiss-cpu installed, or no CUDA device)")
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
-    retrieve(args.database, args.queries, args.bank, Path(args.out_dir), use_gpu=use_gpu, shard_dirs=args.shards,
-             threads=args.threads or 1, val_path=args.val, predictor=_json_object(args.predictor, "--predictor"),
-             **settings)
+    retrieve(
+        args.database,
+        args.queries,
+        args.bank,
+        Path(args.out_dir),
+        use_gpu=use_gpu,
+        shard_dirs=args.shards,
+        threads=args.threads or 1,
+        val_path=args.val,
+        predictor=_json_object(args.predictor, "--predictor"),
+        **settings,
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ def model_view(image: Image.Image, image_size: int) -> Image.Image:
     """The RGB image as the model sees it: loader.eval_transform's resize and centre crop, before the
     tensor conversion."""
     from torchvision import transforms
+
     geometry = eval_transform(image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).transforms[:2]
     return transforms.Compose(geometry)(image.convert("RGB"))
 
@@ -68,6 +69,7 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45, cmap: str
     """`heat` (values in [0, 1]) upsampled bilinearly to the image's size, coloured with a matplotlib
     colormap and blended over the image with weight `alpha`; RGB."""
     import matplotlib
+
     image = image.convert("RGB")
     field = Image.fromarray(np.asarray(heat, dtype=np.float32)).resize(image.size, Image.Resampling.BILINEAR)
     colours = matplotlib.colormaps[cmap](np.clip(np.asarray(field), 0.0, 1.0))[..., :3]

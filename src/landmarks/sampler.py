@@ -74,15 +74,23 @@ def random_batches(positions: np.ndarray, batch_size: int, world: int, rng: np.r
     if len(order) < per_round:
         batch_size = len(order) // world
         if batch_size < 2:
-            raise StageError(f"train: {len(order)} training images cannot make batches of at least 2 images "
-                             f"on {world} process(es)")
+            raise StageError(
+                f"train: {len(order)} training images cannot make batches of at least 2 images on {world} process(es)"
+            )
         per_round = batch_size * world
     rounds = len(order) // per_round
-    return order[:rounds * per_round].reshape(rounds * world, batch_size)
+    return order[: rounds * per_round].reshape(rounds * world, batch_size)
 
 
-def pk_batches(class_of: np.ndarray, positions: np.ndarray, classes_per_batch: int, images_per_class: int,
-               n_batches: int, rng: np.random.Generator, clusters: np.ndarray | None = None) -> np.ndarray:
+def pk_batches(
+    class_of: np.ndarray,
+    positions: np.ndarray,
+    classes_per_batch: int,
+    images_per_class: int,
+    n_batches: int,
+    rng: np.random.Generator,
+    clusters: np.ndarray | None = None,
+) -> np.ndarray:
     """(n_batches, P*K) positions: P distinct classes x K images each.
 
     With `clusters` (class -> cluster number, -1 = left out) every batch draws its classes from one
@@ -91,11 +99,13 @@ def pk_batches(class_of: np.ndarray, positions: np.ndarray, classes_per_batch: i
     labels = class_of[positions]
     order = np.argsort(labels, kind="stable")
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
-    images = {int(c): positions[order[s:s + n]] for c, s, n in zip(classes, starts, counts)}
+    images = {int(c): positions[order[s : s + n]] for c, s, n in zip(classes, starts, counts)}
     usable = np.array([c for c in images if len(images[c]) >= 2], dtype=np.int64)
     if len(usable) < classes_per_batch:
-        raise StageError(f"train.pk_classes = {classes_per_batch}, but only {len(usable)} classes have the 2 or more "
-                         "training images a P x K batch needs")
+        raise StageError(
+            f"train.pk_classes = {classes_per_batch}, but only {len(usable)} classes have the 2 or more "
+            "training images a P x K batch needs"
+        )
     pools = {}  # one shuffled round-robin per class, created when the class is first drawn
 
     def draw_images(cls: int) -> np.ndarray:
@@ -120,8 +130,9 @@ def pk_batches(class_of: np.ndarray, positions: np.ndarray, classes_per_batch: i
     return batches
 
 
-def cluster_classes(class_means: np.ndarray, present: np.ndarray, n_clusters: int, min_classes: int,
-                    seed: int = 0) -> np.ndarray:
+def cluster_classes(
+    class_means: np.ndarray, present: np.ndarray, n_clusters: int, min_classes: int, seed: int = 0
+) -> np.ndarray:
     """Class -> cluster number by spherical k-means (faiss) over the L2-normalised class means.
 
     Only `present` classes are clustered (others get -1). Clusters with fewer than `min_classes`
@@ -137,8 +148,9 @@ def cluster_classes(class_means: np.ndarray, present: np.ndarray, n_clusters: in
         return assignment
     x = class_means[members].astype(np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    kmeans = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed & 0x7FFFFFFF, spherical=True, verbose=False,
-                          min_points_per_centroid=1)
+    kmeans = faiss.Kmeans(
+        x.shape[1], k, niter=25, seed=seed & 0x7FFFFFFF, spherical=True, verbose=False, min_points_per_centroid=1
+    )
     kmeans.train(x)
     similarity = x @ kmeans.centroids.T
     labels = similarity.argmax(1)
@@ -162,9 +174,20 @@ class TrainBatchSampler(Sampler):
     of this rank (already trained on before a restart).
     """
 
-    def __init__(self, class_of: np.ndarray, *, mode: str = "random", batch_size: int = 32,
-                 classes_per_batch: int = 8, images_per_class: int = 4, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, batches_multiple_of: int = 1, min_batches: int = 1):
+    def __init__(
+        self,
+        class_of: np.ndarray,
+        *,
+        mode: str = "random",
+        batch_size: int = 32,
+        classes_per_batch: int = 8,
+        images_per_class: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batches_multiple_of: int = 1,
+        min_batches: int = 1,
+    ):
         if mode not in MODES:
             raise StageError(f"train.sampler must be one of {', '.join(MODES)}, got {mode!r}")
         self.class_of = np.asarray(class_of, dtype=np.int64)
@@ -181,8 +204,10 @@ class TrainBatchSampler(Sampler):
         rounds = max(self._rounds_per_epoch(), min_batches)
         self.batches_per_epoch = rounds - rounds % batches_multiple_of
         if self.batches_per_epoch == 0:
-            raise StageError(f"train: {len(self.positions)} labelled images give {rounds} batch(es) per process and "
-                             f"epoch, fewer than train.grad_accumulation = {batches_multiple_of}")
+            raise StageError(
+                f"train: {len(self.positions)} labelled images give {rounds} batch(es) per process and "
+                f"epoch, fewer than train.grad_accumulation = {batches_multiple_of}"
+            )
 
     def _rounds_per_epoch(self) -> int:
         """Batches per rank and epoch, before rounding to whole optimizer steps."""
@@ -212,9 +237,15 @@ class TrainBatchSampler(Sampler):
                     passes.append(random_batches(self.positions, self.batch_size, self.world_size, rng))
                 self._batches = np.concatenate(passes)[:n_batches]
             else:
-                self._batches = pk_batches(self.class_of, self.positions, self.classes_per_batch,
-                                           self.images_per_class, n_batches, rng,
-                                           self.clusters if self.mode == "subspace" else None)
+                self._batches = pk_batches(
+                    self.class_of,
+                    self.positions,
+                    self.classes_per_batch,
+                    self.images_per_class,
+                    n_batches,
+                    rng,
+                    self.clusters if self.mode == "subspace" else None,
+                )
         return self._batches
 
     def rank_batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:

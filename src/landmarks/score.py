@@ -33,8 +33,13 @@ from .loader import ShardImages
 
 log = logging.getLogger("landmarks.score")
 
-FIGURES = ("examples.png", "precision_vs_rank.png", "score_distributions.png", "per_class_accuracy.png",
-           "confusion.png")
+FIGURES = (
+    "examples.png",
+    "precision_vs_rank.png",
+    "score_distributions.png",
+    "per_class_accuracy.png",
+    "confusion.png",
+)
 MODEL_FIGURES = ("saliency.png",)  # written when score is given the model
 SALIENCY_PER_GROUP = 4  # most and least confident landmark queries each
 CONFUSED_PAIRS_LISTED = 10
@@ -43,8 +48,9 @@ CONFUSED_PAIRS_LISTED = 10
 def truth_from_selection(selection: pd.DataFrame) -> pd.DataFrame:
     """Test queries and their ground truth: [landmark_id], or [] for a non-landmark photo."""
     test = selection[selection["split"] == "test"]
-    return pd.DataFrame({"id": test["id"].to_numpy(),
-                         "landmarks": [[] if pd.isna(x) else [int(x)] for x in test["landmark_id"]]})
+    return pd.DataFrame(
+        {"id": test["id"].to_numpy(), "landmarks": [[] if pd.isna(x) else [int(x)] for x in test["landmark_id"]]}
+    )
 
 
 def ranked_predictions(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
@@ -54,8 +60,9 @@ def ranked_predictions(predictions: pd.DataFrame, truth: pd.DataFrame) -> pd.Dat
     made = predictions.dropna(subset=["landmark_id"])
     ranked = made.merge(truth[["id", "landmarks"]], on="id", how="inner", validate="one_to_one")
     ranked["landmark_id"] = ranked["landmark_id"].astype(np.int64)
-    labels = ranked.pop("landmarks").map(lambda x: [] if x is None or (isinstance(x, float) and math.isnan(x))
-                                         else list(x))
+    labels = ranked.pop("landmarks").map(
+        lambda x: [] if x is None or (isinstance(x, float) and math.isnan(x)) else list(x)
+    )
     ranked["is_landmark"] = labels.map(len).to_numpy() > 0
     ranked["correct"] = [lab in truth_labels for lab, truth_labels in zip(ranked["landmark_id"], labels)]
     ranked["truth_landmark_id"] = pd.array([x[0] if x else None for x in labels], dtype="Int64")
@@ -72,16 +79,23 @@ def verdict_accuracy(predictions: pd.DataFrame, truth: pd.DataFrame, threshold: 
     table = truth[["id", "landmarks"]].merge(predictions[["id", "landmark_id", "score"]], on="id", how="left")
     is_landmark = table["landmarks"].map(len).to_numpy() > 0
     has = table["landmark_id"].notna().to_numpy()
-    right_label = np.array([has_label and int(label) in labels for has_label, label, labels
-                            in zip(has, table["landmark_id"].fillna(-1), table["landmarks"])])
+    right_label = np.array(
+        [
+            has_label and int(label) in labels
+            for has_label, label, labels in zip(has, table["landmark_id"].fillna(-1), table["landmarks"])
+        ]
+    )
     kept = has & (table["score"].fillna(-np.inf).to_numpy() >= threshold)
     right = np.where(is_landmark, right_label & kept, ~kept)
     right_without = np.where(is_landmark, right_label, ~has)
     n = max(len(table), 1)
-    return {"threshold": threshold, "right_decisions": float(right.sum() / n),
-            "right_decisions_without_threshold": float(right_without.sum() / n),
-            "landmark_answers_kept": float((right_label & kept).sum() / max(right_label.sum(), 1)),
-            "nonlandmark_rejected": float((~kept & ~is_landmark).sum() / max((~is_landmark).sum(), 1))}
+    return {
+        "threshold": threshold,
+        "right_decisions": float(right.sum() / n),
+        "right_decisions_without_threshold": float(right_without.sum() / n),
+        "landmark_answers_kept": float((right_label & kept).sum() / max(right_label.sum(), 1)),
+        "nonlandmark_rejected": float((~kept & ~is_landmark).sum() / max((~is_landmark).sum(), 1)),
+    }
 
 
 # Other confidences for the same predicted labels (columns of predictions.parquet), to show what the
@@ -97,6 +111,7 @@ CONFIDENCES = {
 def gap_by_confidence(predictions: pd.DataFrame, truth: pd.DataFrame, min_inliers: int = 10) -> dict[str, float]:
     """GAP of the same labels ranked by each confidence whose columns the predictions have."""
     from . import metrics as gap_metrics
+
     result = {"the retrieve stage's confidence (score)": gap_metrics.score_predictions(predictions, truth).gap}
     for name, confidence in CONFIDENCES.items():
         try:
@@ -107,14 +122,21 @@ def gap_by_confidence(predictions: pd.DataFrame, truth: pd.DataFrame, min_inlier
     return result
 
 
-def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd.DataFrame | None,
-                    images: ShardImages, per_group: int = SALIENCY_PER_GROUP) -> list[dict]:
+def saliency_panels(
+    model,
+    image_size: int,
+    ranked: pd.DataFrame,
+    neighbours: pd.DataFrame | None,
+    images: ShardImages,
+    per_group: int = SALIENCY_PER_GROUP,
+) -> list[dict]:
     """What report.plot_saliency draws, for the most and least confident landmark queries
     (report.pick_saliency_examples): each query and its top-1 neighbour as the model sees them, and
     each one's saliency towards the other's embedding (computed here by the model, not read from the
     embed stage's files). An image missing from the shards leaves its panels empty."""
     from . import report
     from .saliency import embed_image, model_view, overlay, similarity_map
+
     model.eval()
     top1 = {}
     if neighbours is not None and len(neighbours):
@@ -123,11 +145,17 @@ def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd
     panels = []
     for group, row in report.pick_saliency_examples(ranked, per_group):
         neighbour = top1.get(row["id"])
-        panel = {"group": group, "query_id": row["id"], "truth_landmark_id": row["truth_landmark_id"],
-                 "landmark_id": row["landmark_id"], "score": row["score"], "correct": bool(row["correct"]),
-                 "neighbour_id": None if neighbour is None else neighbour["neighbour_id"],
-                 "neighbour_landmark_id": None if neighbour is None else neighbour.get("neighbour_landmark_id"),
-                 "cosine": None if neighbour is None else neighbour.get("cosine")}
+        panel = {
+            "group": group,
+            "query_id": row["id"],
+            "truth_landmark_id": row["truth_landmark_id"],
+            "landmark_id": row["landmark_id"],
+            "score": row["score"],
+            "correct": bool(row["correct"]),
+            "neighbour_id": None if neighbour is None else neighbour["neighbour_id"],
+            "neighbour_landmark_id": None if neighbour is None else neighbour.get("neighbour_landmark_id"),
+            "cosine": None if neighbour is None else neighbour.get("cosine"),
+        }
         query = images.image(row["id"])
         other = None if neighbour is None else images.image(neighbour["neighbour_id"])
         if query is not None:
@@ -137,10 +165,12 @@ def saliency_panels(model, image_size: int, ranked: pd.DataFrame, neighbours: pd
         if query is not None and other is not None:
             query_embedding = embed_image(model, query, image_size)
             other_embedding = embed_image(model, other, image_size)
-            panel["query_overlay"] = overlay(panel["query_view"],
-                                             similarity_map(model, query, other_embedding, image_size))
-            panel["neighbour_overlay"] = overlay(panel["neighbour_view"],
-                                                 similarity_map(model, other, query_embedding, image_size))
+            panel["query_overlay"] = overlay(
+                panel["query_view"], similarity_map(model, query, other_embedding, image_size)
+            )
+            panel["neighbour_overlay"] = overlay(
+                panel["neighbour_view"], similarity_map(model, other, query_embedding, image_size)
+            )
         panels.append(panel)
     return panels
 
@@ -152,6 +182,7 @@ def fmt(value) -> str:
 def _load_truth(selection_path, solution_path):
     """(truth of the scored queries, solution table or None). A solution CSV wins over the selection."""
     from . import metrics as gap_metrics
+
     if solution_path:
         solution = gap_metrics.read_solution_csv(solution_path)
         return solution[solution["usage"] != "Ignored"][["id", "landmarks"]].reset_index(drop=True), solution
@@ -164,11 +195,23 @@ def _load_truth(selection_path, solution_path):
     raise StageError("give --selection or --solution for the ground truth")
 
 
-def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path=None, neighbours_path=None,
-          shard_dirs=(), train_summary_path=None, retrieve_summary_path=None, experiment: str = "",
-          model_path=None, image_size: int | None = None) -> dict:
+def score(
+    predictions_path,
+    out_dir: Path,
+    *,
+    selection_path=None,
+    solution_path=None,
+    neighbours_path=None,
+    shard_dirs=(),
+    train_summary_path=None,
+    retrieve_summary_path=None,
+    experiment: str = "",
+    model_path=None,
+    image_size: int | None = None,
+) -> dict:
     from . import metrics as gap_metrics
     from . import report
+
     if model_path and not Path(model_path).exists():
         raise StageError(f"{model_path}: model checkpoint not found")
     predictions = read_table(predictions_path)
@@ -186,13 +229,20 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
         raise StageError(f"{predictions_path}: cannot be scored: {err}") from err
     if result.n_ignored:
         log.warning("%d predictions are for queries not in the ground truth: not scored", result.n_ignored)
-    summary = {"experiment": experiment, "gap": result.gap, "gap_landmarks_only": result.gap_landmarks_only,
-               "accuracy": result.accuracy, "gap_without_rerank": unreranked.gap,
-               "gap_landmarks_only_without_rerank": unreranked.gap_landmarks_only,
-               "gap_by_confidence": gap_by_confidence(predictions, truth),
-               "queries": result.n_queries, "landmark_queries": result.n_landmark_queries,
-               "predictions": result.n_predictions, "correct": result.n_correct,
-               "ground_truth": str(solution_path or selection_path)}
+    summary = {
+        "experiment": experiment,
+        "gap": result.gap,
+        "gap_landmarks_only": result.gap_landmarks_only,
+        "accuracy": result.accuracy,
+        "gap_without_rerank": unreranked.gap,
+        "gap_landmarks_only_without_rerank": unreranked.gap_landmarks_only,
+        "gap_by_confidence": gap_by_confidence(predictions, truth),
+        "queries": result.n_queries,
+        "landmark_queries": result.n_landmark_queries,
+        "predictions": result.n_predictions,
+        "correct": result.n_correct,
+        "ground_truth": str(solution_path or selection_path),
+    }
     if solution is not None:
         for usage in ("Public", "Private"):
             part = solution[solution["usage"] == usage][["id", "landmarks"]]
@@ -200,27 +250,43 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
                 summary[f"gap_{usage.lower()}"] = gap_metrics.score_predictions(predictions, part).gap
     if train_summary_path and Path(train_summary_path).exists():
         trained = json.loads(Path(train_summary_path).read_text())
-        summary.update({"val_gap": trained.get("best_val_gap"), "best_epoch": trained.get("best_epoch"),
-                        "train_seconds": trained.get("seconds")})
+        summary.update(
+            {
+                "val_gap": trained.get("best_val_gap"),
+                "best_epoch": trained.get("best_epoch"),
+                "train_seconds": trained.get("seconds"),
+            }
+        )
     if retrieve_summary_path and Path(retrieve_summary_path).exists():
         retrieved = json.loads(Path(retrieve_summary_path).read_text())
         index = retrieved.get("index") or {}
         recall = retrieved.get("recall") or {}
         settings = retrieved.get("settings") or retrieved  # older retrieve.json: the settings at the top level
         verify = settings.get("verify") or {}
-        summary.update({"prediction": retrieved.get("prediction"), "rerank": settings.get("rerank"),
-                        "k": settings.get("k"), "index": index.get("type"), "search_device": index.get("device"),
-                        "verified_neighbours": verify.get("neighbours"), "verified": retrieved.get("verified"),
-                        "ann_recall_at_k": recall.get("recall_at_k"),
-                        "ann_top1_in_top_k": recall.get("top1_in_top_k"),
-                        "database_images": (retrieved.get("database") or {}).get("images"),
-                        "bank_images": (retrieved.get("bank") or {}).get("images")})
+        summary.update(
+            {
+                "prediction": retrieved.get("prediction"),
+                "rerank": settings.get("rerank"),
+                "k": settings.get("k"),
+                "index": index.get("type"),
+                "search_device": index.get("device"),
+                "verified_neighbours": verify.get("neighbours"),
+                "verified": retrieved.get("verified"),
+                "ann_recall_at_k": recall.get("recall_at_k"),
+                "ann_top1_in_top_k": recall.get("top1_in_top_k"),
+                "database_images": (retrieved.get("database") or {}).get("images"),
+                "bank_images": (retrieved.get("bank") or {}).get("images"),
+            }
+        )
         if verify.get("min_inliers"):
             summary["gap_by_confidence"] = gap_by_confidence(predictions, truth, verify["min_inliers"])
         chosen = retrieved.get("nonlandmark_threshold") or {}
         if chosen.get("threshold") is not None:
-            summary["verdict"] = {**verdict_accuracy(predictions, truth, chosen["threshold"]),
-                                  "source": chosen.get("source"), "val_right_decisions": chosen.get("accuracy")}
+            summary["verdict"] = {
+                **verdict_accuracy(predictions, truth, chosen["threshold"]),
+                "source": chosen.get("source"),
+                "val_right_decisions": chosen.get("accuracy"),
+            }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = ranked_predictions(predictions, truth)
@@ -230,8 +296,9 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
     outcomes = report.landmark_outcomes(predictions, truth)
     images = ShardImages(shard_dirs)
     report.plot_examples(ranked, neighbours, images, out_dir / "examples.png")
-    report.plot_precision_vs_rank(ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap,
-                                  gap_raw=unreranked.gap)
+    report.plot_precision_vs_rank(
+        ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap, gap_raw=unreranked.gap
+    )
     report.plot_score_distributions(ranked, out_dir / "score_distributions.png")
     report.plot_per_class_accuracy(per_class, out_dir / "per_class_accuracy.png")
     report.plot_confusion(outcomes, out_dir / "confusion.png")
@@ -243,15 +310,21 @@ def score(predictions_path, out_dir: Path, *, selection_path=None, solution_path
     summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
     write_json_atomic(out_dir / "metrics.json", summary)
     write_text_atomic(out_dir / "report.md", render_report(summary, per_class, ranked, outcomes, saliency=saliency))
-    log.info("%s: GAP %s, GAP without non-landmark queries %s, top-1 accuracy %s, GAP without reranking %s",
-             experiment or predictions_path, fmt(summary["gap"]), fmt(summary["gap_landmarks_only"]),
-             fmt(summary["accuracy"]), fmt(summary["gap_without_rerank"]))
+    log.info(
+        "%s: GAP %s, GAP without non-landmark queries %s, top-1 accuracy %s, GAP without reranking %s",
+        experiment or predictions_path,
+        fmt(summary["gap"]),
+        fmt(summary["gap_landmarks_only"]),
+        fmt(summary["accuracy"]),
+        fmt(summary["gap_without_rerank"]),
+    )
     return summary
 
 
 def _plot_saliency(model_path, image_size, ranked, neighbours, images, path: Path) -> bool:
     from . import report
     from .model import model_from_checkpoint
+
     model, checkpoint = model_from_checkpoint(model_path)
     image_size = image_size or checkpoint["settings"]["image_size"]
     note = "" if neighbours is not None else " (no neighbours table given)"
@@ -261,57 +334,107 @@ def _plot_saliency(model_path, image_size, ranked, neighbours, images, path: Pat
     return True
 
 
-def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame | None = None,
-                  outcomes: pd.DataFrame | None = None, *, saliency: bool = False) -> str:
+def render_report(
+    summary: dict,
+    per_class: pd.DataFrame,
+    ranked: pd.DataFrame | None = None,
+    outcomes: pd.DataFrame | None = None,
+    *,
+    saliency: bool = False,
+) -> str:
     from . import report
-    lines = [f"# Recognition report: {summary['experiment'] or 'test queries'}", "",
-             f"Ground truth: `{summary.get('ground_truth', '')}`.", "",
-             "| metric | value |", "|---|---|",
-             f"| GAP (all test queries, Kaggle definition) | {fmt(summary['gap'])} |",
-             f"| GAP ignoring non-landmark queries | {fmt(summary['gap_landmarks_only'])} |",
-             f"| top-1 accuracy (landmark queries) | {fmt(summary['accuracy'])} |",
-             f"| GAP without non-landmark reranking (raw top-1 cosine) | {fmt(summary['gap_without_rerank'])} |"]
-    for key, label in (("gap_public", "GAP Public"), ("gap_private", "GAP Private"),
-                       ("val_gap", "val GAP (train stage, best epoch)")):
+
+    lines = [
+        f"# Recognition report: {summary['experiment'] or 'test queries'}",
+        "",
+        f"Ground truth: `{summary.get('ground_truth', '')}`.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| GAP (all test queries, Kaggle definition) | {fmt(summary['gap'])} |",
+        f"| GAP ignoring non-landmark queries | {fmt(summary['gap_landmarks_only'])} |",
+        f"| top-1 accuracy (landmark queries) | {fmt(summary['accuracy'])} |",
+        f"| GAP without non-landmark reranking (raw top-1 cosine) | {fmt(summary['gap_without_rerank'])} |",
+    ]
+    for key, label in (
+        ("gap_public", "GAP Public"),
+        ("gap_private", "GAP Private"),
+        ("val_gap", "val GAP (train stage, best epoch)"),
+    ):
         if summary.get(key) is not None:
             lines.append(f"| {label} | {fmt(summary[key])} |")
-    lines += [f"| test queries (landmark / all) | {summary['landmark_queries']} / {summary['queries']} |",
-              f"| predictions ranked (correct) | {summary['predictions']} ({summary['correct']}) |"]
+    lines += [
+        f"| test queries (landmark / all) | {summary['landmark_queries']} / {summary['queries']} |",
+        f"| predictions ranked (correct) | {summary['predictions']} ({summary['correct']}) |",
+    ]
     if summary.get("gap_by_confidence"):
-        lines += ["", "The same predicted landmarks ranked by other confidences (GAP):", "",
-                  "| confidence | GAP |", "|---|---|"]
+        lines += [
+            "",
+            "The same predicted landmarks ranked by other confidences (GAP):",
+            "",
+            "| confidence | GAP |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {fmt(value)} |" for name, value in summary["gap_by_confidence"].items()]
     if summary.get("rerank"):
-        lines += ["", f"Retrieval: {summary.get('index')} index on {summary.get('search_device')}, "
-                      f"k = {summary.get('k')}, prediction `{summary.get('prediction')}`, "
-                      f"reranking `{summary.get('rerank')}`; {summary.get('database_images')} database images, "
-                      f"{summary.get('bank_images')} in the non-landmark bank."]
+        lines += [
+            "",
+            f"Retrieval: {summary.get('index')} index on {summary.get('search_device')}, "
+            f"k = {summary.get('k')}, prediction `{summary.get('prediction')}`, "
+            f"reranking `{summary.get('rerank')}`; {summary.get('database_images')} database images, "
+            f"{summary.get('bank_images')} in the non-landmark bank.",
+        ]
         if summary.get("verified_neighbours"):
-            lines.append(f"Geometric verification of the first {summary['verified_neighbours']} neighbours: "
-                         f"{summary.get('verified')} predictions verified (SIFT + RANSAC).")
+            lines.append(
+                f"Geometric verification of the first {summary['verified_neighbours']} neighbours: "
+                f"{summary.get('verified')} predictions verified (SIFT + RANSAC)."
+            )
         if summary.get("ann_recall_at_k") is not None:
-            lines.append(f"Approximate search against exact search on a sample of queries: recall@k "
-                         f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "
-                         f"{fmt(summary['ann_top1_in_top_k'])}.")
+            lines.append(
+                f"Approximate search against exact search on a sample of queries: recall@k "
+                f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "
+                f"{fmt(summary['ann_top1_in_top_k'])}."
+            )
     if summary.get("verdict"):
         v = summary["verdict"]
-        lines += ["", f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
-                      f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
-                      f"test queries {fmt(v['right_decisions'])} right decisions, against "
-                      f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
-                      f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "
-                      f"{fmt(v['nonlandmark_rejected'])} of the non-landmark queries."]
+        lines += [
+            "",
+            f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
+            f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
+            f"test queries {fmt(v['right_decisions'])} right decisions, against "
+            f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
+            f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "
+            f"{fmt(v['nonlandmark_rejected'])} of the non-landmark queries.",
+        ]
     if ranked is not None and len(ranked):
         wrong_landmark = int((ranked["is_landmark"] & ~ranked["correct"]).sum())
         non_landmark = int((~ranked["is_landmark"]).sum())
         first_wrong = ranked.loc[~ranked["correct"], "rank"]
-        lines += ["", f"Of {len(ranked)} ranked predictions, {wrong_landmark} name the wrong landmark and "
-                      f"{non_landmark} are on non-landmark queries; the first mistake is at rank "
-                      f"{int(first_wrong.iloc[0]) if len(first_wrong) else 'none'}."]
-    lines += ["", "## Examples", "", "![examples](examples.png)", "", "## Precision against rank", "",
-              "![precision against rank](precision_vs_rank.png)", "", "## Score distributions", "",
-              "![score distributions](score_distributions.png)", "", "## Per-class accuracy", "",
-              "![per-class accuracy](per_class_accuracy.png)", ""]
+        lines += [
+            "",
+            f"Of {len(ranked)} ranked predictions, {wrong_landmark} name the wrong landmark and "
+            f"{non_landmark} are on non-landmark queries; the first mistake is at rank "
+            f"{int(first_wrong.iloc[0]) if len(first_wrong) else 'none'}.",
+        ]
+    lines += [
+        "",
+        "## Examples",
+        "",
+        "![examples](examples.png)",
+        "",
+        "## Precision against rank",
+        "",
+        "![precision against rank](precision_vs_rank.png)",
+        "",
+        "## Score distributions",
+        "",
+        "![score distributions](score_distributions.png)",
+        "",
+        "## Per-class accuracy",
+        "",
+        "![per-class accuracy](per_class_accuracy.png)",
+        "",
+    ]
     if len(per_class):
         worst = per_class.head(10)
         lines += ["### Hardest classes", "", "| landmark id | accuracy | queries |", "|---|---|---|"]
@@ -321,10 +444,16 @@ def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame |
         pairs = report.confused_pairs(outcomes)
         unpredicted = int(outcomes["predicted_landmark_id"].isna().sum())
         if len(pairs):
-            lines += ["### Most confused pairs", "", "| true landmark | predicted landmark | queries |",
-                      "|---|---|---|"]
-            lines += [f"| {r.truth_landmark_id} | {r.predicted_landmark_id} | {r.queries} |"
-                      for r in pairs.head(CONFUSED_PAIRS_LISTED).itertuples()]
+            lines += [
+                "### Most confused pairs",
+                "",
+                "| true landmark | predicted landmark | queries |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {r.truth_landmark_id} | {r.predicted_landmark_id} | {r.queries} |"
+                for r in pairs.head(CONFUSED_PAIRS_LISTED).itertuples()
+            ]
             lines.append("")
             if len(pairs) > CONFUSED_PAIRS_LISTED:
                 lines += [f"({len(pairs)} confused pairs in all.)", ""]
@@ -338,8 +467,9 @@ def render_report(summary: dict, per_class: pd.DataFrame, ranked: pd.DataFrame |
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--predictions", required=True, help="predictions.parquet from the retrieve stage")
     parser.add_argument("--selection", help="selection.parquet: ground truth of the test split")
     parser.add_argument("--solution", help="Kaggle solution CSV (id,landmarks,Usage); overrides --selection")
@@ -347,18 +477,33 @@ def main(argv=None) -> int:
     parser.add_argument("--shards", nargs="*", default=[], help="shard folders holding query and database images")
     parser.add_argument("--train-summary", help="train.json (adds the validation GAP to the report)")
     parser.add_argument("--retrieve-summary", help="retrieve.json (adds the retrieval settings and ANN recall)")
-    parser.add_argument("--model", help="model.pt from the train stage (for the saliency figure; without it, "
-                                         "saliency.png is not written)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image size the model sees (default: the checkpoint's training image size)")
+    parser.add_argument(
+        "--model",
+        help="model.pt from the train stage (for the saliency figure; without it, saliency.png is not written)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image size the model sees (default: the checkpoint's training image size)",
+    )
     parser.add_argument("--experiment", default="", help="experiment name for the report")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     setup_logging()
-    score(args.predictions, Path(args.out_dir), selection_path=args.selection, solution_path=args.solution,
-          neighbours_path=args.neighbours, shard_dirs=args.shards, train_summary_path=args.train_summary,
-          retrieve_summary_path=args.retrieve_summary, experiment=args.experiment, model_path=args.model,
-          image_size=args.image_size)
+    score(
+        args.predictions,
+        Path(args.out_dir),
+        selection_path=args.selection,
+        solution_path=args.solution,
+        neighbours_path=args.neighbours,
+        shard_dirs=args.shards,
+        train_summary_path=args.train_summary,
+        retrieve_summary_path=args.retrieve_summary,
+        experiment=args.experiment,
+        model_path=args.model,
+        image_size=args.image_size,
+    )
     return 0
 
 

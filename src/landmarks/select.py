@@ -37,11 +37,11 @@ never on the order of the manifests.
 from __future__ import annotations
 
 import argparse
-import re
 import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,13 +59,23 @@ LANDMARK_SPLITS = ("train", "val", "test")
 NONLANDMARK_SPLITS = ("test", "nonlandmark")
 MANIFEST_COLUMNS = ("id", "url", "landmark_id", "status", "path", "sha256", "width", "height", "part")
 SCENE_COLUMNS = ("id", "scene_status", "topk_outdoor")
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()), ("landmark_id", pa.int64()), ("split", pa.string()),
-    ("split_source", pa.string()),  # manifest | random | duplicate | contradictory-duplicate
-    ("path", pa.string()), ("part", pa.int64()), ("url", pa.string()), ("sha256", pa.string()),
-    ("width", pa.int64()), ("height", pa.int64()),
-    ("scene_status", pa.string()), ("outdoor_votes", pa.int16()), ("is_outdoor", pa.bool_()),
-])
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("landmark_id", pa.int64()),
+        ("split", pa.string()),
+        ("split_source", pa.string()),  # manifest | random | duplicate | contradictory-duplicate
+        ("path", pa.string()),
+        ("part", pa.int64()),
+        ("url", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("scene_status", pa.string()),
+        ("outdoor_votes", pa.int16()),
+        ("is_outdoor", pa.bool_()),
+    ]
+)
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 
@@ -90,6 +100,7 @@ class Rules:
 # Reading inputs
 # --------------------------------------------------------------------------------------------
 
+
 def _ids_preview(ids, limit: int = 10) -> str:
     ids = sorted(map(str, ids))
     more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
@@ -101,8 +112,10 @@ def read_manifest(path: Path) -> pd.DataFrame:
     frame = read_table(path)
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
-        raise StageError(f"{path}: not a download manifest: missing columns {', '.join(missing)} "
-                         f"(expected at least {', '.join(MANIFEST_COLUMNS)})")
+        raise StageError(
+            f"{path}: not a download manifest: missing columns {', '.join(missing)} "
+            f"(expected at least {', '.join(MANIFEST_COLUMNS)})"
+        )
     if "split" not in frame.columns:
         frame["split"] = pd.NA
     if frame["id"].isna().any() or (len(frame) and not pd.api.types.is_string_dtype(frame["id"])):
@@ -183,6 +196,7 @@ def read_scenes(paths: list[Path]) -> Scenes:
 # Counting for the report
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Report:
     steps: list[dict] = field(default_factory=list)
@@ -192,16 +206,18 @@ class Report:
     def count(self, step: str, frame: pd.DataFrame, note: str = "") -> None:
         landmark = frame["landmark_id"].notna()
         previous = self.steps[-1]["images"] if self.steps else len(frame)
-        self.steps.append({
-            "section": "filter",
-            "step": step,
-            "images": len(frame),
-            "landmark_images": int(landmark.sum()),
-            "nonlandmark_images": int((~landmark).sum()),
-            "classes": int(frame["landmark_id"].nunique()),
-            "dropped": previous - len(frame),
-            "note": note,
-        })
+        self.steps.append(
+            {
+                "section": "filter",
+                "step": step,
+                "images": len(frame),
+                "landmark_images": int(landmark.sum()),
+                "nonlandmark_images": int((~landmark).sum()),
+                "classes": int(frame["landmark_id"].nunique()),
+                "dropped": previous - len(frame),
+                "note": note,
+            }
+        )
 
 
 def val_coverage(selection: pd.DataFrame, min_class_images: int, val_fraction: float) -> dict:
@@ -210,9 +226,14 @@ def val_coverage(selection: pd.DataFrame, min_class_images: int, val_fraction: f
     sizes = landmark["landmark_id"].value_counts()
     covered = set(landmark.loc[landmark["split"] == "val", "landmark_id"])
     eligible = set(sizes[sizes >= min_class_images].index)
-    return {"classes": len(sizes), "covered": len(covered), "eligible": len(eligible),
-            "eligible_covered": len(covered & eligible), "min_class_images": min_class_images,
-            "val_fraction": val_fraction}
+    return {
+        "classes": len(sizes),
+        "covered": len(covered),
+        "eligible": len(eligible),
+        "eligible_covered": len(covered & eligible),
+        "min_class_images": min_class_images,
+        "val_fraction": val_fraction,
+    }
 
 
 def describe_val_coverage(c: dict) -> str:
@@ -225,8 +246,10 @@ def describe_val_coverage(c: dict) -> str:
         return text + f" (all {eligible:,} with >= {k} images)"
     if c["val_fraction"] == 0:
         return text + f" ({hit:,} of the {eligible:,} with >= {k} images: val_fraction is 0)"
-    return (text + f" ({hit:,} of the {eligible:,} with >= {k} images; the others have no image left after "
-            f"their test images and min_train_per_class train images, or only duplicate groups too large to move)")
+    return (
+        text + f" ({hit:,} of the {eligible:,} with >= {k} images; the others have no image left after "
+        f"their test images and min_train_per_class train images, or only duplicate groups too large to move)"
+    )
 
 
 def split_counts(selection: pd.DataFrame) -> list[dict]:
@@ -234,17 +257,30 @@ def split_counts(selection: pd.DataFrame) -> list[dict]:
     landmark = selection["landmark_id"].notna()
     for split in SPLITS:
         in_split = selection["split"] == split
-        rows.append({
-            "section": "split", "step": split, "images": int(in_split.sum()),
-            "landmark_images": int((in_split & landmark).sum()),
-            "nonlandmark_images": int((in_split & ~landmark).sum()),
-            "classes": int(selection.loc[in_split, "landmark_id"].nunique()), "dropped": 0, "note": "",
-        })
-    rows.append({
-        "section": "split", "step": "total", "images": len(selection), "landmark_images": int(landmark.sum()),
-        "nonlandmark_images": int((~landmark).sum()), "classes": int(selection["landmark_id"].nunique()),
-        "dropped": 0, "note": "",
-    })
+        rows.append(
+            {
+                "section": "split",
+                "step": split,
+                "images": int(in_split.sum()),
+                "landmark_images": int((in_split & landmark).sum()),
+                "nonlandmark_images": int((in_split & ~landmark).sum()),
+                "classes": int(selection.loc[in_split, "landmark_id"].nunique()),
+                "dropped": 0,
+                "note": "",
+            }
+        )
+    rows.append(
+        {
+            "section": "split",
+            "step": "total",
+            "images": len(selection),
+            "landmark_images": int(landmark.sum()),
+            "nonlandmark_images": int((~landmark).sum()),
+            "classes": int(selection["landmark_id"].nunique()),
+            "dropped": 0,
+            "note": "",
+        }
+    )
     return rows
 
 
@@ -252,12 +288,14 @@ def split_counts(selection: pd.DataFrame) -> list[dict]:
 # Filters
 # --------------------------------------------------------------------------------------------
 
+
 def random_rank(ids: pd.Series, seed: int, purpose: str) -> np.ndarray:
     """A pseudo-random uint64 per id, fixed by (seed, purpose, id): order-independent sampling."""
     salt = f"{seed}:{purpose}:".encode()
     return np.fromiter(
         (int.from_bytes(hashlib.blake2b(salt + i.encode(), digest_size=8).digest(), "big") for i in ids),
-        dtype=np.uint64, count=len(ids),
+        dtype=np.uint64,
+        count=len(ids),
     )
 
 
@@ -276,7 +314,8 @@ def attach_scenes(frame: pd.DataFrame, scenes: Scenes) -> pd.DataFrame:
     if missing.any():
         raise StageError(
             f"{int(missing.sum())} downloaded images have no scene result (ids {_ids_preview(frame.loc[missing, 'id'])}); "
-            f"pass the places365 table of every partition to --scenes")
+            f"pass the places365 table of every partition to --scenes"
+        )
     extra = ~table["id"].isin(frame["id"])
     if extra.any():
         log.warning("%d scene rows have no downloaded image in the manifests (ignored)", int(extra.sum()))
@@ -289,8 +328,10 @@ def outdoor_matrix(topk_outdoor: pd.Series, need: int) -> np.ndarray:
         return np.zeros((0, need), dtype=bool)
     lengths = topk_outdoor.map(len)
     if lengths.min() < need:
-        raise StageError(f"scene tables store only the top {int(lengths.min())} categories; "
-                         f"the outdoor rule needs {need} (rerun places365 with a larger --top-k)")
+        raise StageError(
+            f"scene tables store only the top {int(lengths.min())} categories; "
+            f"the outdoor rule needs {need} (rerun places365 with a larger --top-k)"
+        )
     k = int(lengths.min())
     return np.stack([np.asarray(v[:k], dtype=bool) for v in topk_outdoor])
 
@@ -299,34 +340,47 @@ def apply_scene_filter(frame: pd.DataFrame, scenes: Scenes | None, rules: Rules,
     """Drop undecodable images, then indoor landmark images; adds scene_status, outdoor_votes, is_outdoor."""
     if scenes is None:
         if rules.outdoor_rule != "none":
-            raise StageError(f"--outdoor-rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
-                             f"pass them or use --outdoor-rule none")
+            raise StageError(
+                f"--outdoor-rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
+                f"pass them or use --outdoor-rule none"
+            )
         report.notes.append("Outdoor filter: off (no scene tables, --outdoor-rule none).")
         frame = frame.assign(scene_status=pd.NA, topk_outdoor=None)
     else:
         frame = attach_scenes(frame, scenes)
         frame = frame[frame["scene_status"] != STATUS_UNREADABLE]
         report.count("decodable (Places365 could read it)", frame, "images Places365 could not decode")
-    frame = frame.assign(outdoor_votes=pd.array([pd.NA] * len(frame), dtype="Int16"),
-                         is_outdoor=pd.array([pd.NA] * len(frame), dtype="boolean"))
+    frame = frame.assign(
+        outdoor_votes=pd.array([pd.NA] * len(frame), dtype="Int16"),
+        is_outdoor=pd.array([pd.NA] * len(frame), dtype="boolean"),
+    )
     if scenes is None:
         return frame.drop(columns=["topk_outdoor"])
     if rules.outdoor_rule == "none":
         report.count("outdoor filter: off", frame, "--outdoor-rule none")
-        report.notes.append("Outdoor filter: off (--outdoor-rule none); scene tables only used to drop undecodable images.")
+        report.notes.append(
+            "Outdoor filter: off (--outdoor-rule none); scene tables only used to drop undecodable images."
+        )
         return frame.drop(columns=["topk_outdoor"])
 
     need = rules.outdoor_top_k if rules.outdoor_rule == "votes" else 10
     scored = (frame["scene_status"] == STATUS_SCORED).to_numpy()
-    votes, outdoor = decide_outdoor(outdoor_matrix(frame.loc[scored, "topk_outdoor"], need), rules.outdoor_rule,
-                                    rules.min_outdoor_votes, rules.outdoor_top_k)
+    votes, outdoor = decide_outdoor(
+        outdoor_matrix(frame.loc[scored, "topk_outdoor"], need),
+        rules.outdoor_rule,
+        rules.min_outdoor_votes,
+        rules.outdoor_top_k,
+    )
     frame.loc[scored, "outdoor_votes"] = votes
     frame.loc[scored, "is_outdoor"] = outdoor
     is_landmark = frame["landmark_id"].notna()
     indoor_landmark = is_landmark & frame["is_outdoor"].eq(False).fillna(False).astype(bool)
     unscored = is_landmark & (frame["scene_status"] == STATUS_NO_WEIGHTS)
-    rule_text = (f">= {rules.min_outdoor_votes} outdoor of the top {rules.outdoor_top_k} categories"
-                 if rules.outdoor_rule == "votes" else "official: mean IO label of the top 10 >= 0.5")
+    rule_text = (
+        f">= {rules.min_outdoor_votes} outdoor of the top {rules.outdoor_top_k} categories"
+        if rules.outdoor_rule == "votes"
+        else "official: mean IO label of the top 10 >= 0.5"
+    )
     note = f"rule {rules.outdoor_rule} ({rule_text}); landmark images only"
     if unscored.any():
         note += f"; {int(unscored.sum()):,} landmark images kept unscored (no weights)"
@@ -336,19 +390,23 @@ def apply_scene_filter(frame: pd.DataFrame, scenes: Scenes | None, rules: Rules,
     if unscored.any():
         report.notes.append(
             f"**The outdoor filter was skipped for {int(unscored.sum()):,} landmark images** because the "
-            f"places365 stage found no weights. Its explanation: " + " / ".join(scenes.notes or ["(no note)"]))
+            f"places365 stage found no weights. Its explanation: " + " / ".join(scenes.notes or ["(no note)"])
+        )
     return frame.drop(columns=["topk_outdoor"])
 
 
 def apply_class_rules(frame: pd.DataFrame, rules: Rules, report: Report) -> pd.DataFrame:
     landmark = frame["landmark_id"].notna()
 
-    excluded = set(int(c) for c in rules.exclude_classes)
+    excluded = {int(c) for c in rules.exclude_classes}
     present = set(frame.loc[landmark, "landmark_id"].astype(int)) & excluded
     frame = frame[~frame["landmark_id"].isin(excluded).fillna(False).astype(bool)]
     if excluded:
-        report.count("excluded classes removed", frame,
-                     f"{len(excluded)} classes listed, {len(present)} present: {', '.join(map(str, sorted(excluded)[:20]))}")
+        report.count(
+            "excluded classes removed",
+            frame,
+            f"{len(excluded)} classes listed, {len(present)} present: {', '.join(map(str, sorted(excluded)[:20]))}",
+        )
 
     if rules.min_images_per_class > 1:
         counts = frame["landmark_id"].value_counts()
@@ -363,8 +421,11 @@ def apply_class_rules(frame: pd.DataFrame, rules: Rules, report: Report) -> pd.D
         top = set(counts["landmark_id"].head(rules.top_n_classes))
         is_landmark = frame["landmark_id"].notna()
         frame = frame[~is_landmark | frame["landmark_id"].isin(top).fillna(False).astype(bool)]
-        report.count(f"top {rules.top_n_classes:,} classes by image count", frame,
-                     f"{max(0, len(counts) - len(top)):,} classes removed; ties: smaller landmark_id first")
+        report.count(
+            f"top {rules.top_n_classes:,} classes by image count",
+            frame,
+            f"{max(0, len(counts) - len(top)):,} classes removed; ties: smaller landmark_id first",
+        )
 
     if rules.max_images_per_class:
         # Pre-assigned rows are kept first (a given test set should not be sampled away).
@@ -373,14 +434,16 @@ def apply_class_rules(frame: pd.DataFrame, rules: Rules, report: Report) -> pd.D
         position = order.groupby("landmark_id", dropna=True).cumcount()
         keep_ids = set(order.loc[order["landmark_id"].isna() | (position < rules.max_images_per_class), "id"])
         frame = frame[frame["id"].isin(keep_ids)]
-        report.count(f"at most {rules.max_images_per_class:,} images per class", frame,
-                     f"seeded sample (seed {rules.seed})")
+        report.count(
+            f"at most {rules.max_images_per_class:,} images per class", frame, f"seeded sample (seed {rules.seed})"
+        )
     return frame
 
 
 # --------------------------------------------------------------------------------------------
 # Splits
 # --------------------------------------------------------------------------------------------
+
 
 def duplicate_groups(frame: pd.DataFrame) -> np.ndarray:
     """Connected components of rows sharing a URL or a sha256: one group label per row."""
@@ -396,8 +459,14 @@ def duplicate_groups(frame: pd.DataFrame) -> np.ndarray:
             return group.to_numpy()
 
 
-def val_test_quota(n: int, val_fraction: float, test_fraction: float, min_train: int,
-                   val_min_class_images: int = 0, given_test: int = 0) -> tuple[int, int]:
+def val_test_quota(
+    n: int,
+    val_fraction: float,
+    test_fraction: float,
+    min_train: int,
+    val_min_class_images: int = 0,
+    given_test: int = 0,
+) -> tuple[int, int]:
     """Val and test sizes of a class of n images: fractions rounded half up, shrunk until train
     keeps `min_train` images (tiny classes lose val/test, never train).
 
@@ -411,8 +480,13 @@ def val_test_quota(n: int, val_fraction: float, test_fraction: float, min_train:
             test -= 1
         else:
             val -= 1
-    if (val == 0 and val_fraction > 0 and val_min_class_images and n >= val_min_class_images
-            and n - max(test, given_test) - 1 >= min_train):
+    if (
+        val == 0
+        and val_fraction > 0
+        and val_min_class_images
+        and n >= val_min_class_images
+        and n - max(test, given_test) - 1 >= min_train
+    ):
         val = 1
     return val, test
 
@@ -470,8 +544,11 @@ def assign_splits(frame: pd.DataFrame, rules: Rules) -> pd.DataFrame:
 def _free_groups(frame: pd.DataFrame, free: pd.Series, by: str | None) -> pd.DataFrame:
     """One row per free duplicate group (size, best rank), sorted by rank within `by`."""
     rows = frame.loc[free]
-    groups = rows.groupby("group").agg(size=("id", "size"), rank=("rank", "min"),
-                                       **({by: (by, "first")} if by else {})).reset_index()
+    groups = (
+        rows.groupby("group")
+        .agg(size=("id", "size"), rank=("rank", "min"), **({by: (by, "first")} if by else {}))
+        .reset_index()
+    )
     sort = ([by] if by else []) + ["rank", "group"]
     return groups.sort_values(sort, kind="stable").reset_index(drop=True)
 
@@ -485,9 +562,17 @@ def _stratify_landmarks(frame: pd.DataFrame, free: pd.Series, rules: Rules) -> N
     given_test = have_test.reindex(sizes.index, fill_value=0)
     # One quota per distinct (size, pre-assigned test rows): few pairs even with 100k classes.
     keys = pd.Series(list(zip(sizes, given_test)), index=sizes.index)
-    quotas = {key: val_test_quota(key[0], rules.val_fraction, rules.test_fraction, rules.min_train_per_class,
-                                  rules.val_min_class_images, key[1])
-              for key in keys.unique()}
+    quotas = {
+        key: val_test_quota(
+            key[0],
+            rules.val_fraction,
+            rules.test_fraction,
+            rules.min_train_per_class,
+            rules.val_min_class_images,
+            key[1],
+        )
+        for key in keys.unique()
+    }
     val_target = keys.map(lambda key: quotas[key][0])
     test_target = keys.map(lambda key: quotas[key][1])
     need_val = (val_target - have_val.reindex(val_target.index, fill_value=0)).clip(lower=0)
@@ -499,7 +584,9 @@ def _stratify_landmarks(frame: pd.DataFrame, free: pd.Series, rules: Rules) -> N
     to_val = _take_prefix(groups, "landmark_id", need_val)
     # Test takes the next groups in rank order, after what val took in the same class.
     val_taken = groups["size"].where(to_val, 0).groupby(groups["landmark_id"]).sum()
-    to_test = ~to_val & _take_prefix(groups, "landmark_id", val_taken + need_test.reindex(val_taken.index, fill_value=0))
+    to_test = ~to_val & _take_prefix(
+        groups, "landmark_id", val_taken + need_test.reindex(val_taken.index, fill_value=0)
+    )
     split_of_group = pd.Series(np.select([to_val, to_test], ["val", "test"], "train"), index=groups["group"])
     frame.loc[free, "split"] = frame.loc[free, "group"].map(split_of_group)
 
@@ -528,13 +615,16 @@ def check_no_test_bank_overlap(selection: pd.DataFrame) -> None:
             ids = set(test.loc[test[column].isin(shared), "id"]) | set(bank.loc[bank[column].isin(shared), "id"])
             problems.append(f"same {what}: ids {_ids_preview(ids)}")
     if problems:
-        raise StageError("test and the nonlandmark bank overlap (a query would find its own answer in the bank); "
-                         "fix the pre-assigned splits in the input: " + "; ".join(problems))
+        raise StageError(
+            "test and the nonlandmark bank overlap (a query would find its own answer in the bank); "
+            "fix the pre-assigned splits in the input: " + "; ".join(problems)
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
+
 
 def _n(value: int) -> str:
     return f"{value:,}"
@@ -544,41 +634,61 @@ def render_report(report: Report, splits: list[dict], rules: Rules, inputs: dict
     by_split = {row["step"]: row for row in splits}
     chain = " → ".join(_n(step["images"]) for step in report.steps)
     test = by_split["test"]
-    chain += (f" → {_n(by_split['train']['images'])} train / {_n(by_split['val']['images'])} val / "
-              f"{_n(test['images'])} test ({_n(test['landmark_images'])} landmark + "
-              f"{_n(test['nonlandmark_images'])} non-landmark) / {_n(by_split['nonlandmark']['images'])} nonlandmark")
+    chain += (
+        f" → {_n(by_split['train']['images'])} train / {_n(by_split['val']['images'])} val / "
+        f"{_n(test['images'])} test ({_n(test['landmark_images'])} landmark + "
+        f"{_n(test['nonlandmark_images'])} non-landmark) / {_n(by_split['nonlandmark']['images'])} nonlandmark"
+    )
     lines = [
-        "# Selection report", "",
-        f"Inputs: {inputs['manifests']} manifest(s), {inputs['scenes']} scene table(s). Seed {rules.seed}.", "",
-        chain, "",
+        "# Selection report",
+        "",
+        f"Inputs: {inputs['manifests']} manifest(s), {inputs['scenes']} scene table(s). Seed {rules.seed}.",
+        "",
+        chain,
+        "",
     ]
     if report.val_coverage is not None:  # val chooses the best epoch: say which classes it speaks for
         lines += [f"Val coverage: {describe_val_coverage(report.val_coverage)}.", ""]
     lines += [
-        "## Images left after each step", "",
+        "## Images left after each step",
+        "",
         "| step | images | landmark | non-landmark | classes | dropped | note |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in report.steps:
-        lines.append(f"| {s['step']} | {_n(s['images'])} | {_n(s['landmark_images'])} | {_n(s['nonlandmark_images'])} "
-                     f"| {_n(s['classes'])} | {_n(s['dropped'])} | {s['note']} |")
-    lines += ["", "## Splits", "",
-              "| split | images | landmark | non-landmark | classes |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {s['step']} | {_n(s['images'])} | {_n(s['landmark_images'])} | {_n(s['nonlandmark_images'])} "
+            f"| {_n(s['classes'])} | {_n(s['dropped'])} | {s['note']} |"
+        )
+    lines += [
+        "",
+        "## Splits",
+        "",
+        "| split | images | landmark | non-landmark | classes |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for s in splits:
-        lines.append(f"| {s['step']} | {_n(s['images'])} | {_n(s['landmark_images'])} | "
-                     f"{_n(s['nonlandmark_images'])} | {_n(s['classes'])} |")
+        lines.append(
+            f"| {s['step']} | {_n(s['images'])} | {_n(s['landmark_images'])} | "
+            f"{_n(s['nonlandmark_images'])} | {_n(s['classes'])} |"
+        )
     lines += ["", "## Rules and notes", ""]
     lines += [f"- {note}" for note in report.notes]
     lines += [
         f"- Splits: val {rules.val_fraction:g} and test {rules.test_fraction:g} of each class (rounded half up; "
         f"every class keeps at least {rules.min_train_per_class} train image(s), so tiny classes get no val/test); "
-        + (f"a class of >= {rules.val_min_class_images} images gets at least 1 val image when one is left after its "
-           f"test images and train minimum; " if rules.val_fraction > 0 else "")
+        + (
+            f"a class of >= {rules.val_min_class_images} images gets at least 1 val image when one is left after its "
+            f"test images and train minimum; "
+            if rules.val_fraction > 0
+            else ""
+        )
         + f"non-landmark photos: {rules.nonlandmark_test_fraction:g} become test queries, the rest the nonlandmark bank.",
         "- Duplicates (same URL or sha256) are split together; duplicates with contradictory labels are kept "
         "out of val/test (landmark → train, non-landmark → nonlandmark).",
-        "- How each split was decided: " + ", ".join(f"{source} {_n(n)}" for source, n in sorted(sources.items())) + ".",
+        "- How each split was decided: "
+        + ", ".join(f"{source} {_n(n)}" for source, n in sorted(sources.items()))
+        + ".",
         "- Checked: test and nonlandmark share no id, URL or image content; the splits add up to the selected images.",
         "",
     ]
@@ -588,6 +698,7 @@ def render_report(report: Report, splits: list[dict], rules: Rules, inputs: dict
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
+
 
 def select(manifests: list[Path], scenes: list[Path] | None, rules: Rules) -> tuple[pd.DataFrame, Report, list[dict]]:
     """The whole stage without writing: (selection, report, split counts)."""
@@ -611,8 +722,10 @@ def select(manifests: list[Path], scenes: list[Path] | None, rules: Rules) -> tu
     if next(row for row in splits if row["step"] == "train")["landmark_images"] == 0:
         raise StageError(nothing_to_learn(report))
     # Counts must add up: every selected row is in exactly one split, every step explains its drop.
-    if not (sum(row["images"] for row in splits[:-1]) == total["images"] == report.steps[-1]["images"]
-            and all(a["images"] - b["dropped"] == b["images"] for a, b in zip(report.steps, report.steps[1:]))):
+    if not (
+        sum(row["images"] for row in splits[:-1]) == total["images"] == report.steps[-1]["images"]
+        and all(a["images"] - b["dropped"] == b["images"] for a, b in zip(report.steps, report.steps[1:]))
+    ):
         raise RuntimeError(f"internal error: report counts do not add up ({report.steps}, {splits})")
     return selection, report, splits
 
@@ -624,14 +737,20 @@ def nothing_to_learn(report: Report) -> str:
     first = report.steps[0]
     emptied = next((row for row in report.steps if row["landmark_images"] == 0), None)
     if first["landmark_images"] == 0:
-        cause = (f"the CSV has {first['images']} rows and none with a landmark_id" if first["images"]
-                 else "the manifests have no rows (is the CSV empty?)")
+        cause = (
+            f"the CSV has {first['images']} rows and none with a landmark_id"
+            if first["images"]
+            else "the manifests have no rows (is the CSV empty?)"
+        )
     elif emptied is not None:
-        cause = f"step '{emptied['step']}' removed the last landmark images" + \
-            (f" ({emptied['note']})" if emptied["note"] else "")
+        cause = f"step '{emptied['step']}' removed the last landmark images" + (
+            f" ({emptied['note']})" if emptied["note"] else ""
+        )
     else:
-        cause = ("every landmark image went to val or test (select.val_fraction / select.test_fraction, or the "
-                 "CSV's split column)")
+        cause = (
+            "every landmark image went to val or test (select.val_fraction / select.test_fraction, or the "
+            "CSV's split column)"
+        )
     return f"select: no landmark image is left to train on: {cause}. Images left after each step: {counts}"
 
 
@@ -647,26 +766,55 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
     p.add_argument("--out", required=True, type=Path, help="selection table (Parquet)")
     p.add_argument("--report", required=True, type=Path, help="filter report (Markdown)")
     p.add_argument("--report-table", type=Path, default=None, help="the report's counts as Parquet")
-    p.add_argument("--outdoor-rule", choices=("none", "votes", "official"), default=defaults.outdoor_rule,
-                   help="votes: >= MIN_OUTDOOR_VOTES outdoor among the top OUTDOOR_TOP_K; official: mean IO over top 10 >= 0.5")
-    p.add_argument("--min-outdoor-votes", type=int, default=defaults.min_outdoor_votes,
-                   help="votes rule: outdoor categories needed among the top OUTDOOR_TOP_K")
-    p.add_argument("--outdoor-top-k", type=int, default=defaults.outdoor_top_k,
-                   help="votes rule: how many top categories vote")
-    p.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class,
-                   help="drop classes with fewer images (1 = keep all)")
-    p.add_argument("--top-n-classes", type=int, default=defaults.top_n_classes, help="keep the N most frequent classes (0 = all)")
+    p.add_argument(
+        "--outdoor-rule",
+        choices=("none", "votes", "official"),
+        default=defaults.outdoor_rule,
+        help="votes: >= MIN_OUTDOOR_VOTES outdoor among the top OUTDOOR_TOP_K; official: mean IO over top 10 >= 0.5",
+    )
+    p.add_argument(
+        "--min-outdoor-votes",
+        type=int,
+        default=defaults.min_outdoor_votes,
+        help="votes rule: outdoor categories needed among the top OUTDOOR_TOP_K",
+    )
+    p.add_argument(
+        "--outdoor-top-k", type=int, default=defaults.outdoor_top_k, help="votes rule: how many top categories vote"
+    )
+    p.add_argument(
+        "--min-images-per-class",
+        type=int,
+        default=defaults.min_images_per_class,
+        help="drop classes with fewer images (1 = keep all)",
+    )
+    p.add_argument(
+        "--top-n-classes", type=int, default=defaults.top_n_classes, help="keep the N most frequent classes (0 = all)"
+    )
     p.add_argument("--max-images-per-class", type=int, default=defaults.max_images_per_class, help="0 = no cap")
     p.add_argument("--exclude-classes", nargs="*", type=int, default=[], help="landmark_ids to drop")
     p.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="val images per class")
-    p.add_argument("--test-fraction", type=float, default=defaults.test_fraction, help="landmark test queries per class")
-    p.add_argument("--nonlandmark-test-fraction", type=float, default=defaults.nonlandmark_test_fraction,
-                   help="non-landmark photos that become test queries (the rest: the nonlandmark bank)")
-    p.add_argument("--min-train-per-class", type=int, default=defaults.min_train_per_class,
-                   help="train images every class keeps; smaller classes get no val/test")
-    p.add_argument("--val-min-class-images", type=int, default=defaults.val_min_class_images,
-                   help="a class with at least this many images gets >= 1 val image when one is left after "
-                        "its test images and MIN_TRAIN_PER_CLASS train images (>= 2)")
+    p.add_argument(
+        "--test-fraction", type=float, default=defaults.test_fraction, help="landmark test queries per class"
+    )
+    p.add_argument(
+        "--nonlandmark-test-fraction",
+        type=float,
+        default=defaults.nonlandmark_test_fraction,
+        help="non-landmark photos that become test queries (the rest: the nonlandmark bank)",
+    )
+    p.add_argument(
+        "--min-train-per-class",
+        type=int,
+        default=defaults.min_train_per_class,
+        help="train images every class keeps; smaller classes get no val/test",
+    )
+    p.add_argument(
+        "--val-min-class-images",
+        type=int,
+        default=defaults.val_min_class_images,
+        help="a class with at least this many images gets >= 1 val image when one is left after "
+        "its test images and MIN_TRAIN_PER_CLASS train images (>= 2)",
+    )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-class cap and the splits")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
@@ -675,7 +823,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
         p.error("--val-fraction and --test-fraction must be in [0, 1) with a sum below 1")
     if not 0 <= args.nonlandmark_test_fraction <= 1:
         p.error("--nonlandmark-test-fraction must be in [0, 1]")
-    if args.outdoor_rule == "votes" and not (1 <= args.outdoor_top_k and 0 <= args.min_outdoor_votes <= args.outdoor_top_k):
+    if args.outdoor_rule == "votes" and not (
+        args.outdoor_top_k >= 1 and 0 <= args.min_outdoor_votes <= args.outdoor_top_k
+    ):
         p.error("--outdoor-top-k must be >= 1 and --min-outdoor-votes between 0 and --outdoor-top-k")
     for name in ("min_images_per_class", "top_n_classes", "max_images_per_class", "min_train_per_class"):
         if getattr(args, name) < 0:
@@ -691,12 +841,17 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     selection, report, splits = select(args.manifests, args.scenes, rules)
 
-    metadata = {"stage": "select", "rules": asdict(rules), "manifests": [str(p) for p in args.manifests],
-                "scenes": [str(p) for p in args.scenes]}
+    metadata = {
+        "stage": "select",
+        "rules": asdict(rules),
+        "manifests": [str(p) for p in args.manifests],
+        "scenes": [str(p) for p in args.scenes],
+    }
     table = pa.Table.from_pandas(selection, schema=OUTPUT_SCHEMA, preserve_index=False)
     # Keep pandas' own metadata too, so nullable columns read back as Int64/boolean, not float/object.
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"landmarks.select": json.dumps(metadata).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"landmarks.select": json.dumps(metadata).encode()}
+    )
     write_table(table, args.out)
     inputs = {"manifests": len(args.manifests), "scenes": len(args.scenes)}
     sources = selection["split_source"].value_counts().to_dict()
@@ -704,8 +859,14 @@ def main(argv=None) -> int:
     if args.report_table:
         write_table(pd.DataFrame(report.steps + splits), args.report_table)
     for row in splits:
-        log.info("%-11s %9s images (%s landmark, %s non-landmark, %s classes)", row["step"], _n(row["images"]),
-                 _n(row["landmark_images"]), _n(row["nonlandmark_images"]), _n(row["classes"]))
+        log.info(
+            "%-11s %9s images (%s landmark, %s non-landmark, %s classes)",
+            row["step"],
+            _n(row["images"]),
+            _n(row["landmark_images"]),
+            _n(row["nonlandmark_images"]),
+            _n(row["classes"]),
+        )
     log.info("%s", describe_val_coverage(report.val_coverage))
     log.info("wrote %s and %s", args.out, args.report)
     return 0

@@ -113,7 +113,7 @@ def exif_orientation(image: Image.Image) -> int:
     """The EXIF orientation tag (1 = upright); a malformed EXIF block counts as upright, not as an error."""
     try:
         value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - broken metadata must not lose a decodable photo
+    except Exception:
         return 1
     return value if value in UPRIGHT else 1
 
@@ -166,8 +166,9 @@ def load_resized(path: str | Path, mode: str, size: int, upscale: bool = False, 
     return result
 
 
-def encode_resized(path: str | Path, mode: str, size: int, upscale: bool = False, quality: int = 90,
-                   *, draft: bool = True) -> tuple[bytes, int, int]:
+def encode_resized(
+    path: str | Path, mode: str, size: int, upscale: bool = False, quality: int = 90, *, draft: bool = True
+) -> tuple[bytes, int, int]:
     """(JPEG bytes, width, height) of the resized image. A JPEG that needs no change (upright RGB at its
     target size) is stored as it is: re-encoding it would only lose quality."""
     with open(path, "rb") as fh:
@@ -190,7 +191,7 @@ def _encode_one(task):
     try:
         data, width, height = encode_resized(path, mode, size, upscale, quality)
         return row, data, width, height, None
-    except Exception as err:  # noqa: BLE001 - any decode failure is recorded and skipped, never fatal
+    except Exception as err:
         return row, None, None, None, f"{type(err).__name__}: {err}"
 
 
@@ -216,7 +217,7 @@ def encode_all(tasks: list, processes: int, chunk: int = 8):
     try:
         in_flight = deque()
         for start in range(0, len(tasks), chunk):
-            in_flight.append(pool.submit(_encode_chunk, tasks[start:start + chunk]))
+            in_flight.append(pool.submit(_encode_chunk, tasks[start : start + chunk]))
             if len(in_flight) >= 4 * processes:
                 yield from in_flight.popleft().result()
         while in_flight:
@@ -248,14 +249,18 @@ def split_rows(selection: pd.DataFrame, split: str, seed: int) -> pd.DataFrame:
     rows = selection[selection["split"] == split].sort_values("id", kind="stable").reset_index(drop=True)
     duplicated = rows.loc[rows["id"].duplicated(), "id"]
     if len(duplicated):
-        raise StageError(f"selection: id {duplicated.iloc[0]!r} appears more than once in split {split!r} "
-                         f"({len(duplicated)} duplicated ids)")
+        raise StageError(
+            f"selection: id {duplicated.iloc[0]!r} appears more than once in split {split!r} "
+            f"({len(duplicated)} duplicated ids)"
+        )
     keys = rows["id"].map(webdataset_key)
     clash = keys.duplicated(keep=False)
     if clash.any():
         ids = rows.loc[clash, "id"].tolist()[:2]
-        raise StageError(f"selection: ids {ids[0]!r} and {ids[1]!r} map to the same WebDataset key "
-                         f"{webdataset_key(ids[0])!r} ('.' becomes '_'); rename one of them")
+        raise StageError(
+            f"selection: ids {ids[0]!r} and {ids[1]!r} map to the same WebDataset key "
+            f"{webdataset_key(ids[0])!r} ('.' becomes '_'); rename one of them"
+        )
     order = np.random.default_rng(seed).permutation(len(rows))
     return rows.iloc[order].reset_index(drop=True)
 
@@ -321,14 +326,19 @@ class ShardWriter:
             info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: reproducible bytes
             entries.append((info, data, info.tobuf(tarfile.PAX_FORMAT, self.ENCODING, "surrogateescape")))
         sample_bytes = sum(len(header) + _padded(len(data)) for _, data, header in entries)
-        if self.tar is not None and (self.count >= self.max_count or
-                                     self._file_size_with(sample_bytes) > self.max_bytes):
+        if self.tar is not None and (
+            self.count >= self.max_count or self._file_size_with(sample_bytes) > self.max_bytes
+        ):
             self._close()
         if self.tar is None:
             self._open()
             if self._file_size_with(sample_bytes) > self.max_bytes:
-                log.warning("%s alone (%d bytes in tar) exceeds max_shard_bytes=%d: it gets a shard of its own",
-                            key, sample_bytes, self.max_bytes)
+                log.warning(
+                    "%s alone (%d bytes in tar) exceeds max_shard_bytes=%d: it gets a shard of its own",
+                    key,
+                    sample_bytes,
+                    self.max_bytes,
+                )
         offset = self.tar.offset + len(entries[0][2])  # the first member's data follows its header
         for info, data, _ in entries:
             self.tar.addfile(info, io.BytesIO(data))
@@ -354,15 +364,32 @@ def _remove_stale_outputs(out_dir: Path, part: int) -> list[Path]:
     return [p for p in stale if p.exists()]
 
 
-def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: int, parts: int,
-                out_dir: Path, *, resize_mode: str = "shorter_side", size: int = 160,
-                upscale: bool = False, jpeg_quality: int = 90, images_per_shard: int = 1000,
-                max_shard_bytes: int = 1_000_000_000, seed: int = 0, threads: int = 1) -> dict:
+def shard_split(
+    selection: pd.DataFrame,
+    images_root: Path,
+    split: str,
+    part: int,
+    parts: int,
+    out_dir: Path,
+    *,
+    resize_mode: str = "shorter_side",
+    size: int = 160,
+    upscale: bool = False,
+    jpeg_quality: int = 90,
+    images_per_shard: int = 1000,
+    max_shard_bytes: int = 1_000_000_000,
+    seed: int = 0,
+    threads: int = 1,
+) -> dict:
     """Resize and shard one part of one split; returns counts. Writes index.parquet last."""
     if resize_mode not in RESIZE_MODES:
         raise StageError(f"shard.resize_mode: unknown mode {resize_mode!r} (choose from {', '.join(RESIZE_MODES)})")
-    for name, value, low in (("size", size, 1), ("jpeg_quality", jpeg_quality, 1),
-                             ("images_per_shard", images_per_shard, 1), ("max_shard_bytes", max_shard_bytes, 1)):
+    for name, value, low in (
+        ("size", size, 1),
+        ("jpeg_quality", jpeg_quality, 1),
+        ("images_per_shard", images_per_shard, 1),
+        ("max_shard_bytes", max_shard_bytes, 1),
+    ):
         if value < low:
             raise StageError(f"shard.{name}: must be at least {low}, got {value}")
     if not 1 <= jpeg_quality <= 100:
@@ -375,15 +402,18 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
         if path.suffix != ".tar":
             path.unlink()
     processes = max(1, min(threads, usable_cores()))
-    tasks = [(i, None if pd.isna(p) else str(images_root / p), resize_mode, size, upscale, jpeg_quality)
-             for i, p in enumerate(rows["path"])]
+    tasks = [
+        (i, None if pd.isna(p) else str(images_root / p), resize_mode, size, upscale, jpeg_quality)
+        for i, p in enumerate(rows["path"])
+    ]
     writer = ShardWriter(out_dir, f"shard-{part:02d}", images_per_shard, max_shard_bytes)
     index, skipped = [], []
     started = time.perf_counter()
     try:
         results = encode_all(tasks, processes)
-        for i, data, width, height, error in tqdm(results, total=len(tasks), desc=f"shard {split}/{part}",
-                                                  unit="img", mininterval=2.0):
+        for i, data, width, height, error in tqdm(
+            results, total=len(tasks), desc=f"shard {split}/{part}", unit="img", mininterval=2.0
+        ):
             row = rows.iloc[i]
             if error is not None:
                 skipped.append({"id": row["id"], "path": row["path"], "error": error})
@@ -392,13 +422,26 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
             landmark = None if pd.isna(row["landmark_id"]) else int(row["landmark_id"])
             key = webdataset_key(row["id"])
             meta = {"id": row["id"], "landmark_id": landmark, "split": split, "width": width, "height": height}
-            shard_name, offset, nbytes = writer.write(key, {
-                "jpg": data,
-                "cls": str(-1 if landmark is None else landmark).encode(),
-                "json": json.dumps(meta, sort_keys=True).encode(),
-            })
-            index.append({"shard": shard_name, "key": key, "id": row["id"], "landmark_id": landmark,
-                          "width": width, "height": height, "offset": offset, "size": nbytes})
+            shard_name, offset, nbytes = writer.write(
+                key,
+                {
+                    "jpg": data,
+                    "cls": str(-1 if landmark is None else landmark).encode(),
+                    "json": json.dumps(meta, sort_keys=True).encode(),
+                },
+            )
+            index.append(
+                {
+                    "shard": shard_name,
+                    "key": key,
+                    "id": row["id"],
+                    "landmark_id": landmark,
+                    "width": width,
+                    "height": height,
+                    "offset": offset,
+                    "size": nbytes,
+                }
+            )
     except BaseException:
         writer.abort()
         raise
@@ -409,23 +452,48 @@ def shard_split(selection: pd.DataFrame, images_root: Path, split: str, part: in
     elapsed = time.perf_counter() - started
     index_df = pd.DataFrame(index, columns=INDEX_COLUMNS)
     index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
-    counts = {"split": split, "part": part, "parts": parts, "rows": len(rows), "written": len(index_df),
-              "skipped": len(skipped), "shards": writer.number, "processes": processes,
-              "seconds": round(elapsed, 2)}
-    settings = {"resize_mode": resize_mode, "size": size, "upscale": upscale, "jpeg_quality": jpeg_quality,
-                "images_per_shard": images_per_shard, "max_shard_bytes": max_shard_bytes, "seed": seed}
+    counts = {
+        "split": split,
+        "part": part,
+        "parts": parts,
+        "rows": len(rows),
+        "written": len(index_df),
+        "skipped": len(skipped),
+        "shards": writer.number,
+        "processes": processes,
+        "seconds": round(elapsed, 2),
+    }
+    settings = {
+        "resize_mode": resize_mode,
+        "size": size,
+        "upscale": upscale,
+        "jpeg_quality": jpeg_quality,
+        "images_per_shard": images_per_shard,
+        "max_shard_bytes": max_shard_bytes,
+        "seed": seed,
+    }
     write_table(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), out_dir / "skipped.parquet")
     write_json_atomic(out_dir / "shard.json", {**counts, "settings": settings, "shard_files": writer.names})
     write_table(index_df, out_dir / "index.parquet")
-    log.info("%s part %d/%d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s on %d processes)",
-             split, part, parts, len(rows), len(index_df), writer.number, len(skipped),
-             len(index_df) / max(elapsed, 1e-9), processes)
+    log.info(
+        "%s part %d/%d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s on %d processes)",
+        split,
+        part,
+        parts,
+        len(rows),
+        len(index_df),
+        writer.number,
+        len(skipped),
+        len(index_df) / max(elapsed, 1e-9),
+        processes,
+    )
     return counts
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.shard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--selection", required=True, help="selection.parquet from the select stage")
     parser.add_argument("--images", required=True, help="images root the selection's paths are relative to")
     parser.add_argument("--split", required=True, choices=SPLITS)
@@ -437,11 +505,13 @@ def main(argv=None) -> int:
     parser.add_argument("--upscale", action="store_true", help="also enlarge images smaller than --size")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the re-encoded JPEGs (1-100)")
     parser.add_argument("--images-per-shard", type=int, default=1000, help="at most this many images per tar")
-    parser.add_argument("--max-shard-bytes", type=int, default=1_000_000_000,
-                        help="at most this many bytes per tar file on disk")
+    parser.add_argument(
+        "--max-shard-bytes", type=int, default=1_000_000_000, help="at most this many bytes per tar file on disk"
+    )
     parser.add_argument("--seed", type=int, default=0, help="order of images in the shards")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="decode/resize processes (capped at the cores this job may use)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="decode/resize processes (capped at the cores this job may use)"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.parts < 1:
@@ -452,10 +522,22 @@ def main(argv=None) -> int:
     missing = {"id", "landmark_id", "split", "path"} - set(selection.columns)
     if missing:
         raise StageError(f"{args.selection}: missing columns {sorted(missing)}")
-    shard_split(selection, Path(args.images), args.split, args.part, args.parts, Path(args.out_dir),
-                resize_mode=args.resize_mode, size=args.size, upscale=args.upscale,
-                jpeg_quality=args.jpeg_quality, images_per_shard=args.images_per_shard,
-                max_shard_bytes=args.max_shard_bytes, seed=args.seed, threads=args.threads)
+    shard_split(
+        selection,
+        Path(args.images),
+        args.split,
+        args.part,
+        args.parts,
+        Path(args.out_dir),
+        resize_mode=args.resize_mode,
+        size=args.size,
+        upscale=args.upscale,
+        jpeg_quality=args.jpeg_quality,
+        images_per_shard=args.images_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        seed=args.seed,
+        threads=args.threads,
+    )
     return 0
 
 

@@ -151,8 +151,13 @@ def _open_csv(path: Path, columns: list[str] | None = None) -> pacsv.CSVStreamin
 
 # File signatures: the compressions Arrow reads, and formats that are not a CSV at all.
 _COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz"}
-_NOT_CSV = {b"PK\x03\x04": "a zip archive (unzip it first)", b"PAR1": "a Parquet file",
-            b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"%PDF": "a PDF document"}
+_NOT_CSV = {
+    b"PK\x03\x04": "a zip archive (unzip it first)",
+    b"PAR1": "a Parquet file",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF": "a PDF document",
+}
 
 
 def _compression_of(path: Path) -> str | None:
@@ -313,7 +318,9 @@ def _allow_open_files(count: int) -> None:
     wanted = count + 64
     if soft != resource.RLIM_INFINITY and soft < wanted:
         if hard != resource.RLIM_INFINITY and hard < wanted:
-            raise StageError(f"{count} partitions need {wanted} open files, but the limit is {hard}; use fewer partitions")
+            raise StageError(
+                f"{count} partitions need {wanted} open files, but the limit is {hard}; use fewer partitions"
+            )
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
@@ -345,7 +352,9 @@ def split_csv(csv_path: str | Path, partitions: int, out_dir: str | Path) -> lis
                     "id": ids,
                     "url": batch.column(batch.schema.get_field_index(columns["url"])),
                     "landmark_id": (
-                        _parse_landmark_ids(batch.column(batch.schema.get_field_index(columns["landmark_id"])), first_row, csv_path)
+                        _parse_landmark_ids(
+                            batch.column(batch.schema.get_field_index(columns["landmark_id"])), first_row, csv_path
+                        )
                         if "landmark_id" in columns
                         else pa.nulls(n, pa.int64())
                     ),
@@ -377,7 +386,13 @@ def split_csv(csv_path: str | Path, partitions: int, out_dir: str | Path) -> lis
     _remove_stale_parts(out_dir, partitions)
     log.info(
         "%s: %d rows into %d parts in %s (%.1f s); rows per part: min %d, max %d",
-        csv_path, total, partitions, out_dir, time.monotonic() - started, min(writers.rows), max(writers.rows),
+        csv_path,
+        total,
+        partitions,
+        out_dir,
+        time.monotonic() - started,
+        min(writers.rows),
+        max(writers.rows),
     )
     return writers.rows
 

@@ -19,14 +19,32 @@ from .score import fmt
 log = logging.getLogger("landmarks.summary")
 
 # (metrics.json key, column title); a column only appears when some experiment has a value for it.
-COLUMNS = [("experiment", "experiment"), ("gap", "GAP"), ("gap_landmarks_only", "GAP (landmark queries only)"),
-           ("accuracy", "top-1 accuracy"), ("gap_without_rerank", "GAP without reranking"), ("val_gap", "val GAP"),
-           ("gap_public", "GAP Public"), ("gap_private", "GAP Private"), ("rerank", "reranking"),
-           ("prediction", "prediction"), ("index", "index"), ("ann_recall_at_k", "ANN recall@k"),
-           ("queries", "test queries"), ("landmark_queries", "landmark queries")]
+COLUMNS = [
+    ("experiment", "experiment"),
+    ("gap", "GAP"),
+    ("gap_landmarks_only", "GAP (landmark queries only)"),
+    ("accuracy", "top-1 accuracy"),
+    ("gap_without_rerank", "GAP without reranking"),
+    ("val_gap", "val GAP"),
+    ("gap_public", "GAP Public"),
+    ("gap_private", "GAP Private"),
+    ("rerank", "reranking"),
+    ("prediction", "prediction"),
+    ("index", "index"),
+    ("ann_recall_at_k", "ANN recall@k"),
+    ("queries", "test queries"),
+    ("landmark_queries", "landmark queries"),
+]
 # Metrics where higher is better: the best experiment's value is set in bold.
-BEST_IS_HIGHEST = {"gap", "gap_landmarks_only", "accuracy", "gap_without_rerank", "val_gap", "gap_public",
-                   "gap_private"}
+BEST_IS_HIGHEST = {
+    "gap",
+    "gap_landmarks_only",
+    "accuracy",
+    "gap_without_rerank",
+    "val_gap",
+    "gap_public",
+    "gap_private",
+}
 
 
 def _cell(value) -> str:
@@ -43,9 +61,14 @@ def render_summary(rows: list[dict], descriptions: dict | None = None) -> str:
         values = [row.get(key) for row in rows if isinstance(row.get(key), (int, float))]
         if key in BEST_IS_HIGHEST and len(rows) > 1 and values:
             best[key] = max(values)
-    lines = ["# Results", "", "| " + " | ".join(t for _, t in columns) + " |",
-             "|" + "|".join("---" if key in ("experiment", "rerank", "prediction", "index") else "---:"
-                            for key, _ in columns) + "|"]
+    lines = [
+        "# Results",
+        "",
+        "| " + " | ".join(t for _, t in columns) + " |",
+        "|"
+        + "|".join("---" if key in ("experiment", "rerank", "prediction", "index") else "---:" for key, _ in columns)
+        + "|",
+    ]
     for row in rows:
         cells = []
         for key, _ in columns:
@@ -54,17 +77,21 @@ def render_summary(rows: list[dict], descriptions: dict | None = None) -> str:
                 text = f"**{text}**"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "GAP: Global Average Precision as Kaggle scores Google Landmark Recognition (one prediction per "
-                  "test query, ranked by confidence; predictions on non-landmark queries count as wrong). "
-                  "Best value per column in bold."]
+    lines += [
+        "",
+        "GAP: Global Average Precision as Kaggle scores Google Landmark Recognition (one prediction per "
+        "test query, ranked by confidence; predictions on non-landmark queries count as wrong). "
+        "Best value per column in bold.",
+    ]
     if descriptions:
         lines += ["", *[f"- **{name}**: {text}" for name, text in descriptions.items() if text]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each experiment")
     parser.add_argument("--descriptions", default="{}", help="JSON {experiment: description}")
     parser.add_argument("--out", required=True)

@@ -145,15 +145,18 @@ def _slurm_master_addr() -> str:
     nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
     if shutil.which("scontrol") and nodelist:
         try:
-            hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                   timeout=30, check=True).stdout.split()
+            hosts = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
             if hosts:
                 return hosts[0]
         except (OSError, subprocess.SubprocessError):
             pass
     if not nodelist:
-        raise StageError("launched by srun with several tasks, but neither SLURM_STEP_NODELIST nor "
-                         "SLURM_JOB_NODELIST names the nodes (set MASTER_ADDR)")
+        raise StageError(
+            "launched by srun with several tasks, but neither SLURM_STEP_NODELIST nor "
+            "SLURM_JOB_NODELIST names the nodes (set MASTER_ADDR)"
+        )
     return first_host(nodelist)
 
 
@@ -182,13 +185,22 @@ def setup_distributed(device_name: str = "auto") -> Distributed:
     if "MASTER_ADDR" not in os.environ:  # srun: rendezvous on the step's first node
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
         os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(
-            20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+            20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+        )
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Long timeout: rank 0 alone writes checkpoints and the others wait for it in the next collective.
     torch_dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
-    log.info("process %d of %d (local rank %d) on %s, backend %s, rendezvous %s:%s", rank, world, local_rank,
-             device, backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    log.info(
+        "process %d of %d (local rank %d) on %s, backend %s, rendezvous %s:%s",
+        rank,
+        world,
+        local_rank,
+        device,
+        backend,
+        os.environ["MASTER_ADDR"],
+        os.environ["MASTER_PORT"],
+    )
     return Distributed(rank, world, local_rank, device)
 
 
@@ -248,8 +260,18 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final: float =
 
 
 @torch.no_grad()
-def embed_index(model: LandmarkModel, index: ShardIndex, image_size: int, *, batch_size: int, workers: int,
-                device: torch.device, dist: Distributed, amp: bool = True, pooled: bool = False) -> np.ndarray:
+def embed_index(
+    model: LandmarkModel,
+    index: ShardIndex,
+    image_size: int,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    dist: Distributed,
+    amp: bool = True,
+    pooled: bool = False,
+) -> np.ndarray:
     """L2-normalised embeddings (len(index), dim), float32, in index order, on every process; with
     `pooled`, the backbone's pooled descriptors instead (not normalised, before the neck).
 
@@ -260,8 +282,13 @@ def embed_index(model: LandmarkModel, index: ShardIndex, image_size: int, *, bat
     if len(index):
         was_training = model.training
         model.eval()
-        dataset = ShardDataset(index, eval_transform(image_size, model.data_config["mean"], model.data_config["std"]),
-                               rank=dist.rank, world_size=dist.world_size, balance="none")
+        dataset = ShardDataset(
+            index,
+            eval_transform(image_size, model.data_config["mean"], model.data_config["std"]),
+            rank=dist.rank,
+            world_size=dist.world_size,
+            balance="none",
+        )
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
             for images, _, positions in loader:
@@ -274,7 +301,7 @@ def embed_index(model: LandmarkModel, index: ShardIndex, image_size: int, *, bat
     if dist.active:
         # Chunks keep the collective's buffer on the GPU small.
         for start in range(0, len(out), 65536):
-            out[start:start + 65536] = dist.all_reduce(out[start:start + 65536].contiguous())
+            out[start : start + 65536] = dist.all_reduce(out[start : start + 65536].contiguous())
     return out.numpy()
 
 
@@ -285,35 +312,48 @@ def val_queries(val_index: ShardIndex, bank_index: ShardIndex, settings: dict) -
     wanted = min(len(bank_index), round(settings["val_nonlandmark_ratio"] * len(val_index)))
     if wanted == 0 or len(val_index) == 0:
         return val_index
-    rows = np.sort(np.random.default_rng([settings["seed"] & 0xFFFFFFFF, 13]).choice(len(bank_index), wanted,
-                                                                                     replace=False))
+    rows = np.sort(
+        np.random.default_rng([settings["seed"] & 0xFFFFFFFF, 13]).choice(len(bank_index), wanted, replace=False)
+    )
     bank = bank_index.table.iloc[rows].assign(landmark_id=pd.NA)
     table = pd.concat([val_index.table, bank], ignore_index=True)
     table["landmark_id"] = table["landmark_id"].astype("Int64")
     return ShardIndex(table)
 
 
-def evaluate_val_gap(model, train_index: ShardIndex, val_index: ShardIndex, settings: dict, device,
-                     dist: Distributed | None = None) -> dict:
+def evaluate_val_gap(
+    model, train_index: ShardIndex, val_index: ShardIndex, settings: dict, device, dist: Distributed | None = None
+) -> dict:
     """GAP / accuracy of top-1 kNN on the val queries against train, as the model selection criterion
     (val_index may hold non-landmark queries: rows without a landmark_id)."""
     from .metrics import score_predictions
     from .retrieve import knn
+
     dist = dist or Distributed(device=device)
     if len(val_index) == 0 or len(train_index) == 0:
         return {"val_gap": float("nan"), "val_accuracy": float("nan")}
-    options = dict(batch_size=settings["batch_size"] * 2, workers=settings["workers"], device=device, dist=dist,
-                   amp=settings["amp"])
+    options = dict(
+        batch_size=settings["batch_size"] * 2,
+        workers=settings["workers"],
+        device=device,
+        dist=dist,
+        amp=settings["amp"],
+    )
     db = embed_index(model, train_index, settings["image_size"], **options)
     queries = embed_index(model, val_index, settings["image_size"], **options)
     result = None
     if dist.is_main:
         cosines, positions = knn(db, queries, 1)
         db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
-        predictions = pd.DataFrame({"id": val_index.table["id"], "landmark_id": db_labels[positions[:, 0]],
-                                    "score": cosines[:, 0]})
-        truth = pd.DataFrame({"id": val_index.table["id"],
-                              "landmarks": [[] if pd.isna(x) else [int(x)] for x in val_index.table["landmark_id"]]})
+        predictions = pd.DataFrame(
+            {"id": val_index.table["id"], "landmark_id": db_labels[positions[:, 0]], "score": cosines[:, 0]}
+        )
+        truth = pd.DataFrame(
+            {
+                "id": val_index.table["id"],
+                "landmarks": [[] if pd.isna(x) else [int(x)] for x in val_index.table["landmark_id"]],
+            }
+        )
         scores = score_predictions(predictions, truth)
         result = {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}
     return dist.broadcast_object(result)
@@ -330,25 +370,52 @@ def images_per_class(class_of: np.ndarray, per_class: int, rng: np.random.Genera
     return np.sort(by_class[rank_in_class < per_class])
 
 
-def subspace_clusters(model, train_index: ShardIndex, class_of: np.ndarray, n_classes: int, settings: dict,
-                      epoch: int, device, dist: Distributed) -> np.ndarray:
+def subspace_clusters(
+    model,
+    train_index: ShardIndex,
+    class_of: np.ndarray,
+    n_classes: int,
+    settings: dict,
+    epoch: int,
+    device,
+    dist: Distributed,
+) -> np.ndarray:
     """Seed 004's subspaces: class -> cluster by k-means over class-mean embeddings of the current model
     (from up to `subspace_images_per_class` images per class)."""
     rng = epoch_rng(settings["seed"], epoch, 7)  # a stream of its own, apart from the batch plan's
     chosen = images_per_class(class_of, settings["subspace_images_per_class"], rng)
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
     started = time.perf_counter()
-    vectors = embed_index(model, sub_index, settings["image_size"], batch_size=settings["batch_size"] * 2,
-                          workers=settings["workers"], device=device, dist=dist, amp=settings["amp"])
+    vectors = embed_index(
+        model,
+        sub_index,
+        settings["image_size"],
+        batch_size=settings["batch_size"] * 2,
+        workers=settings["workers"],
+        device=device,
+        dist=dist,
+        amp=settings["amp"],
+    )
     sums = np.zeros((n_classes, vectors.shape[1]), np.float64)
     np.add.at(sums, class_of[chosen], vectors)
     present = np.bincount(class_of[chosen], minlength=n_classes) > 0
     clusters = None
     if dist.is_main:
-        clusters = cluster_classes(sums.astype(np.float32), present, settings["subspaces"],
-                                   settings["pk_classes"], seed=settings["seed"] + epoch)
-        log.info("subspaces for epoch %d: %d clusters of %d classes (%d images embedded, %.1f s)", epoch + 1,
-                 clusters.max() + 1, int(present.sum()), len(chosen), time.perf_counter() - started)
+        clusters = cluster_classes(
+            sums.astype(np.float32),
+            present,
+            settings["subspaces"],
+            settings["pk_classes"],
+            seed=settings["seed"] + epoch,
+        )
+        log.info(
+            "subspaces for epoch %d: %d clusters of %d classes (%d images embedded, %.1f s)",
+            epoch + 1,
+            clusters.max() + 1,
+            int(present.sum()),
+            len(chosen),
+            time.perf_counter() - started,
+        )
     return dist.broadcast_object(clusters)
 
 
@@ -356,9 +423,16 @@ INIT_IMAGES_PER_CLASS = 20  # images per class embedded to initialise the neck (
 PCA_MAX_IMAGES = 50_000
 
 
-def initialise_from_pretrained(model: LandmarkModel, head: nn.Module, train_index: ShardIndex,
-                               class_of: np.ndarray, n_classes: int, settings: dict, device,
-                               dist: Distributed) -> dict | None:
+def initialise_from_pretrained(
+    model: LandmarkModel,
+    head: nn.Module,
+    train_index: ShardIndex,
+    class_of: np.ndarray,
+    n_classes: int,
+    settings: dict,
+    device,
+    dist: Distributed,
+) -> dict | None:
     """Start the neck and the head from what the pretrained backbone already sees, before any step:
     `neck_init: pca` makes the neck a PCA whitening of the pooled descriptors; `head_init: class_means`
     puts each class weight at its class's mean embedding, so the first steps refine the embedding
@@ -370,9 +444,19 @@ def initialise_from_pretrained(model: LandmarkModel, head: nn.Module, train_inde
     if len(chosen) > PCA_MAX_IMAGES:
         chosen = np.sort(epoch_rng(settings["seed"], 0, 12).choice(chosen, PCA_MAX_IMAGES, replace=False))
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
-    pooled = torch.from_numpy(embed_index(model, sub_index, settings["image_size"], batch_size=settings["batch_size"] * 2,
-                                          workers=settings["workers"], device=device, dist=dist, amp=settings["amp"],
-                                          pooled=True))
+    pooled = torch.from_numpy(
+        embed_index(
+            model,
+            sub_index,
+            settings["image_size"],
+            batch_size=settings["batch_size"] * 2,
+            workers=settings["workers"],
+            device=device,
+            dist=dist,
+            amp=settings["amp"],
+            pooled=True,
+        )
+    )
     about = {"images": len(chosen)}
     if settings["neck_init"] == "pca":
         about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
@@ -417,10 +501,14 @@ def parameter_groups(model: LandmarkModel, head: nn.Module, settings: dict) -> l
     if settings["layer_decay"] < 1:
         # timm's layer-wise decay (BEiT): the last block at lr, each block below it at layer_decay x the next.
         from timm.optim import param_groups_layer_decay
-        backbone = param_groups_layer_decay(model.backbone, weight_decay=decay_rate,
-                                            layer_decay=settings["layer_decay"])
-        groups = [{"params": g["params"], "lr": settings["lr"] * g["lr_scale"], "weight_decay": g["weight_decay"]}
-                  for g in backbone]
+
+        backbone = param_groups_layer_decay(
+            model.backbone, weight_decay=decay_rate, layer_decay=settings["layer_decay"]
+        )
+        groups = [
+            {"params": g["params"], "lr": settings["lr"] * g["lr_scale"], "weight_decay": g["weight_decay"]}
+            for g in backbone
+        ]
     else:
         groups = _decay_split(model.backbone.parameters(), settings["lr"], decay_rate)
     rest = [p for m in (model.pool, model.neck, model.bn, head) for p in m.parameters()]
@@ -430,8 +518,10 @@ def parameter_groups(model: LandmarkModel, head: nn.Module, settings: dict) -> l
 
 def _decay_split(params, lr: float, weight_decay: float) -> list[dict]:
     params = [p for p in params if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
+    ]
 
 
 def set_backbone_frozen(model: LandmarkModel, frozen: bool) -> None:
@@ -511,7 +601,7 @@ def load_resume_state(path: Path, digest: str) -> dict | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint means: start afresh, and say so
+    except Exception as err:
         log.warning("ignoring %s: not a readable checkpoint (%s)", path, err)
         return None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("digest") != digest:
@@ -529,8 +619,10 @@ def remove_partial_files(out_dir: Path) -> None:
 
 def plot_curves(metrics: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     frame = pd.DataFrame(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     if len(frame):
@@ -538,8 +630,9 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         axes[1].plot(frame["epoch"], frame["val_gap"], marker="o", label="val GAP")
         axes[1].plot(frame["epoch"], frame["val_accuracy"], marker="s", label="val top-1 accuracy")
         if "train_accuracy" in frame and frame["train_accuracy"].notna().any():
-            axes[1].plot(frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--",
-                         label="train accuracy (head)")
+            axes[1].plot(
+                frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--", label="train accuracy (head)"
+            )
         axes[1].legend()
     axes[0].set(title="training loss", xlabel="epoch")
     axes[1].set(title="validation (kNN vs train)", xlabel="epoch", ylim=(0, 1))
@@ -550,11 +643,10 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
 
 
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:
-    with atomic_path(path, suffix=".csv") as tmp:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(metrics[0]) if metrics else ["epoch"])
-            writer.writeheader()
-            writer.writerows(metrics)
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(metrics[0]) if metrics else ["epoch"])
+        writer.writeheader()
+        writer.writerows(metrics)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -563,8 +655,10 @@ def write_metrics_csv(metrics: list[dict], path: Path) -> None:
 
 def interpolate_weights(start: dict, trained: dict, alpha: float) -> dict:
     """alpha x trained + (1 - alpha) x start for every floating-point tensor (counters: the trained ones)."""
-    return {key: torch.lerp(start[key].to(value.dtype), value, alpha) if value.is_floating_point() else value
-            for key, value in trained.items()}
+    return {
+        key: torch.lerp(start[key].to(value.dtype), value, alpha) if value.is_floating_point() else value
+        for key, value in trained.items()
+    }
 
 
 def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
@@ -583,13 +677,22 @@ class Training:
     """One training run: the model, its head, the data, the optimiser, and where the run stands (epoch,
     step, metrics, best epoch), which `last.ckpt` saves and restores."""
 
-    def __init__(self, train_dirs, val_dirs, bank_dirs, out_dir: Path, settings: dict, device: torch.device,
-                 dist: Distributed):
+    def __init__(
+        self, train_dirs, val_dirs, bank_dirs, out_dir: Path, settings: dict, device: torch.device, dist: Distributed
+    ):
         self.settings, self.device, self.dist, self.out_dir = settings, device, dist, Path(out_dir)
         self.train_index, self.val_index, self.labels, self.class_of, counts = load_training_data(
-            train_dirs, val_dirs, bank_dirs, settings)
-        self.model = LandmarkModel(settings["backbone"], settings["pretrained"], settings["embedding_dim"],
-                                   settings["gem_p"], settings["pooling"], settings["neck"], settings["descriptor"])
+            train_dirs, val_dirs, bank_dirs, settings
+        )
+        self.model = LandmarkModel(
+            settings["backbone"],
+            settings["pretrained"],
+            settings["embedding_dim"],
+            settings["gem_p"],
+            settings["pooling"],
+            settings["neck"],
+            settings["descriptor"],
+        )
         self.head = build_head(settings, len(self.labels), torch.from_numpy(counts), self.model.embedding_dim)
         self.model.to(device)
         self.head.to(device)
@@ -604,24 +707,39 @@ class Training:
         self.ddp_module, self.backbone_frozen = None, None
 
         self.accumulation = settings["grad_accumulation"]
-        self.sampler = TrainBatchSampler(self.class_of, mode=settings["sampler"], batch_size=settings["batch_size"],
-                                         classes_per_batch=settings["pk_classes"], images_per_class=settings["pk_images"],
-                                         seed=settings["seed"], rank=dist.rank, world_size=dist.world_size,
-                                         batches_multiple_of=self.accumulation,
-                                         min_batches=settings["min_steps_per_epoch"] * self.accumulation)
+        self.sampler = TrainBatchSampler(
+            self.class_of,
+            mode=settings["sampler"],
+            batch_size=settings["batch_size"],
+            classes_per_batch=settings["pk_classes"],
+            images_per_class=settings["pk_images"],
+            seed=settings["seed"],
+            rank=dist.rank,
+            world_size=dist.world_size,
+            batches_multiple_of=self.accumulation,
+            min_batches=settings["min_steps_per_epoch"] * self.accumulation,
+        )
         transform = train_transform(settings, self.model.data_config["mean"], self.model.data_config["std"])
         dataset = SeededDataset(ShardMapDataset(self.train_index, transform, self.labels))
         workers = settings["workers"]
         # Its own generator: creating the loader's iterator must not consume the global random state.
-        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(settings["seed"]),
-                                 persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(settings["seed"]),
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
         self.steps_per_epoch = self.sampler.batches_per_epoch // self.accumulation
         total_steps = self.steps_per_epoch * settings["epochs"]
         warmup_steps = int(settings["warmup_epochs"] * self.steps_per_epoch)
         self.optimizer = build_optimizer(parameter_groups(self.model, self.head, settings), settings)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(
-            step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: warmup_cosine(step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]),
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
 
         self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
@@ -648,45 +766,83 @@ class Training:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.metrics, self.best_score, self.best_epoch = state["metrics"], state["best_score"], state["best_epoch"]
-        self.clusters, self.initialised, self.start_weights = state["clusters"], state["initialised"], \
-            state["start_weights"]
+        self.clusters, self.initialised, self.start_weights = (
+            state["clusters"],
+            state["initialised"],
+            state["start_weights"],
+        )
         mine = state["ranks"][self.dist.rank]
         restore_rng_state(mine["rng"], self.device)
         self.totals = torch.tensor(mine["totals"], dtype=torch.float64)
         self.resumed_from = {"epoch": self.epoch, "step": self.step}
-        log.info("resuming from %s: epoch %d, batch %d of %d", self.last_path, self.epoch + 1, self.step,
-                 self.sampler.batches_per_epoch)
+        log.info(
+            "resuming from %s: epoch %d, batch %d of %d",
+            self.last_path,
+            self.epoch + 1,
+            self.step,
+            self.sampler.batches_per_epoch,
+        )
         return True
 
     def model_state(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "settings": self.settings, "data_config": self.model.data_config,
-                "classes": {str(k): v for k, v in self.labels.items()}, "epoch": epoch}
+        return {
+            "model": self.model.state_dict(),
+            "settings": self.settings,
+            "data_config": self.model.data_config,
+            "classes": {str(k): v for k, v in self.labels.items()},
+            "epoch": epoch,
+        }
 
     def save_training_state(self, epoch: int, step: int) -> None:
         """Every process contributes its random state; rank 0 writes."""
         ranks = self.dist.gather_objects({"rng": rng_state(self.device), "totals": self.totals.tolist()})
         if self.dist.is_main:
-            save_checkpoint(self.last_path, {
-                "format": CHECKPOINT_FORMAT, "digest": self.digest, "world_size": self.dist.world_size,
-                "epoch": epoch, "step": step, "global_step": self.global_step, "model": self.model.state_dict(),
-                "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "metrics": self.metrics, "best_score": self.best_score, "best_epoch": self.best_epoch,
-                "clusters": self.clusters, "initialised": self.initialised, "start_weights": self.start_weights,
-                "ranks": ranks,
-                "settings": self.settings})
+            save_checkpoint(
+                self.last_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "digest": self.digest,
+                    "world_size": self.dist.world_size,
+                    "epoch": epoch,
+                    "step": step,
+                    "global_step": self.global_step,
+                    "model": self.model.state_dict(),
+                    "head": self.head.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "metrics": self.metrics,
+                    "best_score": self.best_score,
+                    "best_epoch": self.best_epoch,
+                    "clusters": self.clusters,
+                    "initialised": self.initialised,
+                    "start_weights": self.start_weights,
+                    "ranks": ranks,
+                    "settings": self.settings,
+                },
+            )
 
     # -- evaluation and model selection ----------------------------------------------------------
 
     def start_fresh(self) -> None:
         """Before the first step: initialise neck and head from the pretrained descriptors (when asked),
         then evaluate the untrained model as epoch 0, so training can never end worse than it started."""
-        self.initialised = initialise_from_pretrained(self.model, self.head, self.train_index, self.class_of,
-                                                      len(self.labels), self.settings, self.device, self.dist)
+        self.initialised = initialise_from_pretrained(
+            self.model,
+            self.head,
+            self.train_index,
+            self.class_of,
+            len(self.labels),
+            self.settings,
+            self.device,
+            self.dist,
+        )
         if self.settings["wise_alpha"] < 1:
             self.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         nan = float("nan")
-        self.evaluate(0, {"train_loss": nan, "train_accuracy": nan, "lr": 0.0, "images_per_s": nan}, time.perf_counter())
+        self.evaluate(
+            0, {"train_loss": nan, "train_accuracy": nan, "lr": 0.0, "images_per_s": nan}, time.perf_counter()
+        )
         self.save_training_state(0, 0)
 
     def evaluate(self, epoch: int, row: dict, started: float) -> None:
@@ -694,13 +850,18 @@ class Training:
         the starting ones); the best so far, epoch 0 included, becomes best.ckpt. On a tie the later epoch
         wins: a small val saturates (GAP 1.0 from the start), and then says nothing against training."""
         with self.selected_weights(epoch):
-            val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device,
-                                   self.dist)
+            val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device, self.dist)
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
             self.metrics.append(row)
-            log.info("epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
-                     row["epoch"], row["train_loss"], row["train_accuracy"], row["val_gap"], row["val_accuracy"],
-                     row["images_per_s"])
+            log.info(
+                "epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
+                row["epoch"],
+                row["train_loss"],
+                row["train_accuracy"],
+                row["val_gap"],
+                row["val_accuracy"],
+                row["images_per_s"],
+            )
             score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
             if score >= self.best_score:
                 self.best_score, self.best_epoch = score, epoch
@@ -729,9 +890,12 @@ class Training:
     def prepare_epoch(self, epoch: int, skip: int) -> None:
         """Clusters, batch plan, frozen or not, train mode and the DDP wrapper for this epoch."""
         s = self.settings
-        if s["sampler"] == "subspace" and (self.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)):
-            self.clusters = subspace_clusters(self.model, self.train_index, self.class_of, len(self.labels), s, epoch,
-                                              self.device, self.dist)
+        if s["sampler"] == "subspace" and (
+            self.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)
+        ):
+            self.clusters = subspace_clusters(
+                self.model, self.train_index, self.class_of, len(self.labels), s, epoch, self.device, self.dist
+            )
         self.sampler.set_epoch(epoch, skip=skip, clusters=self.clusters)
         frozen = epoch < s["freeze_backbone_epochs"]
         if frozen != self.backbone_frozen:
@@ -740,20 +904,27 @@ class Training:
             self.ddp_module = self.module
             if self.dist.active:  # DDP must be rebuilt when the set of trained parameters changes
                 self.ddp_module = nn.parallel.DistributedDataParallel(
-                    self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                    self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
             if s["freeze_backbone_epochs"]:
                 log.info("epoch %d: backbone %s", epoch + 1, "frozen (head warm-up)" if frozen else "trained")
         set_train_mode(self.module, self.model, backbone_frozen=frozen, freeze_bn=s["freeze_bn"])
 
-    def run_epoch(self, epoch: int, skip: int, stop: "StopSignal") -> None:
+    def run_epoch(self, epoch: int, skip: int, stop: StopSignal) -> None:
         s, dist, device = self.settings, self.dist, self.device
         if skip == 0:
             self.totals.zero_()
         self.prepare_epoch(epoch, skip)
         running = torch.zeros(3, dtype=torch.float64, device=device)  # like totals, kept on the device
         self.last_epoch_positions, seen, epoch_started = [], 0, time.perf_counter()
-        bar = tqdm(total=self.sampler.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{s['epochs']}",
-                   unit="batch", mininterval=2.0 if sys.stderr.isatty() else 30.0, disable=not dist.is_main)
+        bar = tqdm(
+            total=self.sampler.batches_per_epoch,
+            initial=skip,
+            desc=f"epoch {epoch + 1}/{s['epochs']}",
+            unit="batch",
+            mininterval=2.0 if sys.stderr.isatty() else 30.0,
+            disable=not dist.is_main,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         batch_number = skip
         for images, targets, positions in self.loader:
@@ -783,14 +954,18 @@ class Training:
                     self.save_training_state(epoch, batch_number)
                 if stopping:
                     bar.close()
-                    raise TrainingInterrupted(f"stopped by SIGTERM in epoch {epoch + 1} after batch "
-                                              f"{batch_number}; {self.last_path} resumes it")
+                    raise TrainingInterrupted(
+                        f"stopped by SIGTERM in epoch {epoch + 1} after batch "
+                        f"{batch_number}; {self.last_path} resumes it"
+                    )
             bar.update()
             if dist.is_main and batch_number % 10 == 0:
                 so_far = self.totals + running.cpu()
-                bar.set_postfix(loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
-                                img_s=f"{seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started):.1f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
+                    img_s=f"{seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started):.1f}",
+                    refresh=False,
+                )
         bar.close()
         self.totals += running.cpu()
         self.end_epoch(epoch, seen, epoch_started)
@@ -811,11 +986,16 @@ class Training:
             with torch.no_grad():
                 average_buffers(self.module, self.dist)
         totals = self.dist.all_reduce(self.totals.clone())
-        self.evaluate(epoch + 1, {
-            "train_loss": float(totals[0] / totals[1]) if totals[1] else float("nan"),
-            "train_accuracy": float(totals[2] / totals[1]) if self.has_logits and totals[1] else float("nan"),
-            "lr": self.scheduler.get_last_lr()[0],
-            "images_per_s": seen * self.dist.world_size / elapsed if seen else float("nan")}, epoch_started)
+        self.evaluate(
+            epoch + 1,
+            {
+                "train_loss": float(totals[0] / totals[1]) if totals[1] else float("nan"),
+                "train_accuracy": float(totals[2] / totals[1]) if self.has_logits and totals[1] else float("nan"),
+                "lr": self.scheduler.get_last_lr()[0],
+                "images_per_s": seen * self.dist.world_size / elapsed if seen else float("nan"),
+            },
+            epoch_started,
+        )
         self.totals.zero_()
         self.save_training_state(epoch + 1, 0)
         if self.dist.is_main:  # to follow a long run (the curves are drawn at the end: matplotlib is slow)
@@ -838,21 +1018,47 @@ class Training:
         if self.best_epoch == 0:
             selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
             if self.settings["epochs"]:
-                log.warning("no epoch beat the untrained model on val (GAP %.4f): model.pt is the untrained model",
-                            best["val_gap"])
+                log.warning(
+                    "no epoch beat the untrained model on val (GAP %.4f): model.pt is the untrained model",
+                    best["val_gap"],
+                )
         else:
             selected = f"epoch {self.best_epoch}"
-        write_json_atomic(self.out_dir / "train.json", {
-            "classes": len(self.labels), "train_images": len(self.train_index), "val_images": len(self.val_index),
-            "selected": selected, "best_epoch": best["epoch"], "best_val_gap": best["val_gap"],
-            "best_val_accuracy": best["val_accuracy"], "untrained_val_gap": self.metrics[0]["val_gap"],
-            "steps_per_epoch": self.steps_per_epoch, "global_steps": self.global_step,
-            "initialised": self.initialised, "resumed_from": self.resumed_from, "world_size": self.dist.world_size,
-            "ddp": audit, "seconds": round(seconds, 1), "device": str(self.device), "settings": self.settings})
+        write_json_atomic(
+            self.out_dir / "train.json",
+            {
+                "classes": len(self.labels),
+                "train_images": len(self.train_index),
+                "val_images": len(self.val_index),
+                "selected": selected,
+                "best_epoch": best["epoch"],
+                "best_val_gap": best["val_gap"],
+                "best_val_accuracy": best["val_accuracy"],
+                "untrained_val_gap": self.metrics[0]["val_gap"],
+                "steps_per_epoch": self.steps_per_epoch,
+                "global_steps": self.global_step,
+                "initialised": self.initialised,
+                "resumed_from": self.resumed_from,
+                "world_size": self.dist.world_size,
+                "ddp": audit,
+                "seconds": round(seconds, 1),
+                "device": str(self.device),
+                "settings": self.settings,
+            },
+        )
 
 
-def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.device, threads: int | None = None,
-          dist: Distributed | None = None, bank_dirs=()) -> list[dict]:
+def train(
+    train_dirs,
+    val_dirs,
+    out_dir: Path,
+    settings: dict,
+    *,
+    device: torch.device,
+    threads: int | None = None,
+    dist: Distributed | None = None,
+    bank_dirs=(),
+) -> list[dict]:
     """Train (or resume) one experiment; returns the per-epoch metrics, the untrained model's as epoch 0.
     See the module docstring."""
     dist = dist or Distributed(device=device)
@@ -860,8 +1066,7 @@ def train(train_dirs, val_dirs, out_dir: Path, settings: dict, *, device: torch.
     out_dir = Path(out_dir)
     # One training job per output folder: a second one (a rerun started by hand, a duplicate SLURM job)
     # would interleave checkpoints with the first. The main process holds the lock.
-    with exclusive_lock(out_dir / ".train.lock", "another training job") if dist.is_main \
-            else contextlib.nullcontext():
+    with exclusive_lock(out_dir / ".train.lock", "another training job") if dist.is_main else contextlib.nullcontext():
         if dist.is_main:
             remove_partial_files(out_dir)
         return train_unlocked(train_dirs, val_dirs, out_dir, settings, device, threads, dist, bank_dirs)
@@ -905,25 +1110,37 @@ def ddp_audit(module: nn.Module, positions: list[np.ndarray], dist: Distributed)
     mine = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     per_rank = dist.gather_objects(mine)
     every = np.concatenate(per_rank)
-    audit = {"backend": torch_dist.get_backend(), "max_weight_difference_between_ranks": difference,
-             "last_epoch_images_per_rank": [len(p) for p in per_rank],
-             "last_epoch_images_on_several_ranks": int(len(every) - len(np.unique(every)))}
+    audit = {
+        "backend": torch_dist.get_backend(),
+        "max_weight_difference_between_ranks": difference,
+        "last_epoch_images_per_rank": [len(p) for p in per_rank],
+        "last_epoch_images_on_several_ranks": int(len(every) - len(np.unique(every))),
+    }
     if difference > 0:
         log.warning("DDP audit: weights differ between processes by up to %g", difference)
     return audit
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m landmarks.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m landmarks.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train-shards", nargs="+", required=True, help="shard folders of the train split")
     parser.add_argument("--val-shards", nargs="*", default=[], help="shard folders of the val split")
-    parser.add_argument("--nonlandmark-shards", nargs="*", default=[],
-                        help="shard folders of the non-landmark bank: a sample joins val as non-landmark queries")
-    parser.add_argument("--out-dir", required=True,
-                        help="model.pt, metrics.csv, curves.png, train.json, last.ckpt, best.ckpt go here")
-    parser.add_argument("--settings", default="{}",
-                        help="JSON object of train settings (config.yaml's train section); defaults fill the rest")
+    parser.add_argument(
+        "--nonlandmark-shards",
+        nargs="*",
+        default=[],
+        help="shard folders of the non-landmark bank: a sample joins val as non-landmark queries",
+    )
+    parser.add_argument(
+        "--out-dir", required=True, help="model.pt, metrics.csv, curves.png, train.json, last.ckpt, best.ckpt go here"
+    )
+    parser.add_argument(
+        "--settings",
+        default="{}",
+        help="JSON object of train settings (config.yaml's train section); defaults fill the rest",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (each DDP process takes its LOCAL_RANK GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per process)")
     args = parser.parse_args(argv)
@@ -936,8 +1153,16 @@ def main(argv=None) -> int:
     if not dist.is_main:
         logging.getLogger("landmarks").setLevel(logging.WARNING)
     try:
-        train(args.train_shards, args.val_shards, Path(args.out_dir), settings, device=dist.device,
-              threads=args.threads, dist=dist, bank_dirs=args.nonlandmark_shards)
+        train(
+            args.train_shards,
+            args.val_shards,
+            Path(args.out_dir),
+            settings,
+            device=dist.device,
+            threads=args.threads,
+            dist=dist,
+            bank_dirs=args.nonlandmark_shards,
+        )
     except TrainingInterrupted as stopped:
         log.warning("%s", stopped)
         return EXIT_INTERRUPTED

@@ -32,9 +32,9 @@ image at 1,000 keypoints); for millions of images, call verify_neighbours on chu
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable
 
 import cv2
 import numpy as np
@@ -54,24 +54,26 @@ MIN_SIDE = 16  # images smaller than this have no usable SIFT keypoints
 class VerifySettings:
     """How features are extracted, matched and verified (defaults: see the module docstring)."""
 
-    max_side: int = 384         # longer side of the image SIFT sees (never enlarged)
-    max_features: int = 1000    # strongest SIFT keypoints kept per image
-    rootsift: bool = True       # RootSIFT descriptors (else SIFT's own, L2-normalised)
-    ratio: float = 0.85         # Lowe's ratio test on descriptor distances; 1.0 turns it off
-    mutual: bool = True         # keep only mutual nearest neighbours
-    model: str = "affine"       # one of MODELS
-    threshold: float = 6.0      # RANSAC reprojection threshold, pixels of the resized images
-    max_iters: int = 2000       # RANSAC iterations at most
-    confidence: float = 0.995   # RANSAC stops early once this sure of its best model
-    min_inliers: int = 10       # decision threshold for callers: counts >= this = same place
-    seed: int = 0               # RANSAC random seed (reproducible counts)
+    max_side: int = 384  # longer side of the image SIFT sees (never enlarged)
+    max_features: int = 1000  # strongest SIFT keypoints kept per image
+    rootsift: bool = True  # RootSIFT descriptors (else SIFT's own, L2-normalised)
+    ratio: float = 0.85  # Lowe's ratio test on descriptor distances; 1.0 turns it off
+    mutual: bool = True  # keep only mutual nearest neighbours
+    model: str = "affine"  # one of MODELS
+    threshold: float = 6.0  # RANSAC reprojection threshold, pixels of the resized images
+    max_iters: int = 2000  # RANSAC iterations at most
+    confidence: float = 0.995  # RANSAC stops early once this sure of its best model
+    min_inliers: int = 10  # decision threshold for callers: counts >= this = same place
+    seed: int = 0  # RANSAC random seed (reproducible counts)
 
     def __post_init__(self):
         if self.model not in MODELS:
             raise StageError(f"verify: unknown model {self.model!r} (choose from {', '.join(MODELS)})")
         if self.max_side < MIN_SIDE or self.max_features < 1:
-            raise StageError(f"verify: max_side must be >= {MIN_SIDE} and max_features >= 1, "
-                             f"got {self.max_side} and {self.max_features}")
+            raise StageError(
+                f"verify: max_side must be >= {MIN_SIDE} and max_features >= 1, "
+                f"got {self.max_side} and {self.max_features}"
+            )
         if not 0 < self.ratio <= 1:
             raise StageError(f"verify: ratio must be in (0, 1], got {self.ratio}")
 
@@ -135,7 +137,7 @@ def extract(image, settings: VerifySettings = VerifySettings()) -> Features:
     keypoints, descriptors = cv2.SIFT_create(settings.max_features).detectAndCompute(gray, None)
     if descriptors is None or not keypoints:
         return EMPTY
-    keypoints, descriptors = keypoints[:settings.max_features], descriptors[:settings.max_features]
+    keypoints, descriptors = keypoints[: settings.max_features], descriptors[: settings.max_features]
     xy = np.array([point.pt for point in keypoints], np.float32).reshape(-1, 2)
     return Features(xy, np.clip(descriptors, 0, 255).astype(np.uint8))
 
@@ -160,8 +162,14 @@ def match(a: Features, b: Features, settings: VerifySettings = VerifySettings())
         return np.zeros((0, 2), np.int64)
     # cv2.gemm, not numpy's matmul: OpenBLAS's own threads, started from each worker thread, contend
     # for the cores (measured: 2-3x the CPU time of the whole verification on a busy 2-core machine).
-    similarity = cv2.gemm(_unit_descriptors(a.descriptors, settings.rootsift),
-                          _unit_descriptors(b.descriptors, settings.rootsift), 1.0, None, 0.0, flags=cv2.GEMM_2_T)
+    similarity = cv2.gemm(
+        _unit_descriptors(a.descriptors, settings.rootsift),
+        _unit_descriptors(b.descriptors, settings.rootsift),
+        1.0,
+        None,
+        0.0,
+        flags=cv2.GEMM_2_T,
+    )
     rows = np.arange(len(a))
     nearest = similarity.argmax(axis=1)
     keep = np.ones(len(a), bool)
@@ -172,7 +180,7 @@ def match(a: Features, b: Features, settings: VerifySettings = VerifySettings())
         similarity[rows, nearest] = -np.inf
         second = similarity.max(axis=1)
         # Unit vectors: squared distance = 2 - 2 cosine; Lowe's test d1 < ratio * d2, squared.
-        keep &= 2.0 - 2.0 * best < settings.ratio ** 2 * (2.0 - 2.0 * second)
+        keep &= 2.0 - 2.0 * best < settings.ratio**2 * (2.0 - 2.0 * second)
     return np.stack([rows[keep], nearest[keep]], axis=1)
 
 
@@ -222,25 +230,31 @@ def is_missing(identifier) -> bool:
 
 def _distinct_ids(query_ids: list, neighbour_ids: np.ndarray, pairs: list) -> list:
     """Every image some pair needs, once, in first-use order."""
-    return list(dict.fromkeys(ident for row, column in pairs
-                              for ident in (query_ids[row], neighbour_ids[row, column])))
+    return list(dict.fromkeys(ident for row, column in pairs for ident in (query_ids[row], neighbour_ids[row, column])))
 
 
 def _map(function, items: Iterable, threads: int, bar) -> list:
     """function over items, in order, on `threads` threads (OpenCV and numpy release the GIL)."""
+
     def step(item):
         result = function(item)
         bar.update()
         return result
+
     if threads <= 1:
         return [step(item) for item in items]
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(step, items))
 
 
-def verify_neighbours(query_ids, neighbour_ids, load_image: Callable[[Hashable], Image.Image],
-                      settings: VerifySettings = VerifySettings(), threads: int = 1,
-                      progress: bool = True) -> np.ndarray:
+def verify_neighbours(
+    query_ids,
+    neighbour_ids,
+    load_image: Callable[[Hashable], Image.Image],
+    settings: VerifySettings = VerifySettings(),
+    threads: int = 1,
+    progress: bool = True,
+) -> np.ndarray:
     """Inlier counts (int32, the shape of `neighbour_ids`) between each query and its neighbours.
 
     query_ids: n ids; neighbour_ids: (n, k) ids, missing ones as -1, None or NaN (count 0 there).
@@ -253,8 +267,9 @@ def verify_neighbours(query_ids, neighbour_ids, load_image: Callable[[Hashable],
     neighbour_ids = np.asarray(neighbour_ids, dtype=object)
     if neighbour_ids.ndim != 2 or len(neighbour_ids) != len(query_ids):
         raise StageError(f"verify: neighbour_ids must be ({len(query_ids)}, k), got shape {neighbour_ids.shape}")
-    pairs = [(row, column) for row, column in np.ndindex(*neighbour_ids.shape)
-             if not is_missing(neighbour_ids[row, column])]
+    pairs = [
+        (row, column) for row, column in np.ndindex(*neighbour_ids.shape) if not is_missing(neighbour_ids[row, column])
+    ]
     ids = _distinct_ids(query_ids, neighbour_ids, pairs)
     lock = threading.Lock()
 
@@ -268,8 +283,13 @@ def verify_neighbours(query_ids, neighbour_ids, load_image: Callable[[Hashable],
         return count_inliers(cache[query_ids[row]], cache[neighbour_ids[row, column]], settings)
 
     counts = np.zeros(neighbour_ids.shape, np.int32)
-    with tqdm(total=len(ids) + len(pairs), desc=f"verify {len(pairs)} pairs, {len(ids)} images",
-              unit="step", mininterval=10, disable=not progress) as bar:
+    with tqdm(
+        total=len(ids) + len(pairs),
+        desc=f"verify {len(pairs)} pairs, {len(ids)} images",
+        unit="step",
+        mininterval=10,
+        disable=not progress,
+    ) as bar:
         cache = dict(zip(ids, _map(features_of, ids, threads, bar)))
         for (row, column), value in zip(pairs, _map(count, pairs, threads, bar)):
             counts[row, column] = value

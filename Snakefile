@@ -87,7 +87,7 @@ _demo_server = {}
 
 onstart:
     if DEMO:
-        from landmarks.demo import start_server_process
+        from landmarks.demo.server import start_server_process
 
         _demo_server["process"] = start_server_process(
             config["demo"]["out_dir"],
@@ -99,13 +99,13 @@ onstart:
 
 onsuccess:
     if _demo_server:
-        from landmarks.demo import stop_server_process
+        from landmarks.demo.server import stop_server_process
 
         stop_server_process(_demo_server.pop("process"))
 
 
 onerror:
     if _demo_server:
-        from landmarks.demo import stop_server_process
+        from landmarks.demo.server import stop_server_process
 
         stop_server_process(_demo_server.pop("process"))

@@ -18,16 +18,8 @@ rule demo:
         runtime=30,
     params:
         out_dir=lambda w, output: Path(output.urls).parent,
-        seed=config["demo"]["seed"],
-        landmarks=config["demo"]["landmarks"],
-        views=config["demo"]["views_per_landmark"],
-        nonlandmarks=config["demo"]["nonlandmarks"],
-        broken_fraction=config["demo"]["broken_fraction"],
-        new_photos=config["demo"]["new_photos"],
-        base_url=f"http://{config['demo']['host']}:{config['demo']['port']}",
+        # the whole section: its host and port make the URLs of the server the onstart hook starts
+        settings=as_json(config["demo"]),
     shell:
-        "python -m landmarks.demo generate --out {params.out_dir:q} --seed {params.seed} "
-        "--landmarks {params.landmarks} --views {params.views} --nonlandmarks {params.nonlandmarks} "
-        "--broken-fraction {params.broken_fraction} --new-photos {params.new_photos} "
-        "--base-url {params.base_url:q} --workers {threads} "
-        "> {log:q} 2>&1"
+        "python -m landmarks.demo generate --out {params.out_dir:q} --settings {params.settings:q} "
+        "--workers {threads} > {log:q} 2>&1"

@@ -27,10 +27,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from landmarks import demo
 from landmarks.common import StageError
+from landmarks.demo.__main__ import main
+from landmarks.demo.files import EXIF_ORIENTATION_TAG, encode
+from landmarks.demo.generate import generate
+from landmarks.demo.scenes import STRUCTURE_FAMILIES, landmark_specs
+from landmarks.demo.server import (
+    FAULT_KINDS,
+    DemoServer,
+    corrupt_jpeg,
+    process_alive,
+    start_server_process,
+    stop_server_process,
+)
 
 SMALL = dict(seed=7, n_landmarks=5, views_per_landmark=4, n_nonlandmarks=6, broken_fraction=0.3)
+# The same set as config.yaml's demo section (what the workflow passes as --settings).
+SMALL_SETTINGS = {"seed": 7, "landmarks": 5, "views_per_landmark": 4, "nonlandmarks": 6, "broken_fraction": 0.3}
 N_ROWS = 5 * 4 + 6
 N_NEW = 8 + 4  # the default new photos for `predict`: 8 landmark views (5 landmarks in turn), 4 others
 BASE_URL = "http://127.0.0.1:8765"
@@ -40,14 +53,14 @@ TIMEOUT = 5.0
 @pytest.fixture(scope="module")
 def demo_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    counts = demo.generate(out, workers=1, **SMALL)
+    counts = generate(out, workers=1, **SMALL)
     return out, counts
 
 
 @pytest.fixture(scope="module")
 def server(demo_set):
     root, _ = demo_set
-    with demo.DemoServer(root, slow_seconds=5) as srv:
+    with DemoServer(root, slow_seconds=5) as srv:
         yield srv
 
 
@@ -61,7 +74,7 @@ def read_faults(root: Path) -> dict[str, str]:
         return {row["id"]: row["fault"] for row in csv.DictReader(fh)}
 
 
-def local_url(srv: demo.DemoServer, url: str) -> str:
+def local_url(srv: DemoServer, url: str) -> str:
     """The URL on the test server (it listens on a free port, not the default 8765)."""
     assert url.startswith(BASE_URL)
     return srv.base_url + url[len(BASE_URL) :]
@@ -104,7 +117,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
 def test_same_arguments_give_identical_bytes(demo_set, tmp_path):
     root, _ = demo_set
     again = tmp_path / "again"
-    demo.generate(again, workers=2, **SMALL)  # other process count, same bytes
+    generate(again, workers=2, **SMALL)  # other process count, same bytes
     first, second = tree_hashes(root), tree_hashes(again)
     # images + urls.csv, faults.csv, demo.json; the new photos + new_photos.csv
     assert len(first) == N_ROWS + 3 + N_NEW + 1
@@ -115,7 +128,7 @@ def test_same_arguments_give_identical_bytes(demo_set, tmp_path):
 def test_other_seed_gives_other_photos(demo_set, tmp_path):
     root, _ = demo_set
     other = tmp_path / "other"
-    demo.generate(other, workers=1, **{**SMALL, "seed": 8})
+    generate(other, workers=1, **{**SMALL, "seed": 8})
     assert not set(tree_hashes(root).values()) & set(tree_hashes(other).values())
 
 
@@ -152,7 +165,7 @@ def test_broken_links_cover_every_fault_kind(demo_set):
     faults = read_faults(root)
     # round(0.3 * 20) landmark rows + round(0.3 * 6) non-landmark rows
     assert len(faults) == counts["broken"] == 6 + 2
-    assert set(faults.values()) == set(demo.FAULT_KINDS)
+    assert set(faults.values()) == set(FAULT_KINDS)
     assert any(rows[i]["landmark_id"] for i in faults) and any(not rows[i]["landmark_id"] for i in faults)
     for image_id, row in rows.items():
         if image_id in faults:
@@ -168,7 +181,7 @@ def test_every_file_variant_is_present(demo_set):
     for row in read_rows(root):
         path = root / "images" / file_of(row["url"])
         with Image.open(path) as image:
-            orientation = image.getexif().get(demo.EXIF_ORIENTATION_TAG)
+            orientation = image.getexif().get(EXIF_ORIENTATION_TAG)
             assert (image.format == "PNG") == path.name.endswith(".png")
             upright = ImageOps.exif_transpose(image)
             assert 200 <= max(upright.size) <= 900
@@ -190,7 +203,7 @@ def test_variants_decode_back_to_the_upright_photo(variant):
     yy, xx = np.mgrid[0:120, 0:200]
     upright = np.stack([xx * 255 // 200, yy * 255 // 120, np.full_like(xx, 90)], axis=2).astype(np.uint8)
     upright[:30, :40] = (250, 20, 20)  # a red top-left corner shows any rotation or flip
-    data, ext = demo.encode(Image.fromarray(upright), variant, np.random.default_rng(0))
+    data, ext = encode(Image.fromarray(upright), variant, np.random.default_rng(0))
     assert ext == (".png" if variant.endswith("png") else ".jpg")
     with Image.open(io.BytesIO(data)) as image:
         if variant.startswith("exif_"):
@@ -209,8 +222,8 @@ def test_corrupt_jpeg_keeps_its_header_but_does_not_decode(demo_set):
     root, _ = demo_set
     jpeg = next(p for p in sorted((root / "images").glob("*.jpg")))
     data = jpeg.read_bytes()
-    broken = demo.corrupt_jpeg(data)
-    assert broken[:2] == b"\xff\xd8" and broken == demo.corrupt_jpeg(data)
+    broken = corrupt_jpeg(data)
+    assert broken[:2] == b"\xff\xd8" and broken == corrupt_jpeg(data)
     with Image.open(io.BytesIO(broken)) as image:
         assert image.format == "JPEG" and image.size == Image.open(jpeg).size
         with pytest.raises(OSError):
@@ -218,8 +231,8 @@ def test_corrupt_jpeg_keeps_its_header_but_does_not_decode(demo_set):
 
 
 def test_rerun_with_fewer_photos_removes_stale_files(tmp_path):
-    demo.generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=3)
-    demo.generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=1)
+    generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=3)
+    generate(tmp_path, workers=1, seed=1, n_landmarks=2, views_per_landmark=2, n_nonlandmarks=1)
     files = {p.name for p in (tmp_path / "images").iterdir()}
     assert files == {file_of(row["url"]) for row in read_rows(tmp_path)}
     assert len(files) == 5
@@ -227,11 +240,11 @@ def test_rerun_with_fewer_photos_removes_stale_files(tmp_path):
 
 def test_invalid_arguments_are_clear_errors(tmp_path):
     with pytest.raises(StageError, match="broken_fraction"):
-        demo.generate(tmp_path, broken_fraction=1.5)
+        generate(tmp_path, broken_fraction=1.5)
     with pytest.raises(StageError, match="base_url"):
-        demo.generate(tmp_path, base_url="ftp://example")
+        generate(tmp_path, base_url="ftp://example")
     with pytest.raises(StageError, match="new_photos"):
-        demo.generate(tmp_path, new_photos=-1)
+        generate(tmp_path, new_photos=-1)
 
 
 def read_new_photos(root: Path) -> dict[str, str]:
@@ -289,25 +302,15 @@ def test_new_photos_change_nothing_else(demo_set, tmp_path, capsys):
     root, _ = demo_set
     out = tmp_path / "none"
     assert (
-        demo.main(
+        main(
             [
                 "generate",
                 "--out",
                 str(out),
-                "--seed",
-                "7",
-                "--landmarks",
-                "5",
-                "--views",
-                "4",
-                "--nonlandmarks",
-                "6",
-                "--broken-fraction",
-                "0.3",
+                "--settings",
+                json.dumps(SMALL_SETTINGS | {"new_photos": 0}),
                 "--workers",
                 "1",
-                "--new-photos",
-                "0",
             ]
         )
         == 0
@@ -325,26 +328,55 @@ def test_new_photos_change_nothing_else(demo_set, tmp_path, capsys):
     assert meta_with == meta_without
 
 
+def test_cli_settings_host_and_port_make_the_urls(tmp_path, capsys):
+    """The workflow passes config.yaml's demo section as --settings: its host and port are the server's."""
+    tiny = {"seed": 1, "landmarks": 2, "views_per_landmark": 2, "nonlandmarks": 2, "new_photos": 0}
+    settings = json.dumps(tiny | {"host": "localhost", "port": 9911, "out_dir": "ignored"})
+    assert main(["generate", "--out", str(tmp_path / "a"), "--settings", settings, "--workers", "1"]) == 0
+    assert all(row["url"].startswith("http://localhost:9911/") for row in read_rows(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "demo.json").read_text())["arguments"]["n_landmarks"] == 2
+    # --base-url overrides the one the settings make
+    override = ["--base-url", "http://example.org:80/", "--workers", "1"]
+    assert main(["generate", "--out", str(tmp_path / "b"), "--settings", settings, *override]) == 0
+    assert all(row["url"].startswith("http://example.org:80/") for row in read_rows(tmp_path / "b"))
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ('{"landmarks": 5, "views": 4}', "views"),  # an unknown key is named
+        ('{"broken_fraction": 1.5}', "broken_fraction"),
+        ('{"seed": "seven"}', "seed"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_cli_settings_are_validated_by_the_config_schema(tmp_path, settings, message):
+    with pytest.raises(StageError, match=message):
+        main(["generate", "--out", str(tmp_path), "--settings", settings])
+    assert not (tmp_path / "urls.csv").exists()
+
+
 def test_rerun_with_fewer_new_photos_removes_stale_ones(tmp_path):
     tiny = {"workers": 1, "seed": 1, "n_landmarks": 2, "views_per_landmark": 2, "n_nonlandmarks": 1}
-    demo.generate(tmp_path, new_photos=4, **tiny)
+    generate(tmp_path, new_photos=4, **tiny)
     new_dir = tmp_path / "new_photos"
     assert len(list(new_dir.iterdir())) == 4 + 2
     (new_dir / "notes.txt").write_text("not ours\n")
-    demo.generate(tmp_path, new_photos=1, **tiny)
+    generate(tmp_path, new_photos=1, **tiny)
     assert {p.name for p in new_dir.iterdir()} == set(read_new_photos(tmp_path)) | {"notes.txt"}
     empty, label = sorted(read_new_photos(tmp_path).values())  # 1 landmark view, ceil(1 / 2) other
     assert empty == "" and label in {row["landmark_id"] for row in read_rows(tmp_path)} - {""}
-    demo.generate(tmp_path, new_photos=0, **tiny)
+    generate(tmp_path, new_photos=0, **tiny)
     assert [p.name for p in new_dir.iterdir()] == ["notes.txt"] and read_new_photos(tmp_path) == {}
 
 
 def test_lookalike_pairs_share_their_structure_family():
-    specs = demo.landmark_specs(2026, 48)
+    specs = landmark_specs(2026, 48)
     twins = [s for s in specs if s.twin_of is not None]
     assert len(twins) == 6
     assert all(s.family == specs[s.twin_of].family for s in twins)
-    assert len({s.family for s in specs}) == len(demo.STRUCTURE_FAMILIES)
+    assert len({s.family for s in specs}) == len(STRUCTURE_FAMILIES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +398,7 @@ def test_good_urls_return_the_file_bytes(demo_set, server):
             assert resp.read() == (root / "images" / name).read_bytes()
 
 
-def fault_url(root: Path, srv: demo.DemoServer, kind: str) -> tuple[str, str]:
+def fault_url(root: Path, srv: DemoServer, kind: str) -> tuple[str, str]:
     faults = read_faults(root)
     row = next(r for r in read_rows(root) if faults.get(r["id"]) == kind)
     return local_url(srv, row["url"]), file_of(row["url"])
@@ -394,7 +426,7 @@ def test_corrupt_fault_is_an_undecodable_jpeg(demo_set, server):
     with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
         assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
         data = resp.read()
-    assert data == demo.corrupt_jpeg((demo_set[0] / "images" / name).read_bytes())
+    assert data == corrupt_jpeg((demo_set[0] / "images" / name).read_bytes())
     with Image.open(io.BytesIO(data)) as image, pytest.raises(OSError):
         image.load()
 
@@ -425,7 +457,7 @@ def test_slow_fault_outlasts_the_client_timeout(demo_set, server):
 def test_slow_requests_do_not_block_shutdown(demo_set):
     url_path = None
     outcome = {}
-    with demo.DemoServer(demo_set[0], slow_seconds=120) as srv:
+    with DemoServer(demo_set[0], slow_seconds=120) as srv:
         url_path, _ = fault_url(demo_set[0], srv, "slow")
 
         def client():
@@ -464,7 +496,7 @@ def test_path_traversal_is_refused(server, path):
 
 
 def test_files_are_looked_up_per_request(tmp_path):
-    with demo.DemoServer(tmp_path / "not-yet") as srv:
+    with DemoServer(tmp_path / "not-yet") as srv:
         name = "0123456789abcdef.jpg"
         assert raw_get(srv.port, f"/images/{name}")[0] == 404
         (tmp_path / "not-yet" / "images").mkdir(parents=True)
@@ -480,7 +512,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         taken.listen(1)
         port = taken.getsockname()[1]
         with pytest.raises(StageError, match=f"port {port}"):
-            demo.DemoServer(tmp_path, port=port).start()
+            DemoServer(tmp_path, port=port).start()
         result = subprocess.run(
             [sys.executable, "-m", "landmarks.demo", "serve", "--root", str(tmp_path), "--port", str(port)],
             capture_output=True,
@@ -493,12 +525,12 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 def test_start_and_stop_server_process(demo_set, tmp_path):
     log_path = tmp_path / "server.log"
-    proc = demo.start_server_process(demo_set[0], "127.0.0.1", free_port(), timeout=30, log_path=log_path)
+    proc = start_server_process(demo_set[0], "127.0.0.1", free_port(), timeout=30, log_path=log_path)
     try:
         port = int(proc.args[proc.args.index("--port") + 1])
         assert raw_get(port, "/healthz")[0] == 200
     finally:
-        code = demo.stop_server_process(proc)
+        code = stop_server_process(proc)
     assert code == 0
     assert "demo server stopped" in log_path.read_text()
 
@@ -509,7 +541,7 @@ def test_start_server_process_reports_a_failed_start(tmp_path):
         taken.listen(1)
         port = taken.getsockname()[1]
         with pytest.raises(StageError, match="already in use"):
-            demo.start_server_process(tmp_path, "127.0.0.1", port, timeout=30)
+            start_server_process(tmp_path, "127.0.0.1", port, timeout=30)
 
 
 # The intermediate parent: starts the server as its child, waits until it is ready, then exits.
@@ -540,13 +572,24 @@ def test_serve_exits_when_its_parent_process_is_gone(tmp_path):
         info = json.loads(ready.read_text())
         assert info["pid"] == server_pid and info["port"] == port
         deadline = time.monotonic() + 10  # the server polls its parent every second
-        while demo.process_alive(server_pid) and time.monotonic() < deadline:
+        while process_alive(server_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not demo.process_alive(server_pid)
+        assert not process_alive(server_pid)
         assert not ready.exists()  # removed on a clean exit
     finally:
-        if demo.process_alive(server_pid):
+        if process_alive(server_pid):
             os.kill(server_pid, signal.SIGKILL)
+
+
+def test_the_server_loads_without_the_drawing_modules():
+    """The Snakefile's onstart hook imports landmarks.demo.server: it must not pay for the drawing code."""
+    code = (
+        "import sys, landmarks.demo.server; "
+        "print(sorted(m for m in sys.modules if m.startswith(('landmarks.demo.', 'PIL'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['landmarks.demo.server']"
 
 
 def test_cli_help():

@@ -22,15 +22,18 @@ def seeded_rng(seed: int, tag: str, *keys: int) -> np.random.Generator:
 
 
 def hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
+    """An RGB colour (0-255) from hue (wraps around), saturation and value (clipped to [0, 1])."""
     r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0))
     return int(r * 255 + 0.5), int(g * 255 + 0.5), int(b * 255 + 0.5)
 
 
 def shaded(color, factor: float) -> tuple[int, int, int]:
+    """`color` darkened (factor < 1) or lightened (factor > 1), clipped to 0-255."""
     return tuple(int(min(255, max(0, c * factor))) for c in color[:3])
 
 
 def mix(a, b, t: float) -> tuple[int, int, int]:
+    """The colour a fraction `t` of the way from `a` to `b`."""
     return tuple(int(round(x + (y - x) * t)) for x, y in zip(a[:3], b[:3]))
 
 
@@ -42,6 +45,7 @@ def smooth_noise(rng: np.random.Generator, w: int, h: int, cell: float) -> np.nd
 
 
 def to_image(arr: np.ndarray) -> Image.Image:
+    """An RGB image from a float h x w x 3 array, clipped to 0-255."""
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 

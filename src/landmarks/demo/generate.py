@@ -269,22 +269,6 @@ def generate(
     base_url = _checked_arguments(
         seed, n_landmarks, views_per_landmark, n_nonlandmarks, broken_fraction, base_url, new_photos
     )
-    started = time.monotonic()
-    out_dir = Path(out_dir)
-    images_dir, new_dir = _prepare_folders(out_dir)
-
-    specs = landmark_specs(seed, n_landmarks)
-    photos = plan_photos(seed, n_landmarks, views_per_landmark, n_nonlandmarks, broken_fraction)
-    new_plan = plan_new_photos(seed, n_landmarks, new_photos)
-    written = _run_tasks(_tasks(seed, specs, photos, new_plan, images_dir, new_dir), workers)
-    files = {w["id"]: w["file"] for w in written if not w.get("new")}
-    new_files = {w["id"]: w["file"] for w in written if w.get("new")}
-    _remove_stale(images_dir, _SET_PHOTO_NAME, set(files.values()))
-    _remove_stale(new_dir, _NEW_PHOTO_NAME, set(new_files.values()))
-
-    landmark_ids = _landmark_ids(seed, n_landmarks)
-    faults = sorted((p.image_id, p.fault) for p in photos if p.fault)
-    counts = _counts(photos, specs, landmark_ids, faults, len(new_plan))
     arguments = {
         "seed": seed,
         "n_landmarks": n_landmarks,
@@ -293,25 +277,45 @@ def generate(
         "broken_fraction": broken_fraction,
         "base_url": base_url,
     }
-    write_csv(out_dir / "faults.csv", ("id", "fault"), faults)
-    write_json_atomic(
-        out_dir / "demo.json",
-        {"arguments": arguments, "counts": counts, "families": {str(landmark_ids[s.index]): s.family for s in specs}},
-    )
-    write_csv(out_dir / "new_photos.csv", NEW_PHOTOS_COLUMNS, _new_photo_rows(new_plan, new_files, landmark_ids))
-    # Last: urls.csv marks a complete set.
-    write_csv(out_dir / "urls.csv", URLS_COLUMNS, _url_rows(seed, photos, files, landmark_ids, base_url))
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    images_dir, new_dir = _prepare_folders(out_dir)
+    specs = landmark_specs(seed, n_landmarks)
+    photos = plan_photos(seed, n_landmarks, views_per_landmark, n_nonlandmarks, broken_fraction)
+    new_plan = plan_new_photos(seed, n_landmarks, new_photos)
+    files, new_files = _write_photos(images_dir, new_dir, seed, specs, photos, new_plan, workers)
+    counts = _write_tables(out_dir, arguments, specs, photos, new_plan, files, new_files)
     counts["seconds"] = round(time.monotonic() - started, 2)
     log.info(
-        "wrote %d photos (%d landmarks, %d non-landmarks, %d broken links) and %d new photos to %s in %.1f s",
-        counts["images"],
-        n_landmarks,
-        counts["nonlandmark_images"],
-        counts["broken"],
-        counts["new_photos"],
-        out_dir,
-        counts["seconds"],
+        "wrote %(images)d photos (%(landmarks)d landmarks, %(nonlandmark_images)d non-landmarks, %(broken)d broken "
+        "links) and %(new_photos)d new photos to %(out_dir)s in %(seconds).1f s",
+        {**counts, "out_dir": out_dir},
     )
+    return counts
+
+
+def _write_photos(images_dir: Path, new_dir: Path, seed: int, specs, photos, new_plan, workers) -> tuple[dict, dict]:
+    """Draw and write every photo into images_dir and new_dir (removing the photos an earlier run with
+    other arguments left there); returns the file name of each id, for each folder."""
+    written = _run_tasks(_tasks(seed, specs, photos, new_plan, images_dir, new_dir), workers)
+    files = {w["id"]: w["file"] for w in written if not w.get("new")}
+    new_files = {w["id"]: w["file"] for w in written if w.get("new")}
+    _remove_stale(images_dir, _SET_PHOTO_NAME, set(files.values()))
+    _remove_stale(new_dir, _NEW_PHOTO_NAME, set(new_files.values()))
+    return files, new_files
+
+
+def _write_tables(out_dir: Path, arguments: dict, specs, photos, new_plan, files: dict, new_files: dict) -> dict:
+    """faults.csv, demo.json, new_photos.csv, then urls.csv (last: it marks a complete set); returns the counts."""
+    seed, base_url = arguments["seed"], arguments["base_url"]
+    landmark_ids = _landmark_ids(seed, len(specs))
+    faults = sorted((p.image_id, p.fault) for p in photos if p.fault)
+    counts = _counts(photos, specs, landmark_ids, faults, len(new_plan))
+    families = {str(landmark_ids[s.index]): s.family for s in specs}
+    write_csv(out_dir / "faults.csv", ("id", "fault"), faults)
+    write_json_atomic(out_dir / "demo.json", {"arguments": arguments, "counts": counts, "families": families})
+    write_csv(out_dir / "new_photos.csv", NEW_PHOTOS_COLUMNS, _new_photo_rows(new_plan, new_files, landmark_ids))
+    write_csv(out_dir / "urls.csv", URLS_COLUMNS, _url_rows(seed, photos, files, landmark_ids, base_url))
     return counts
 
 

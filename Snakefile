@@ -32,7 +32,7 @@ DEMO = lmconfig.demo_mode(config)
 URLS_CSV = lmconfig.urls_csv_path(config)
 IMAGES = f"{R}/download/images"
 PARTS = [f"{p:03d}" for p in range(config["split"]["partitions"])]
-SPLITS = ["train", "val", "test", "nonlandmark"]
+from landmarks.tables import SPLITS
 SHARD_PARTS = [f"{k:02d}" for k in range(config["shard"]["parts"])]
 EXPERIMENTS = list(config["experiments"])
 SHARD_SIZE = lmconfig.shard_size(config)

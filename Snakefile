@@ -11,6 +11,7 @@ from pathlib import Path
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)  # the Snakefile itself uses the package's config helpers
 from landmarks import config as lmconfig
+from landmarks.tables import SPLITS
 
 # `--configfile X` replaces config.yaml instead of merging into it: a reproduction config is complete
 # on its own (missing keys take the schema's defaults), and never inherits the demo's experiments.
@@ -32,7 +33,6 @@ DEMO = lmconfig.demo_mode(config)
 URLS_CSV = lmconfig.urls_csv_path(config)
 IMAGES = f"{R}/download/images"
 PARTS = [f"{p:03d}" for p in range(config["split"]["partitions"])]
-SPLITS = ["train", "val", "test", "nonlandmark"]
 SHARD_PARTS = [f"{k:02d}" for k in range(config["shard"]["parts"])]
 EXPERIMENTS = list(config["experiments"])
 SHARD_SIZE = lmconfig.shard_size(config)

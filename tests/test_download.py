@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from landmarks import download
-from landmarks.common import StageError
+from landmarks.common import StageError, image_relpath, run_cli
 from landmarks.download import HostScheduler, Job, PartDownloader, Settings, inspect_image
-from landmarks.split import PART_SCHEMA
+from landmarks.tables import MANIFEST_SCHEMA, PART_SCHEMA
 
 sys.path.insert(0, str(Path(__file__).parent))
 from faultserver import FaultServer
@@ -298,7 +298,7 @@ def test_the_image_folder_holds_exactly_the_ok_rows_after_every_run(tmp_path, se
 
     assert run() == {"bigone": "ok", "smallone": "ok", "goneone": "ok", "killed": "http_404"}
     # A kill between an image's rename and its journal line, then a retry that fails: the file goes.
-    stray = images / download.image_relpath("killed", ".jpg")
+    stray = images / image_relpath("killed", ".jpg")
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(photo())
     assert run(fresh=True)["killed"] == "http_404" and not stray.exists()
@@ -332,7 +332,7 @@ def test_manifest_schema_and_carried_columns(tmp_path, server):
         == 0
     )
     table = pq.read_table(out)
-    assert table.schema.equals(download.MANIFEST_SCHEMA)
+    assert table.schema.equals(MANIFEST_SCHEMA)
     rows = table.to_pylist()
     assert [(r["id"], r["landmark_id"], r["split"], r["part"], r["row"]) for r in rows] == [
         ("abc", 12, "train", 7, 1),
@@ -576,9 +576,7 @@ def test_settings_and_cli_errors(tmp_path, capsys):
         assert f"key 'download.{key}': {problem}" in result.stderr
     assert download.load_settings('{"retries": 1}', {"retries": 5}).retries == 5
     with pytest.raises(SystemExit) as exit_info:
-        download.run_cli(
-            lambda: download.main(["--part", str(tmp_path / "nope.parquet"), "--images", "i", "--out", "o"])
-        )
+        run_cli(lambda: download.main(["--part", str(tmp_path / "nope.parquet"), "--images", "i", "--out", "o"]))
     assert exit_info.value.code == 2 and "nope.parquet: file not found" in capsys.readouterr().err
     result = subprocess.run([sys.executable, "-m", "landmarks.download", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--max-pixels-per-byte" in result.stdout
@@ -592,7 +590,7 @@ def test_full_disk_stops_the_stage_instead_of_failing_rows(tmp_path, server, mon
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(download, "place_file", no_space)
+    monkeypatch.setattr(download.run, "place_file", no_space)  # where PartDownloader looks it up
     with pytest.raises(StageError, match="No space left"):
         PartDownloader(part, tmp_path / "images", out, Settings(**FAST), 0, progress=False).run()
     assert not out.exists()
@@ -651,7 +649,7 @@ def test_gldv2_shards_are_verified_retried_extracted_and_give_the_same_manifest(
     out = tmp_path / "m" / "manifest.parquet"
     assert gldv2.main(["manifest", "--part", str(part), "--index-dir", str(index_dir), "--out", str(out)]) == 0
     table = pq.read_table(out)
-    assert table.schema.equals(download.MANIFEST_SCHEMA)
+    assert table.schema.equals(MANIFEST_SCHEMA)
     rows = {r["id"]: r for r in table.to_pylist()}
     assert [rows[i]["status"] for i in ("abc001", "abc002", "def001", "zzz999")] == [
         "ok",

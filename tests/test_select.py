@@ -15,6 +15,7 @@ import pytest
 
 from landmarks import places365, select
 from landmarks.common import StageError, read_table, write_table
+from landmarks.tables import SELECTION_COLUMNS
 
 # landmark_id -> number of downloaded images. Classes 2 and 6 tie at 10 images.
 CLASS_SIZES = {1: 20, 2: 10, 3: 5, 4: 2, 5: 1, 6: 10}
@@ -153,7 +154,7 @@ def test_failed_downloads_dropped_and_counts_add_up(tmp_path, manifest):
     assert "http_404: 3" in downloaded["note"]
     assert len(selection) == total_ok and not selection["id"].str.startswith("F").any()
     assert_counts_add_up(selection, table)
-    assert list(selection.columns) == list(select.OUTPUT_COLUMNS)
+    assert list(selection.columns) == list(SELECTION_COLUMNS)
     assert selection["id"].is_monotonic_increasing
     assert f"{total_ok + N_FAILED} → {total_ok} → " in report and "| downloaded (status ok) |" in report
 

@@ -11,6 +11,8 @@ from PIL import Image, JpegImagePlugin
 
 from landmarks import shard
 from landmarks.common import StageError
+from landmarks.images import EXIF_ORIENTATION
+from landmarks.tables import SHARD_INDEX_COLUMNS
 
 # ---------------------------------------------------------------------------------------------------
 # Resize modes
@@ -168,7 +170,7 @@ def _quadrant_means(array):
 def test_exif_orientations_are_turned_upright(tmp_path, orientation):
     path = tmp_path / f"o{orientation}.jpg"
     exif = Image.Exif()
-    exif[shard.EXIF_ORIENTATION] = orientation
+    exif[EXIF_ORIENTATION] = orientation
     Image.fromarray(np.ascontiguousarray(STORED[orientation](_upright()))).save(path, quality=95, exif=exif)
     upright = np.asarray(shard.load_resized(path, "none", 0)).astype(int)
     assert upright.shape == (64, 96, 3)
@@ -232,10 +234,10 @@ def test_upright_rgb_jpeg_is_stored_without_recompression(tmp_path):
     assert (width, height) == (60, 45) and Image.open(io.BytesIO(data)).size == (60, 45)
     rotated = tmp_path / "rotated.jpg"
     exif = Image.Exif()
-    exif[shard.EXIF_ORIENTATION] = 6
+    exif[EXIF_ORIENTATION] = 6
     _photo_like(120, 90).save(rotated, exif=exif)
     data, width, height = shard.encode_resized(rotated, "none", 0)
-    assert (width, height) == (90, 120) and Image.open(io.BytesIO(data)).getexif().get(shard.EXIF_ORIENTATION) is None
+    assert (width, height) == (90, 120) and Image.open(io.BytesIO(data)).getexif().get(EXIF_ORIENTATION) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def test_shards_are_webdataset_tars_and_corrupt_images_are_skipped(image_set, tm
     assert "FileNotFoundError" in skipped["missing"] and "UnidentifiedImageError" in skipped["text"]
     assert "truncated" in skipped["truncated"].lower() and "no image path" in skipped["nopath"]
     index = pd.read_parquet(out / "index.parquet")
-    assert list(index.columns) == shard.INDEX_COLUMNS
+    assert list(index.columns) == SHARD_INDEX_COLUMNS
     assert sorted(index["id"]) == sorted(selection.loc[selection["split"].eq("train"), "id"].iloc[:25])
     assert not index["key"].str.contains(".", regex=False).any()
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -14,6 +14,7 @@ import pytest
 
 from landmarks import split
 from landmarks.common import StageError
+from landmarks.tables import PART_SCHEMA
 
 
 def write_csv(path: Path, text: str) -> Path:
@@ -58,7 +59,7 @@ def test_rows_go_to_the_part_of_their_id_whatever_the_csv_order(tmp_path):
     }
     assert first["00007"]["landmark_id"] == 7 and first["00299"]["row"] == 300  # leading zeros kept
     schema = pq.read_schema(tmp_path / "fwd" / "part-000.parquet")
-    assert schema.remove_metadata().equals(split.PART_SCHEMA)
+    assert schema.remove_metadata().equals(PART_SCHEMA)
 
 
 def test_split_column_gz_input_and_negative_labels(tmp_path):

@@ -40,40 +40,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .common import StageError, check_image_id, image_relpath, run_cli, setup_logging, write_json_atomic, write_table
-from .download import (
-    ACCEPT,
-    DEFAULT_USER_AGENT,
-    MANIFEST_SCHEMA,
-    OK,
-    Settings,
-    _read_part,
-    counts_path,
-    inspect_image,
-    load_settings,
-    part_index_from_name,
-    place_file,
-)
+from .common import StageError, check_image_id, image_relpath, run_cli, setup_logging, write_table
+from .download import ACCEPT, DEFAULT_USER_AGENT, Settings, inspect_image, load_settings, place_file, write_manifest
+from .tables import GLDV2_INDEX_SCHEMA, MANIFEST_SCHEMA, OK, part_index_from_name, read_part
 
 log = logging.getLogger("landmarks.gldv2")
 
 TAR_URL = "https://s3.amazonaws.com/google-landmark/train/images_{shard:03d}.tar"
 MD5_URL = "https://s3.amazonaws.com/google-landmark/md5sum/train/md5.images_{shard:03d}.txt"
 CHUNK = 1 << 20
-INDEX_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("bytes", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("format", pa.string()),
-        ("sha256", pa.string()),
-        ("path", pa.string()),
-        ("shard", pa.int64()),
-    ]
-)
 
 
 class ShardError(Exception):
@@ -168,7 +143,7 @@ async def fetch_tar(session, shard: int, tar_url: str, md5_url: str, work: Path,
 
 def extract(tar_path: Path, shard: int, images: Path, work: Path, settings: Settings) -> pa.Table:
     """Put the shard's images in place (atomically) and describe each one."""
-    rows = {name: [] for name in INDEX_SCHEMA.names}
+    rows = {name: [] for name in GLDV2_INDEX_SCHEMA.names}
     skipped = 0
     with tarfile.open(tar_path, "r|*") as tar:  # streaming: one pass over the file
         for member in tar:
@@ -204,7 +179,7 @@ def extract(tar_path: Path, shard: int, images: Path, work: Path, settings: Sett
                 rows[key].append(value)
     if skipped:
         log.info("shard %03d: skipped %d members that are not <id>.jpg files", shard, skipped)
-    return pa.table(rows, schema=INDEX_SCHEMA)
+    return pa.table(rows, schema=GLDV2_INDEX_SCHEMA)
 
 
 async def fetch_shards(
@@ -252,7 +227,7 @@ async def fetch_shards(
 
 def build_manifest(part_path: Path, index_dir: Path, out: Path, part_index: int) -> dict:
     """The URL stage's manifest for one part, from the shard indexes."""
-    rows = _read_part(part_path)
+    rows = read_part(part_path)
     index_files = sorted(index_dir.glob("images_*.parquet"))
     if not index_files:
         raise StageError(
@@ -293,26 +268,7 @@ def build_manifest(part_path: Path, index_dir: Path, out: Path, part_index: int)
         }
         for name in MANIFEST_SCHEMA.names:
             columns[name].append(values[name])
-    write_table(pa.table(columns, schema=MANIFEST_SCHEMA), out)
-    by_status: dict[str, int] = {}
-    for status in columns["status"]:
-        by_status[status] = by_status.get(status, 0) + 1
-    ok = by_status.get(OK, 0)
-    counts = {
-        "part": part_index,
-        "rows": len(rows["id"]),
-        "ok": ok,
-        "failed": len(rows["id"]) - ok,
-        "by_status": dict(sorted(by_status.items())),
-    }
-    write_json_atomic(counts_path(out), counts)
-    log.info(
-        "part %03d: %d rows = %s",
-        part_index,
-        len(rows["id"]),
-        ", ".join(f"{k} {v}" for k, v in counts["by_status"].items()),
-    )
-    return counts
+    return write_manifest(columns, out, part_index)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ rank give equal batches per rank: the workers' split of a rank's slice depends o
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import tarfile
@@ -43,10 +42,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision import transforms
 
 from .common import StageError, read_table
+from .images import decode_rgb
+from .tables import SHARD_INDEX_COLUMNS
 
 log = logging.getLogger("landmarks.loader")
 
-INDEX_COLUMNS = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
 BALANCE_MODES = ("auto", "pad", "drop", "none")
 # Bytes fetched per read: large sequential reads suit network file systems (Lustre, NFS, GPFS).
 READ_CHUNK_BYTES = 4 << 20
@@ -67,7 +67,7 @@ class ShardIndex:
             if not index_path.exists():
                 raise StageError(f"{folder}: no index.parquet (was the shard stage run for this folder?)")
             frame = read_table(index_path)
-            missing = set(INDEX_COLUMNS) - set(frame.columns)
+            missing = set(SHARD_INDEX_COLUMNS) - set(frame.columns)
             if missing:
                 raise StageError(
                     f"{index_path}: missing columns {sorted(missing)} (written by an older shard stage? rerun it)"
@@ -76,8 +76,8 @@ class ShardIndex:
                 if not (folder / name).exists():
                     raise StageError(f"{index_path}: lists {name}, which is not in {folder}")
             frame["shard"] = [str(folder / name) for name in frame["shard"]]
-            frames.append(frame[INDEX_COLUMNS])
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
+            frames.append(frame[SHARD_INDEX_COLUMNS])
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SHARD_INDEX_COLUMNS)
         table["landmark_id"] = table["landmark_id"].astype("Int64")
         return cls(table.reset_index(drop=True))
 
@@ -87,13 +87,6 @@ class ShardIndex:
     @property
     def shards(self) -> list[str]:
         return list(dict.fromkeys(self.table["shard"]))  # file order, deduplicated
-
-
-def decode_rgb(data: bytes) -> Image.Image:
-    """A shard's JPEG bytes as an RGB image (shards hold RGB JPEGs; the conversion is a safety net)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def read_sample(shard: str, key: str) -> Image.Image:

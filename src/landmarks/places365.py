@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table
+from .tables import OK, SCENES_SCHEMA
 
 log = logging.getLogger("landmarks.places365")
 
@@ -371,14 +372,14 @@ class ImageFiles:
 
     def __getitem__(self, index: int):
         import torch
-        from PIL import Image, ImageOps
+
+        from .images import decode_rgb  # Pillow, only where images are decoded
 
         path = self.paths[index]
         try:
             if path is None:
                 raise FileNotFoundError("manifest row has no path")
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
+            image = decode_rgb(path)  # the pixels the shard stage gives the model
             return self.transform(image), True, ""
         except Exception as err:  # any decode problem marks the image unreadable, never the stage
             return torch.zeros(3, CROP, CROP), False, f"{type(err).__name__}: {err}"[:300]
@@ -453,7 +454,7 @@ def build_output(ids, status, errors, topk_index, topk_prob, labels, metadata) -
         "topk_outdoor": _list_column(outdoor, valid, pa.bool_()),
         "scene_error": pa.array([e or None for e in errors], type=pa.string()),
     }
-    table = pa.table(columns)
+    table = pa.table(columns, schema=SCENES_SCHEMA)
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
 
 
@@ -469,7 +470,7 @@ def read_scored_manifest(path: Path, images_root: Path) -> tuple[list[str], list
     missing = {"id", "status", "path"} - set(manifest.columns)
     if missing:
         raise StageError(f"{path}: not a download manifest (missing columns: {', '.join(sorted(missing))})")
-    ok = manifest[manifest["status"] == "ok"]
+    ok = manifest[manifest["status"] == OK]
     paths = [images_root / p if isinstance(p, str) and p else None for p in ok["path"]]
     return [str(i) for i in ok["id"]], paths
 

@@ -260,9 +260,10 @@ def download_csv(path: Path, download_dir: Path, settings) -> list[Photo]:
 def load_photo(path: str, shard: dict, settings) -> Image.Image:
     """The photo as the model saw test photos: the download stage's checks, then the shard stage's resize
     and JPEG encoding, decoded again. Raises StageError naming what is wrong."""
-    from .download import OK, inspect_image
-    from .loader import decode_rgb
+    from .download import inspect_image
+    from .images import decode_rgb
     from .shard import encode_resized
+    from .tables import OK
 
     size = os.path.getsize(path)
     if size > settings.max_bytes:

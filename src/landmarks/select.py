@@ -51,32 +51,12 @@ import pyarrow as pa
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table, write_text_atomic
 from .places365 import STATUS_NO_WEIGHTS, STATUS_SCORED, STATUS_UNREADABLE, decide_outdoor, read_metadata
+from .tables import NONLANDMARK_SPLITS, OK, SELECTION_COLUMNS, SELECTION_SCHEMA, SPLITS
 
 log = logging.getLogger("landmarks.select")
 
-SPLITS = ("train", "val", "test", "nonlandmark")
-LANDMARK_SPLITS = ("train", "val", "test")
-NONLANDMARK_SPLITS = ("test", "nonlandmark")
 MANIFEST_COLUMNS = ("id", "url", "landmark_id", "status", "path", "sha256", "width", "height", "part")
 SCENE_COLUMNS = ("id", "scene_status", "topk_outdoor")
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("landmark_id", pa.int64()),
-        ("split", pa.string()),
-        ("split_source", pa.string()),  # manifest | random | duplicate | contradictory-duplicate
-        ("path", pa.string()),
-        ("part", pa.int64()),
-        ("url", pa.string()),
-        ("sha256", pa.string()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("scene_status", pa.string()),
-        ("outdoor_votes", pa.int16()),
-        ("is_outdoor", pa.bool_()),
-    ]
-)
-OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 
 @dataclass
@@ -300,10 +280,10 @@ def random_rank(ids: pd.Series, seed: int, purpose: str) -> np.ndarray:
 
 
 def drop_failed_downloads(frame: pd.DataFrame, report: Report) -> pd.DataFrame:
-    failed = frame[frame["status"] != "ok"]
+    failed = frame[frame["status"] != OK]
     kinds = failed["status"].fillna("null").value_counts()
     note = ", ".join(f"{kind}: {n:,}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
-    kept = frame[frame["status"] == "ok"]
+    kept = frame[frame["status"] == OK]
     report.count("downloaded (status ok)", kept, note)
     return kept
 
@@ -711,7 +691,7 @@ def select(manifests: list[Path], scenes: list[Path] | None, rules: Rules) -> tu
     frame = assign_splits(frame, rules)
     check_no_test_bank_overlap(frame)
 
-    selection = frame[list(OUTPUT_COLUMNS)].sort_values("id", kind="stable").reset_index(drop=True)
+    selection = frame[list(SELECTION_COLUMNS)].sort_values("id", kind="stable").reset_index(drop=True)
     selection["landmark_id"] = selection["landmark_id"].astype("Int64")
     for column in ("part", "width", "height"):
         selection[column] = selection[column].astype("Int64")
@@ -847,7 +827,7 @@ def main(argv=None) -> int:
         "manifests": [str(p) for p in args.manifests],
         "scenes": [str(p) for p in args.scenes],
     }
-    table = pa.Table.from_pandas(selection, schema=OUTPUT_SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(selection, schema=SELECTION_SCHEMA, preserve_index=False)
     # Keep pandas' own metadata too, so nullable columns read back as Int64/boolean, not float/object.
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"landmarks.select": json.dumps(metadata).encode()}

@@ -38,27 +38,15 @@ from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_json_atomic, write_table
+from .images import exif_orientation, to_rgb, turn_upright
+from .tables import SHARD_INDEX_COLUMNS, SHARD_SKIPPED_COLUMNS, SPLITS
 
 log = logging.getLogger("landmarks.shard")
 
 RESIZE_MODES = ("shorter_side", "longer_side", "center_crop", "pad", "none")
-SPLITS = ("train", "val", "test", "nonlandmark")
-INDEX_COLUMNS = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
-SKIPPED_COLUMNS = ["id", "path", "error"]
 # Pillow refuses images above this many pixels by default; the download stage already rejects bombs.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
-EXIF_ORIENTATION = 0x0112
-# EXIF orientation -> the transpose that makes the stored pixels upright (orientations 5-8 swap w and h).
-UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 SHARD_NAME = re.compile(r"^shard-(\d{2,})-(\d{5,})\.tar$")
 
 
@@ -83,41 +71,6 @@ def output_size(width: int, height: int, mode: str, size: int, upscale: bool) ->
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _to_8bit_gray(image: Image.Image) -> Image.Image:
-    """16/32-bit grayscale to 8 bits by keeping the high byte (a plain convert would clip to white)."""
-    array = np.asarray(image).astype(np.int64)
-    if image.mode.startswith("I;16") or array.max(initial=0) > 255:
-        array = array >> 8
-    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for every input mode: 16-bit and 32-bit grayscale, palette, grayscale, CMYK, YCbCr;
-    transparency (alpha channel, or a palette/PNG tRNS transparent colour) composited onto white."""
-    if image.mode.startswith("I"):
-        image = _to_8bit_gray(image)
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
-        image = image.convert("RGBA")  # tRNS: the transparent index or colour becomes alpha 0
-    elif image.mode == "P":
-        image = image.convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode != "RGB":
-        return image.convert("RGB")  # L, 1, CMYK (Adobe-inverted JPEGs are handled by Pillow), YCbCr
-    return image
-
-
-def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = upright); a malformed EXIF block counts as upright, not as an error."""
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:
-        return 1
-    return value if value in UPRIGHT else 1
-
-
 def _square(image: Image.Image, mode: str) -> Image.Image:
     if mode == "center_crop" and image.width != image.height:
         side = min(image.size)
@@ -134,7 +87,8 @@ def _square(image: Image.Image, mode: str) -> Image.Image:
 def _decode(image: Image.Image, mode: str, size: int, upscale: bool, draft: bool) -> tuple[Image.Image, bool]:
     """(upright RGB image in its final size, whether the pixels are the file's own, untouched).
 
-    For JPEGs, `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), so a 4000-px photo
+    The rules of `images.decode_rgb`, with a resize between decoding and turning upright. For JPEGs,
+    `draft` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (DCT scaling), so a 4000-px photo
     is never fully decoded to make a 256-px image; the exact size then comes from a small resize.
     """
     orientation = exif_orientation(image)
@@ -152,8 +106,7 @@ def _decode(image: Image.Image, mode: str, size: int, upscale: bool, draft: bool
     resized = image.size != stored_target
     if resized:
         image = image.resize(stored_target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    if orientation != 1:
-        image = image.transpose(UPRIGHT[orientation])
+    image = turn_upright(image, orientation)
     squared = _square(image, mode)
     untouched = original_mode == "RGB" and not (drafted or resized) and orientation == 1 and squared is image
     return squared, untouched
@@ -450,7 +403,7 @@ def shard_split(
         if path.suffix == ".tar" and path.name not in writer.names:
             path.unlink()
     elapsed = time.perf_counter() - started
-    index_df = pd.DataFrame(index, columns=INDEX_COLUMNS)
+    index_df = pd.DataFrame(index, columns=SHARD_INDEX_COLUMNS)
     index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
     counts = {
         "split": split,
@@ -472,7 +425,7 @@ def shard_split(
         "max_shard_bytes": max_shard_bytes,
         "seed": seed,
     }
-    write_table(pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), out_dir / "skipped.parquet")
+    write_table(pd.DataFrame(skipped, columns=SHARD_SKIPPED_COLUMNS), out_dir / "skipped.parquet")
     write_json_atomic(out_dir / "shard.json", {**counts, "settings": settings, "shard_files": writer.names})
     write_table(index_df, out_dir / "index.parquet")
     log.info(

@@ -37,20 +37,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .common import StageError, atomic_path, run_cli, setup_logging
+from .tables import PART_SCHEMA, part_name
 
 log = logging.getLogger("landmarks.split")
 
 REQUIRED_COLUMNS = ("id", "url")
 OPTIONAL_COLUMNS = ("landmark_id", "split")
-PART_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("url", pa.string()),
-        ("landmark_id", pa.int64()),
-        ("split", pa.string()),
-        ("row", pa.int64()),
-    ]
-)
 BLOCK_SIZE = 8 << 20  # bytes of CSV parsed at a time
 ROW_GROUP_ROWS = 128_000  # a part's buffer is flushed as one row group at this size ...
 BUFFERED_ROWS_LIMIT = 500_000  # ... and all buffers are flushed when they hold this many rows
@@ -59,10 +51,6 @@ MAX_LISTED = 10  # offending rows named in an error message
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _MASK64 = (1 << 64) - 1
-
-
-def part_name(index: int) -> str:
-    return f"part-{index:03d}.parquet"
 
 
 def stable_id_hash(image_id: str) -> int:

@@ -8,14 +8,26 @@
    to a temporary folder outside the repository (never into it), cached between runs.
 2. Serves them from memory with an aiohttp server in its own process on 127.0.0.1 (keep-alive).
 3. Runs each contender as a child process on the same URL list, one after the other, `--rounds`
-   times, and reads its CPU time (user + system, children included) from wait4():
-     ours       python -m landmarks.download (decodes every image with Pillow, sha256, atomic write)
-     requests   one requests.Session, one URL after the other, body written to a file
-     img2dataset  --resize_mode no --skip_reencode True (decodes with OpenCV, keeps the bytes),
-                and with --disable_all_reencoding True (no decoding at all), output_format files
-   Each contender also runs on 20 URLs to measure its fixed start-up cost; "steady" figures subtract it.
-Reported (best round of each figure): images/s (wall), CPU ms per image, images per CPU-second
-(throughput per core), and the ratios.
+   times (the order rotates from round to round), and reads its CPU time (user + system, children
+   included) from wait4():
+     ours       python -m landmarks.download (decodes every image with Pillow to check it, keeps the
+                bytes as served, sha256, atomic write), --threads decode threads
+     requests   one requests.Session, one URL after the other, body written to a file (no checks)
+     img2dataset  configured as its README's "How to tweak the options" says: --processes_count =
+                --threads (the cores), the same total number of connections as ours split over the
+                processes (--thread_count), and as many shards as processes
+                (--number_sample_per_shard = ceil(N / processes)): a process works on one shard at a
+                time, so fewer shards than processes leaves processes idle. Output_format files,
+                --resize_mode no, sha256 like ours, and
+                  --skip_reencode True: decodes with OpenCV to check, keeps the bytes (the same work
+                    as ours: the fair comparison)
+                  --disable_all_reencoding True: no decoding at all (less work than ours; a bound)
+   Each contender also runs on 20 URLs in the same round to measure its fixed start-up cost; "steady"
+   figures subtract that round's start-up run.
+Reported: every round's wall and CPU time, each contender's median round (by wall time) with the CPU
+time of that same round: images/s (wall), CPU ms per image, images per CPU-second (throughput per
+core); and the ratios ours / other computed within each round (contenders side by side, so a noisy
+neighbour hits both), their median and range over the rounds. `--json FILE` keeps the raw rounds.
 Install img2dataset in its own virtual environment (it pins other versions of shared libraries):
     python -m venv /tmp/i2d-venv && /tmp/i2d-venv/bin/pip install img2dataset==1.47.0
 """
@@ -27,10 +39,12 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,9 +171,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--photos", type=Path, default=None, help="folder of real JPEGs to crop from")
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="img2dataset executable")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="decode threads (ours) / processes (img2dataset)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="decode threads (ours) / processes (img2dataset)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the raw rounds and the summary here")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "landmarks-bench-download")
     parser.add_argument("--serve", nargs=2, metavar=("DIR", "PORT_FILE"), help=argparse.SUPPRESS)
     parser.add_argument("--requests-loop", nargs=2, metavar=("CSV", "OUT"), help=argparse.SUPPRESS)
@@ -186,19 +203,20 @@ def main() -> None:
             time.sleep(0.1)
         time.sleep(0.5)
         port = int(port_file.read_text())
-        results = benchmark(args, image_dir, port)
+        rounds = benchmark(args, image_dir, port)
     finally:
         server.terminate()
         server.wait(10)
-    report(results, args)
+    report(rounds, args)
 
 
-def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, float, int, int]]]:
+def benchmark(args, image_dir: Path, port: int) -> list[dict[str, tuple[float, float, int]]]:
+    """One dict per round: "<contender>/<full|tiny>" -> (wall s, CPU s, files)."""
     sys.path.insert(0, str(HERE.parent / "src"))
     from landmarks.split import split_csv
 
     names = sorted(p.name for p in image_dir.glob("*.jpg"))
-    lists = {}
+    lists, counts = {}, {}
     for label, subset in (("full", names), ("tiny", names[:TINY])):
         folder = args.work / f"urls-{label}"
         shutil.rmtree(folder, ignore_errors=True)
@@ -209,9 +227,9 @@ def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, f
                 image_id = hashlib.sha1(name.encode()).hexdigest()[:16]
                 fh.write(f"{image_id},http://127.0.0.1:{port}/img/{name},1\n")
         split_csv(folder / "urls.csv", 1, folder / "split")
-        lists[label] = folder
+        lists[label], counts[label] = folder, len(subset)
 
-    def contenders(urls: Path, out: Path) -> dict[str, list[str] | None]:
+    def contenders(urls: Path, count: int, out: Path) -> dict[str, list[str] | None]:
         ours = [
             sys.executable,
             "-m",
@@ -262,8 +280,9 @@ def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, f
                 "False",
                 "--disallowed_header_directives",
                 "[]",
+                # As many shards as processes: each process downloads one shard at a time.
                 "--number_sample_per_shard",
-                "100000",
+                str(math.ceil(count / args.threads)),
                 "--distributor",
                 "multiprocessing",
             ]
@@ -274,77 +293,116 @@ def benchmark(args, image_dir: Path, port: int) -> dict[str, list[tuple[float, f
             "img2dataset-nodecode": i2d and i2d + ["--disable_all_reencoding", "True"],
         }
 
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
-    results: dict[str, list] = {}
+    # NO_ALBUMENTATIONS_UPDATE: img2dataset imports albumentations, which otherwise asks PyPI for a
+    # newer version of itself on every start (a network request that is no part of downloading).
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"), NO_ALBUMENTATIONS_UPDATE="1")
+    rounds: list[dict[str, tuple[float, float, int]]] = []
     # Every run writes into a folder of its own, and they are all deleted at the end: deleting
     # thousands of files just before a run makes ext4 search past the recently freed inodes on
     # every file and folder created next, a cost a download to a fresh disk does not pay.
     runs = args.work / "out"
     shutil.rmtree(runs, ignore_errors=True)
     try:
+        names = [name for name, command in contenders(lists["full"], args.images, runs).items() if command]
         for round_number in range(args.rounds):
+            # Rotate the order so that no contender always runs first (or right after another one).
+            shift = round_number % len(names)
+            order = names[shift:] + names[:shift]
+            measured = {}
             for label in ("tiny", "full"):
-                for name in contenders(lists[label], runs):
+                for name in order:
                     out = runs / f"{round_number}-{label}-{name}"
-                    command = contenders(lists[label], out)[name]
-                    if command is None:
-                        continue
+                    command = contenders(lists[label], counts[label], out)[name]
                     out.mkdir(parents=True)
                     wall, cpu = run_measured(command, env)
                     files = count_files(out / "images")
-                    results.setdefault(f"{name}/{label}", []).append((wall, cpu, files))
+                    measured[f"{name}/{label}"] = (wall, cpu, files)
                     if label == "full":
                         print(
                             f"round {round_number + 1}: {name:22s} {files:5d} files  "
                             f"wall {wall:6.2f} s  CPU {cpu:6.2f} s"
                         )
+            rounds.append(measured)
     finally:
         shutil.rmtree(runs, ignore_errors=True)
-    return results
+    return rounds
 
 
-def report(results, args) -> None:
-    # On a shared machine neighbours only ever add time: take each figure's best round.
-    def best(key):
-        wall = min(r[0] for r in results[key])
-        cpu = min(r[1] for r in results[key])
-        return wall, cpu, min(r[2] for r in results[key])
+def figures(measured: dict[str, tuple[float, float, int]], name: str, images: int) -> dict:
+    """One contender's figures in one round; the steady ones subtract that round's start-up run."""
+    wall, cpu, files = measured[f"{name}/full"]
+    tiny_wall, tiny_cpu, _ = measured[f"{name}/tiny"]
+    n = images - TINY
+    steady_wall, steady_cpu = wall - tiny_wall, cpu - tiny_cpu  # not a number when noise swamps the difference
+    return {
+        "files": files,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "img_per_s": files / wall,
+        "cpu_ms_per_img": 1000 * cpu / files,
+        "img_per_cpu_s": files / cpu,
+        "steady_img_per_s": n / steady_wall if steady_wall > 0 else math.nan,
+        "steady_cpu_ms_per_img": 1000 * steady_cpu / n if steady_cpu > 0 else math.nan,
+        "startup_cpu_s": tiny_cpu,
+    }
 
-    rows = {}
-    for name in ("ours", "requests", "img2dataset", "img2dataset-nodecode"):
-        if f"{name}/full" not in results:
-            continue
-        wall, cpu, files = best(f"{name}/full")
-        tiny_wall, tiny_cpu, _ = best(f"{name}/tiny")
-        n = args.images - TINY
-        rows[name] = {
-            "files": files,
-            "img_per_s": files / wall,
-            "cpu_ms_per_img": 1000 * cpu / files,
-            "img_per_cpu_s": files / cpu,
-            "steady_img_per_s": n / max(1e-9, wall - tiny_wall),
-            "steady_cpu_ms_per_img": 1000 * max(0.0, cpu - tiny_cpu) / n,
-            "startup_cpu_s": tiny_cpu,
-        }
-    print(
-        f"\n{'contender':22s} {'files':>5s} {'img/s':>8s} {'CPU ms/img':>11s} {'img/CPU-s':>10s}"
+
+def report(rounds: list[dict], args) -> dict:
+    names = [key.split("/")[0] for key in rounds[0] if key.endswith("/full")]
+    names.sort(key=["ours", "requests", "img2dataset", "img2dataset-nodecode"].index)
+    per_round = [{name: figures(measured, name, args.images) for name in names} for measured in rounds]
+
+    # Each contender's median round by wall time, with that same round's CPU time (never the best
+    # wall of one round next to the best CPU of another).
+    median_rows = {}
+    for name in names:
+        walls = [r[name]["wall_s"] for r in per_round]
+        median_rows[name] = per_round[walls.index(statistics.median_low(walls))][name]
+    columns = (
+        f"{'files':>5s} {'wall s':>7s} {'CPU s':>7s} {'img/s':>8s} {'CPU ms/img':>11s} {'img/CPU-s':>10s}"
         f" {'steady img/s':>13s} {'steady CPU ms/img':>18s} {'start-up CPU s':>15s}"
     )
-    for name, r in rows.items():
-        print(
-            f"{name:22s} {r['files']:5d} {r['img_per_s']:8.1f} {r['cpu_ms_per_img']:11.2f} {r['img_per_cpu_s']:10.1f}"
-            f" {r['steady_img_per_s']:13.1f} {r['steady_cpu_ms_per_img']:18.2f} {r['startup_cpu_s']:15.2f}"
+
+    def row(r: dict) -> str:
+        return (
+            f"{r['files']:5d} {r['wall_s']:7.2f} {r['cpu_s']:7.2f} {r['img_per_s']:8.1f} {r['cpu_ms_per_img']:11.2f}"
+            f" {r['img_per_cpu_s']:10.1f} {r['steady_img_per_s']:13.1f} {r['steady_cpu_ms_per_img']:18.2f}"
+            f" {r['startup_cpu_s']:15.2f}"
         )
-    ours = rows["ours"]
-    for other in [k for k in rows if k != "ours"]:
-        r = rows[other]
-        print(
-            f"ours vs {other}: {ours['img_per_s'] / r['img_per_s']:.2f}x images/s, "
-            f"{ours['img_per_cpu_s'] / r['img_per_cpu_s']:.2f}x images per CPU-second "
-            f"(steady: {ours['steady_img_per_s'] / r['steady_img_per_s']:.2f}x, "
-            f"{r['steady_cpu_ms_per_img'] / max(1e-9, ours['steady_cpu_ms_per_img']):.2f}x)"
+
+    print(f"\n{args.images} images, {args.threads} decode threads / processes, {args.concurrency} connections")
+    print(f"every round (wall and CPU of the same run):\n{'round':5s} {'contender':22s} {columns}")
+    for number, figures_of in enumerate(per_round, start=1):
+        for name in names:
+            print(f"{number:<5d} {name:22s} {row(figures_of[name])}")
+    print(f"\nmedian round of each contender (by wall time; its own CPU time):\n{'contender':28s} {columns}")
+    for name in names:
+        print(f"{name:28s} {row(median_rows[name])}")
+
+    # Ratios within each round: ours and the other ran side by side, minutes apart at most.
+    ratios = {}
+    print(f"\nours / other, computed within each round; median [min-max] over {len(per_round)} rounds:")
+    for other in [name for name in names if name != "ours"]:
+        pairs = {
+            "images/s": [r["ours"]["img_per_s"] / r[other]["img_per_s"] for r in per_round],
+            "images per CPU-s": [r["ours"]["img_per_cpu_s"] / r[other]["img_per_cpu_s"] for r in per_round],
+            "steady images/s": [r["ours"]["steady_img_per_s"] / r[other]["steady_img_per_s"] for r in per_round],
+            "steady images per CPU-s": [
+                r[other]["steady_cpu_ms_per_img"] / r["ours"]["steady_cpu_ms_per_img"] for r in per_round
+            ],
+        }
+        pairs = {label: [x for x in values if not math.isnan(x)] for label, values in pairs.items()}
+        ratios[other] = pairs
+        cells = ", ".join(
+            f"{label} {statistics.median(v):.2f}x [{min(v):.2f}-{max(v):.2f}]" if v else f"{label} n/a"
+            for label, v in pairs.items()
         )
-    print(json.dumps(rows, indent=1))
+        print(f"  vs {other:20s}: {cells}")
+    summary = {"rounds": per_round, "median_round": median_rows, "ratios_ours_over_other": ratios}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **summary}, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Inputs: --images photo-like pictures are generated once and sharded with the sha
 (shorter side --shard-size, default 256) into bench/out/loader/shards; the very same JPEG bytes are
 also written as loose files (a/b/c/<id>.jpg, the download layout), so both sides decode identical data.
 
-CPU part, side by side in one run (rounds alternate the order), one epoch each, same train-time
+CPU part, side by side in one run (rounds alternate the order; each dataset's median round, its wall
+and CPU rates from that one round), one epoch each, same train-time
 transform (RandomResizedCrop --image-size, flip, rotation, colour jitter, normalise):
   shards-stream  ShardDataset (sequential chunked reads, shuffle buffer)
   shards-random  ShardMapDataset (seek + read by byte offset, random order)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +49,13 @@ from landmarks.common import image_relpath
 
 OUT = Path(__file__).resolve().parent / "out" / "loader"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-AUGMENT = {"random_resized_crop_scale": [0.5, 1.0], "hflip": True, "rotation_degrees": 10, "color_jitter": 0.2}
+AUGMENT = {
+    "random_resized_crop_scale": [0.5, 1.0],
+    "hflip": True,
+    "rotation_degrees": 10,
+    "translate": 0,
+    "color_jitter": 0.2,
+}
 
 
 def build_inputs(count: int, shard_size: int, classes: int) -> tuple[loader.ShardIndex, Path]:
@@ -156,10 +164,13 @@ def _cpu_part(index, loose, args) -> None:
         for r in range(args.rounds):
             for name in list(makers) if r % 2 == 0 else list(makers)[::-1]:
                 rates[name].append(epoch_rate(makers[name], args.batch_size, workers))
-        wall = {name: max(w for w, _ in values) for name, values in rates.items()}
-        cpu = {name: max(c for _, c in values) for name, values in rates.items()}
+        # Each dataset's median round by wall rate, with that same round's CPU rate (never the best
+        # wall rate of one round next to the best CPU rate of another).
+        median = {name: statistics.median_low(values) for name, values in rates.items()}
+        wall = {name: w for name, (w, _) in median.items()}
+        cpu = {name: c for name, (_, c) in median.items()}
         print(
-            f"  workers={workers}: "
+            f"  workers={workers}, median of {args.rounds} rounds: "
             + ", ".join(f"{name} {wall[name]:6.1f} img/s ({cpu[name]:5.1f}/CPU-s)" for name in makers)
             + f"\n             stream / loose: {wall['shards-stream'] / wall['loose-files']:.2f}x wall, "
             f"{cpu['shards-stream'] / cpu['loose-files']:.2f}x per CPU-s"

@@ -127,28 +127,6 @@ def test_reranking_needs_its_bank_similarities():
         retrieve.predict(cosines, positions, np.array([1]), rerank="glr2020", query_bank=np.zeros(1))
 
 
-# ---- knn -----------------------------------------------------------------------------------------------------------
-
-
-def test_exact_knn_matches_numpy_and_pads_short_databases():
-    rng = np.random.default_rng(2)
-    database, queries = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(25, 16)))
-    cosines, positions = retrieve.knn(database, queries, 7)
-    similarity = queries @ database.T
-    expected = np.argsort(-similarity, axis=1)[:, :7]
-    assert positions.tolist() == expected.tolist()
-    assert cosines == pytest.approx(np.take_along_axis(similarity, expected, axis=1), abs=1e-5)
-    cosines, positions = retrieve.knn(database[:3], queries, 5)
-    assert (positions[:, 3:] == -1).all() and np.isneginf(cosines[:, 3:]).all()
-    assert sorted(positions[0, :3].tolist()) == [0, 1, 2]
-
-
-def test_equal_cosines_are_ordered_by_database_row():
-    database = _unit(np.tile([[1.0, 0.0]], (6, 1)))  # six identical database images
-    _, positions = retrieve.knn(database, _unit([[1.0, 0.2]]), 4)
-    assert positions.tolist() == [[0, 1, 2, 3]]
-
-
 # ---- the stage ------------------------------------------------------------------------------------------------------
 
 

@@ -13,20 +13,11 @@ images under different ids are not detected. Neighbours with equal cosines are o
 row, so results do not depend on faiss's internal order. Database images without a landmark id stay
 in the neighbours table but never give a label.
 
-Prediction (one label per query, from its k neighbours that have a landmark id):
-  - top1: the label of the nearest neighbour;
-  - vote: the label with the largest sum of cosines over its neighbours among the k.
-Settings (config.yaml's retrieve section) come as `--settings` JSON. Confidence (`rerank`):
-  - none:    the best cosine of the predicted label (its nearest neighbour's);
-  - seed004: that cosine minus the mean of the query's top-`bank_k` cosines to the non-landmark bank;
-  - glr2020: the GLR2020 winners' rule, which also picks the label (`prediction` is not used). For
-             database image j, B_j = mean of its top-`bank_k` cosines to the bank; for query i,
-             A_ij = clamp(cos(i, j), 0, 1) - B_j; sum A over the first `neighbours_per_label`
-             neighbours of each label, keep the best label, subtract C_i = mean of the query's
-             top-`query_bank_k` cosines to the bank.
-Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
-With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
-best cosine among the k; `bank_weight` scales seed004's bank term.
+Prediction (one label per query, from its k neighbours that have a landmark id) and its confidence
+follow the registered rules of landmarks.ranking: `prediction` top1 or vote; `rerank` none, seed004
+(minus the query's mean cosine to the non-landmark bank) or glr2020 (the GLR2020 winners' A - B - C
+rule, which also picks the label). Ties between labels go to the label whose nearest neighbour ranks
+higher. Settings (config.yaml's retrieve section) come as `--settings` JSON.
 
 Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
 and its first neighbours, read from the shards, counted as RANSAC inliers. A neighbour with at least
@@ -77,142 +68,11 @@ from .index import (
     search,
     write_index,
 )
+from .ranking import Predictions, label_rule_name, predict, reranking
 
 log = logging.getLogger("landmarks.retrieve")
 
-RERANK_METHODS = ("none", "seed004", "glr2020")
-PREDICTION_RULES = ("top1", "vote")
-PREDICT_CELLS = 1 << 22  # queries x k x k label comparisons made at once (bounds predict's memory)
 NO_CONFIDENCE = -1e9  # a query without a prediction, when choosing the non-landmark threshold
-
-
-class Predictions(NamedTuple):
-    """One row per query: the predicted label (-1: none), its confidence, the best cosine of that label
-    among the neighbours, and the best cosine of any other label (the runner-up; when all k neighbours
-    share the label, the k-th cosine, which bounds every other label's)."""
-
-    label: np.ndarray
-    confidence: np.ndarray
-    top_cosine: np.ndarray
-    other_cosine: np.ndarray
-
-
-def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap, weights, forced=None):
-    """`predict` on a block of queries. Labels are compared pairwise among each query's k neighbours
-    (a (queries, k, k) mask): cheap for the k of retrieval, and no Python loop per query."""
-    n, k = cosines.shape
-    rows = np.arange(n)
-    found = positions >= 0
-    safe = np.where(found, positions, 0)
-    neighbour_labels = np.where(found, db_labels[safe], -1)
-    valid = found & (neighbour_labels >= 0)  # neighbours that can give a label
-    cos64 = cosines.astype(np.float64)
-    if rule == "top1":
-        column = np.argmax(valid, axis=1)  # the first usable neighbour
-    else:
-        # same[i, j, l]: neighbours j and l of query i have the same landmark.
-        same = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        if rule == "glr2020":
-            values = np.clip(cos64, 0.0, 1.0) - db_bank[safe].astype(np.float64)
-            earlier = np.tri(k, k, -1, dtype=bool)  # [j, l]: l ranks above j
-            counted = valid & ((same & earlier).sum(axis=2) < cap)  # the first `cap` of each label
-        else:
-            values, counted = cos64, valid
-        contributions = np.where(same & counted[:, None, :], values[:, None, :], 0.0)
-        # cumsum adds in rank order (as a loop over the neighbours would), so equal totals are equal exactly.
-        totals = np.where(valid, np.cumsum(contributions, axis=2)[:, :, -1], -np.inf)
-        # Every neighbour of a label carries its label's total; argmax takes the first maximum, i.e. on a
-        # tie the label whose nearest neighbour ranks higher.
-        column = np.argmax(totals, axis=1)
-    if forced is not None:  # a label decided elsewhere (verification): its first neighbour's column
-        given = forced >= 0
-        column = np.where(given, np.argmax(valid & (neighbour_labels == forced[:, None]), axis=1), column)
-    has_label = valid[rows, column]
-    label = np.where(has_label, neighbour_labels[rows, column], -1)
-    of_label = valid & (neighbour_labels == label[:, None])
-    base = np.where(of_label, cos64, -np.inf).max(axis=1)
-    other = np.where(valid & ~of_label, cos64, -np.inf).max(axis=1)
-    lowest = np.where(valid, cos64, np.inf).min(axis=1)
-    other = np.where(np.isfinite(other), other, np.where(np.isfinite(lowest), lowest, -np.inf))
-    if rule == "glr2020":
-        confidence = totals[rows, column] - query_bank
-    else:
-        confidence = base - weights["margin"] * np.where(np.isfinite(other), other, 0.0)
-        if query_bank is not None:
-            confidence = confidence - weights["bank"] * query_bank
-    confidence[~has_label] = -np.inf
-    return label, confidence, base.astype(np.float32), other.astype(np.float32)
-
-
-def predict(
-    cosines: np.ndarray,
-    positions: np.ndarray,
-    db_labels: np.ndarray,
-    *,
-    prediction: str = "top1",
-    rerank: str = "seed004",
-    query_bank: np.ndarray | None = None,
-    db_bank: np.ndarray | None = None,
-    neighbours_per_label: int = 3,
-    margin_weight: float = 0.0,
-    bank_weight: float = 1.0,
-    labels: np.ndarray | None = None,
-) -> Predictions:
-    """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
-    a label.
-
-    cosines, positions: (queries, k) from `search`, best first (position -1 = no neighbour);
-    db_labels: landmark id of each database row, -1 for none. query_bank: the query's mean cosine to
-    the bank (seed004: top-`bank_k`; glr2020: C_i); db_bank: B_j per database row (glr2020).
-    margin_weight, bank_weight: the confidence of the top1/vote rules subtracts these times the
-    runner-up cosine and the bank similarity. labels: a label per query (-1: the rule's own) whose
-    confidence to compute instead, e.g. after verification; it must be among the query's neighbours.
-    The rules and tie-breaking are in the module docstring.
-    """
-    if prediction not in PREDICTION_RULES:
-        raise StageError(f"unknown prediction rule {prediction!r} (choose from {', '.join(PREDICTION_RULES)})")
-    if rerank not in RERANK_METHODS:
-        raise StageError(f"unknown rerank method {rerank!r} (choose from {', '.join(RERANK_METHODS)})")
-    if rerank in ("seed004", "glr2020") and query_bank is None:
-        raise StageError(f"rerank {rerank!r} needs the queries' bank similarities (query_bank)")
-    if rerank == "glr2020" and db_bank is None:
-        raise StageError("rerank 'glr2020' needs the database images' bank similarities (db_bank)")
-    if neighbours_per_label < 1:
-        raise StageError(f"neighbours_per_label must be at least 1, got {neighbours_per_label}")
-    cosines, positions = np.asarray(cosines), np.asarray(positions)
-    if cosines.shape != positions.shape or cosines.ndim != 2:
-        raise StageError(f"cosines {cosines.shape} and positions {positions.shape} must be the same 2-d shape")
-    db_labels = np.asarray(db_labels, dtype=np.int64)
-    rule = "glr2020" if rerank == "glr2020" else prediction
-    bank = np.asarray(query_bank, dtype=np.float64) if rerank != "none" else None
-    db_bank = np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None
-    weights = {"margin": margin_weight, "bank": bank_weight}
-    n = len(cosines)
-    out = Predictions(
-        np.full(n, -1, np.int64),
-        np.full(n, -np.inf, np.float64),
-        np.full(n, -np.inf, np.float32),
-        np.full(n, -np.inf, np.float32),
-    )
-    if cosines.shape[1] == 0:
-        return out
-    chunk = max(1, PREDICT_CELLS // cosines.shape[1] ** 2)
-    for start in range(0, n, chunk):
-        part = slice(start, min(start + chunk, n))
-        results = _predict_chunk(
-            cosines[part],
-            positions[part],
-            db_labels,
-            rule,
-            None if bank is None else bank[part],
-            db_bank,
-            neighbours_per_label,
-            weights,
-            None if labels is None else np.asarray(labels)[part],
-        )
-        for column, values in zip(out, results):
-            column[part] = values
-    return out
 
 
 def _check_unique_ids(ids: pd.DataFrame, path) -> None:
@@ -246,7 +106,7 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
     for ids, path in ((db_ids, database_path), (query_ids, queries_path), (bank_ids, bank_path)):
         if path:
             _check_unique_ids(ids, path)
-    if rerank != "none" and len(bank) == 0:
+    if reranking(rerank).needs_bank and len(bank) == 0:
         raise StageError(f"rerank '{rerank}' needs a non-empty non-landmark bank ({bank_path or 'none given'})")
     leaked = query_ids["id"].isin(bank_ids["id"])
     if leaked.any():
@@ -285,12 +145,12 @@ def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) 
 
 def query_bank_k(s: dict) -> int:
     """How many bank photos the query's bank term averages (C_i of glr2020, seed004's term otherwise)."""
-    return s["glr2020_query_bank_k"] if s["rerank"] == "glr2020" else s["bank_k"]
+    return s[reranking(s["rerank"]).query_bank_k]
 
 
 def database_bank_terms(database, db_ids, bank_index, bank_ids, s: dict) -> np.ndarray | None:
     """B_j of every database image (glr2020 only, else None): its mean cosine to its nearest bank photos."""
-    if s["rerank"] != "glr2020":
+    if not reranking(s["rerank"]).needs_database_bank:
         return None
     db_in_bank = _positions_of(db_ids["id"], bank_ids)
     if (db_in_bank >= 0).any():
@@ -738,7 +598,7 @@ def retrieve(
         },
         "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
         "dim": int(queries.shape[1]),
-        "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
+        "prediction": label_rule_name(s["prediction"], s["rerank"]),
         "settings": s,
         "index": about,
         "recall": recall,

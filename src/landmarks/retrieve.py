@@ -88,7 +88,18 @@ def _positions_of(ids_wanted: pd.Series, ids_table: pd.DataFrame) -> np.ndarray:
     return pd.Index(ids_table["id"]).get_indexer(ids_wanted).astype(np.int64)
 
 
-def load_inputs(database_path, queries_path, bank_path, rerank: str):
+class Inputs(NamedTuple):
+    """The stage's embeddings and their id tables (`load_inputs`)."""
+
+    database: np.ndarray  # memory-mapped, as stored
+    db_ids: pd.DataFrame
+    queries: np.ndarray  # memory-mapped, as stored
+    query_ids: pd.DataFrame
+    bank: np.ndarray  # float32, (0, dim) without a bank
+    bank_ids: pd.DataFrame
+
+
+def load_inputs(database_path, queries_path, bank_path, rerank: str) -> Inputs:
     """(database, its ids, queries, their ids, bank, its ids), checked: same dimensions, unique ids, a bank
     when the reranking needs one, no query in the bank. Database and queries stay memory-mapped."""
     database, db_ids = load_embeddings(database_path, mmap=True)
@@ -115,7 +126,7 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
             f"{bank_path} (e.g. {query_ids['id'][leaked].iloc[0]!r}): the bank must not contain "
             f"test images, it would give their answer away"
         )
-    return database, db_ids, queries, query_ids, bank, bank_ids
+    return Inputs(database, db_ids, queries, query_ids, bank, bank_ids)
 
 
 def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) -> dict | None:
@@ -515,25 +526,56 @@ def retrieve(
     from .config import section_settings
 
     s = section_settings("retrieve", settings, "retrieve settings")
+    inputs = load_inputs(database_path, queries_path, bank_path, s["rerank"])
+    self_rows = queries_in_database(inputs, s["exclude_self"])
+    seconds = {}
+    db, about, bank_about = build_database(inputs, s, use_gpu, seconds)
+    images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
+    exclude = self_rows if s["exclude_self"] else None
+    answers = search_queries(db, inputs, about, exclude, images, threads, seconds)
+    recall = approximate_recall(inputs.database, inputs.queries, answers.positions, exclude, s, use_gpu)
+    threshold = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds)
     out_dir = Path(out_dir)
-    database, db_ids, queries, query_ids, bank, bank_ids = load_inputs(
-        database_path, queries_path, bank_path, s["rerank"]
+    predictions = write_answers(out_dir, inputs, db, answers, about, bank_about)
+    summary = run_summary(
+        (database_path, queries_path, bank_path), inputs, self_rows, db, answers, predictions, about, recall
     )
-    self_rows = _positions_of(query_ids["id"], db_ids)
+    summary.update(nonlandmark_threshold=threshold, seconds={name: round(value, 3) for name, value in seconds.items()})
+    write_json_atomic(out_dir / "predictor.json", predictor_record(inputs, s, threshold, predictor))
+    write_json_atomic(out_dir / "retrieve.json", summary)
+    log.info(
+        "%d of %d queries got a prediction (rerank %s%s); timings %s",
+        int((answers.predictions.label >= 0).sum()),
+        len(inputs.queries),
+        s["rerank"],
+        "" if answers.inliers is None else f", {summary['verified']} verified",
+        summary["seconds"],
+    )
+    return predictions
+
+
+def queries_in_database(inputs: Inputs, exclude_self: bool) -> np.ndarray:
+    """The database row of each query that is also in the database (same id), else -1; says so in the log."""
+    self_rows = _positions_of(inputs.query_ids["id"], inputs.db_ids)
     in_database = int((self_rows >= 0).sum())
     if in_database:
         log.warning(
             "%d of %d queries are also in the database (same id): %s",
             in_database,
-            len(queries),
+            len(inputs.queries),
             "each is left out of its own neighbours"
-            if s["exclude_self"]
+            if exclude_self
             else "kept (exclude_self false): they will find themselves first",
         )
-    seconds = {}
+    return self_rows
+
+
+def build_database(inputs: Inputs, s: dict, use_gpu, seconds: dict) -> tuple[Database, dict, dict]:
+    """The database and bank indexes (timed in seconds["index"]) and the database's labels and bank terms;
+    returns the Database and the description of each index."""
     started = time.perf_counter()
     index, about = build_index(
-        database,
+        inputs.database,
         seed=s["seed"],
         use_gpu=use_gpu,
         index_type=s["index"],
@@ -541,63 +583,80 @@ def retrieve(
         pq_m=s["pq_m"],
         nprobe=s["nprobe"],
     )
-    bank_index, bank_about = build_index(
-        bank if len(bank) else np.zeros((0, queries.shape[1]), np.float32), use_gpu=use_gpu
-    )  # small: exact search
+    bank = inputs.bank if len(inputs.bank) else np.zeros((0, inputs.queries.shape[1]), np.float32)
+    bank_index, bank_about = build_index(bank, use_gpu=use_gpu)  # small: exact search
     seconds["index"] = time.perf_counter() - started
-    db_labels = db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    db_labels = inputs.db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     unlabelled = int((db_labels < 0).sum())
     if unlabelled:
         log.warning(
             "%d database images have no landmark id: they are listed as neighbours but give no label", unlabelled
         )
-    db = Database(
-        index, db_ids, db_labels, database_bank_terms(database, db_ids, bank_index, bank_ids, s), bank_index, s
-    )
-    images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
-    exclude = self_rows if s["exclude_self"] else None
+    bank_terms = database_bank_terms(inputs.database, inputs.db_ids, bank_index, inputs.bank_ids, s)
+    return Database(index, inputs.db_ids, db_labels, bank_terms, bank_index, s), about, bank_about
+
+
+def search_queries(db: Database, inputs: Inputs, about: dict, exclude, images, threads: int, seconds: dict) -> Answers:
+    """The test queries' answers (`answer_queries`), with the search logged."""
     answers = answer_queries(
-        db, queries, query_ids["id"], exclude=exclude, images=images, threads=threads, seconds=seconds
+        db, inputs.queries, inputs.query_ids["id"], exclude=exclude, images=images, threads=threads, seconds=seconds
     )
     log.info(
         "searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
-        len(queries),
-        len(database),
+        len(inputs.queries),
+        len(inputs.database),
         about["type"],
         about["device"],
         seconds["search"],
         seconds["index"],
     )
-    recall = approximate_recall(database, queries, answers.positions, exclude, s, use_gpu)
-    threshold = {"threshold": None, "source": "none: no val embeddings given"}
-    if val_path:
-        started = time.perf_counter()
-        threshold = calibrate_threshold(db, val_path, bank, bank_ids, images, threads)
-        seconds["calibrate"] = time.perf_counter() - started
+    return answers
 
-    result = answers.predictions
-    predictions = predictions_table(query_ids, result, answers.query_bank, answers.label_inliers)
+
+def nonlandmark_threshold(db: Database, val_path, inputs: Inputs, images, threads: int, seconds: dict) -> dict:
+    """The threshold predict calls a photo a non-landmark below: chosen on val when given (timed)."""
+    if not val_path:
+        return {"threshold": None, "source": "none: no val embeddings given"}
+    started = time.perf_counter()
+    threshold = calibrate_threshold(db, val_path, inputs.bank, inputs.bank_ids, images, threads)
+    seconds["calibrate"] = time.perf_counter() - started
+    return threshold
+
+
+def write_answers(out_dir: Path, inputs: Inputs, db: Database, answers: Answers, about, bank_about) -> pd.DataFrame:
+    """neighbours.parquet, predictions.parquet, submission.csv and what predict reads; returns the predictions."""
+    from .metrics import write_submission_csv
+
+    predictions = predictions_table(inputs.query_ids, answers.predictions, answers.query_bank, answers.label_inliers)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(
-        neighbours_table(query_ids, db_ids, db_labels, answers.cosines, answers.positions, answers.inliers),
+        neighbours_table(inputs.query_ids, db.ids, db.labels, answers.cosines, answers.positions, answers.inliers),
         out_dir / "neighbours.parquet",
     )
     write_table(predictions, out_dir / "predictions.parquet")
-    from .metrics import write_submission_csv
-
     write_submission_csv(predictions, out_dir / "submission.csv")  # every query; empty = no prediction
     save_database(out_dir, db, about, bank_about)
-    has_label = result.label >= 0
-    summary = {
-        "database": {"path": str(database_path), "images": len(database), "unlabelled": unlabelled},
+    return predictions
+
+
+def run_summary(paths, inputs: Inputs, self_rows, db: Database, answers: Answers, predictions, about, recall) -> dict:
+    """retrieve.json's sizes, settings, index and recall (the threshold and timings are added after)."""
+    database_path, queries_path, bank_path = paths
+    s = db.settings
+    return {
+        "database": {
+            "path": str(database_path),
+            "images": len(inputs.database),
+            "unlabelled": int((db.labels < 0).sum()),
+        },
         "queries": {
             "path": str(queries_path),
-            "images": len(queries),
-            "in_database": in_database,
-            "without_prediction": int((~has_label).sum()),
+            "images": len(inputs.queries),
+            "in_database": int((self_rows >= 0).sum()),
+            "without_prediction": int((answers.predictions.label < 0).sum()),
         },
-        "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
-        "dim": int(queries.shape[1]),
+        "bank": {"path": str(bank_path) if bank_path else None, "images": len(inputs.bank)},
+        "dim": int(inputs.queries.shape[1]),
         "prediction": label_rule_name(s["prediction"], s["rerank"]),
         "settings": s,
         "index": about,
@@ -605,30 +664,19 @@ def retrieve(
         "verified": None
         if answers.inliers is None
         else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
-        "nonlandmark_threshold": threshold,
-        "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
-    write_json_atomic(
-        out_dir / "predictor.json",
-        {
-            "dim": int(queries.shape[1]),
-            "database_images": len(database),
-            "bank_images": len(bank),
-            "retrieve": s,
-            "nonlandmark_threshold": threshold,
-            **(predictor or {}),
-        },
-    )
-    write_json_atomic(out_dir / "retrieve.json", summary)
-    log.info(
-        "%d of %d queries got a prediction (rerank %s%s); timings %s",
-        int(has_label.sum()),
-        len(queries),
-        s["rerank"],
-        "" if answers.inliers is None else f", {summary['verified']} verified",
-        summary["seconds"],
-    )
-    return predictions
+
+
+def predictor_record(inputs: Inputs, s: dict, threshold: dict, predictor: dict | None) -> dict:
+    """predictor.json: what predict needs besides the indexes (sizes, settings, threshold, embed and shard)."""
+    return {
+        "dim": int(inputs.queries.shape[1]),
+        "database_images": len(inputs.database),
+        "bank_images": len(inputs.bank),
+        "retrieve": s,
+        "nonlandmark_threshold": threshold,
+        **(predictor or {}),
+    }
 
 
 def _json_object(text: str, flag: str) -> dict:

@@ -154,3 +154,13 @@ def test_a_registered_rule_and_reranking_are_used_by_predict(monkeypatch):
         cosines, np.array([[0, 1, 2]]), np.array([1, 2, 3]), prediction="last", rerank="margin_only"
     )
     assert result.label.tolist() == [3] and result.confidence == pytest.approx([0.5 - 0.9])
+
+
+def test_the_config_schema_offers_exactly_the_registered_rules():
+    """A new rule is registered here and named in config.schema.yaml's enum: this catches a missing half."""
+    from landmarks.config import load_schema
+
+    schema = load_schema()
+    retrieve = (schema["$defs"].get("retrieve") or schema["properties"]["retrieve"])["properties"]
+    assert retrieve["prediction"]["enum"] == list(ranking.PREDICTION_RULES)
+    assert retrieve["rerank"]["enum"] == list(ranking.RERANKINGS)

@@ -51,62 +51,73 @@ def build_index(
     """
     n, dim = database.shape
     if index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-        about = {"type": "flat"}
+        index, about = faiss.IndexFlatIP(dim), {"type": "flat"}
     elif index_type == "ivfpq":
-        if n == 0:
-            raise StageError("retrieve.index ivfpq: the database is empty, nothing to train the index on")
-        if dim % pq_m:
-            raise StageError(f"retrieve.pq_m: {pq_m} sub-quantisers do not divide the embedding dimension {dim}")
-        if dim // pq_m < 4:
-            # Measured: 64 sub-quantisers of 2 dimensions train ~15x slower than 16 of 8 (faiss k-means).
-            log.warning(
-                "retrieve.pq_m %d gives %d-dimensional sub-vectors: product quantiser training is "
-                "slow below 4 dimensions each (e.g. pq_m %d)",
-                pq_m,
-                dim // pq_m,
-                max(1, dim // 8),
-            )
-        lists = max(1, min(ivf_lists, n // 39))
-        nbits = 8 if n >= 256 else max(1, int(np.log2(n)))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
-        # k-means uses at most 256 points per centroid anyway: train on a sample, not 50M rows.
-        sample_size = min(n, max(256 * lists, 256 * 2**nbits))
-        sample = np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
-        try:
-            index.train(_float32(database[sample]))
-        except RuntimeError as err:
-            raise StageError(f"retrieve: faiss could not train IVF-PQ ({lists} lists, pq_m {pq_m}): {err}") from err
-        index.nprobe = min(nprobe, lists)
-        about = {
-            "type": "ivfpq",
-            "ivf_lists": lists,
-            "pq_m": pq_m,
-            "pq_bits": nbits,
-            "nprobe": index.nprobe,
-            "trained_on": int(sample_size),
-        }
+        index, about = _trained_ivfpq(database, ivf_lists, pq_m, nprobe, seed)
     else:
         raise StageError(f"unknown index type {index_type!r} (flat or ivfpq)")
     if use_gpu is None:
         use_gpu = gpu_count() > 0
     if use_gpu:
-        gpus = gpu_count()
-        if gpus == 0:
-            raise StageError("retrieve: GPU search requested but faiss sees no GPU (faiss-cpu installed?)")
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard = True  # several GPUs: each holds a slice of the database (not a copy)
-        options.useFloat16 = index_type == "ivfpq"  # IVF-PQ lookup tables in fp16 (needed for large pq_m)
-        try:
-            index = faiss.index_cpu_to_all_gpus(index, co=options)
-        except RuntimeError as err:
-            raise StageError(f"retrieve: faiss could not put the {index_type} index on the GPU: {err}") from err
-        about["device"] = f"gpu x{gpus}" + (" (sharded)" if gpus > 1 else "")
+        index, about["device"] = _on_all_gpus(index, index_type)
     else:
         about["device"] = "cpu"
     for start in range(0, n, SEARCH_CHUNK):
         index.add(_float32(database[start : start + SEARCH_CHUNK]))
     return index, about
+
+
+def _trained_ivfpq(database: np.ndarray, ivf_lists: int, pq_m: int, nprobe: int, seed: int):
+    """An empty IVF-PQ index trained on a sample of `database`, and its description (see `build_index`)."""
+    n, dim = database.shape
+    if n == 0:
+        raise StageError("retrieve.index ivfpq: the database is empty, nothing to train the index on")
+    if dim % pq_m:
+        raise StageError(f"retrieve.pq_m: {pq_m} sub-quantisers do not divide the embedding dimension {dim}")
+    if dim // pq_m < 4:
+        # Measured: 64 sub-quantisers of 2 dimensions train ~15x slower than 16 of 8 (faiss k-means).
+        log.warning(
+            "retrieve.pq_m %d gives %d-dimensional sub-vectors: product quantiser training is "
+            "slow below 4 dimensions each (e.g. pq_m %d)",
+            pq_m,
+            dim // pq_m,
+            max(1, dim // 8),
+        )
+    lists = max(1, min(ivf_lists, n // 39))
+    nbits = 8 if n >= 256 else max(1, int(np.log2(n)))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
+    # k-means uses at most 256 points per centroid anyway: train on a sample, not 50M rows.
+    sample_size = min(n, max(256 * lists, 256 * 2**nbits))
+    sample = np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
+    try:
+        index.train(_float32(database[sample]))
+    except RuntimeError as err:
+        raise StageError(f"retrieve: faiss could not train IVF-PQ ({lists} lists, pq_m {pq_m}): {err}") from err
+    index.nprobe = min(nprobe, lists)
+    about = {
+        "type": "ivfpq",
+        "ivf_lists": lists,
+        "pq_m": pq_m,
+        "pq_bits": nbits,
+        "nprobe": index.nprobe,
+        "trained_on": int(sample_size),
+    }
+    return index, about
+
+
+def _on_all_gpus(index, index_type: str):
+    """(the index on every GPU faiss sees, sharded over several, the device description)."""
+    gpus = gpu_count()
+    if gpus == 0:
+        raise StageError("retrieve: GPU search requested but faiss sees no GPU (faiss-cpu installed?)")
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True  # several GPUs: each holds a slice of the database (not a copy)
+    options.useFloat16 = index_type == "ivfpq"  # IVF-PQ lookup tables in fp16 (needed for large pq_m)
+    try:
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as err:
+        raise StageError(f"retrieve: faiss could not put the {index_type} index on the GPU: {err}") from err
+    return index, f"gpu x{gpus}" + (" (sharded)" if gpus > 1 else "")
 
 
 def search(index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None):

@@ -127,7 +127,7 @@ def loop_predict(cosines, positions, db_labels, rule, query_bank, db_bank, cap=3
 
 
 def bench_predict(n_queries: int, k: int, seed: int) -> None:
-    from landmarks.retrieve import predict
+    from landmarks.ranking import predict
 
     rng = np.random.default_rng(seed)
     n_db = 1_000_000

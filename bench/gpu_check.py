@@ -327,10 +327,10 @@ def check_faiss(args, sizes, device, work: Path) -> list[dict]:
     """Exact search on the GPU against faiss-cpu, and IVF-PQ recall on the GPU."""
     import numpy as np
 
-    from landmarks import retrieve
+    from landmarks import index as faiss_index
 
     use_gpu = device.type == "cuda"
-    if use_gpu and retrieve.gpu_count() == 0:
+    if use_gpu and faiss_index.gpu_count() == 0:
         raise RuntimeError("faiss sees no GPU: install faiss-gpu (`make env GPU=1`)")
     rng = np.random.default_rng(0)
 
@@ -341,14 +341,14 @@ def check_faiss(args, sizes, device, work: Path) -> list[dict]:
     database, queries = unit(sizes["database"]), unit(sizes["queries"])
     where = "GPU" if use_gpu else "CPU"
     started = time.perf_counter()
-    index, _ = retrieve.build_index(database, use_gpu=use_gpu)
+    index, _ = faiss_index.build_index(database, use_gpu=use_gpu)
     built = time.perf_counter() - started
     started = time.perf_counter()
-    cosines, positions = retrieve.search(index, queries, 10)
+    cosines, positions = faiss_index.search(index, queries, 10)
     searched = time.perf_counter() - started
     sample = rng.choice(len(queries), min(1000, len(queries)), replace=False)
-    cpu_index, _ = retrieve.build_index(database, use_gpu=False)
-    cpu_cosines, cpu_positions = retrieve.search(cpu_index, queries[sample], 10)
+    cpu_index, _ = faiss_index.build_index(database, use_gpu=False)
+    cpu_cosines, cpu_positions = faiss_index.search(cpu_index, queries[sample], 10)
     same = float((cpu_positions == positions[sample]).all(axis=1).mean())
     cosine_gap = float(np.abs(cpu_cosines - cosines[sample]).max())
     rows = [
@@ -362,11 +362,11 @@ def check_faiss(args, sizes, device, work: Path) -> list[dict]:
     ]
     del index, cpu_index
     started = time.perf_counter()
-    ivf, about = retrieve.build_index(
+    ivf, about = faiss_index.build_index(
         database, index_type="ivfpq", ivf_lists=4096 if not args.quick else 64, pq_m=64, nprobe=32, use_gpu=use_gpu
     )
-    _, ivf_positions = retrieve.search(ivf, queries[sample], 10)
-    recall = retrieve.recall_against_exact(ivf_positions, cpu_positions)
+    _, ivf_positions = faiss_index.search(ivf, queries[sample], 10)
+    recall = faiss_index.recall_against_exact(ivf_positions, cpu_positions)
     rows.append(
         {
             "check": f"faiss IVF-PQ on the {where} ({about['ivf_lists']} lists, pq_m 64, nprobe 32)",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from landmarks import embed, places365, predict, retrieve, train
+from landmarks import embed, index, places365, predict, retrieve, train
 from landmarks.common import StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def test_make_env_gpu_installs_faiss_gpu_instead_of_faiss_cpu():
 
 
 def test_faiss_counts_gpus_without_crashing():
-    assert retrieve.gpu_count() == faiss.get_num_gpus()
+    assert index.gpu_count() == faiss.get_num_gpus()
     if NO_GPU:
         assert faiss.get_num_gpus() == 0
 
@@ -62,7 +62,7 @@ def test_gpu_only_branches_refuse_clearly_without_cuda(tmp_path):
         embed.pick_device("cuda")
     vectors = np.eye(4, dtype=np.float32)
     with pytest.raises(StageError, match="GPU search requested but faiss sees no GPU"):
-        retrieve.build_index(vectors, use_gpu=True)
+        index.build_index(vectors, use_gpu=True)
     with pytest.raises(StageError, match="--device gpu: faiss sees no GPU"):
         retrieve.main(["--database", "x.npy", "--queries", "y.npy", "--out-dir", str(tmp_path), "--device", "gpu"])
     with pytest.raises(StageError, match="no CUDA GPU is visible"):

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from gap_reference import accuracy_reference, gap_reference
 
 from landmarks.common import StageError
 from landmarks.metrics import (
@@ -19,8 +20,6 @@ from landmarks.metrics import (
     _ranking,
     _sortable_ids,
     _stable_argsort_u64,
-    accuracy_reference,
-    gap_reference,
     main,
     read_solution_csv,
     read_submission_csv,

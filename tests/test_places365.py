@@ -21,7 +21,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from landmarks import places365
+from landmarks import places365, select_rules
 from landmarks.common import StageError, write_table
 
 SHARED_LABELS = Path("/work/shared/places365")
@@ -109,39 +109,6 @@ def run_stage(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "landmarks.places365", *args], capture_output=True, text=True, timeout=timeout, env=env
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# Vote rules
-# ------------------------------------------------------------------------------------------------
-
-
-def test_votes_rule():
-    assert places365.outdoor_by_votes([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], min_votes=3, top_k=5)
-    assert not places365.outdoor_by_votes([1, 1, 0, 0, 0, 1, 1, 1, 1, 1], min_votes=3, top_k=5)
-    assert places365.outdoor_by_votes([0, 0, 0, 0, 1], min_votes=1, top_k=5)
-    with pytest.raises(ValueError):
-        places365.outdoor_by_votes([True] * 3, top_k=5)
-
-
-def test_official_rule_counts_top10_and_tie_is_outdoor():
-    assert places365.outdoor_by_official([1] * 5 + [0] * 5)  # 5/5 tie -> outdoor
-    assert not places365.outdoor_by_official([1] * 4 + [0] * 6)
-    assert not places365.outdoor_by_official([0] * 6 + [1] * 4 + [1] * 10)  # only the top 10 count
-    with pytest.raises(ValueError):
-        places365.outdoor_by_official([True] * 9)
-
-
-def test_vectorised_rules_agree_with_pure_functions():
-    rng = np.random.default_rng(0)
-    matrix = rng.random((500, 12)) < 0.5
-    votes, outdoor = places365.decide_outdoor(matrix, "votes", min_votes=3, top_k=5)
-    assert list(outdoor) == [places365.outdoor_by_votes(list(r), 3, 5) for r in matrix]
-    assert list(votes) == [int(r[:5].sum()) for r in matrix]
-    votes, outdoor = places365.decide_outdoor(matrix, "official")
-    assert list(outdoor) == [places365.outdoor_by_official(list(r)) for r in matrix]
-    with pytest.raises(ValueError):
-        places365.decide_outdoor(matrix, "majority")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,8 +299,8 @@ def test_stage_scores_images_and_votes_decide(tmp_path):
         assert np.all(np.diff(row["topk_prob"]) <= 0)
         outdoor = list(row["topk_outdoor"])
         assert outdoor == [bool(OUTDOOR[i]) for i in row["topk_index"]]
-        assert places365.outdoor_by_votes(outdoor, min_votes=3, top_k=5)  # 3 of the top 5
-        assert not places365.outdoor_by_official(outdoor)  # 4 of the top 10
+        assert select_rules.outdoor_by_votes(outdoor, min_votes=3, top_k=5)  # 3 of the top 5
+        assert not select_rules.outdoor_by_official(outdoor)  # 4 of the top 10
     assert frame.loc["abc004", "topk_index"] is None
     meta = places365.read_metadata(out)
     assert meta["status"] == "scored" and meta["arch"] == "resnet18" and meta["top_k"] == 12

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import retrieve
+from landmarks import ranking, retrieve
 from landmarks.common import StageError
 from landmarks.embed import write_embeddings
 from landmarks.metrics import read_submission_csv, score_predictions
@@ -25,128 +25,6 @@ def _write(path, vectors, ids, labels=None):
         _unit(vectors), pd.DataFrame({"id": ids, "landmark_id": pd.array(labels, dtype="Int64")}), path, dtype="float32"
     )
     return path
-
-
-# ---- predict(): the vectorised rules against a plain loop over each query -------------------------------------
-
-
-def _reference(cosines, positions, db_labels, rule, query_bank, db_bank, cap):
-    """The documented rules, one query at a time: candidates are found neighbours with a label; ties go to
-    the label whose first candidate ranks higher."""
-    labels, confidence, base = [], [], []
-    for cos_row, pos_row, bank in zip(cosines, positions, query_bank):
-        candidates = [
-            (rank, db_labels[p], float(c), p)
-            for rank, (c, p) in enumerate(zip(cos_row, pos_row))
-            if p >= 0 and db_labels[p] >= 0
-        ]
-        if not candidates:
-            labels.append(-1), confidence.append(-np.inf), base.append(-np.inf)
-            continue
-        per_label = {}
-        for rank, label, cos, p in candidates:
-            per_label.setdefault(label, []).append((rank, cos, p))
-        if rule == "top1":
-            best = candidates[0][1]
-            total = None
-        else:
-
-            def total_of(label):
-                hits = per_label[label]  # noqa: B023 (called inside the loop that binds it)
-                if rule == "glr2020":
-                    return sum(min(max(c, 0.0), 1.0) - db_bank[p] for _, c, p in hits[:cap])
-                return sum(c for _, c, _ in hits)
-
-            best = min(per_label, key=lambda label: (-total_of(label), per_label[label][0][0]))
-            total = total_of(best)
-        top = max(c for _, c, _ in per_label[best])
-        labels.append(best)
-        base.append(top)
-        if rule == "glr2020":
-            confidence.append(total - bank)
-        else:
-            confidence.append(top - bank)
-    return np.array(labels), np.array(confidence), np.array(base)
-
-
-@pytest.mark.parametrize(
-    "prediction, rerank",
-    [("top1", "none"), ("top1", "seed004"), ("vote", "none"), ("vote", "seed004"), ("top1", "glr2020")],
-)
-def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
-    rng = np.random.default_rng(1)
-    n_queries, k, n_db = 400, 8, 60
-    # Cosines on a coarse grid so that votes tie; missing neighbours at the end of some rows.
-    cosines = -np.sort(-np.round(rng.uniform(-0.2, 1.0, (n_queries, k)), 1), axis=1).astype(np.float32)
-    positions = rng.integers(0, n_db, (n_queries, k))
-    found = rng.integers(0, k + 1, n_queries)
-    found[:5] = 0  # some queries find nothing
-    missing = np.arange(k) >= found[:, None]
-    positions[missing], cosines[missing] = -1, -np.inf
-    db_labels = rng.integers(0, 6, n_db)
-    db_labels[::7] = -1  # database images without a landmark id
-    query_bank = rng.uniform(0, 0.5, n_queries).astype(np.float32)
-    db_bank = rng.uniform(0, 0.3, n_db).astype(np.float32)
-    labels, confidence, base, _ = retrieve.predict(
-        cosines,
-        positions,
-        db_labels,
-        prediction=prediction,
-        rerank=rerank,
-        query_bank=query_bank,
-        db_bank=db_bank,
-        neighbours_per_label=2,
-    )
-    rule = "glr2020" if rerank == "glr2020" else prediction
-    bank = query_bank if rerank != "none" else np.zeros(n_queries)
-    expected_labels, expected_confidence, expected_base = _reference(
-        cosines, positions, db_labels, rule, bank, db_bank, 2
-    )
-    assert labels.tolist() == expected_labels.tolist()
-    assert confidence == pytest.approx(expected_confidence, abs=1e-6)
-    assert base == pytest.approx(expected_base, abs=1e-6)
-    assert (labels == -1).sum() >= 5
-
-
-def test_ties_go_to_the_label_of_the_nearer_neighbour():
-    # Label 9 at rank 1 and label 7 at ranks 2-3: votes tie at 0.8 each (0.8 vs 0.5 + 0.3).
-    cosines = np.array([[0.8, 0.5, 0.3]], np.float32)
-    positions = np.array([[0, 1, 2]])
-    db_labels = np.array([9, 7, 7])
-    labels, confidence, _, _ = retrieve.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
-    assert labels.tolist() == [9] and confidence == pytest.approx([0.8])
-    labels, _, _, _ = retrieve.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
-    assert labels.tolist() == [7]  # now label 7 ranks first
-
-
-def test_reranking_needs_its_bank_similarities():
-    cosines, positions = np.array([[0.9]], np.float32), np.array([[0]])
-    with pytest.raises(StageError, match="query_bank"):
-        retrieve.predict(cosines, positions, np.array([1]), rerank="seed004")
-    with pytest.raises(StageError, match="db_bank"):
-        retrieve.predict(cosines, positions, np.array([1]), rerank="glr2020", query_bank=np.zeros(1))
-
-
-# ---- knn -----------------------------------------------------------------------------------------------------------
-
-
-def test_exact_knn_matches_numpy_and_pads_short_databases():
-    rng = np.random.default_rng(2)
-    database, queries = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(25, 16)))
-    cosines, positions = retrieve.knn(database, queries, 7)
-    similarity = queries @ database.T
-    expected = np.argsort(-similarity, axis=1)[:, :7]
-    assert positions.tolist() == expected.tolist()
-    assert cosines == pytest.approx(np.take_along_axis(similarity, expected, axis=1), abs=1e-5)
-    cosines, positions = retrieve.knn(database[:3], queries, 5)
-    assert (positions[:, 3:] == -1).all() and np.isneginf(cosines[:, 3:]).all()
-    assert sorted(positions[0, :3].tolist()) == [0, 1, 2]
-
-
-def test_equal_cosines_are_ordered_by_database_row():
-    database = _unit(np.tile([[1.0, 0.0]], (6, 1)))  # six identical database images
-    _, positions = retrieve.knn(database, _unit([[1.0, 0.2]]), 4)
-    assert positions.tolist() == [[0, 1, 2, 3]]
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------------
@@ -328,22 +206,7 @@ def test_bad_inputs_are_refused_with_the_file_or_key_named(clustered, tmp_path):
         retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], tmp_path)
 
 
-# ---- confidence terms and geometric verification ------------------------------------------------------------
-
-
-def test_margin_and_bank_weights_shape_the_confidence():
-    cosines = np.array([[0.9, 0.8, 0.5], [0.7, 0.6, 0.4]], np.float32)
-    positions = np.array([[0, 1, 2], [3, 4, 5]])
-    db_labels = np.array([1, 2, 2, 3, 3, 3])  # query 2: every neighbour has the same landmark
-    bank = np.array([0.2, 0.4])
-    result = retrieve.predict(
-        cosines, positions, db_labels, rerank="seed004", query_bank=bank, margin_weight=1.0, bank_weight=0.5
-    )
-    assert result.label.tolist() == [1, 3]
-    assert result.other_cosine == pytest.approx([0.8, 0.4])  # runner-up landmark; else the k-th cosine
-    assert result.confidence == pytest.approx([0.9 - 0.8 - 0.1, 0.7 - 0.4 - 0.2], abs=1e-6)
-    plain = retrieve.predict(cosines, positions, db_labels, rerank="none")
-    assert plain.confidence == pytest.approx(plain.top_cosine) and plain.top_cosine == pytest.approx([0.9, 0.7])
+# ---- geometric verification ------------------------------------------------------------
 
 
 def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
@@ -353,14 +216,14 @@ def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
     settings = {"min_inliers": 10, "relabel": True}
     forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, settings)
     assert forced.tolist() == [2, 4] and is_verified.tolist() == [[False, True, False], [True, False, False]]
-    base = retrieve.predict(cosines, positions, db_labels, rerank="none", labels=forced)
+    base = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     assert base.label.tolist() == [2, 4] and base.confidence == pytest.approx([0.8, 0.6])  # the new label's cosine
     result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, weight=1.0)
     assert result.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0]) and label_inliers.tolist() == [40, 12]
     forced, labels, is_verified = retrieve.verified_labels(
         positions, db_labels, inliers, {**settings, "relabel": False}
     )
-    kept = retrieve.predict(cosines, positions, db_labels, rerank="none", labels=forced)
+    kept = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     kept, _ = retrieve.verified(kept, labels, is_verified, inliers, weight=1.0)
     assert kept.label.tolist() == [1, 4] and kept.confidence == pytest.approx([0.9, 1.6])  # landmark 1 unverified
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from landmarks import report, score, shard, summary
+from landmarks import formatting, report, score, shard, summary
 from landmarks.common import StageError
 from landmarks.loader import ShardImages
 from landmarks.metrics import score_predictions
@@ -169,6 +169,10 @@ def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(StageError, match="broken.json: cannot read metrics"):
         summary.main(["--metrics", str(tmp_path / "broken.json"), "--out", str(out)])
+
+
+def test_metrics_are_written_with_four_decimals_and_undefined_ones_as_n_a():
+    assert [formatting.fmt(v) for v in (0.123456, 1, None, float("nan"))] == ["0.1235", "1.0000", "n/a", "n/a"]
 
 
 def test_gap_by_confidence_ranks_the_same_labels_by_each_available_confidence():

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from landmarks import places365, select
+from landmarks import places365, select, select_rules
 from landmarks.common import StageError, read_table, write_table
 from landmarks.tables import SELECTION_COLUMNS
 
@@ -669,3 +669,34 @@ def test_cli_help_and_exit_code(tmp_path):
 def test_selection_reads_back_with_nullable_types(tmp_path, manifest):
     selection, _, _ = run(tmp_path, [manifest])
     assert str(selection["landmark_id"].dtype) == "Int64" and selection["landmark_id"].isna().sum() == N_NONLANDMARK
+
+
+# ---- the indoor/outdoor vote rules ----------------------------------------------------------------------------
+
+
+def test_votes_rule():
+    assert select_rules.outdoor_by_votes([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], min_votes=3, top_k=5)
+    assert not select_rules.outdoor_by_votes([1, 1, 0, 0, 0, 1, 1, 1, 1, 1], min_votes=3, top_k=5)
+    assert select_rules.outdoor_by_votes([0, 0, 0, 0, 1], min_votes=1, top_k=5)
+    with pytest.raises(ValueError):
+        select_rules.outdoor_by_votes([True] * 3, top_k=5)
+
+
+def test_official_rule_counts_top10_and_tie_is_outdoor():
+    assert select_rules.outdoor_by_official([1] * 5 + [0] * 5)  # 5/5 tie -> outdoor
+    assert not select_rules.outdoor_by_official([1] * 4 + [0] * 6)
+    assert not select_rules.outdoor_by_official([0] * 6 + [1] * 4 + [1] * 10)  # only the top 10 count
+    with pytest.raises(ValueError):
+        select_rules.outdoor_by_official([True] * 9)
+
+
+def test_vectorised_rules_agree_with_pure_functions():
+    rng = np.random.default_rng(0)
+    matrix = rng.random((500, 12)) < 0.5
+    votes, outdoor = select_rules.decide_outdoor(matrix, "votes", min_votes=3, top_k=5)
+    assert list(outdoor) == [select_rules.outdoor_by_votes(list(r), 3, 5) for r in matrix]
+    assert list(votes) == [int(r[:5].sum()) for r in matrix]
+    votes, outdoor = select_rules.decide_outdoor(matrix, "official")
+    assert list(outdoor) == [select_rules.outdoor_by_official(list(r)) for r in matrix]
+    with pytest.raises(ValueError):
+        select_rules.decide_outdoor(matrix, "majority")

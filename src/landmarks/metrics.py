@@ -25,8 +25,8 @@ Also here: "GAP ignoring non-landmark queries" (predictions on empty-truth queri
 before ranking; M is unchanged) and top-1 accuracy over landmark queries.
 
 `score_predictions` is vectorised with numpy (about 0.4 s for a million predictions with GLDv2
-ids, see bench/bench_gap.py); `gap_reference` / `accuracy_reference` are the straightforward
-loops it is tested against, and it gives exactly their values. Run
+ids, see bench/bench_gap.py); the straightforward loops it is tested against (tests/gap_reference.py)
+give exactly its values. Run
 `python -m landmarks.metrics SUBMISSION SOLUTION` to print the Public / Private / all scores of a
 Kaggle submission as JSON.
 """
@@ -76,41 +76,6 @@ class GapScores:
             key: None if isinstance(value, float) and math.isnan(value) else value
             for key, value in asdict(self).items()
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Reference loops: a direct transcription of the definition, kept to test the fast version.
-
-
-def gap_reference(
-    predictions: Mapping[str, tuple[int, float]],
-    truth: Mapping[str, Sequence[int]],
-    ignore_non_landmarks: bool = False,
-) -> float:
-    """GAP by a plain Python loop. `predictions`: id -> (landmark_id, score); `truth`: id -> ids."""
-    num_positives = sum(1 for labels in truth.values() if len(labels) > 0)
-    if num_positives == 0:
-        return math.nan
-    ranked = sorted(
-        (-score, qid, landmark)
-        for qid, (landmark, score) in predictions.items()
-        if qid in truth and (len(truth[qid]) > 0 or not ignore_non_landmarks)
-    )
-    gap, correct = 0.0, 0
-    for rank, (_, qid, landmark) in enumerate(ranked, start=1):
-        if landmark in truth[qid]:
-            correct += 1
-            gap += correct / rank
-    return gap / num_positives
-
-
-def accuracy_reference(predictions: Mapping[str, tuple[int, float]], truth: Mapping[str, Sequence[int]]) -> float:
-    """Top-1 accuracy over landmark queries by a plain loop; a missing prediction is wrong."""
-    landmark_queries = [qid for qid, labels in truth.items() if len(labels) > 0]
-    if not landmark_queries:
-        return math.nan
-    correct = sum(1 for qid in landmark_queries if qid in predictions and predictions[qid][0] in truth[qid])
-    return correct / len(landmark_queries)
 
 
 # --------------------------------------------------------------------------------------------

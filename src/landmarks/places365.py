@@ -4,15 +4,15 @@ The landmark photos of Google Landmarks include many indoor shots (museum interi
 people at a table). Following the Places365 authors' own indoor/outdoor rule, `select` drops the
 images a scene classifier calls indoor. This stage is the expensive half of that filter: it runs
 the official Places365 CNN once and stores, per image, the top-k categories, their probabilities
-and whether each category is an outdoor one. Every vote rule (`outdoor_by_votes`,
-`outdoor_by_official` below) can then be decided by `select` without rerunning the network.
+and whether each category is an outdoor one. Every vote rule (landmarks.select_rules) can then be
+decided by `select` without rerunning the network.
 
 Weights come from a local path, the torch.hub checkpoint cache, or the official URL (downloaded
 into that cache). When none of them works -- the offline case -- the stage does not fail: it
 keeps every image with `scene_status = "no_weights"` and says so in its log and its output.
 
-torch is imported inside the functions that need it, so that `select` can use the vote rules
-without paying for a torch import.
+torch is imported inside the functions that need it, so that `select` can read this stage's
+tables without paying for a torch import.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table
+from .select_rules import OFFICIAL_TOP_K
 from .tables import OK, SCENES_SCHEMA
 
 log = logging.getLogger("landmarks.places365")
 
 NUM_CLASSES = 365
 # The official indoor/outdoor rule votes over the top 10 categories, so we always keep at least 10.
-MIN_TOP_K = 10
+MIN_TOP_K = OFFICIAL_TOP_K
 SUPPORTED_ARCHS = ("resnet18", "resnet50", "densenet161", "wideresnet18")
 
 WEIGHTS_URL_TEMPLATE = "http://places2.csail.mit.edu/models_places365/{arch}_places365.pth.tar"
@@ -54,48 +55,6 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 STATUS_SCORED, STATUS_NO_WEIGHTS, STATUS_UNREADABLE = "scored", "no_weights", "unreadable"
 METADATA_KEY = b"landmarks.places365"
-
-
-# --------------------------------------------------------------------------------------------
-# Vote rules (pure functions; `select` decides with them from the stored top-k)
-# --------------------------------------------------------------------------------------------
-
-
-def outdoor_by_votes(topk_outdoor: Sequence[bool], min_votes: int = 3, top_k: int = 5) -> bool:
-    """At least `min_votes` outdoor categories among the top `top_k` (seed 004: 3 of 5)."""
-    if top_k > len(topk_outdoor):
-        raise ValueError(f"rule needs the top {top_k} categories, only {len(topk_outdoor)} stored")
-    return int(sum(bool(x) for x in topk_outdoor[:top_k])) >= min_votes
-
-
-def outdoor_by_official(topk_outdoor: Sequence[bool]) -> bool:
-    """The Places365 demo rule: mean IO label over the top 10 >= 0.5, so a 5/5 tie is outdoor."""
-    if len(topk_outdoor) < MIN_TOP_K:
-        raise ValueError(f"rule needs the top {MIN_TOP_K} categories, only {len(topk_outdoor)} stored")
-    return float(np.mean([bool(x) for x in topk_outdoor[:MIN_TOP_K]])) >= 0.5
-
-
-def outdoor_votes_matrix(topk_outdoor: np.ndarray, top_k: int) -> np.ndarray:
-    """Outdoor votes among the first `top_k` columns of an (images, k) boolean matrix."""
-    if top_k > topk_outdoor.shape[1]:
-        raise ValueError(f"rule needs the top {top_k} categories, only {topk_outdoor.shape[1]} stored")
-    return topk_outdoor[:, :top_k].sum(axis=1).astype(np.int16)
-
-
-def decide_outdoor(
-    topk_outdoor: np.ndarray, rule: str, min_votes: int = 3, top_k: int = 5
-) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised rules over an (images, k) matrix: returns (votes counted, is_outdoor).
-
-    Agrees row by row with `outdoor_by_votes` / `outdoor_by_official` (tested).
-    """
-    if rule == "votes":
-        votes = outdoor_votes_matrix(topk_outdoor, top_k)
-        return votes, votes >= min_votes
-    if rule == "official":
-        votes = outdoor_votes_matrix(topk_outdoor, MIN_TOP_K)
-        return votes, votes / MIN_TOP_K >= 0.5
-    raise ValueError(f"unknown outdoor rule {rule!r} (expected 'votes' or 'official')")
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class Experiment:
     def __init__(self, path: str | Path, device: torch.device, use_gpu_index: bool = False):
         from . import retrieve
         from .config import ConfigError, section_settings
+        from .index import read_index, to_all_gpus
         from .model import model_from_checkpoint
 
         self.path = Path(path)
@@ -106,7 +107,7 @@ class Experiment:
         self.device = device
         self.image_size = self.embed["image_size"] or checkpoint["settings"]["image_size"]
         self.shard["size"] = self.shard["size"] or max(self.image_size, 16)
-        index, bank_index = (_read_index(self.path / f"retrieve/{name}.faiss") for name in ("index", "bank"))
+        index, bank_index = (read_index(self.path / f"retrieve/{name}.faiss") for name in ("index", "bank"))
         ids = _read_parquet(self.path / "retrieve/database.parquet")
         problem = _mismatch(index, bank_index, ids, self.model.embedding_dim, self.predictor)
         if problem:
@@ -115,7 +116,7 @@ class Experiment:
                 "was rerun halfway?): rerun retrieve"
             )
         if use_gpu_index:
-            index, bank_index = (_to_gpu(x) for x in (index, bank_index))
+            index, bank_index = (to_all_gpus(x) for x in (index, bank_index))
         if "shard" in ids:  # stored relative to the retrieve folder
             ids["shard"] = [str((self.path / "retrieve" / shard).resolve()) for shard in ids["shard"]]
         labels = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
@@ -145,23 +146,6 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     if missing:
         raise StageError(f"{path}: missing columns {sorted(missing)}; rerun the retrieve stage")
     return table
-
-
-def _read_index(path: Path):
-    import faiss
-
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as err:
-        raise StageError(
-            f"{path}: faiss cannot read it ({str(err).splitlines()[0]}); rerun the retrieve stage"
-        ) from err
-
-
-def _to_gpu(index):
-    import faiss
-
-    return faiss.index_cpu_to_all_gpus(index)
 
 
 def _mismatch(index, bank_index, ids, dim: int, predictor: dict) -> str | None:
@@ -443,7 +427,7 @@ def predict(
     """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo)."""
     from .download import Settings
     from .embed import pick_device
-    from .retrieve import gpu_count
+    from .index import gpu_count
 
     started = time.perf_counter()
     torch_device = pick_device(device)

@@ -1,6 +1,6 @@
 """Stage `retrieve`: faiss kNN of the test queries against the train database, non-landmark reranking.
 
-Search: exact inner product (cosine, as embeddings are L2-normalised) with faiss `IndexFlatIP` by
+Search (landmarks.index): exact inner product (cosine, as embeddings are L2-normalised) with faiss `IndexFlatIP` by
 default; on the GPU when faiss sees one (several GPUs: the database is sharded over them), on the CPU
 otherwise. `index: ivfpq` (IVF + product quantisation) is for databases of tens of millions of
 images; it logs its recall@k against exact search on a sample of queries and writes it into
@@ -13,20 +13,11 @@ images under different ids are not detected. Neighbours with equal cosines are o
 row, so results do not depend on faiss's internal order. Database images without a landmark id stay
 in the neighbours table but never give a label.
 
-Prediction (one label per query, from its k neighbours that have a landmark id):
-  - top1: the label of the nearest neighbour;
-  - vote: the label with the largest sum of cosines over its neighbours among the k.
-Settings (config.yaml's retrieve section) come as `--settings` JSON. Confidence (`rerank`):
-  - none:    the best cosine of the predicted label (its nearest neighbour's);
-  - seed004: that cosine minus the mean of the query's top-`bank_k` cosines to the non-landmark bank;
-  - glr2020: the GLR2020 winners' rule, which also picks the label (`prediction` is not used). For
-             database image j, B_j = mean of its top-`bank_k` cosines to the bank; for query i,
-             A_ij = clamp(cos(i, j), 0, 1) - B_j; sum A over the first `neighbours_per_label`
-             neighbours of each label, keep the best label, subtract C_i = mean of the query's
-             top-`query_bank_k` cosines to the bank.
-Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
-With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
-best cosine among the k; `bank_weight` scales seed004's bank term.
+Prediction (one label per query, from its k neighbours that have a landmark id) and its confidence
+follow the registered rules of landmarks.ranking: `prediction` top1 or vote; `rerank` none, seed004
+(minus the query's mean cosine to the non-landmark bank) or glr2020 (the GLR2020 winners' A - B - C
+rule, which also picks the label). Ties between labels go to the label whose nearest neighbour ranks
+higher. Settings (config.yaml's retrieve section) come as `--settings` JSON.
 
 Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
 and its first neighbours, read from the shards, counted as RANSAC inliers. A neighbour with at least
@@ -65,333 +56,23 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .common import StageError, atomic_path, run_cli, setup_logging, write_json_atomic, write_table
+from .common import StageError, run_cli, setup_logging, write_json_atomic, write_table
 from .embed import load_embeddings
+from .index import (
+    bank_similarity_from_index,
+    build_index,
+    cpu_index,
+    gpu_count,
+    knn,
+    recall_against_exact,
+    search,
+    write_index,
+)
+from .ranking import Predictions, label_rule_name, predict, reranking
 
 log = logging.getLogger("landmarks.retrieve")
 
-RERANK_METHODS = ("none", "seed004", "glr2020")
-PREDICTION_RULES = ("top1", "vote")
-SEARCH_CHUNK = 1 << 16  # query (or database) rows converted to float32 and handed to faiss at once
-PREDICT_CELLS = 1 << 22  # queries x k x k label comparisons made at once (bounds predict's memory)
-_NO_ROW = np.iinfo(np.int64).max  # sorts after every database row
 NO_CONFIDENCE = -1e9  # a query without a prediction, when choosing the non-landmark threshold
-
-
-def gpu_count() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _float32(rows) -> np.ndarray:
-    return np.ascontiguousarray(rows, dtype=np.float32)
-
-
-def build_index(
-    database: np.ndarray,
-    *,
-    index_type: str = "flat",
-    ivf_lists: int = 1024,
-    pq_m: int = 64,
-    nprobe: int = 32,
-    use_gpu: bool | None = None,
-    seed: int = 0,
-):
-    """(faiss index holding `database`, description dict). `database` may be a float16 memory map.
-
-    flat: exact inner product. ivfpq: an inverted file of `ivf_lists` lists (fewer when the database
-    is small: faiss wants ~39 training vectors per list), `pq_m` sub-quantisers of 8 bits (fewer bits
-    when there are fewer than 256 vectors to train them), `nprobe` lists visited per query. The
-    coarse quantiser and codebooks train on a random sample of the database.
-    """
-    n, dim = database.shape
-    if index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-        about = {"type": "flat"}
-    elif index_type == "ivfpq":
-        if n == 0:
-            raise StageError("retrieve.index ivfpq: the database is empty, nothing to train the index on")
-        if dim % pq_m:
-            raise StageError(f"retrieve.pq_m: {pq_m} sub-quantisers do not divide the embedding dimension {dim}")
-        if dim // pq_m < 4:
-            # Measured: 64 sub-quantisers of 2 dimensions train ~15x slower than 16 of 8 (faiss k-means).
-            log.warning(
-                "retrieve.pq_m %d gives %d-dimensional sub-vectors: product quantiser training is "
-                "slow below 4 dimensions each (e.g. pq_m %d)",
-                pq_m,
-                dim // pq_m,
-                max(1, dim // 8),
-            )
-        lists = max(1, min(ivf_lists, n // 39))
-        nbits = 8 if n >= 256 else max(1, int(np.log2(n)))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
-        # k-means uses at most 256 points per centroid anyway: train on a sample, not 50M rows.
-        sample_size = min(n, max(256 * lists, 256 * 2**nbits))
-        sample = np.sort(np.random.default_rng(seed).choice(n, sample_size, replace=False))
-        try:
-            index.train(_float32(database[sample]))
-        except RuntimeError as err:
-            raise StageError(f"retrieve: faiss could not train IVF-PQ ({lists} lists, pq_m {pq_m}): {err}") from err
-        index.nprobe = min(nprobe, lists)
-        about = {
-            "type": "ivfpq",
-            "ivf_lists": lists,
-            "pq_m": pq_m,
-            "pq_bits": nbits,
-            "nprobe": index.nprobe,
-            "trained_on": int(sample_size),
-        }
-    else:
-        raise StageError(f"unknown index type {index_type!r} (flat or ivfpq)")
-    if use_gpu is None:
-        use_gpu = gpu_count() > 0
-    if use_gpu:
-        gpus = gpu_count()
-        if gpus == 0:
-            raise StageError("retrieve: GPU search requested but faiss sees no GPU (faiss-cpu installed?)")
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard = True  # several GPUs: each holds a slice of the database (not a copy)
-        options.useFloat16 = index_type == "ivfpq"  # IVF-PQ lookup tables in fp16 (needed for large pq_m)
-        try:
-            index = faiss.index_cpu_to_all_gpus(index, co=options)
-        except RuntimeError as err:
-            raise StageError(f"retrieve: faiss could not put the {index_type} index on the GPU: {err}") from err
-        about["device"] = f"gpu x{gpus}" + (" (sharded)" if gpus > 1 else "")
-    else:
-        about["device"] = "cpu"
-    for start in range(0, n, SEARCH_CHUNK):
-        index.add(_float32(database[start : start + SEARCH_CHUNK]))
-    return index, about
-
-
-def search(index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None):
-    """(cosines, positions), each (len(queries), k), of the k best database rows per query.
-
-    `exclude[i]`, a database row (or -1), is never a neighbour of query i: the query itself when it is
-    also in the database. Equal cosines are ordered by database row. Missing neighbours (k larger than
-    the database, or an IVF index finding fewer) are position -1 with cosine -inf, at the end.
-    """
-    n_queries, n_db = len(queries), index.ntotal
-    cosines = np.full((n_queries, k), -np.inf, np.float32)
-    positions = np.full((n_queries, k), -1, np.int64)
-    if n_queries == 0 or n_db == 0:
-        return cosines, positions
-    excluding = exclude is not None and bool((exclude >= 0).any())
-    depth = min(k + (1 if excluding else 0), n_db)
-    width = min(k, depth)
-    for start in range(0, n_queries, SEARCH_CHUNK):
-        stop = min(start + SEARCH_CHUNK, n_queries)
-        chunk_cos, chunk_pos = index.search(_float32(queries[start:stop]), depth)
-        chunk_pos = chunk_pos.astype(np.int64, copy=False)
-        missing = chunk_pos < 0
-        if excluding:
-            missing |= chunk_pos == exclude[start:stop, None]
-        chunk_cos = np.where(missing, -np.inf, chunk_cos).astype(np.float32)
-        chunk_pos = np.where(missing, -1, chunk_pos)
-        # Sort by cosine (desc), then database row: deterministic ties, dropped entries last.
-        order = np.lexsort((np.where(missing, _NO_ROW, chunk_pos), -chunk_cos), axis=1)[:, :width]
-        cosines[start:stop, :width] = np.take_along_axis(chunk_cos, order, axis=1)
-        positions[start:stop, :width] = np.take_along_axis(chunk_pos, order, axis=1)
-    return cosines, positions
-
-
-def knn(
-    database: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    *,
-    use_gpu: bool | None = None,
-    index_type: str = "flat",
-    ivf_lists: int = 1024,
-    pq_m: int = 64,
-    nprobe: int = 32,
-    exclude: np.ndarray | None = None,
-):
-    """(cosines, positions) of the k nearest database rows for each query, by inner product.
-
-    Exact search by default; on GPUs when faiss sees any (sharded over several). See `build_index`
-    and `search`; missing neighbours come back as position -1 and cosine -inf.
-    """
-    if database.ndim != 2 or queries.ndim != 2:
-        raise StageError(f"knn: expected 2-d arrays, got database {database.shape} and queries {queries.shape}")
-    if len(database) and len(queries) and database.shape[1] != queries.shape[1]:
-        raise StageError(f"knn: database vectors are {database.shape[1]}-d but queries {queries.shape[1]}-d")
-    if len(database) == 0 or len(queries) == 0:
-        return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-    index, _ = build_index(
-        database, index_type=index_type, ivf_lists=ivf_lists, pq_m=pq_m, nprobe=nprobe, use_gpu=use_gpu
-    )
-    return search(index, queries, k, exclude=exclude)
-
-
-def bank_similarity(
-    vectors: np.ndarray, bank: np.ndarray, k: int, *, exclude: np.ndarray | None = None, **knn_options
-) -> np.ndarray:
-    """Mean of each vector's top-k cosines to the non-landmark bank (0 when there is no bank)."""
-    if bank is None or len(bank) == 0 or len(vectors) == 0:
-        return np.zeros(len(vectors), np.float32)
-    index, _ = build_index(bank, **knn_options)
-    return bank_similarity_from_index(index, vectors, k, exclude=exclude)
-
-
-def bank_similarity_from_index(
-    bank_index, vectors: np.ndarray, k: int, *, exclude: np.ndarray | None = None
-) -> np.ndarray:
-    """`bank_similarity` against a bank already in a faiss index (retrieve builds it once; predict loads it)."""
-    if bank_index is None or bank_index.ntotal == 0 or len(vectors) == 0:
-        return np.zeros(len(vectors), np.float32)
-    cosines, positions = search(bank_index, vectors, min(k, bank_index.ntotal), exclude=exclude)
-    found = positions >= 0
-    total = np.where(found, cosines, 0).sum(axis=1, dtype=np.float64)
-    return (total / np.maximum(found.sum(axis=1), 1)).astype(np.float32)
-
-
-def recall_against_exact(approximate: np.ndarray, exact: np.ndarray) -> dict:
-    """How well an approximate search's neighbour positions match exact search's, per query sample.
-
-    recall_at_1: the exact nearest neighbour is also the approximate first; top1_in_top_k (faiss's
-    "1-recall@k"): it is among the approximate k; recall_at_k: the share of the exact k found in the
-    approximate k.
-    """
-    k = exact.shape[1]
-    valid = exact >= 0
-    found = (exact[:, :, None] == approximate[:, None, :]).any(axis=2) & valid
-    has_any = valid[:, 0]
-    return {
-        "queries": int(has_any.sum()),
-        "k": int(k),
-        "recall_at_1": float((approximate[has_any, 0] == exact[has_any, 0]).mean()) if has_any.any() else None,
-        "top1_in_top_k": float(found[has_any, 0].mean()) if has_any.any() else None,
-        "recall_at_k": float(found.sum() / max(valid.sum(), 1)),
-    }
-
-
-class Predictions(NamedTuple):
-    """One row per query: the predicted label (-1: none), its confidence, the best cosine of that label
-    among the neighbours, and the best cosine of any other label (the runner-up; when all k neighbours
-    share the label, the k-th cosine, which bounds every other label's)."""
-
-    label: np.ndarray
-    confidence: np.ndarray
-    top_cosine: np.ndarray
-    other_cosine: np.ndarray
-
-
-def _predict_chunk(cosines, positions, db_labels, rule, query_bank, db_bank, cap, weights, forced=None):
-    """`predict` on a block of queries. Labels are compared pairwise among each query's k neighbours
-    (a (queries, k, k) mask): cheap for the k of retrieval, and no Python loop per query."""
-    n, k = cosines.shape
-    rows = np.arange(n)
-    found = positions >= 0
-    safe = np.where(found, positions, 0)
-    neighbour_labels = np.where(found, db_labels[safe], -1)
-    valid = found & (neighbour_labels >= 0)  # neighbours that can give a label
-    cos64 = cosines.astype(np.float64)
-    if rule == "top1":
-        column = np.argmax(valid, axis=1)  # the first usable neighbour
-    else:
-        # same[i, j, l]: neighbours j and l of query i have the same landmark.
-        same = (neighbour_labels[:, :, None] == neighbour_labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-        if rule == "glr2020":
-            values = np.clip(cos64, 0.0, 1.0) - db_bank[safe].astype(np.float64)
-            earlier = np.tri(k, k, -1, dtype=bool)  # [j, l]: l ranks above j
-            counted = valid & ((same & earlier).sum(axis=2) < cap)  # the first `cap` of each label
-        else:
-            values, counted = cos64, valid
-        contributions = np.where(same & counted[:, None, :], values[:, None, :], 0.0)
-        # cumsum adds in rank order (as a loop over the neighbours would), so equal totals are equal exactly.
-        totals = np.where(valid, np.cumsum(contributions, axis=2)[:, :, -1], -np.inf)
-        # Every neighbour of a label carries its label's total; argmax takes the first maximum, i.e. on a
-        # tie the label whose nearest neighbour ranks higher.
-        column = np.argmax(totals, axis=1)
-    if forced is not None:  # a label decided elsewhere (verification): its first neighbour's column
-        given = forced >= 0
-        column = np.where(given, np.argmax(valid & (neighbour_labels == forced[:, None]), axis=1), column)
-    has_label = valid[rows, column]
-    label = np.where(has_label, neighbour_labels[rows, column], -1)
-    of_label = valid & (neighbour_labels == label[:, None])
-    base = np.where(of_label, cos64, -np.inf).max(axis=1)
-    other = np.where(valid & ~of_label, cos64, -np.inf).max(axis=1)
-    lowest = np.where(valid, cos64, np.inf).min(axis=1)
-    other = np.where(np.isfinite(other), other, np.where(np.isfinite(lowest), lowest, -np.inf))
-    if rule == "glr2020":
-        confidence = totals[rows, column] - query_bank
-    else:
-        confidence = base - weights["margin"] * np.where(np.isfinite(other), other, 0.0)
-        if query_bank is not None:
-            confidence = confidence - weights["bank"] * query_bank
-    confidence[~has_label] = -np.inf
-    return label, confidence, base.astype(np.float32), other.astype(np.float32)
-
-
-def predict(
-    cosines: np.ndarray,
-    positions: np.ndarray,
-    db_labels: np.ndarray,
-    *,
-    prediction: str = "top1",
-    rerank: str = "seed004",
-    query_bank: np.ndarray | None = None,
-    db_bank: np.ndarray | None = None,
-    neighbours_per_label: int = 3,
-    margin_weight: float = 0.0,
-    bank_weight: float = 1.0,
-    labels: np.ndarray | None = None,
-) -> Predictions:
-    """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
-    a label.
-
-    cosines, positions: (queries, k) from `search`, best first (position -1 = no neighbour);
-    db_labels: landmark id of each database row, -1 for none. query_bank: the query's mean cosine to
-    the bank (seed004: top-`bank_k`; glr2020: C_i); db_bank: B_j per database row (glr2020).
-    margin_weight, bank_weight: the confidence of the top1/vote rules subtracts these times the
-    runner-up cosine and the bank similarity. labels: a label per query (-1: the rule's own) whose
-    confidence to compute instead, e.g. after verification; it must be among the query's neighbours.
-    The rules and tie-breaking are in the module docstring.
-    """
-    if prediction not in PREDICTION_RULES:
-        raise StageError(f"unknown prediction rule {prediction!r} (choose from {', '.join(PREDICTION_RULES)})")
-    if rerank not in RERANK_METHODS:
-        raise StageError(f"unknown rerank method {rerank!r} (choose from {', '.join(RERANK_METHODS)})")
-    if rerank in ("seed004", "glr2020") and query_bank is None:
-        raise StageError(f"rerank {rerank!r} needs the queries' bank similarities (query_bank)")
-    if rerank == "glr2020" and db_bank is None:
-        raise StageError("rerank 'glr2020' needs the database images' bank similarities (db_bank)")
-    if neighbours_per_label < 1:
-        raise StageError(f"neighbours_per_label must be at least 1, got {neighbours_per_label}")
-    cosines, positions = np.asarray(cosines), np.asarray(positions)
-    if cosines.shape != positions.shape or cosines.ndim != 2:
-        raise StageError(f"cosines {cosines.shape} and positions {positions.shape} must be the same 2-d shape")
-    db_labels = np.asarray(db_labels, dtype=np.int64)
-    rule = "glr2020" if rerank == "glr2020" else prediction
-    bank = np.asarray(query_bank, dtype=np.float64) if rerank != "none" else None
-    db_bank = np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None
-    weights = {"margin": margin_weight, "bank": bank_weight}
-    n = len(cosines)
-    out = Predictions(
-        np.full(n, -1, np.int64),
-        np.full(n, -np.inf, np.float64),
-        np.full(n, -np.inf, np.float32),
-        np.full(n, -np.inf, np.float32),
-    )
-    if cosines.shape[1] == 0:
-        return out
-    chunk = max(1, PREDICT_CELLS // cosines.shape[1] ** 2)
-    for start in range(0, n, chunk):
-        part = slice(start, min(start + chunk, n))
-        results = _predict_chunk(
-            cosines[part],
-            positions[part],
-            db_labels,
-            rule,
-            None if bank is None else bank[part],
-            db_bank,
-            neighbours_per_label,
-            weights,
-            None if labels is None else np.asarray(labels)[part],
-        )
-        for column, values in zip(out, results):
-            column[part] = values
-    return out
 
 
 def _check_unique_ids(ids: pd.DataFrame, path) -> None:
@@ -407,7 +88,18 @@ def _positions_of(ids_wanted: pd.Series, ids_table: pd.DataFrame) -> np.ndarray:
     return pd.Index(ids_table["id"]).get_indexer(ids_wanted).astype(np.int64)
 
 
-def load_inputs(database_path, queries_path, bank_path, rerank: str):
+class Inputs(NamedTuple):
+    """The stage's embeddings and their id tables (`load_inputs`)."""
+
+    database: np.ndarray  # memory-mapped, as stored
+    db_ids: pd.DataFrame
+    queries: np.ndarray  # memory-mapped, as stored
+    query_ids: pd.DataFrame
+    bank: np.ndarray  # float32, (0, dim) without a bank
+    bank_ids: pd.DataFrame
+
+
+def load_inputs(database_path, queries_path, bank_path, rerank: str) -> Inputs:
     """(database, its ids, queries, their ids, bank, its ids), checked: same dimensions, unique ids, a bank
     when the reranking needs one, no query in the bank. Database and queries stay memory-mapped."""
     database, db_ids = load_embeddings(database_path, mmap=True)
@@ -425,7 +117,7 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
     for ids, path in ((db_ids, database_path), (query_ids, queries_path), (bank_ids, bank_path)):
         if path:
             _check_unique_ids(ids, path)
-    if rerank != "none" and len(bank) == 0:
+    if reranking(rerank).needs_bank and len(bank) == 0:
         raise StageError(f"rerank '{rerank}' needs a non-empty non-landmark bank ({bank_path or 'none given'})")
     leaked = query_ids["id"].isin(bank_ids["id"])
     if leaked.any():
@@ -434,7 +126,7 @@ def load_inputs(database_path, queries_path, bank_path, rerank: str):
             f"{bank_path} (e.g. {query_ids['id'][leaked].iloc[0]!r}): the bank must not contain "
             f"test images, it would give their answer away"
         )
-    return database, db_ids, queries, query_ids, bank, bank_ids
+    return Inputs(database, db_ids, queries, query_ids, bank, bank_ids)
 
 
 def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) -> dict | None:
@@ -464,12 +156,12 @@ def approximate_recall(database, queries, positions, exclude, s: dict, use_gpu) 
 
 def query_bank_k(s: dict) -> int:
     """How many bank photos the query's bank term averages (C_i of glr2020, seed004's term otherwise)."""
-    return s["glr2020_query_bank_k"] if s["rerank"] == "glr2020" else s["bank_k"]
+    return s[reranking(s["rerank"]).query_bank_k]
 
 
 def database_bank_terms(database, db_ids, bank_index, bank_ids, s: dict) -> np.ndarray | None:
     """B_j of every database image (glr2020 only, else None): its mean cosine to its nearest bank photos."""
-    if s["rerank"] != "glr2020":
+    if not reranking(s["rerank"]).needs_database_bank:
         return None
     db_in_bank = _positions_of(db_ids["id"], bank_ids)
     if (db_in_bank >= 0).any():
@@ -796,16 +488,6 @@ def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSou
     return chosen
 
 
-def cpu_index(index, about: dict):
-    """The index as faiss writes it to disk (a GPU index is copied back to the CPU first)."""
-    return faiss.index_gpu_to_cpu(index) if about["device"].startswith("gpu") else index
-
-
-def write_index(index, path: Path) -> None:
-    with atomic_path(path, suffix=".faiss") as tmp:
-        faiss.write_index(index, str(tmp))
-
-
 def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) -> None:
     """What predict needs to answer new photos without rebuilding anything: the database index, its rows
     (id, landmark, where the image is, B_j) and the bank index."""
@@ -844,25 +526,56 @@ def retrieve(
     from .config import section_settings
 
     s = section_settings("retrieve", settings, "retrieve settings")
+    inputs = load_inputs(database_path, queries_path, bank_path, s["rerank"])
+    self_rows = queries_in_database(inputs, s["exclude_self"])
+    seconds = {}
+    db, about, bank_about = build_database(inputs, s, use_gpu, seconds)
+    images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
+    exclude = self_rows if s["exclude_self"] else None
+    answers = search_queries(db, inputs, about, exclude, images, threads, seconds)
+    recall = approximate_recall(inputs.database, inputs.queries, answers.positions, exclude, s, use_gpu)
+    threshold = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds)
     out_dir = Path(out_dir)
-    database, db_ids, queries, query_ids, bank, bank_ids = load_inputs(
-        database_path, queries_path, bank_path, s["rerank"]
+    predictions = write_answers(out_dir, inputs, db, answers, about, bank_about)
+    summary = run_summary(
+        (database_path, queries_path, bank_path), inputs, self_rows, db, answers, predictions, about, recall
     )
-    self_rows = _positions_of(query_ids["id"], db_ids)
+    summary.update(nonlandmark_threshold=threshold, seconds={name: round(value, 3) for name, value in seconds.items()})
+    write_json_atomic(out_dir / "predictor.json", predictor_record(inputs, s, threshold, predictor))
+    write_json_atomic(out_dir / "retrieve.json", summary)
+    log.info(
+        "%d of %d queries got a prediction (rerank %s%s); timings %s",
+        int((answers.predictions.label >= 0).sum()),
+        len(inputs.queries),
+        s["rerank"],
+        "" if answers.inliers is None else f", {summary['verified']} verified",
+        summary["seconds"],
+    )
+    return predictions
+
+
+def queries_in_database(inputs: Inputs, exclude_self: bool) -> np.ndarray:
+    """The database row of each query that is also in the database (same id), else -1; says so in the log."""
+    self_rows = _positions_of(inputs.query_ids["id"], inputs.db_ids)
     in_database = int((self_rows >= 0).sum())
     if in_database:
         log.warning(
             "%d of %d queries are also in the database (same id): %s",
             in_database,
-            len(queries),
+            len(inputs.queries),
             "each is left out of its own neighbours"
-            if s["exclude_self"]
+            if exclude_self
             else "kept (exclude_self false): they will find themselves first",
         )
-    seconds = {}
+    return self_rows
+
+
+def build_database(inputs: Inputs, s: dict, use_gpu, seconds: dict) -> tuple[Database, dict, dict]:
+    """The database and bank indexes (timed in seconds["index"]) and the database's labels and bank terms;
+    returns the Database and the description of each index."""
     started = time.perf_counter()
     index, about = build_index(
-        database,
+        inputs.database,
         seed=s["seed"],
         use_gpu=use_gpu,
         index_type=s["index"],
@@ -870,94 +583,100 @@ def retrieve(
         pq_m=s["pq_m"],
         nprobe=s["nprobe"],
     )
-    bank_index, bank_about = build_index(
-        bank if len(bank) else np.zeros((0, queries.shape[1]), np.float32), use_gpu=use_gpu
-    )  # small: exact search
+    bank = inputs.bank if len(inputs.bank) else np.zeros((0, inputs.queries.shape[1]), np.float32)
+    bank_index, bank_about = build_index(bank, use_gpu=use_gpu)  # small: exact search
     seconds["index"] = time.perf_counter() - started
-    db_labels = db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    db_labels = inputs.db_ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     unlabelled = int((db_labels < 0).sum())
     if unlabelled:
         log.warning(
             "%d database images have no landmark id: they are listed as neighbours but give no label", unlabelled
         )
-    db = Database(
-        index, db_ids, db_labels, database_bank_terms(database, db_ids, bank_index, bank_ids, s), bank_index, s
-    )
-    images = ImageSource(shard_dirs) if s["verify"]["neighbours"] else None
-    exclude = self_rows if s["exclude_self"] else None
+    bank_terms = database_bank_terms(inputs.database, inputs.db_ids, bank_index, inputs.bank_ids, s)
+    return Database(index, inputs.db_ids, db_labels, bank_terms, bank_index, s), about, bank_about
+
+
+def search_queries(db: Database, inputs: Inputs, about: dict, exclude, images, threads: int, seconds: dict) -> Answers:
+    """The test queries' answers (`answer_queries`), with the search logged."""
     answers = answer_queries(
-        db, queries, query_ids["id"], exclude=exclude, images=images, threads=threads, seconds=seconds
+        db, inputs.queries, inputs.query_ids["id"], exclude=exclude, images=images, threads=threads, seconds=seconds
     )
     log.info(
         "searched %d queries against %d database images (%s index on %s) in %.2f s (+%.2f s to build it)",
-        len(queries),
-        len(database),
+        len(inputs.queries),
+        len(inputs.database),
         about["type"],
         about["device"],
         seconds["search"],
         seconds["index"],
     )
-    recall = approximate_recall(database, queries, answers.positions, exclude, s, use_gpu)
-    threshold = {"threshold": None, "source": "none: no val embeddings given"}
-    if val_path:
-        started = time.perf_counter()
-        threshold = calibrate_threshold(db, val_path, bank, bank_ids, images, threads)
-        seconds["calibrate"] = time.perf_counter() - started
+    return answers
 
-    result = answers.predictions
-    predictions = predictions_table(query_ids, result, answers.query_bank, answers.label_inliers)
+
+def nonlandmark_threshold(db: Database, val_path, inputs: Inputs, images, threads: int, seconds: dict) -> dict:
+    """The threshold predict calls a photo a non-landmark below: chosen on val when given (timed)."""
+    if not val_path:
+        return {"threshold": None, "source": "none: no val embeddings given"}
+    started = time.perf_counter()
+    threshold = calibrate_threshold(db, val_path, inputs.bank, inputs.bank_ids, images, threads)
+    seconds["calibrate"] = time.perf_counter() - started
+    return threshold
+
+
+def write_answers(out_dir: Path, inputs: Inputs, db: Database, answers: Answers, about, bank_about) -> pd.DataFrame:
+    """neighbours.parquet, predictions.parquet, submission.csv and what predict reads; returns the predictions."""
+    from .metrics import write_submission_csv
+
+    predictions = predictions_table(inputs.query_ids, answers.predictions, answers.query_bank, answers.label_inliers)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(
-        neighbours_table(query_ids, db_ids, db_labels, answers.cosines, answers.positions, answers.inliers),
+        neighbours_table(inputs.query_ids, db.ids, db.labels, answers.cosines, answers.positions, answers.inliers),
         out_dir / "neighbours.parquet",
     )
     write_table(predictions, out_dir / "predictions.parquet")
-    from .metrics import write_submission_csv
-
     write_submission_csv(predictions, out_dir / "submission.csv")  # every query; empty = no prediction
     save_database(out_dir, db, about, bank_about)
-    has_label = result.label >= 0
-    summary = {
-        "database": {"path": str(database_path), "images": len(database), "unlabelled": unlabelled},
+    return predictions
+
+
+def run_summary(paths, inputs: Inputs, self_rows, db: Database, answers: Answers, predictions, about, recall) -> dict:
+    """retrieve.json's sizes, settings, index and recall (the threshold and timings are added after)."""
+    database_path, queries_path, bank_path = paths
+    s = db.settings
+    return {
+        "database": {
+            "path": str(database_path),
+            "images": len(inputs.database),
+            "unlabelled": int((db.labels < 0).sum()),
+        },
         "queries": {
             "path": str(queries_path),
-            "images": len(queries),
-            "in_database": in_database,
-            "without_prediction": int((~has_label).sum()),
+            "images": len(inputs.queries),
+            "in_database": int((self_rows >= 0).sum()),
+            "without_prediction": int((answers.predictions.label < 0).sum()),
         },
-        "bank": {"path": str(bank_path) if bank_path else None, "images": len(bank)},
-        "dim": int(queries.shape[1]),
-        "prediction": "glr2020" if s["rerank"] == "glr2020" else s["prediction"],
+        "bank": {"path": str(bank_path) if bank_path else None, "images": len(inputs.bank)},
+        "dim": int(inputs.queries.shape[1]),
+        "prediction": label_rule_name(s["prediction"], s["rerank"]),
         "settings": s,
         "index": about,
         "recall": recall,
         "verified": None
         if answers.inliers is None
         else int(predictions["inliers"].ge(s["verify"]["min_inliers"]).sum()),
-        "nonlandmark_threshold": threshold,
-        "seconds": {name: round(value, 3) for name, value in seconds.items()},
     }
-    write_json_atomic(
-        out_dir / "predictor.json",
-        {
-            "dim": int(queries.shape[1]),
-            "database_images": len(database),
-            "bank_images": len(bank),
-            "retrieve": s,
-            "nonlandmark_threshold": threshold,
-            **(predictor or {}),
-        },
-    )
-    write_json_atomic(out_dir / "retrieve.json", summary)
-    log.info(
-        "%d of %d queries got a prediction (rerank %s%s); timings %s",
-        int(has_label.sum()),
-        len(queries),
-        s["rerank"],
-        "" if answers.inliers is None else f", {summary['verified']} verified",
-        summary["seconds"],
-    )
-    return predictions
+
+
+def predictor_record(inputs: Inputs, s: dict, threshold: dict, predictor: dict | None) -> dict:
+    """predictor.json: what predict needs besides the indexes (sizes, settings, threshold, embed and shard)."""
+    return {
+        "dim": int(inputs.queries.shape[1]),
+        "database_images": len(inputs.database),
+        "bank_images": len(inputs.bank),
+        "retrieve": s,
+        "nonlandmark_threshold": threshold,
+        **(predictor or {}),
+    }
 
 
 def _json_object(text: str, flag: str) -> dict:

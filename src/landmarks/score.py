@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_text_atomic
+from .formatting import fmt
 from .loader import ShardImages
 
 log = logging.getLogger("landmarks.score")
@@ -173,10 +174,6 @@ def saliency_panels(
             )
         panels.append(panel)
     return panels
-
-
-def fmt(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def _load_truth(selection_path, solution_path):

@@ -50,7 +50,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table, write_text_atomic
-from .places365 import STATUS_NO_WEIGHTS, STATUS_SCORED, STATUS_UNREADABLE, decide_outdoor, read_metadata
+from .places365 import STATUS_NO_WEIGHTS, STATUS_SCORED, STATUS_UNREADABLE, read_metadata
+from .select_rules import decide_outdoor
 from .tables import NONLANDMARK_SPLITS, OK, SELECTION_COLUMNS, SELECTION_SCHEMA, SPLITS
 
 log = logging.getLogger("landmarks.select")

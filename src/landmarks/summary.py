@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from .common import StageError, run_cli, setup_logging, write_text_atomic
-from .score import fmt
+from .formatting import fmt
 
 log = logging.getLogger("landmarks.summary")
 

@@ -326,8 +326,8 @@ def evaluate_val_gap(
 ) -> dict:
     """GAP / accuracy of top-1 kNN on the val queries against train, as the model selection criterion
     (val_index may hold non-landmark queries: rows without a landmark_id)."""
+    from .index import knn
     from .metrics import score_predictions
-    from .retrieve import knn
 
     dist = dist or Distributed(device=device)
     if len(val_index) == 0 or len(train_index) == 0:

@@ -31,19 +31,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
+from .device import pick_device
 from .loader import ShardDataset, ShardIndex, eval_transform  # the loader owns the eval transform
 
 log = logging.getLogger("landmarks.embed")
 
 ID_COLUMNS = ["id", "landmark_id", "shard", "key"]
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {name!r} requested but no CUDA GPU is visible")
-    return torch.device(name)
 
 
 def tta_sizes(image_size: int, scales) -> list[int]:

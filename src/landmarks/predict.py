@@ -440,8 +440,8 @@ def predict(
     progress: bool = True,
 ) -> list[dict]:
     """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo)."""
+    from .device import pick_device
     from .download import Settings
-    from .embed import pick_device
     from .retrieve import gpu_count
 
     started = time.perf_counter()

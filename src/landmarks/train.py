@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from .common import StageError, atomic_path, exclusive_lock, run_cli, setup_logging, write_json_atomic
 from .config import ConfigError, section_settings
-from .embed import pick_device
+from .device import pick_device
 from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
 from .losses import build_head
 from .model import LandmarkModel

@@ -73,6 +73,7 @@ from .device import pick_device
 from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
 from .losses import build_head
 from .model import LandmarkModel
+from .report import plot_curves
 from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng
 
 log = logging.getLogger("landmarks.train")
@@ -615,31 +616,6 @@ def remove_partial_files(out_dir: Path) -> None:
     for name in ("last.ckpt", "best.ckpt", "model.pt"):
         for leftover in out_dir.glob(f".{name}.*"):
             leftover.unlink(missing_ok=True)
-
-
-def plot_curves(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = pd.DataFrame(metrics)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    if len(frame):
-        axes[0].plot(frame["epoch"], frame["train_loss"], marker="o")
-        axes[1].plot(frame["epoch"], frame["val_gap"], marker="o", label="val GAP")
-        axes[1].plot(frame["epoch"], frame["val_accuracy"], marker="s", label="val top-1 accuracy")
-        if "train_accuracy" in frame and frame["train_accuracy"].notna().any():
-            axes[1].plot(
-                frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--", label="train accuracy (head)"
-            )
-        axes[1].legend()
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="validation (kNN vs train)", xlabel="epoch", ylim=(0, 1))
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:

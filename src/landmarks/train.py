@@ -71,7 +71,7 @@ from .common import StageError, atomic_path, exclusive_lock, run_cli, setup_logg
 from .config import ConfigError, section_settings
 from .device import pick_device
 from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
-from .losses import build_head
+from .losses import build_head, head_entry
 from .model import LandmarkModel
 from .report import plot_curves
 from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng
@@ -725,7 +725,7 @@ class Training:
         self.initialised, self.start_weights = None, None
         # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
         self.totals = torch.zeros(3, dtype=torch.float64)
-        self.has_logits = settings["loss"] != "triplet"
+        self.has_logits = head_entry(settings["loss"]).has_logits
         self.last_epoch_positions: list[np.ndarray] = []
 
     # -- saving and resuming ---------------------------------------------------------------------

@@ -284,7 +284,7 @@ def load_photo(path: str, shard: dict, settings) -> Image.Image:
 
 def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: int, progress: bool) -> np.ndarray:
     """Embeddings as the embed stage stores them (same views, rounded to its dtype)."""
-    from .embed import MultiScaleTransform, embed_views, tta_sizes
+    from .embedding import MultiScaleTransform, embed_views, tta_sizes
 
     e = experiment.embed
     transform = MultiScaleTransform(

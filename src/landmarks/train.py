@@ -647,6 +647,18 @@ def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
     return train_index, val_index, labels, class_of, counts
 
 
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands on this process: batches done (from the resumed batch on), images
+    seen since (re)starting it, and the running sums (loss x images, images, correct top-1), kept on the
+    device until a checkpoint or the epoch's end adds them to the run's totals."""
+
+    running: torch.Tensor
+    batch_number: int
+    seen: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class Training:
     """One training run: the model, its head, the data, the optimiser, and where the run stands (epoch,
     step, metrics, best epoch), which `last.ckpt` saves and restores."""
@@ -658,6 +670,23 @@ class Training:
         self.train_index, self.val_index, self.labels, self.class_of, counts = load_training_data(
             train_dirs, val_dirs, bank_dirs, settings
         )
+        # In this order: the model's and the head's random initial weights come first from the seeded state.
+        self.build_model(counts)
+        self.build_loader()
+        self.build_optimiser()
+        self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
+        self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
+        self.epoch, self.step, self.global_step, self.metrics = 0, 0, 0, []
+        self.best_score, self.best_epoch, self.clusters, self.resumed_from = -math.inf, 0, None, None
+        self.initialised, self.start_weights = None, None
+        # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
+        self.totals = torch.zeros(3, dtype=torch.float64)
+        self.has_logits = head_entry(settings["loss"]).has_logits
+        self.last_epoch_positions: list[np.ndarray] = []
+
+    def build_model(self, counts: np.ndarray) -> None:
+        """Model and head on the device, joined in the module that DDP wraps."""
+        settings, device = self.settings, self.device
         self.model = LandmarkModel(
             settings["backbone"],
             settings["pretrained"],
@@ -678,8 +707,11 @@ class Training:
         amp_dtype = torch.float16 if settings["amp_dtype"] == "float16" else torch.bfloat16
         autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=settings["amp"] and device.type == "cuda")
         self.module = TrainModule(self.model, self.head, autocast)
-        self.ddp_module, self.backbone_frozen = None, None
+        self.ddp_module, self.backbone_frozen = None, None  # set by prepare_epoch
 
+    def build_loader(self) -> None:
+        """The batch plan (sampler) and the loader of augmented train images."""
+        settings, dist = self.settings, self.dist
         self.accumulation = settings["grad_accumulation"]
         self.sampler = TrainBatchSampler(
             self.class_of,
@@ -701,12 +733,16 @@ class Training:
             dataset,
             batch_sampler=self.sampler,
             num_workers=workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(settings["seed"]),
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch // self.accumulation
+
+    def build_optimiser(self) -> None:
+        """Optimiser, learning-rate schedule (warm-up, then cosine decay) and the AMP gradient scaler."""
+        settings = self.settings
         total_steps = self.steps_per_epoch * settings["epochs"]
         warmup_steps = int(settings["warmup_epochs"] * self.steps_per_epoch)
         self.optimizer = build_optimizer(parameter_groups(self.model, self.head, settings), settings)
@@ -714,17 +750,10 @@ class Training:
             self.optimizer,
             lambda step: warmup_cosine(step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]),
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
-
-        self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
-        self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
-        self.epoch, self.step, self.global_step, self.metrics = 0, 0, 0, []
-        self.best_score, self.best_epoch, self.clusters, self.resumed_from = -math.inf, 0, None, None
-        self.initialised, self.start_weights = None, None
-        # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
-        self.totals = torch.zeros(3, dtype=torch.float64)
-        self.has_logits = head_entry(settings["loss"]).has_logits
-        self.last_epoch_positions: list[np.ndarray] = []
+        autocast = self.module.autocast  # float16 needs its gradients scaled, bfloat16 does not
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=autocast["enabled"] and autocast["dtype"] == torch.float16
+        )
 
     # -- saving and resuming ---------------------------------------------------------------------
 
@@ -885,64 +914,81 @@ class Training:
         set_train_mode(self.module, self.model, backbone_frozen=frozen, freeze_bn=s["freeze_bn"])
 
     def run_epoch(self, epoch: int, skip: int, stop: StopSignal) -> None:
-        s, dist, device = self.settings, self.dist, self.device
+        """Train one epoch from batch `skip` on (a resumed epoch), then evaluate it and checkpoint."""
         if skip == 0:
             self.totals.zero_()
         self.prepare_epoch(epoch, skip)
-        running = torch.zeros(3, dtype=torch.float64, device=device)  # like totals, kept on the device
-        self.last_epoch_positions, seen, epoch_started = [], 0, time.perf_counter()
-        bar = tqdm(
+        progress = EpochProgress(torch.zeros(3, dtype=torch.float64, device=self.device), skip)
+        self.last_epoch_positions = []
+        with self.progress_bar(epoch, skip) as bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            for images, targets, positions in self.loader:
+                boundary = self.train_batch(images, targets, progress)
+                self.last_epoch_positions.append(positions.numpy())
+                if boundary:
+                    self.step_and_checkpoint(epoch, progress, stop)
+                bar.update()
+                self.show_progress(bar, progress)
+        self.totals += progress.running.cpu()
+        self.end_epoch(epoch, progress.seen, progress.started)
+
+    def progress_bar(self, epoch: int, skip: int) -> tqdm:
+        return tqdm(
             total=self.sampler.batches_per_epoch,
             initial=skip,
-            desc=f"epoch {epoch + 1}/{s['epochs']}",
+            desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
             unit="batch",
             mininterval=2.0 if sys.stderr.isatty() else 30.0,
-            disable=not dist.is_main,
+            disable=not self.dist.is_main,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        batch_number = skip
-        for images, targets, positions in self.loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            boundary = (batch_number + 1) % self.accumulation == 0
-            sync = self.ddp_module.no_sync() if dist.active and not boundary else contextlib.nullcontext()
-            with sync:
-                loss, correct = self.ddp_module(images, targets)
-                self.scaler.scale(loss / self.accumulation).backward()
-            running[0] += loss.detach().double() * len(targets)
-            running[1] += len(targets)
-            running[2] += correct.double()
-            batch_number += 1
-            seen += len(targets)
-            self.last_epoch_positions.append(positions.numpy())
-            if boundary:
-                self.optimizer_step()
-                # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
-                stopping = stop.agreed(dist) if not dist.active or self.global_step % 10 == 0 else False
-                end_of_epoch = batch_number == self.sampler.batches_per_epoch
-                every = s["checkpoint_every_steps"]
-                if stopping or (every and self.global_step % every == 0 and not end_of_epoch):
-                    self.totals += running.cpu()
-                    running.zero_()
-                    self.save_training_state(epoch, batch_number)
-                if stopping:
-                    bar.close()
-                    raise TrainingInterrupted(
-                        f"stopped by SIGTERM in epoch {epoch + 1} after batch "
-                        f"{batch_number}; {self.last_path} resumes it"
-                    )
-            bar.update()
-            if dist.is_main and batch_number % 10 == 0:
-                so_far = self.totals + running.cpu()
-                bar.set_postfix(
-                    loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
-                    img_s=f"{seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started):.1f}",
-                    refresh=False,
-                )
-        bar.close()
-        self.totals += running.cpu()
-        self.end_epoch(epoch, seen, epoch_started)
+
+    def train_batch(self, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress) -> bool:
+        """Forward and backward pass of one batch (gradients accumulate over `grad_accumulation` batches,
+        synchronised between processes on the last one only); True when the batch completes a step."""
+        device = self.device
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        boundary = (progress.batch_number + 1) % self.accumulation == 0
+        sync = self.ddp_module.no_sync() if self.dist.active and not boundary else contextlib.nullcontext()
+        with sync:
+            loss, correct = self.ddp_module(images, targets)
+            self.scaler.scale(loss / self.accumulation).backward()
+        progress.running[0] += loss.detach().double() * len(targets)
+        progress.running[1] += len(targets)
+        progress.running[2] += correct.double()
+        progress.batch_number += 1
+        progress.seen += len(targets)
+        return boundary
+
+    def step_and_checkpoint(self, epoch: int, progress: EpochProgress, stop: StopSignal) -> None:
+        """The optimizer step; then a checkpoint every `checkpoint_every_steps` steps (the epoch's last
+        step is checkpointed after the evaluation) and, once SIGTERM arrived, a last one and the stop."""
+        self.optimizer_step()
+        # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
+        stopping = stop.agreed(self.dist) if not self.dist.active or self.global_step % 10 == 0 else False
+        end_of_epoch = progress.batch_number == self.sampler.batches_per_epoch
+        every = self.settings["checkpoint_every_steps"]
+        if stopping or (every and self.global_step % every == 0 and not end_of_epoch):
+            self.totals += progress.running.cpu()
+            progress.running.zero_()
+            self.save_training_state(epoch, progress.batch_number)
+        if stopping:
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM in epoch {epoch + 1} after batch {progress.batch_number}; "
+                f"{self.last_path} resumes it"
+            )
+
+    def show_progress(self, bar: tqdm, progress: EpochProgress) -> None:
+        """Loss so far and images per second in the progress bar, every 10 batches (rank 0 only)."""
+        if self.dist.is_main and progress.batch_number % 10 == 0:
+            so_far = self.totals + progress.running.cpu()
+            elapsed = max(1e-9, time.perf_counter() - progress.started)
+            bar.set_postfix(
+                loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
+                img_s=f"{progress.seen * self.dist.world_size / elapsed:.1f}",
+                refresh=False,
+            )
 
     def optimizer_step(self) -> None:
         if self.settings["grad_clip"]:

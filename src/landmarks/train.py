@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -648,6 +649,21 @@ def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
 
 
 @dataclass
+class RunState:
+    """What last.ckpt keeps of a run besides weights and optimiser: optimizer steps so far, every
+    evaluated epoch's metrics (epoch 0: the untrained model), the best epoch so far, the subspace
+    clusters in use, how neck and head were initialised, and the starting weights (for WiSE-FT)."""
+
+    global_step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    clusters: np.ndarray | None = None
+    initialised: dict | None = None
+    start_weights: dict | None = None
+
+
+@dataclass
 class EpochProgress:
     """Where the current epoch stands on this process: batches done (from the resumed batch on), images
     seen since (re)starting it, and the running sums (loss x images, images, correct top-1), kept on the
@@ -660,8 +676,9 @@ class EpochProgress:
 
 
 class Training:
-    """One training run: the model, its head, the data, the optimiser, and where the run stands (epoch,
-    step, metrics, best epoch), which `last.ckpt` saves and restores."""
+    """One training run: the model, its head, the data, the optimiser, and where the run stands
+    (`state`, a RunState), which `last.ckpt` saves and restores. Set up here, then `resume` or
+    `start_fresh`, `run_epoch` for each epoch, `finish`."""
 
     def __init__(
         self, train_dirs, val_dirs, bank_dirs, out_dir: Path, settings: dict, device: torch.device, dist: Distributed
@@ -676,9 +693,7 @@ class Training:
         self.build_optimiser()
         self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
         self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
-        self.epoch, self.step, self.global_step, self.metrics = 0, 0, 0, []
-        self.best_score, self.best_epoch, self.clusters, self.resumed_from = -math.inf, 0, None, None
-        self.initialised, self.start_weights = None, None
+        self.state, self.resumed_from = RunState(), None
         # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
         self.totals = torch.zeros(3, dtype=torch.float64)
         self.has_logits = head_entry(settings["loss"]).has_logits
@@ -757,35 +772,30 @@ class Training:
 
     # -- saving and resuming ---------------------------------------------------------------------
 
-    def resume(self) -> bool:
-        """Continue from last.ckpt when it belongs to this run; False when starting afresh."""
-        state = load_resume_state(self.last_path, self.digest)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
-        self.metrics, self.best_score, self.best_epoch = state["metrics"], state["best_score"], state["best_epoch"]
-        self.clusters, self.initialised, self.start_weights = (
-            state["clusters"],
-            state["initialised"],
-            state["start_weights"],
-        )
-        mine = state["ranks"][self.dist.rank]
+    def resume(self) -> tuple[int, int] | None:
+        """Continue from last.ckpt when it belongs to this run: the (epoch, batch) it stopped at, or None
+        when starting afresh."""
+        saved = load_resume_state(self.last_path, self.digest)
+        if saved is None:
+            return None
+        self.model.load_state_dict(saved["model"])
+        self.head.load_state_dict(saved["head"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+        mine = saved["ranks"][self.dist.rank]
         restore_rng_state(mine["rng"], self.device)
         self.totals = torch.tensor(mine["totals"], dtype=torch.float64)
-        self.resumed_from = {"epoch": self.epoch, "step": self.step}
+        self.resumed_from = {"epoch": saved["epoch"], "step": saved["step"]}
         log.info(
             "resuming from %s: epoch %d, batch %d of %d",
             self.last_path,
-            self.epoch + 1,
-            self.step,
+            saved["epoch"] + 1,
+            saved["step"],
             self.sampler.batches_per_epoch,
         )
-        return True
+        return saved["epoch"], saved["step"]
 
     def model_state(self, epoch: int) -> dict:
         return {
@@ -808,18 +818,18 @@ class Training:
                     "world_size": self.dist.world_size,
                     "epoch": epoch,
                     "step": step,
-                    "global_step": self.global_step,
+                    "global_step": self.state.global_step,
                     "model": self.model.state_dict(),
                     "head": self.head.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
-                    "metrics": self.metrics,
-                    "best_score": self.best_score,
-                    "best_epoch": self.best_epoch,
-                    "clusters": self.clusters,
-                    "initialised": self.initialised,
-                    "start_weights": self.start_weights,
+                    "metrics": self.state.metrics,
+                    "best_score": self.state.best_score,
+                    "best_epoch": self.state.best_epoch,
+                    "clusters": self.state.clusters,
+                    "initialised": self.state.initialised,
+                    "start_weights": self.state.start_weights,
                     "ranks": ranks,
                     "settings": self.settings,
                 },
@@ -827,10 +837,11 @@ class Training:
 
     # -- evaluation and model selection ----------------------------------------------------------
 
-    def start_fresh(self) -> None:
+    def start_fresh(self) -> tuple[int, int]:
         """Before the first step: initialise neck and head from the pretrained descriptors (when asked),
-        then evaluate the untrained model as epoch 0, so training can never end worse than it started."""
-        self.initialised = initialise_from_pretrained(
+        then evaluate the untrained model as epoch 0, so training can never end worse than it started.
+        Returns where training starts: epoch 0, batch 0."""
+        self.state.initialised = initialise_from_pretrained(
             self.model,
             self.head,
             self.train_index,
@@ -841,12 +852,13 @@ class Training:
             self.dist,
         )
         if self.settings["wise_alpha"] < 1:
-            self.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.state.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         nan = float("nan")
         self.evaluate(
             0, {"train_loss": nan, "train_accuracy": nan, "lr": 0.0, "images_per_s": nan}, time.perf_counter()
         )
         self.save_training_state(0, 0)
+        return 0, 0
 
     def evaluate(self, epoch: int, row: dict, started: float) -> None:
         """Val GAP of the model this epoch would give (with wise_alpha < 1: its weights interpolated with
@@ -855,7 +867,7 @@ class Training:
         with self.selected_weights(epoch):
             val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device, self.dist)
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
-            self.metrics.append(row)
+            self.state.metrics.append(row)
             log.info(
                 "epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
                 row["epoch"],
@@ -866,8 +878,8 @@ class Training:
                 row["images_per_s"],
             )
             score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
-            if score >= self.best_score:
-                self.best_score, self.best_epoch = score, epoch
+            if score >= self.state.best_score:
+                self.state.best_score, self.state.best_epoch = score, epoch
                 if self.dist.is_main:
                     save_checkpoint(self.best_path, self.model_state(epoch))
 
@@ -882,7 +894,7 @@ class Training:
             yield
             return
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(interpolate_weights(self.start_weights, trained, alpha))
+        self.model.load_state_dict(interpolate_weights(self.state.start_weights, trained, alpha))
         try:
             yield
         finally:
@@ -894,12 +906,12 @@ class Training:
         """Clusters, batch plan, frozen or not, train mode and the DDP wrapper for this epoch."""
         s = self.settings
         if s["sampler"] == "subspace" and (
-            self.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)
+            self.state.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)
         ):
-            self.clusters = subspace_clusters(
+            self.state.clusters = subspace_clusters(
                 self.model, self.train_index, self.class_of, len(self.labels), s, epoch, self.device, self.dist
             )
-        self.sampler.set_epoch(epoch, skip=skip, clusters=self.clusters)
+        self.sampler.set_epoch(epoch, skip=skip, clusters=self.state.clusters)
         frozen = epoch < s["freeze_backbone_epochs"]
         if frozen != self.backbone_frozen:
             set_backbone_frozen(self.model, frozen)
@@ -966,10 +978,10 @@ class Training:
         step is checkpointed after the evaluation) and, once SIGTERM arrived, a last one and the stop."""
         self.optimizer_step()
         # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
-        stopping = stop.agreed(self.dist) if not self.dist.active or self.global_step % 10 == 0 else False
+        stopping = stop.agreed(self.dist) if not self.dist.active or self.state.global_step % 10 == 0 else False
         end_of_epoch = progress.batch_number == self.sampler.batches_per_epoch
         every = self.settings["checkpoint_every_steps"]
-        if stopping or (every and self.global_step % every == 0 and not end_of_epoch):
+        if stopping or (every and self.state.global_step % every == 0 and not end_of_epoch):
             self.totals += progress.running.cpu()
             progress.running.zero_()
             self.save_training_state(epoch, progress.batch_number)
@@ -998,7 +1010,7 @@ class Training:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.global_step += 1
+        self.state.global_step += 1
 
     def end_epoch(self, epoch: int, seen: int, epoch_started: float) -> None:
         elapsed = time.perf_counter() - epoch_started
@@ -1019,7 +1031,7 @@ class Training:
         self.totals.zero_()
         self.save_training_state(epoch + 1, 0)
         if self.dist.is_main:  # to follow a long run (the curves are drawn at the end: matplotlib is slow)
-            write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
+            write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
 
     # -- the result ------------------------------------------------------------------------------
 
@@ -1032,10 +1044,10 @@ class Training:
             save_checkpoint(self.best_path, self.model_state(self.settings["epochs"]))
         with atomic_path(self.out_dir / "model.pt", suffix=".pt.part") as tmp:
             shutil.copyfile(self.best_path, tmp)
-        write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
-        plot_curves(self.metrics, self.out_dir / "curves.png")
-        best = next((r for r in self.metrics if r["epoch"] == self.best_epoch), self.metrics[-1])
-        if self.best_epoch == 0:
+        write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
+        plot_curves(self.state.metrics, self.out_dir / "curves.png")
+        best = next((r for r in self.state.metrics if r["epoch"] == self.state.best_epoch), self.state.metrics[-1])
+        if self.state.best_epoch == 0:
             selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
             if self.settings["epochs"]:
                 log.warning(
@@ -1043,7 +1055,7 @@ class Training:
                     best["val_gap"],
                 )
         else:
-            selected = f"epoch {self.best_epoch}"
+            selected = f"epoch {self.state.best_epoch}"
         write_json_atomic(
             self.out_dir / "train.json",
             {
@@ -1054,10 +1066,10 @@ class Training:
                 "best_epoch": best["epoch"],
                 "best_val_gap": best["val_gap"],
                 "best_val_accuracy": best["val_accuracy"],
-                "untrained_val_gap": self.metrics[0]["val_gap"],
+                "untrained_val_gap": self.state.metrics[0]["val_gap"],
                 "steps_per_epoch": self.steps_per_epoch,
-                "global_steps": self.global_step,
-                "initialised": self.initialised,
+                "global_steps": self.state.global_step,
+                "initialised": self.state.initialised,
                 "resumed_from": self.resumed_from,
                 "world_size": self.dist.world_size,
                 "ddp": audit,
@@ -1100,13 +1112,12 @@ def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, 
         torch.backends.cudnn.benchmark = True
     run = Training(train_dirs, val_dirs, bank_dirs, out_dir, settings, device, dist)
     started = time.perf_counter()
-    if not run.resume():
-        run.start_fresh()
+    first_epoch, skip = run.resume() or run.start_fresh()
     with StopSignal() as stop:
-        for epoch in range(run.epoch, settings["epochs"]):
-            run.run_epoch(epoch, run.step if epoch == run.epoch else 0, stop)
+        for epoch in range(first_epoch, settings["epochs"]):
+            run.run_epoch(epoch, skip if epoch == first_epoch else 0, stop)
     run.finish(time.perf_counter() - started)
-    return run.metrics
+    return run.state.metrics
 
 
 def average_buffers(module: nn.Module, dist: Distributed) -> None:

@@ -305,6 +305,24 @@ def embed_index(
     return out
 
 
+def embed_for_training(
+    model: LandmarkModel, index: ShardIndex, settings: dict, device, dist: Distributed, *, pooled: bool = False
+) -> np.ndarray:
+    """embed_index as training runs it: its image size and AMP, batches twice the training batch (no
+    gradients are kept), its workers."""
+    return embed_index(
+        model,
+        index,
+        settings["image_size"],
+        batch_size=settings["batch_size"] * 2,
+        workers=settings["workers"],
+        device=device,
+        dist=dist,
+        amp=settings["amp"],
+        pooled=pooled,
+    )
+
+
 def val_queries(val_index: ShardIndex, bank_index: ShardIndex, settings: dict) -> ShardIndex:
     """The val queries: the val images, plus `val_nonlandmark_ratio` x as many non-landmark photos of the
     bank (a fixed sample) as non-landmark queries, so that val GAP, like the test's, also pays for
@@ -332,15 +350,8 @@ def evaluate_val_gap(
     dist = dist or Distributed(device=device)
     if len(val_index) == 0 or len(train_index) == 0:
         return {"val_gap": float("nan"), "val_accuracy": float("nan")}
-    options = dict(
-        batch_size=settings["batch_size"] * 2,
-        workers=settings["workers"],
-        device=device,
-        dist=dist,
-        amp=settings["amp"],
-    )
-    db = embed_index(model, train_index, settings["image_size"], **options)
-    queries = embed_index(model, val_index, settings["image_size"], **options)
+    db = embed_for_training(model, train_index, settings, device, dist)
+    queries = embed_for_training(model, val_index, settings, device, dist)
     result = None
     if dist.is_main:
         cosines, positions = knn(db, queries, 1)
@@ -386,16 +397,7 @@ def subspace_clusters(
     chosen = images_per_class(class_of, settings["subspace_images_per_class"], rng)
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
     started = time.perf_counter()
-    vectors = embed_index(
-        model,
-        sub_index,
-        settings["image_size"],
-        batch_size=settings["batch_size"] * 2,
-        workers=settings["workers"],
-        device=device,
-        dist=dist,
-        amp=settings["amp"],
-    )
+    vectors = embed_for_training(model, sub_index, settings, device, dist)
     sums = np.zeros((n_classes, vectors.shape[1]), np.float64)
     np.add.at(sums, class_of[chosen], vectors)
     present = np.bincount(class_of[chosen], minlength=n_classes) > 0
@@ -444,34 +446,32 @@ def initialise_from_pretrained(
     if len(chosen) > PCA_MAX_IMAGES:
         chosen = np.sort(epoch_rng(settings["seed"], 0, 12).choice(chosen, PCA_MAX_IMAGES, replace=False))
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
-    pooled = torch.from_numpy(
-        embed_index(
-            model,
-            sub_index,
-            settings["image_size"],
-            batch_size=settings["batch_size"] * 2,
-            workers=settings["workers"],
-            device=device,
-            dist=dist,
-            amp=settings["amp"],
-            pooled=True,
-        )
-    )
+    pooled = torch.from_numpy(embed_for_training(model, sub_index, settings, device, dist, pooled=True))
     about = {"images": len(chosen)}
     if settings["neck_init"] == "pca":
         about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
     if settings["head_init"] == "class_means":
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            embeddings = F.normalize(model.embedding_from_pooled(pooled.to(device)).float(), dim=1)
-            model.train(was_training)
-        sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
-        sums.index_add_(0, torch.from_numpy(class_of[chosen]).to(embeddings.device), embeddings)
-        about["head_classes_initialised"] = head.init_from_class_means(sums)
+        about["head_classes_initialised"] = head_from_class_means(
+            model, head, pooled.to(device), class_of[chosen], n_classes
+        )
     about["seconds"] = round(time.perf_counter() - started, 1)
     log.info("initialised from the pretrained descriptors of %d train images: %s", len(chosen), about)
     return about
+
+
+def head_from_class_means(
+    model: LandmarkModel, head: nn.Module, pooled: torch.Tensor, classes: np.ndarray, n_classes: int
+) -> int:
+    """Class weights at each class's mean embedding of the pooled descriptors (`classes`: each row's
+    class); returns how many classes were set."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        embeddings = F.normalize(model.embedding_from_pooled(pooled).float(), dim=1)
+        model.train(was_training)
+    sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
+    sums.index_add_(0, torch.from_numpy(classes).to(embeddings.device), embeddings)
+    return head.init_from_class_means(sums)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1046,6 +1046,11 @@ class Training:
             shutil.copyfile(self.best_path, tmp)
         write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
         plot_curves(self.state.metrics, self.out_dir / "curves.png")
+        write_json_atomic(self.out_dir / "train.json", self.summary(audit, seconds))
+
+    def summary(self, audit: dict | None, seconds: float) -> dict:
+        """train.json: data sizes, the selected epoch and its val scores, steps, initialisation, resume,
+        processes, time, device and settings."""
         best = next((r for r in self.state.metrics if r["epoch"] == self.state.best_epoch), self.state.metrics[-1])
         if self.state.best_epoch == 0:
             selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
@@ -1056,28 +1061,25 @@ class Training:
                 )
         else:
             selected = f"epoch {self.state.best_epoch}"
-        write_json_atomic(
-            self.out_dir / "train.json",
-            {
-                "classes": len(self.labels),
-                "train_images": len(self.train_index),
-                "val_images": len(self.val_index),
-                "selected": selected,
-                "best_epoch": best["epoch"],
-                "best_val_gap": best["val_gap"],
-                "best_val_accuracy": best["val_accuracy"],
-                "untrained_val_gap": self.state.metrics[0]["val_gap"],
-                "steps_per_epoch": self.steps_per_epoch,
-                "global_steps": self.state.global_step,
-                "initialised": self.state.initialised,
-                "resumed_from": self.resumed_from,
-                "world_size": self.dist.world_size,
-                "ddp": audit,
-                "seconds": round(seconds, 1),
-                "device": str(self.device),
-                "settings": self.settings,
-            },
-        )
+        return {
+            "classes": len(self.labels),
+            "train_images": len(self.train_index),
+            "val_images": len(self.val_index),
+            "selected": selected,
+            "best_epoch": best["epoch"],
+            "best_val_gap": best["val_gap"],
+            "best_val_accuracy": best["val_accuracy"],
+            "untrained_val_gap": self.state.metrics[0]["val_gap"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "global_steps": self.state.global_step,
+            "initialised": self.state.initialised,
+            "resumed_from": self.resumed_from,
+            "world_size": self.dist.world_size,
+            "ddp": audit,
+            "seconds": round(seconds, 1),
+            "device": str(self.device),
+            "settings": self.settings,
+        }
 
 
 def train(

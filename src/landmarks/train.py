@@ -1107,6 +1107,7 @@ def train(
 
 
 def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, threads, dist, bank_dirs) -> list[dict]:
+    """The run: set up (seeded), resume from last.ckpt or start fresh (epoch 0), the epochs, finish."""
     if threads:
         torch.set_num_threads(threads)
     seed_everything(settings["seed"])

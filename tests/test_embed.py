@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from landmarks import embed, shard
+from landmarks import embed, embedding, shard
 from landmarks.common import StageError
-from landmarks.loader import ShardDataset, ShardIndex
+from landmarks.loader import ShardDataset, ShardIndex, eval_transform
 from landmarks.model import LandmarkModel
 
 SIZE = 48  # the simple CNN pools 5 times: 32 px at least
@@ -125,7 +125,7 @@ def test_flip_and_scale_tta_average_the_normalised_views(shards, model_file, tmp
     for position in (0, 7):
         views = []
         for size in (SIZE, 36):
-            tensor = embed.eval_transform(size, model.data_config["mean"], model.data_config["std"])(images[position])
+            tensor = eval_transform(size, model.data_config["mean"], model.data_config["std"])(images[position])
             batch = torch.stack([tensor, torch.flip(tensor, dims=[2])])
             with torch.no_grad():
                 views.append(F.normalize(model(batch), dim=1))
@@ -195,7 +195,7 @@ def test_reading_embeddings_checks_the_id_table(shards, model_file, tmp_path):
 
 def test_bad_tta_scales_and_missing_model_are_named(shards, model_file, tmp_path):
     with pytest.raises(StageError, match="embed.scales"):
-        embed.tta_sizes(SIZE, [1.0, -0.5])
+        embedding.tta_sizes(SIZE, [1.0, -0.5])
     with pytest.raises(StageError, match="nothing.pt: model checkpoint not found"):
         embed.main(["--model", str(tmp_path / "nothing.pt"), "--shards", str(shards), "--out", str(tmp_path / "o.npy")])
     assert not (tmp_path / "o.npy").exists()

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from landmarks import embed, index, places365, predict, retrieve, train
+from landmarks import index, places365, predict, retrieve, train
 from landmarks.common import StageError
+from landmarks.device import pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
@@ -59,7 +60,7 @@ def test_faiss_counts_gpus_without_crashing():
 @pytest.mark.skipif(not NO_GPU, reason="checks the refusals of a machine without a GPU")
 def test_gpu_only_branches_refuse_clearly_without_cuda(tmp_path):
     with pytest.raises(StageError, match="no CUDA GPU is visible"):
-        embed.pick_device("cuda")
+        pick_device("cuda")
     vectors = np.eye(4, dtype=np.float32)
     with pytest.raises(StageError, match="GPU search requested but faiss sees no GPU"):
         index.build_index(vectors, use_gpu=True)

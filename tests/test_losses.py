@@ -6,14 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from landmarks.config import section_settings
+from landmarks import losses as losses_module
+from landmarks.config import load_schema, section_settings
 from landmarks.losses import (
     ArcMarginHead,
     BatchHardTripletLoss,
     SoftmaxHead,
     build_head,
     dynamic_margins,
+    head_entry,
+    head_names,
     inverse_log_class_weights,
+    register_head,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -165,3 +169,25 @@ def test_heads_start_at_the_class_means():
     assert softmax.init_from_class_means(sums) == 2 and softmax.fc.bias.abs().sum() == 0
     assert softmax.logits(torch.tensor([[1.0, 0.0, 0.0]])).argmax() == 0
     assert BatchHardTripletLoss().init_from_class_means(sums) == 0
+
+
+def test_the_registry_holds_every_loss_the_schema_offers():
+    schema_losses = load_schema()["$defs"]["train"]["properties"]["loss"]["enum"]
+    assert sorted(head_names()) == sorted(schema_losses)
+    assert [name for name in head_names() if not head_entry(name).has_logits] == ["triplet"]
+    with pytest.raises(ValueError, match="unknown loss 'cosface'"):
+        build_head({"loss": "cosface"}, 3, torch.ones(3), 8)
+
+
+def test_a_new_loss_is_one_registered_builder(monkeypatch):
+    monkeypatch.setattr(losses_module, "_HEADS", dict(losses_module._HEADS))  # registered for this test only
+
+    @register_head("plain_softmax", has_logits=True)
+    def plain_softmax(settings, n_classes, class_counts, dim):
+        return SoftmaxHead(dim, n_classes)
+
+    head = build_head({"loss": "plain_softmax"}, 3, torch.ones(3), 8)
+    assert isinstance(head, SoftmaxHead) and head.fc.out_features == 3
+    assert head_entry("plain_softmax").has_logits
+    with pytest.raises(ValueError, match="registered twice"):
+        register_head("plain_softmax")(plain_softmax)

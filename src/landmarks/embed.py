@@ -19,65 +19,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
-from .loader import ShardDataset, ShardIndex, eval_transform  # the loader owns the eval transform
+from .device import pick_device
+from .embedding import MultiScaleTransform, embed_dataset, embed_views, tta_sizes
+from .loader import ShardDataset, ShardIndex
 
 log = logging.getLogger("landmarks.embed")
 
 ID_COLUMNS = ["id", "landmark_id", "shard", "key"]
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {name!r} requested but no CUDA GPU is visible")
-    return torch.device(name)
-
-
-def tta_sizes(image_size: int, scales) -> list[int]:
-    """Input size of each TTA scale (at least 16 px), in the order given."""
-    if not scales:
-        raise StageError("embed: at least one TTA scale is needed (embed.scales)")
-    if any(s <= 0 for s in scales):
-        raise StageError(f"embed.scales: scales must be positive, got {list(scales)}")
-    return [max(16, int(round(image_size * scale))) for scale in scales]
-
-
-class MultiScaleTransform:
-    """One decoded image -> a tuple of tensors, one per TTA size (so each image is read only once)."""
-
-    def __init__(self, sizes, mean, std):
-        self.transforms = [eval_transform(size, mean, std) for size in sizes]
-
-    def __call__(self, image):
-        return tuple(transform(image) for transform in self.transforms)
-
-
-@torch.no_grad()
-def embed_views(model, views_by_scale, device: torch.device, *, flip: bool = False, amp: bool = True) -> np.ndarray:
-    """One batch's L2-normalised embeddings (float32) from its images at each TTA scale (a tensor per
-    scale): each view (scale x flip) normalised, the views averaged, the average normalised."""
-    total = None
-    for images in views_by_scale:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        for view in [images, torch.flip(images, dims=[3])] if flip else [images]:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                embedding = model(view)
-            embedding = F.normalize(embedding.float(), dim=1)
-            total = embedding if total is None else total + embedding
-    return F.normalize(total, dim=1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -107,33 +63,26 @@ def compute_embeddings(
         out = np.zeros((n, dim), np.float32)
     elif out.shape != (n, dim):
         raise StageError(f"embed: output array has shape {out.shape}, expected {(n, dim)}")
-    was_training = model.training
-    model.eval().to(device)
+    model.to(device)
     model.to(memory_format=torch.channels_last)  # faster on GPUs and CPUs alike (oneDNN's NHWC kernels)
-    dataset = ShardDataset(index, MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"]))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    written = np.zeros(n, bool)
-    interactive = sys.stderr.isatty()
-    bar = tqdm(
-        loader,
-        total=-(-n // batch_size),
+
+    def refuse_non_finite(batch: np.ndarray, rows: np.ndarray) -> None:
+        if not np.isfinite(batch).all():
+            bad = index.table["id"].to_numpy()[rows[~np.isfinite(batch).all(axis=1)]]
+            raise StageError(f"embed: non-finite embeddings for images {bad.tolist()[:5]}")
+
+    written = embed_dataset(
+        model,
+        ShardDataset(index, MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"])),
+        lambda views_by_scale: embed_views(model, views_by_scale, device, flip=flip, amp=amp),
+        out,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        progress=progress,
         desc=f"embed {n} images @{'/'.join(map(str, sizes))}px",
-        unit="batch",
-        disable=not progress,
-        mininterval=2.0 if interactive else 30.0,
+        check=refuse_non_finite,
     )
-    try:
-        for views_by_scale, _, positions in bar:
-            batch = embed_views(model, views_by_scale, device, flip=flip, amp=amp)
-            rows = positions.numpy()
-            if not np.isfinite(batch).all():
-                bad = index.table["id"].to_numpy()[rows[~np.isfinite(batch).all(axis=1)]]
-                raise StageError(f"embed: non-finite embeddings for images {bad.tolist()[:5]}")
-            out[rows] = batch
-            written[rows] = True
-    finally:
-        bar.close()
-        model.train(was_training)
     if not written.all():
         missing = index.table.loc[~written, ["id", "shard", "key"]].head(3).to_dict("records")
         raise StageError(

@@ -4,11 +4,16 @@ Every head takes the embedding batch and the class numbers and returns the loss;
 `loss_and_logits` also returns the per-class scores it computed on the way (None for the triplet
 loss), which the training loop uses for the training accuracy without a second matrix product.
 Heads compute in float32 whatever the autocast state: margins on cosines near 1 need the precision.
+
+Each loss is registered by name (`register_head`, as timm registers models): a new loss is a head class
+and a registered builder here, plus its name in config.schema.yaml's `train.loss` enum.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -164,18 +169,85 @@ class BatchHardTripletLoss(nn.Module):
         return F.relu(gap + self.margin).mean()
 
 
+# ---------------------------------------------------------------------------------------------------
+# The registry (after timm's model registry): a loss is a builder registered under the name that
+# config.yaml's `train.loss` gives it, with what the training loop needs to know about its head.
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """A registered head/loss: its builder, called as build(settings, n_classes, class_counts, dim), and
+    `has_logits`: whether the head scores every class (a classifier: train accuracy, class weights to
+    start at the class means) or only compares embeddings within the batch (triplet)."""
+
+    name: str
+    build: Callable[[dict, int, torch.Tensor, int], nn.Module]
+    has_logits: bool = True
+
+
+_HEADS: dict[str, HeadEntry] = {}
+
+
+def register_head(name: str, *, has_logits: bool = True):
+    """Decorator: register `build(settings, n_classes, class_counts, dim) -> nn.Module` as loss `name`
+    (which config.schema.yaml's `train.loss` enum must list too)."""
+
+    def register(build):
+        if name in _HEADS:
+            raise ValueError(f"loss {name!r} is registered twice")
+        _HEADS[name] = HeadEntry(name, build, has_logits)
+        return build
+
+    return register
+
+
+def head_names() -> list[str]:
+    """The registered losses, in registration order."""
+    return list(_HEADS)
+
+
+def head_entry(name: str) -> HeadEntry:
+    if name not in _HEADS:
+        raise ValueError(f"unknown loss {name!r} (registered: {', '.join(_HEADS)})")
+    return _HEADS[name]
+
+
 def build_head(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
     """The head/loss named by `settings['loss']` (train section of config.yaml) for `dim`-d embeddings."""
-    weights = inverse_log_class_weights(class_counts) if settings["class_weights"] == "inverse_log" else None
-    loss = settings["loss"]
-    if loss in ("arcface", "subcenter_arcface"):
-        margin = settings["arcface_m"]
-        if settings["dynamic_margin"]:
-            margin = dynamic_margins(class_counts, settings["dynamic_margin_min"], settings["dynamic_margin_max"])
-        k = settings["subcenters"] if loss == "subcenter_arcface" else 1
-        return ArcMarginHead(dim, n_classes, settings["arcface_s"], margin, k, weights)
-    if loss in ("softmax", "bce"):
-        return SoftmaxHead(dim, n_classes, binary=(loss == "bce"), class_weights=weights)
-    if loss == "triplet":
-        return BatchHardTripletLoss(settings["triplet_margin"])
-    raise ValueError(f"unknown loss {loss!r}")
+    return head_entry(settings["loss"]).build(settings, n_classes, class_counts, dim)
+
+
+def _class_weights(settings: dict, class_counts: torch.Tensor) -> torch.Tensor | None:
+    return inverse_log_class_weights(class_counts) if settings["class_weights"] == "inverse_log" else None
+
+
+def _arcface(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int, k: int) -> ArcMarginHead:
+    margin = settings["arcface_m"]
+    if settings["dynamic_margin"]:
+        margin = dynamic_margins(class_counts, settings["dynamic_margin_min"], settings["dynamic_margin_max"])
+    return ArcMarginHead(dim, n_classes, settings["arcface_s"], margin, k, _class_weights(settings, class_counts))
+
+
+@register_head("arcface")
+def arcface(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    return _arcface(settings, n_classes, class_counts, dim, k=1)
+
+
+@register_head("subcenter_arcface")
+def subcenter_arcface(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    return _arcface(settings, n_classes, class_counts, dim, k=settings["subcenters"])
+
+
+@register_head("softmax")
+def softmax(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    return SoftmaxHead(dim, n_classes, binary=False, class_weights=_class_weights(settings, class_counts))
+
+
+@register_head("bce")
+def bce(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    return SoftmaxHead(dim, n_classes, binary=True, class_weights=_class_weights(settings, class_counts))
+
+
+@register_head("triplet", has_logits=False)
+def triplet(settings: dict, n_classes: int, class_counts: torch.Tensor, dim: int) -> nn.Module:
+    return BatchHardTripletLoss(settings["triplet_margin"])

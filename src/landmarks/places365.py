@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table
+from .device import pick_device
 from .select_rules import OFFICIAL_TOP_K
 from .tables import OK, SCENES_SCHEMA
 
@@ -342,16 +343,6 @@ class ImageFiles:
             return self.transform(image), True, ""
         except Exception as err:  # any decode problem marks the image unreadable, never the stage
             return torch.zeros(3, CROP, CROP), False, f"{type(err).__name__}: {err}"[:300]
-
-
-def pick_device(requested: str):
-    import torch
-
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise StageError("--device cuda requested but no CUDA device is available")
-    return torch.device(requested)
 
 
 def score_images(model, paths, top_k: int, batch_size: int, workers: int, device):

@@ -269,7 +269,7 @@ def load_photo(path: str, shard: dict, settings) -> Image.Image:
 
 def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: int, progress: bool) -> np.ndarray:
     """Embeddings as the embed stage stores them (same views, rounded to its dtype)."""
-    from .embed import MultiScaleTransform, embed_views, tta_sizes
+    from .embedding import MultiScaleTransform, embed_views, tta_sizes
 
     e = experiment.embed
     transform = MultiScaleTransform(
@@ -425,8 +425,8 @@ def predict(
     progress: bool = True,
 ) -> list[dict]:
     """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo)."""
+    from .device import pick_device
     from .download import Settings
-    from .embed import pick_device
     from .index import gpu_count
 
     started = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Figures of the score stage: example queries with their neighbours, precision against rank, score
-distributions, per-class accuracy, the most confused landmarks, and saliency (where a query and its
-top neighbour match). Each function takes the tables (or, for saliency, the images) the score stage
-computed and writes one PNG atomically; matplotlib runs headless (Agg). No torch here: score.py
-runs the model.
+"""Figures: the train stage's learning curves; the score stage's example queries with their neighbours,
+precision against rank, score distributions, per-class accuracy, the most confused landmarks, and
+saliency (where a query and its top neighbour match). Each function takes the tables (or, for saliency,
+the images) its stage computed and writes one PNG atomically; matplotlib runs headless (Agg). No torch
+here: train.py and score.py run the model.
 """
 
 from __future__ import annotations
@@ -38,6 +38,27 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def plot_curves(metrics: list[dict], path: Path) -> None:
+    """The train stage's curves.png: training loss, and val GAP / accuracy (train accuracy of classifier
+    heads beside them) per epoch, epoch 0 being the untrained model."""
+    plt = _pyplot()
+    frame = pd.DataFrame(metrics)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if len(frame):
+        axes[0].plot(frame["epoch"], frame["train_loss"], marker="o")
+        axes[1].plot(frame["epoch"], frame["val_gap"], marker="o", label="val GAP")
+        axes[1].plot(frame["epoch"], frame["val_accuracy"], marker="s", label="val top-1 accuracy")
+        if "train_accuracy" in frame and frame["train_accuracy"].notna().any():
+            axes[1].plot(
+                frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--", label="train accuracy (head)"
+            )
+        axes[1].legend()
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="validation (kNN vs train)", xlabel="epoch", ylim=(0, 1))
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def pick_examples(ranked: pd.DataFrame, per_group: int = 2) -> list[tuple[str, pd.Series]]:

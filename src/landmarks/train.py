@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -69,10 +70,12 @@ from tqdm import tqdm
 
 from .common import StageError, atomic_path, exclusive_lock, run_cli, setup_logging, write_json_atomic
 from .config import ConfigError, section_settings
-from .embed import pick_device
+from .device import pick_device
+from .embedding import embed_dataset, model_input, run_model
 from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
-from .losses import build_head
+from .losses import build_head, head_entry
 from .model import LandmarkModel
+from .report import plot_curves
 from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng
 
 log = logging.getLogger("landmarks.train")
@@ -278,10 +281,8 @@ def embed_index(
     Each process embeds a contiguous slice of the index; the slices are then summed across processes.
     Runs in a forked random state, so that evaluating never changes what training draws next.
     """
-    out = torch.zeros(len(index), model.channels if pooled else model.embedding_dim)
+    out = np.zeros((len(index), model.channels if pooled else model.embedding_dim), np.float32)
     if len(index):
-        was_training = model.training
-        model.eval()
         dataset = ShardDataset(
             index,
             eval_transform(image_size, model.data_config["mean"], model.data_config["std"]),
@@ -289,20 +290,37 @@ def embed_index(
             world_size=dist.world_size,
             balance="none",
         )
+
+        def embed_batch(images: torch.Tensor) -> np.ndarray:
+            embedding = run_model(model, model_input(images, device), device, amp=amp, pooled=pooled)
+            return (embedding if pooled else F.normalize(embedding, dim=1)).cpu().numpy()
+
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-            for images, _, positions in loader:
-                # channels-last: faster on CPUs too (oneDNN), 1.4-1.8x for EfficientNet-Lite0 inference
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                    embedding = model.descriptor_of(images) if pooled else model(images)
-                out[positions] = (embedding.float() if pooled else F.normalize(embedding.float(), dim=1)).cpu()
-        model.train(was_training)
+            embed_dataset(model, dataset, embed_batch, out, batch_size=batch_size, workers=workers, device=device)
     if dist.active:
         # Chunks keep the collective's buffer on the GPU small.
+        shared = torch.from_numpy(out)
         for start in range(0, len(out), 65536):
-            out[start : start + 65536] = dist.all_reduce(out[start : start + 65536].contiguous())
-    return out.numpy()
+            shared[start : start + 65536] = dist.all_reduce(shared[start : start + 65536].contiguous())
+    return out
+
+
+def embed_for_training(
+    model: LandmarkModel, index: ShardIndex, settings: dict, device, dist: Distributed, *, pooled: bool = False
+) -> np.ndarray:
+    """embed_index as training runs it: its image size and AMP, batches twice the training batch (no
+    gradients are kept), its workers."""
+    return embed_index(
+        model,
+        index,
+        settings["image_size"],
+        batch_size=settings["batch_size"] * 2,
+        workers=settings["workers"],
+        device=device,
+        dist=dist,
+        amp=settings["amp"],
+        pooled=pooled,
+    )
 
 
 def val_queries(val_index: ShardIndex, bank_index: ShardIndex, settings: dict) -> ShardIndex:
@@ -332,15 +350,8 @@ def evaluate_val_gap(
     dist = dist or Distributed(device=device)
     if len(val_index) == 0 or len(train_index) == 0:
         return {"val_gap": float("nan"), "val_accuracy": float("nan")}
-    options = dict(
-        batch_size=settings["batch_size"] * 2,
-        workers=settings["workers"],
-        device=device,
-        dist=dist,
-        amp=settings["amp"],
-    )
-    db = embed_index(model, train_index, settings["image_size"], **options)
-    queries = embed_index(model, val_index, settings["image_size"], **options)
+    db = embed_for_training(model, train_index, settings, device, dist)
+    queries = embed_for_training(model, val_index, settings, device, dist)
     result = None
     if dist.is_main:
         cosines, positions = knn(db, queries, 1)
@@ -386,16 +397,7 @@ def subspace_clusters(
     chosen = images_per_class(class_of, settings["subspace_images_per_class"], rng)
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
     started = time.perf_counter()
-    vectors = embed_index(
-        model,
-        sub_index,
-        settings["image_size"],
-        batch_size=settings["batch_size"] * 2,
-        workers=settings["workers"],
-        device=device,
-        dist=dist,
-        amp=settings["amp"],
-    )
+    vectors = embed_for_training(model, sub_index, settings, device, dist)
     sums = np.zeros((n_classes, vectors.shape[1]), np.float64)
     np.add.at(sums, class_of[chosen], vectors)
     present = np.bincount(class_of[chosen], minlength=n_classes) > 0
@@ -444,34 +446,32 @@ def initialise_from_pretrained(
     if len(chosen) > PCA_MAX_IMAGES:
         chosen = np.sort(epoch_rng(settings["seed"], 0, 12).choice(chosen, PCA_MAX_IMAGES, replace=False))
     sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
-    pooled = torch.from_numpy(
-        embed_index(
-            model,
-            sub_index,
-            settings["image_size"],
-            batch_size=settings["batch_size"] * 2,
-            workers=settings["workers"],
-            device=device,
-            dist=dist,
-            amp=settings["amp"],
-            pooled=True,
-        )
-    )
+    pooled = torch.from_numpy(embed_for_training(model, sub_index, settings, device, dist, pooled=True))
     about = {"images": len(chosen)}
     if settings["neck_init"] == "pca":
         about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
     if settings["head_init"] == "class_means":
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
-            embeddings = F.normalize(model.embedding_from_pooled(pooled.to(device)).float(), dim=1)
-            model.train(was_training)
-        sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
-        sums.index_add_(0, torch.from_numpy(class_of[chosen]).to(embeddings.device), embeddings)
-        about["head_classes_initialised"] = head.init_from_class_means(sums)
+        about["head_classes_initialised"] = head_from_class_means(
+            model, head, pooled.to(device), class_of[chosen], n_classes
+        )
     about["seconds"] = round(time.perf_counter() - started, 1)
     log.info("initialised from the pretrained descriptors of %d train images: %s", len(chosen), about)
     return about
+
+
+def head_from_class_means(
+    model: LandmarkModel, head: nn.Module, pooled: torch.Tensor, classes: np.ndarray, n_classes: int
+) -> int:
+    """Class weights at each class's mean embedding of the pooled descriptors (`classes`: each row's
+    class); returns how many classes were set."""
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        embeddings = F.normalize(model.embedding_from_pooled(pooled).float(), dim=1)
+        model.train(was_training)
+    sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
+    sums.index_add_(0, torch.from_numpy(classes).to(embeddings.device), embeddings)
+    return head.init_from_class_means(sums)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -617,31 +617,6 @@ def remove_partial_files(out_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def plot_curves(metrics: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frame = pd.DataFrame(metrics)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    if len(frame):
-        axes[0].plot(frame["epoch"], frame["train_loss"], marker="o")
-        axes[1].plot(frame["epoch"], frame["val_gap"], marker="o", label="val GAP")
-        axes[1].plot(frame["epoch"], frame["val_accuracy"], marker="s", label="val top-1 accuracy")
-        if "train_accuracy" in frame and frame["train_accuracy"].notna().any():
-            axes[1].plot(
-                frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--", label="train accuracy (head)"
-            )
-        axes[1].legend()
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="validation (kNN vs train)", xlabel="epoch", ylim=(0, 1))
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:
     with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(metrics[0]) if metrics else ["epoch"])
@@ -673,9 +648,37 @@ def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
     return train_index, val_index, labels, class_of, counts
 
 
+@dataclass
+class RunState:
+    """What last.ckpt keeps of a run besides weights and optimiser: optimizer steps so far, every
+    evaluated epoch's metrics (epoch 0: the untrained model), the best epoch so far, the subspace
+    clusters in use, how neck and head were initialised, and the starting weights (for WiSE-FT)."""
+
+    global_step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    clusters: np.ndarray | None = None
+    initialised: dict | None = None
+    start_weights: dict | None = None
+
+
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands on this process: batches done (from the resumed batch on), images
+    seen since (re)starting it, and the running sums (loss x images, images, correct top-1), kept on the
+    device until a checkpoint or the epoch's end adds them to the run's totals."""
+
+    running: torch.Tensor
+    batch_number: int
+    seen: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class Training:
-    """One training run: the model, its head, the data, the optimiser, and where the run stands (epoch,
-    step, metrics, best epoch), which `last.ckpt` saves and restores."""
+    """One training run: the model, its head, the data, the optimiser, and where the run stands
+    (`state`, a RunState), which `last.ckpt` saves and restores. Set up here, then `resume` or
+    `start_fresh`, `run_epoch` for each epoch, `finish`."""
 
     def __init__(
         self, train_dirs, val_dirs, bank_dirs, out_dir: Path, settings: dict, device: torch.device, dist: Distributed
@@ -684,6 +687,21 @@ class Training:
         self.train_index, self.val_index, self.labels, self.class_of, counts = load_training_data(
             train_dirs, val_dirs, bank_dirs, settings
         )
+        # In this order: the model's and the head's random initial weights come first from the seeded state.
+        self.build_model(counts)
+        self.build_loader()
+        self.build_optimiser()
+        self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
+        self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
+        self.state, self.resumed_from = RunState(), None
+        # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
+        self.totals = torch.zeros(3, dtype=torch.float64)
+        self.has_logits = head_entry(settings["loss"]).has_logits
+        self.last_epoch_positions: list[np.ndarray] = []
+
+    def build_model(self, counts: np.ndarray) -> None:
+        """Model and head on the device, joined in the module that DDP wraps."""
+        settings, device = self.settings, self.device
         self.model = LandmarkModel(
             settings["backbone"],
             settings["pretrained"],
@@ -704,8 +722,11 @@ class Training:
         amp_dtype = torch.float16 if settings["amp_dtype"] == "float16" else torch.bfloat16
         autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=settings["amp"] and device.type == "cuda")
         self.module = TrainModule(self.model, self.head, autocast)
-        self.ddp_module, self.backbone_frozen = None, None
+        self.ddp_module, self.backbone_frozen = None, None  # set by prepare_epoch
 
+    def build_loader(self) -> None:
+        """The batch plan (sampler) and the loader of augmented train images."""
+        settings, dist = self.settings, self.dist
         self.accumulation = settings["grad_accumulation"]
         self.sampler = TrainBatchSampler(
             self.class_of,
@@ -727,12 +748,16 @@ class Training:
             dataset,
             batch_sampler=self.sampler,
             num_workers=workers,
-            pin_memory=device.type == "cuda",
+            pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(settings["seed"]),
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
         self.steps_per_epoch = self.sampler.batches_per_epoch // self.accumulation
+
+    def build_optimiser(self) -> None:
+        """Optimiser, learning-rate schedule (warm-up, then cosine decay) and the AMP gradient scaler."""
+        settings = self.settings
         total_steps = self.steps_per_epoch * settings["epochs"]
         warmup_steps = int(settings["warmup_epochs"] * self.steps_per_epoch)
         self.optimizer = build_optimizer(parameter_groups(self.model, self.head, settings), settings)
@@ -740,49 +765,37 @@ class Training:
             self.optimizer,
             lambda step: warmup_cosine(step, total_steps, warmup_steps, settings["min_lr"] / settings["lr"]),
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=autocast["enabled"] and amp_dtype == torch.float16)
-
-        self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
-        self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
-        self.epoch, self.step, self.global_step, self.metrics = 0, 0, 0, []
-        self.best_score, self.best_epoch, self.clusters, self.resumed_from = -math.inf, 0, None, None
-        self.initialised, self.start_weights = None, None
-        # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
-        self.totals = torch.zeros(3, dtype=torch.float64)
-        self.has_logits = settings["loss"] != "triplet"
-        self.last_epoch_positions: list[np.ndarray] = []
+        autocast = self.module.autocast  # float16 needs its gradients scaled, bfloat16 does not
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=autocast["enabled"] and autocast["dtype"] == torch.float16
+        )
 
     # -- saving and resuming ---------------------------------------------------------------------
 
-    def resume(self) -> bool:
-        """Continue from last.ckpt when it belongs to this run; False when starting afresh."""
-        state = load_resume_state(self.last_path, self.digest)
-        if state is None:
-            return False
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
-        self.metrics, self.best_score, self.best_epoch = state["metrics"], state["best_score"], state["best_epoch"]
-        self.clusters, self.initialised, self.start_weights = (
-            state["clusters"],
-            state["initialised"],
-            state["start_weights"],
-        )
-        mine = state["ranks"][self.dist.rank]
+    def resume(self) -> tuple[int, int] | None:
+        """Continue from last.ckpt when it belongs to this run: the (epoch, batch) it stopped at, or None
+        when starting afresh."""
+        saved = load_resume_state(self.last_path, self.digest)
+        if saved is None:
+            return None
+        self.model.load_state_dict(saved["model"])
+        self.head.load_state_dict(saved["head"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.state = RunState(**{f.name: saved[f.name] for f in dataclasses.fields(RunState)})
+        mine = saved["ranks"][self.dist.rank]
         restore_rng_state(mine["rng"], self.device)
         self.totals = torch.tensor(mine["totals"], dtype=torch.float64)
-        self.resumed_from = {"epoch": self.epoch, "step": self.step}
+        self.resumed_from = {"epoch": saved["epoch"], "step": saved["step"]}
         log.info(
             "resuming from %s: epoch %d, batch %d of %d",
             self.last_path,
-            self.epoch + 1,
-            self.step,
+            saved["epoch"] + 1,
+            saved["step"],
             self.sampler.batches_per_epoch,
         )
-        return True
+        return saved["epoch"], saved["step"]
 
     def model_state(self, epoch: int) -> dict:
         return {
@@ -805,18 +818,18 @@ class Training:
                     "world_size": self.dist.world_size,
                     "epoch": epoch,
                     "step": step,
-                    "global_step": self.global_step,
+                    "global_step": self.state.global_step,
                     "model": self.model.state_dict(),
                     "head": self.head.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
-                    "metrics": self.metrics,
-                    "best_score": self.best_score,
-                    "best_epoch": self.best_epoch,
-                    "clusters": self.clusters,
-                    "initialised": self.initialised,
-                    "start_weights": self.start_weights,
+                    "metrics": self.state.metrics,
+                    "best_score": self.state.best_score,
+                    "best_epoch": self.state.best_epoch,
+                    "clusters": self.state.clusters,
+                    "initialised": self.state.initialised,
+                    "start_weights": self.state.start_weights,
                     "ranks": ranks,
                     "settings": self.settings,
                 },
@@ -824,10 +837,11 @@ class Training:
 
     # -- evaluation and model selection ----------------------------------------------------------
 
-    def start_fresh(self) -> None:
+    def start_fresh(self) -> tuple[int, int]:
         """Before the first step: initialise neck and head from the pretrained descriptors (when asked),
-        then evaluate the untrained model as epoch 0, so training can never end worse than it started."""
-        self.initialised = initialise_from_pretrained(
+        then evaluate the untrained model as epoch 0, so training can never end worse than it started.
+        Returns where training starts: epoch 0, batch 0."""
+        self.state.initialised = initialise_from_pretrained(
             self.model,
             self.head,
             self.train_index,
@@ -838,12 +852,13 @@ class Training:
             self.dist,
         )
         if self.settings["wise_alpha"] < 1:
-            self.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.state.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         nan = float("nan")
         self.evaluate(
             0, {"train_loss": nan, "train_accuracy": nan, "lr": 0.0, "images_per_s": nan}, time.perf_counter()
         )
         self.save_training_state(0, 0)
+        return 0, 0
 
     def evaluate(self, epoch: int, row: dict, started: float) -> None:
         """Val GAP of the model this epoch would give (with wise_alpha < 1: its weights interpolated with
@@ -852,7 +867,7 @@ class Training:
         with self.selected_weights(epoch):
             val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device, self.dist)
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
-            self.metrics.append(row)
+            self.state.metrics.append(row)
             log.info(
                 "epoch %d: loss %.4f, train accuracy %.4f, val GAP %.4f, val accuracy %.4f, %.1f images/s",
                 row["epoch"],
@@ -863,8 +878,8 @@ class Training:
                 row["images_per_s"],
             )
             score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
-            if score >= self.best_score:
-                self.best_score, self.best_epoch = score, epoch
+            if score >= self.state.best_score:
+                self.state.best_score, self.state.best_epoch = score, epoch
                 if self.dist.is_main:
                     save_checkpoint(self.best_path, self.model_state(epoch))
 
@@ -879,7 +894,7 @@ class Training:
             yield
             return
         trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(interpolate_weights(self.start_weights, trained, alpha))
+        self.model.load_state_dict(interpolate_weights(self.state.start_weights, trained, alpha))
         try:
             yield
         finally:
@@ -891,12 +906,12 @@ class Training:
         """Clusters, batch plan, frozen or not, train mode and the DDP wrapper for this epoch."""
         s = self.settings
         if s["sampler"] == "subspace" and (
-            self.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)
+            self.state.clusters is None or (skip == 0 and epoch % s["subspace_every_epochs"] == 0)
         ):
-            self.clusters = subspace_clusters(
+            self.state.clusters = subspace_clusters(
                 self.model, self.train_index, self.class_of, len(self.labels), s, epoch, self.device, self.dist
             )
-        self.sampler.set_epoch(epoch, skip=skip, clusters=self.clusters)
+        self.sampler.set_epoch(epoch, skip=skip, clusters=self.state.clusters)
         frozen = epoch < s["freeze_backbone_epochs"]
         if frozen != self.backbone_frozen:
             set_backbone_frozen(self.model, frozen)
@@ -911,64 +926,81 @@ class Training:
         set_train_mode(self.module, self.model, backbone_frozen=frozen, freeze_bn=s["freeze_bn"])
 
     def run_epoch(self, epoch: int, skip: int, stop: StopSignal) -> None:
-        s, dist, device = self.settings, self.dist, self.device
+        """Train one epoch from batch `skip` on (a resumed epoch), then evaluate it and checkpoint."""
         if skip == 0:
             self.totals.zero_()
         self.prepare_epoch(epoch, skip)
-        running = torch.zeros(3, dtype=torch.float64, device=device)  # like totals, kept on the device
-        self.last_epoch_positions, seen, epoch_started = [], 0, time.perf_counter()
-        bar = tqdm(
+        progress = EpochProgress(torch.zeros(3, dtype=torch.float64, device=self.device), skip)
+        self.last_epoch_positions = []
+        with self.progress_bar(epoch, skip) as bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            for images, targets, positions in self.loader:
+                boundary = self.train_batch(images, targets, progress)
+                self.last_epoch_positions.append(positions.numpy())
+                if boundary:
+                    self.step_and_checkpoint(epoch, progress, stop)
+                bar.update()
+                self.show_progress(bar, progress)
+        self.totals += progress.running.cpu()
+        self.end_epoch(epoch, progress.seen, progress.started)
+
+    def progress_bar(self, epoch: int, skip: int) -> tqdm:
+        return tqdm(
             total=self.sampler.batches_per_epoch,
             initial=skip,
-            desc=f"epoch {epoch + 1}/{s['epochs']}",
+            desc=f"epoch {epoch + 1}/{self.settings['epochs']}",
             unit="batch",
             mininterval=2.0 if sys.stderr.isatty() else 30.0,
-            disable=not dist.is_main,
+            disable=not self.dist.is_main,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        batch_number = skip
-        for images, targets, positions in self.loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            boundary = (batch_number + 1) % self.accumulation == 0
-            sync = self.ddp_module.no_sync() if dist.active and not boundary else contextlib.nullcontext()
-            with sync:
-                loss, correct = self.ddp_module(images, targets)
-                self.scaler.scale(loss / self.accumulation).backward()
-            running[0] += loss.detach().double() * len(targets)
-            running[1] += len(targets)
-            running[2] += correct.double()
-            batch_number += 1
-            seen += len(targets)
-            self.last_epoch_positions.append(positions.numpy())
-            if boundary:
-                self.optimizer_step()
-                # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
-                stopping = stop.agreed(dist) if not dist.active or self.global_step % 10 == 0 else False
-                end_of_epoch = batch_number == self.sampler.batches_per_epoch
-                every = s["checkpoint_every_steps"]
-                if stopping or (every and self.global_step % every == 0 and not end_of_epoch):
-                    self.totals += running.cpu()
-                    running.zero_()
-                    self.save_training_state(epoch, batch_number)
-                if stopping:
-                    bar.close()
-                    raise TrainingInterrupted(
-                        f"stopped by SIGTERM in epoch {epoch + 1} after batch "
-                        f"{batch_number}; {self.last_path} resumes it"
-                    )
-            bar.update()
-            if dist.is_main and batch_number % 10 == 0:
-                so_far = self.totals + running.cpu()
-                bar.set_postfix(
-                    loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
-                    img_s=f"{seen * dist.world_size / max(1e-9, time.perf_counter() - epoch_started):.1f}",
-                    refresh=False,
-                )
-        bar.close()
-        self.totals += running.cpu()
-        self.end_epoch(epoch, seen, epoch_started)
+
+    def train_batch(self, images: torch.Tensor, targets: torch.Tensor, progress: EpochProgress) -> bool:
+        """Forward and backward pass of one batch (gradients accumulate over `grad_accumulation` batches,
+        synchronised between processes on the last one only); True when the batch completes a step."""
+        device = self.device
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        boundary = (progress.batch_number + 1) % self.accumulation == 0
+        sync = self.ddp_module.no_sync() if self.dist.active and not boundary else contextlib.nullcontext()
+        with sync:
+            loss, correct = self.ddp_module(images, targets)
+            self.scaler.scale(loss / self.accumulation).backward()
+        progress.running[0] += loss.detach().double() * len(targets)
+        progress.running[1] += len(targets)
+        progress.running[2] += correct.double()
+        progress.batch_number += 1
+        progress.seen += len(targets)
+        return boundary
+
+    def step_and_checkpoint(self, epoch: int, progress: EpochProgress, stop: StopSignal) -> None:
+        """The optimizer step; then a checkpoint every `checkpoint_every_steps` steps (the epoch's last
+        step is checkpointed after the evaluation) and, once SIGTERM arrived, a last one and the stop."""
+        self.optimizer_step()
+        # Across processes agreeing costs a synchronising all-reduce: ask every 10 steps only.
+        stopping = stop.agreed(self.dist) if not self.dist.active or self.state.global_step % 10 == 0 else False
+        end_of_epoch = progress.batch_number == self.sampler.batches_per_epoch
+        every = self.settings["checkpoint_every_steps"]
+        if stopping or (every and self.state.global_step % every == 0 and not end_of_epoch):
+            self.totals += progress.running.cpu()
+            progress.running.zero_()
+            self.save_training_state(epoch, progress.batch_number)
+        if stopping:
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM in epoch {epoch + 1} after batch {progress.batch_number}; "
+                f"{self.last_path} resumes it"
+            )
+
+    def show_progress(self, bar: tqdm, progress: EpochProgress) -> None:
+        """Loss so far and images per second in the progress bar, every 10 batches (rank 0 only)."""
+        if self.dist.is_main and progress.batch_number % 10 == 0:
+            so_far = self.totals + progress.running.cpu()
+            elapsed = max(1e-9, time.perf_counter() - progress.started)
+            bar.set_postfix(
+                loss=f"{so_far[0] / max(1.0, so_far[1]):.3f}",
+                img_s=f"{progress.seen * self.dist.world_size / elapsed:.1f}",
+                refresh=False,
+            )
 
     def optimizer_step(self) -> None:
         if self.settings["grad_clip"]:
@@ -978,7 +1010,7 @@ class Training:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.global_step += 1
+        self.state.global_step += 1
 
     def end_epoch(self, epoch: int, seen: int, epoch_started: float) -> None:
         elapsed = time.perf_counter() - epoch_started
@@ -999,7 +1031,7 @@ class Training:
         self.totals.zero_()
         self.save_training_state(epoch + 1, 0)
         if self.dist.is_main:  # to follow a long run (the curves are drawn at the end: matplotlib is slow)
-            write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
+            write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
 
     # -- the result ------------------------------------------------------------------------------
 
@@ -1012,10 +1044,15 @@ class Training:
             save_checkpoint(self.best_path, self.model_state(self.settings["epochs"]))
         with atomic_path(self.out_dir / "model.pt", suffix=".pt.part") as tmp:
             shutil.copyfile(self.best_path, tmp)
-        write_metrics_csv(self.metrics, self.out_dir / "metrics.csv")
-        plot_curves(self.metrics, self.out_dir / "curves.png")
-        best = next((r for r in self.metrics if r["epoch"] == self.best_epoch), self.metrics[-1])
-        if self.best_epoch == 0:
+        write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
+        plot_curves(self.state.metrics, self.out_dir / "curves.png")
+        write_json_atomic(self.out_dir / "train.json", self.summary(audit, seconds))
+
+    def summary(self, audit: dict | None, seconds: float) -> dict:
+        """train.json: data sizes, the selected epoch and its val scores, steps, initialisation, resume,
+        processes, time, device and settings."""
+        best = next((r for r in self.state.metrics if r["epoch"] == self.state.best_epoch), self.state.metrics[-1])
+        if self.state.best_epoch == 0:
             selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
             if self.settings["epochs"]:
                 log.warning(
@@ -1023,29 +1060,26 @@ class Training:
                     best["val_gap"],
                 )
         else:
-            selected = f"epoch {self.best_epoch}"
-        write_json_atomic(
-            self.out_dir / "train.json",
-            {
-                "classes": len(self.labels),
-                "train_images": len(self.train_index),
-                "val_images": len(self.val_index),
-                "selected": selected,
-                "best_epoch": best["epoch"],
-                "best_val_gap": best["val_gap"],
-                "best_val_accuracy": best["val_accuracy"],
-                "untrained_val_gap": self.metrics[0]["val_gap"],
-                "steps_per_epoch": self.steps_per_epoch,
-                "global_steps": self.global_step,
-                "initialised": self.initialised,
-                "resumed_from": self.resumed_from,
-                "world_size": self.dist.world_size,
-                "ddp": audit,
-                "seconds": round(seconds, 1),
-                "device": str(self.device),
-                "settings": self.settings,
-            },
-        )
+            selected = f"epoch {self.state.best_epoch}"
+        return {
+            "classes": len(self.labels),
+            "train_images": len(self.train_index),
+            "val_images": len(self.val_index),
+            "selected": selected,
+            "best_epoch": best["epoch"],
+            "best_val_gap": best["val_gap"],
+            "best_val_accuracy": best["val_accuracy"],
+            "untrained_val_gap": self.state.metrics[0]["val_gap"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "global_steps": self.state.global_step,
+            "initialised": self.state.initialised,
+            "resumed_from": self.resumed_from,
+            "world_size": self.dist.world_size,
+            "ddp": audit,
+            "seconds": round(seconds, 1),
+            "device": str(self.device),
+            "settings": self.settings,
+        }
 
 
 def train(
@@ -1073,6 +1107,7 @@ def train(
 
 
 def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, threads, dist, bank_dirs) -> list[dict]:
+    """The run: set up (seeded), resume from last.ckpt or start fresh (epoch 0), the epochs, finish."""
     if threads:
         torch.set_num_threads(threads)
     seed_everything(settings["seed"])
@@ -1080,13 +1115,12 @@ def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, 
         torch.backends.cudnn.benchmark = True
     run = Training(train_dirs, val_dirs, bank_dirs, out_dir, settings, device, dist)
     started = time.perf_counter()
-    if not run.resume():
-        run.start_fresh()
+    first_epoch, skip = run.resume() or run.start_fresh()
     with StopSignal() as stop:
-        for epoch in range(run.epoch, settings["epochs"]):
-            run.run_epoch(epoch, run.step if epoch == run.epoch else 0, stop)
+        for epoch in range(first_epoch, settings["epochs"]):
+            run.run_epoch(epoch, skip if epoch == first_epoch else 0, stop)
     run.finish(time.perf_counter() - started)
-    return run.metrics
+    return run.state.metrics
 
 
 def average_buffers(module: nn.Module, dist: Distributed) -> None:

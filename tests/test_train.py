@@ -15,6 +15,7 @@ import torch
 import yaml
 from conftest import write_image_set, write_shards
 from PIL import Image, ImageDraw
+from snakemake_helpers import dry_run
 
 from landmarks import train
 from landmarks.common import StageError
@@ -378,39 +379,18 @@ def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
             }
         )
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "-p",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config),
-            "--cores",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    dry = dry_run(tmp_path, "-p", configfiles=[config], cores=16)
     commands = {}
-    for line in result.stdout.splitlines():
-        if "landmarks.train" in line:
-            experiment = line.split("--out-dir results/experiments/")[1].split("/")[0]
-            commands[experiment] = line.split(" --train-shards")[0].removeprefix("Shell command: ")
+    for line in (job["shell"] for job in dry.jobs if job["shell"] and "landmarks.train" in job["shell"]):
+        experiment = line.split("--out-dir results/experiments/")[1].split("/")[0]
+        commands[experiment] = line.split(" --train-shards")[0]
     assert commands == {
         "cpu": "python -m landmarks.train",
         "one_gpu": "python -m landmarks.train",
         "four_gpus": "torchrun --standalone --nproc_per_node=4 -m landmarks.train",
         "two_nodes": "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m landmarks.train",
     }
-    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in result.stdout
+    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in dry.stdout
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
+TEST_CONFIG = REPO / ".test" / "config.yaml"  # the tiny demo that runs the whole DAG: --configfile .test/config.yaml
 
 
 def snakemake(

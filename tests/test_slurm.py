@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, tiny_workflow_config
-from snakemake_helpers import job_stats, jobs
+from conftest import free_port
+from snakemake_helpers import TEST_CONFIG, job_stats, jobs
 from snakemake_helpers import snakemake as run_snakemake
 
 from landmarks.config import deep_merge
@@ -46,13 +46,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def tiny_config(port: int) -> dict:
-    """The workflow tests' tiny demo, smaller still (each SLURM job costs a Snakemake start-up)."""
-    config = tiny_workflow_config(port)
+    """The workflow tests' tiny demo (.test/config.yaml), smaller still (each SLURM job costs a Snakemake
+    start-up), its demo server on `port`."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
     config["experiments"] = {}  # one experiment: each SLURM job costs a Snakemake start-up
     return deep_merge(
         config,
         {
-            "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+            "demo": {"port": port, "landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
             "shard": {"size": 72},
             "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
             "download": {"threads": 1},

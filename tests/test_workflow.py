@@ -1,5 +1,5 @@
-"""The whole Snakemake DAG on a tiny demo: it runs end to end, a second run does nothing, and config
-edits rerun exactly the stages that depend on them."""
+"""The whole Snakemake DAG on the tiny demo (.test/config.yaml): it runs end to end, a second run does
+nothing, and config edits rerun exactly the stages that depend on them."""
 
 import json
 import shutil
@@ -10,21 +10,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import free_port, tiny_workflow_config
-from snakemake_helpers import dry_run, job_stats
+from conftest import free_port
+from snakemake_helpers import TEST_CONFIG, dry_run, job_stats
 from snakemake_helpers import snakemake as run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
 
 
+def configfiles(workdir: Path) -> list[Path]:
+    """The tiny demo, then the test's own settings on top: the demo server's port and any edits."""
+    return [TEST_CONFIG, workdir / "config.yaml"]
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run_snakemake(workdir, *args, configfiles=[workdir / "config.yaml"], cores=2, timeout=timeout)
+    return run_snakemake(workdir, *args, configfiles=configfiles(workdir), cores=2, timeout=timeout)
 
 
 def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
     """Jobs a dry run would execute, per rule (from Snakemake's job stats table)."""
-    return dry_run(workdir, *targets, configfiles=[workdir / "config.yaml"], cores=2, timeout=600).counts
+    return dry_run(workdir, *targets, configfiles=configfiles(workdir), cores=2, timeout=600).counts
 
 
 def edit_config(workdir: Path, section: str, key: str, value) -> None:
@@ -37,7 +42,7 @@ def edit_config(workdir: Path, section: str, key: str, value) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(free_port())))
+    (workdir / "config.yaml").write_text(yaml.safe_dump({"demo": {"port": free_port()}}))
     result = snakemake(workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir

@@ -2,6 +2,7 @@
 
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,34 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from landmarks import shard, train
-
-
-def tiny_workflow_config(port: int) -> dict:
-    """A small demo config for running the whole DAG in a test: 20 landmarks x 8 views, 2 download
-    partitions, short timeouts, 3 epochs at 96 px, and two experiments: the fine-tuned model and its
-    untrained backbone (the baseline it must beat)."""
-    return {
-        "demo": {"landmarks": 20, "views_per_landmark": 8, "nonlandmarks": 20, "broken_fraction": 0.1, "port": port},
-        "split": {"partitions": 2},
-        "download": {
-            "connect_timeout_s": 2,
-            "read_timeout_s": 2,
-            "total_timeout_s": 3,
-            "retries": 1,
-            "backoff_s": 0.1,
-            "concurrency": 8,
-        },
-        "select": {"min_images_per_class": 3, "val_fraction": 0.1, "test_fraction": 0.3},
-        "shard": {"size": 112, "images_per_shard": 16, "threads": 1},
-        "train": {"image_size": 96, "epochs": 3, "batch_size": 16, "lr": 0.0005, "workers": 0},
-        "embed": {"batch_size": 32, "workers": 0},
-        "retrieve": {"k": 5},
-        "predict": {"experiment": "tiny", "inputs": ["data/demo/new_photos"]},
-        "experiments": {
-            "tiny": {"description": "tiny test experiment"},
-            "baseline": {"description": "the untrained backbone", "train": {"epochs": 0}},
-        },
-    }
+from landmarks.common import read_table
 
 
 def free_port() -> int:
@@ -56,6 +30,51 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Image sets, selections and shards: one way to build them (each test module draws its own pictures)
+
+SPLITS = ("train", "val", "test", "nonlandmark")
+
+
+def write_image_set(root: Path, photos, *, selection_file: str | None = "selection.parquet", **save) -> pd.DataFrame:
+    """Writes `photos` under root/images and returns their selection table (id, landmark_id as Int64, split,
+    path), in the order given; also written to root/<selection_file> unless that is None.
+
+    Each photo is (id, picture, landmark_id, split) or (id, picture, landmark_id, split, file name). The
+    picture is a PIL image (saved with `save`, e.g. quality=95), bytes (written as they are: a broken file)
+    or None (no file: a missing one). The file name defaults to `<id>.jpg`; None leaves the row without a path.
+    """
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for image_id, picture, landmark_id, split, *name in photos:
+        name = name[0] if name else f"{image_id}.jpg"
+        if isinstance(picture, bytes):
+            (images / name).write_bytes(picture)
+        elif picture is not None:
+            picture.save(images / name, **save)
+        rows.append({"id": image_id, "landmark_id": landmark_id, "split": split, "path": name})
+    selection = pd.DataFrame(rows)
+    selection["landmark_id"] = selection["landmark_id"].astype("Int64")
+    if selection_file:
+        selection.to_parquet(root / selection_file)
+    return selection
+
+
+def write_shards(selection, images: Path, out: Path, splits=SPLITS, *, layout="{split}", parts=1, **options):
+    """Shards each split of `selection` (a table or its Parquet file) as the shard stage does, part by part,
+    into out/<layout> (formatted with split and part); `options` are shard_split's (size, images_per_shard,
+    jpeg_quality, ...). Returns the folders written, split by split."""
+    if not isinstance(selection, pd.DataFrame):
+        selection = read_table(selection)  # as `python -m landmarks.shard --selection` reads it
+    dirs = []
+    for split in splits:
+        for part in range(parts):
+            folder = out / layout.format(split=split, part=part)
+            shard.shard_split(selection, images, split, part, parts, folder, **options)
+            dirs.append(folder)
+    return dirs
+
+
 # A tiny image set, its shards and a model trained on them (shard -> train -> embed -> retrieve -> predict tests)
 
 
@@ -70,60 +89,30 @@ def _draw_class_image(rng, colour, box, size):
 def tiny_set(tmp_path_factory):
     """6 landmarks x 7 photos (5 train, 1 val, 1 test) + 8 noise photos (4 test, 4 bank), one corrupt file."""
     root = tmp_path_factory.mktemp("tiny")
-    images = root / "images"
-    images.mkdir()
     rng = np.random.default_rng(0)
-    rows = []
+    photos = []
     for landmark in range(6):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         box = rng.integers(8, 40, 2)
         for view in range(7):
-            image_id = f"lm{landmark}v{view}"
-            _draw_class_image(rng, colour, box, (90 + 5 * view, 76)).save(images / f"{image_id}.jpg")
             split = "train" if view < 5 else ("val" if view == 5 else "test")
-            rows.append({"id": image_id, "landmark_id": 100 + landmark, "split": split, "path": f"{image_id}.jpg"})
+            image = _draw_class_image(rng, colour, box, (90 + 5 * view, 76))
+            photos.append((f"lm{landmark}v{view}", image, 100 + landmark, split))
     for n in range(8):
-        image_id = f"noise{n}"
-        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(images / f"{image_id}.jpg")
-        rows.append(
-            {
-                "id": image_id,
-                "landmark_id": None,
-                "split": "test" if n < 4 else "nonlandmark",
-                "path": f"{image_id}.jpg",
-            }
-        )
-    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
-    rows.append({"id": "broken", "landmark_id": 100, "split": "train", "path": "broken.jpg"})
-    selection = pd.DataFrame(rows)
-    selection["landmark_id"] = selection["landmark_id"].astype("Int64")
-    selection.to_parquet(root / "selection.parquet")
+        noise = Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8))
+        photos.append((f"noise{n}", noise, None, "test" if n < 4 else "nonlandmark"))
+    photos.append(("broken", b"\xff\xd8\xff\xe0 definitely not a whole jpeg", 100, "train"))
+    write_image_set(root, photos)
     return root
 
 
 @pytest.fixture(scope="module")
 def shards(tiny_set):
+    """The tiny set sharded at 64 px, 16 images per tar, into shards/<split>/part-00 (the workflow's layout)."""
     out = tiny_set / "shards"
-    for split in ("train", "val", "test", "nonlandmark"):
-        assert (
-            shard.main(
-                [
-                    "--selection",
-                    str(tiny_set / "selection.parquet"),
-                    "--images",
-                    str(tiny_set / "images"),
-                    "--split",
-                    split,
-                    "--out-dir",
-                    str(out / split / "part-00"),
-                    "--size",
-                    "64",
-                    "--images-per-shard",
-                    "16",
-                ]
-            )
-            == 0
-        )
+    write_shards(
+        tiny_set / "selection.parquet", tiny_set / "images", out, layout="{split}/part-00", size=64, images_per_shard=16
+    )
     return out
 
 

@@ -1,11 +1,10 @@
 """config.yaml validation: defaults, clear errors naming the key or the path, per-experiment merging."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from snakemake_helpers import snakemake
 
 from landmarks.config import (
     ConfigError,
@@ -155,48 +154,12 @@ def test_snakemake_refuses_a_bad_config_naming_the_key(tmp_path):
     """The workflow validates at start-up: a dry run with a typo stops before building the DAG."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"train": {"epochs": "many"}}))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config),
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = snakemake(tmp_path, "-n", configfiles=[config], cores=1, timeout=120)
     assert result.returncode != 0
     assert "key 'train.epochs': 'many' is not of type 'integer'" in result.stdout + result.stderr
     # An unknown backbone is caught here too, not when training starts.
     config.write_text(yaml.safe_dump({"train": {"backbone": "resnet5"}, "experiments": {"x": {}}}))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config),
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = snakemake(tmp_path, "-n", configfiles=[config], cores=1, timeout=120)
     assert result.returncode != 0
     assert (
         "key 'experiments.x.train.backbone': 'resnet5' is not a timm model (closest: resnet50"

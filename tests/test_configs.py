@@ -2,13 +2,11 @@
 needs and the numbers its authors reported, dry-runs the whole DAG on a stand-in of its data, asks SLURM
 for the GPUs it configures, and is listed in the README's reproduction table."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from snakemake_helpers import dry_run
 
 from landmarks.config import demo_mode, experiment_settings, load_config
 
@@ -50,44 +48,6 @@ def write_stand_in_data(config: dict, workdir: Path) -> None:
         solution.write_text("id,landmarks,Usage\n0d4e5f,,Private\n")
 
 
-def dry_run_jobs(path: Path, workdir: Path) -> list[dict]:
-    """Every job `snakemake -n --configfile <path>` plans: rule name, wildcards and resources."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    jobs = []
-    for block in re.split(r"^(?=(?:local)?rule \w+:$)", result.stdout + result.stderr, flags=re.M):
-        rule = re.match(r"(?:local)?rule (\w+):", block)
-        if not rule:
-            continue
-        fields = dict(re.findall(r"^    (wildcards|resources): (.*)$", block, re.M))
-        jobs.append(
-            {
-                "rule": rule.group(1),
-                "wildcards": dict(kv.split("=", 1) for kv in fields.get("wildcards", "").split(", ") if kv),
-                "resources": dict(kv.split("=", 1) for kv in fields.get("resources", "").split(", ") if kv),
-            }
-        )
-    return jobs
-
-
 def test_every_published_experiment_has_a_config():
     stems = [path.stem for path in CONFIGS]
     for prefix in PUBLISHED:
@@ -121,7 +81,7 @@ def test_config_is_valid_and_names_its_data_and_reported_numbers(path):
 def test_config_dry_runs_the_whole_dag(path, tmp_path):
     config = load_config(path)
     write_stand_in_data(config, tmp_path)
-    jobs = dry_run_jobs(path, tmp_path)
+    jobs = dry_run(tmp_path, configfiles=[path]).jobs  # every job it plans: rule name, wildcards and resources
     counts = {}
     for job in jobs:
         counts[job["rule"]] = counts.get(job["rule"], 0) + 1

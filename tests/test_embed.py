@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_image_set, write_shards
 from PIL import Image, ImageDraw
 
-from landmarks import embed, embedding, shard
+from landmarks import embed, embedding
 from landmarks.common import StageError
 from landmarks.loader import ShardDataset, ShardIndex, eval_transform
 from landmarks.model import LandmarkModel
@@ -28,39 +29,23 @@ def _asymmetric_image(seed: int) -> Image.Image:
 def shards(tmp_path_factory):
     """One shard folder: 5 pictures and the mirror image of each (ids pN / pN_mirror)."""
     root = tmp_path_factory.mktemp("embed")
-    images = root / "images"
-    images.mkdir()
-    rows = []
+    photos = []
     for n in range(5):
         picture = _asymmetric_image(n)
         for suffix, image in (("", picture), ("_mirror", picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT))):
-            image_id = f"p{n}{suffix}"
-            image.save(images / f"{image_id}.png")  # lossless: the mirror is exact
-            rows.append({"id": image_id, "landmark_id": 10 + n, "split": "train", "path": f"{image_id}.png"})
-    selection = pd.DataFrame(rows)
-    selection["landmark_id"] = selection["landmark_id"].astype("Int64")
-    selection.to_parquet(root / "selection.parquet")
+            # PNG, lossless: the mirror is exact
+            photos.append((f"p{n}{suffix}", image, 10 + n, "train", f"p{n}{suffix}.png"))
+    write_image_set(root, photos)
     out = root / "shards"
-    assert (
-        shard.main(
-            [
-                "--selection",
-                str(root / "selection.parquet"),
-                "--images",
-                str(images),
-                "--split",
-                "train",
-                "--out-dir",
-                str(out),
-                "--size",
-                str(SIZE),
-                "--images-per-shard",
-                "4",
-                "--jpeg-quality",
-                "100",
-            ]
-        )
-        == 0
+    write_shards(
+        root / "selection.parquet",
+        root / "images",
+        out,
+        ("train",),
+        layout="",
+        size=SIZE,
+        images_per_shard=4,
+        jpeg_quality=100,
     )
     return out
 

@@ -2,13 +2,13 @@
 reads, per-epoch shard order, stable evaluation order, index/shard mismatches, transforms."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from conftest import write_image_set, write_shards
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from landmarks import loader, shard
+from landmarks import loader
 from landmarks.common import StageError
 from landmarks.loader import ShardDataset, ShardIndex
 
@@ -23,19 +23,11 @@ def _colour(n: int) -> tuple[int, int, int]:
 def shard_dirs(tmp_path_factory):
     """37 flat-colour images (colour = function of the image number) in two parts of 4-image shards."""
     root = tmp_path_factory.mktemp("loader")
-    images = root / "images"
-    images.mkdir()
-    rows = []
-    for n in range(IMAGES):
-        Image.new("RGB", (24, 16), _colour(n)).save(images / f"im{n}.jpg", quality=95)
-        rows.append({"id": f"im{n}", "landmark_id": 500 + n % 5, "split": "train", "path": f"im{n}.jpg"})
-    selection = pd.DataFrame(rows)
-    dirs = []
-    for part in range(2):
-        out = root / f"part-{part:02d}"
-        shard.shard_split(selection, images, "train", part, 2, out, size=16, images_per_shard=4)
-        dirs.append(out)
-    return dirs
+    photos = [(f"im{n}", Image.new("RGB", (24, 16), _colour(n)), 500 + n % 5, "train") for n in range(IMAGES)]
+    selection = write_image_set(root, photos, selection_file=None, quality=95)
+    return write_shards(
+        selection, root / "images", root, ("train",), layout="part-{part:02d}", parts=2, size=16, images_per_shard=4
+    )
 
 
 @pytest.fixture(scope="module")

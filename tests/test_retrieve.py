@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_image_set, write_shards
 from PIL import Image
 
 from landmarks import ranking, retrieve
@@ -233,46 +234,15 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
     of the same (textured) scene: verification finds it, relabels the query and marks it verified."""
     from test_verify import scene, second_view
 
-    from landmarks import shard
-
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = [
+    photos = [
         ("db_a", scene(1), 1, "train"),
         ("db_b", scene(2), 2, "train"),
         ("db_c", scene(3), 3, "train"),
         ("q", Image.fromarray(second_view(scene(2))), None, "test"),
         ("q2", scene(4), None, "test"),
     ]
-    for image_id, image, _, _ in rows:
-        image.save(images / f"{image_id}.jpg", quality=95)
-    selection = pd.DataFrame(
-        {
-            "id": [r[0] for r in rows],
-            "landmark_id": pd.array([r[2] for r in rows], "Int64"),
-            "split": [r[3] for r in rows],
-            "path": [f"{r[0]}.jpg" for r in rows],
-        }
-    )
-    selection.to_parquet(tmp_path / "selection.parquet")
-    for split in ("train", "test"):
-        assert (
-            shard.main(
-                [
-                    "--selection",
-                    str(tmp_path / "selection.parquet"),
-                    "--images",
-                    str(images),
-                    "--split",
-                    split,
-                    "--out-dir",
-                    str(tmp_path / split),
-                    "--size",
-                    "300",
-                ]
-            )
-            == 0
-        )
+    write_image_set(tmp_path, photos, quality=95)
+    write_shards(tmp_path / "selection.parquet", tmp_path / "images", tmp_path, ("train", "test"), size=300)
     unit = np.eye(4, dtype=np.float32)
     database = _write(tmp_path / "db.npy", unit[:3], ["db_a", "db_b", "db_c"], [1, 2, 3])
     # Both queries look most like db_a; q is really db_b's scene, q2 is none of them.

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_image_set, write_shards
 from PIL import Image, ImageDraw
 
-from landmarks import formatting, report, score, shard, summary
+from landmarks import formatting, report, score, summary
 from landmarks.common import StageError
 from landmarks.loader import ShardImages
 from landmarks.metrics import score_predictions
@@ -228,17 +229,15 @@ def _landmark_photo(landmark: int | None, seed: int) -> Image.Image:
 def with_model(results):
     """Shards holding every query and database image of `results`, and a small random model."""
     folder, _, _ = results
-    selection = pd.read_parquet(folder / "selection.parquet")
-    images = folder / "images"
-    images.mkdir()
-    for n, row in enumerate(selection.itertuples()):
-        _landmark_photo(None if pd.isna(row.landmark_id) else int(row.landmark_id), n).save(images / f"{row.id}.png")
-    selection["path"] = selection["id"] + ".png"
-    dirs = []
-    for split in ("test", "train"):
-        out = folder / "shards" / split
-        shard.shard_split(selection, images, split, 0, 1, out, size=SHARD_SIZE, images_per_shard=8)
-        dirs.append(str(out))
+    photos = []
+    for n, row in enumerate(pd.read_parquet(folder / "selection.parquet").itertuples()):
+        landmark = None if pd.isna(row.landmark_id) else int(row.landmark_id)
+        photos.append((row.id, _landmark_photo(landmark, n), landmark, row.split, f"{row.id}.png"))
+    selection = write_image_set(folder, photos, selection_file=None)  # selection.parquet stays as `results` wrote it
+    shard_dirs = write_shards(
+        selection, folder / "images", folder / "shards", ("test", "train"), size=SHARD_SIZE, images_per_shard=8
+    )
+    dirs = [str(out) for out in shard_dirs]
     torch.manual_seed(0)
     model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
     torch.save(

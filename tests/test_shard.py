@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_image_set
 from PIL import Image, JpegImagePlugin
 
 from landmarks import shard
@@ -248,10 +249,8 @@ def test_upright_rgb_jpeg_is_stored_without_recompression(tmp_path):
 def image_set(tmp_path):
     """25 train images of varied size (one CMYK, one 16-bit PNG, one palette GIF), 4 val images, and 4
     broken train inputs: a truncated JPEG, a text file, a missing file and a row without a path."""
-    images = tmp_path / "images"
-    images.mkdir()
     rng = np.random.default_rng(1)
-    rows = []
+    photos = []
     for n in range(25):
         image_id = f"img{n:02d}.v{n % 3}"  # a dot in the id: keys replace it
         width, height = int(rng.integers(60, 200)), int(rng.integers(60, 200))
@@ -263,24 +262,19 @@ def image_set(tmp_path):
             image, name = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257), f"{image_id}.png"
         elif n == 5:
             image, name = image.convert("P"), f"{image_id}.gif"
-        image.save(images / name)
-        rows.append({"id": image_id, "landmark_id": 10 + n % 4, "split": "train", "path": name})
+        photos.append((image_id, image, 10 + n % 4, "train", name))
     for n in range(4):
-        _photo_like(80, 70, seed=100 + n).save(images / f"val{n}.jpg")
-        rows.append({"id": f"val{n}", "landmark_id": None, "split": "val", "path": f"val{n}.jpg"})
+        photos.append((f"val{n}", _photo_like(80, 70, seed=100 + n), None, "val"))
     whole = io.BytesIO()
     _photo_like(300, 200).save(whole, "JPEG")
-    (images / "truncated.jpg").write_bytes(whole.getvalue()[:2000])
-    (images / "text.jpg").write_text("<html>not found</html>")
-    rows += [
-        {"id": "truncated", "landmark_id": 10, "split": "train", "path": "truncated.jpg"},
-        {"id": "text", "landmark_id": 10, "split": "train", "path": "text.jpg"},
-        {"id": "missing", "landmark_id": 10, "split": "train", "path": "missing.jpg"},
-        {"id": "nopath", "landmark_id": 10, "split": "train", "path": None},
+    photos += [
+        ("truncated", whole.getvalue()[:2000], 10, "train"),
+        ("text", b"<html>not found</html>", 10, "train"),
+        ("missing", None, 10, "train"),  # no file
+        ("nopath", None, 10, "train", None),
     ]
-    selection = pd.DataFrame(rows)
-    selection["landmark_id"] = selection["landmark_id"].astype("Int64")
-    return selection, images
+    selection = write_image_set(tmp_path, photos, selection_file=None)
+    return selection, tmp_path / "images"
 
 
 def _run(selection, images, out, **options):

@@ -14,14 +14,15 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, tiny_workflow_config
+from conftest import free_port
+from snakemake_helpers import TEST_CONFIG, job_stats, jobs
+from snakemake_helpers import snakemake as run_snakemake
 
 from landmarks.config import deep_merge
 
@@ -45,13 +46,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def tiny_config(port: int) -> dict:
-    """The workflow tests' tiny demo, smaller still (each SLURM job costs a Snakemake start-up)."""
-    config = tiny_workflow_config(port)
+    """The workflow tests' tiny demo (.test/config.yaml), smaller still (each SLURM job costs a Snakemake
+    start-up), its demo server on `port`."""
+    config = yaml.safe_load(TEST_CONFIG.read_text())
     config["experiments"] = {}  # one experiment: each SLURM job costs a Snakemake start-up
     return deep_merge(
         config,
         {
-            "demo": {"landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+            "demo": {"port": port, "landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
             "shard": {"size": 72},
             "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
             "download": {"threads": 1},
@@ -107,57 +109,28 @@ def snakemake(
 ) -> subprocess.CompletedProcess:
     """Snakemake as a user runs it on SLURM. Test-only settings: the first status poll after 1 s instead
     of 40 s, and at most 1 core per job so that two jobs share the 2-core test node."""
-    path = os.pathsep.join(str(p) for p in (path_prefix, Path(sys.executable).parent) if p)
-    env = {**os.environ, "PATH": f"{path}{os.pathsep}{os.environ['PATH']}"}  # jobs inherit it (--export=ALL)
+    # Jobs inherit PATH (--export=ALL): the path_prefix first, then this Python's environment.
     slurm = (
         ["--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1", "--max-threads", "1"]
         if profile
         else []
     )
-    return run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(workdir / config),
-            *slurm,
-            *args,
-        ],
-        timeout=timeout,
-        env=env,
+    return run_snakemake(
+        workdir, *slurm, *args, configfiles=[workdir / config], path_prefix=path_prefix, timeout=timeout
     )
-
-
-def job_stats(output: str) -> Counter:
-    """Jobs per rule from the "Job stats" table Snakemake prints before running (or for -n)."""
-    if "Nothing to be done" in output:
-        return Counter()
-    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    counts = Counter({rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)})
-    for local in ("total", "all"):
-        counts.pop(local, None)
-    return counts
 
 
 def job_blocks(output: str) -> dict[str, dict]:
     """Each job Snakemake scheduled, by the --comment the plugin gives it (rule_<rule>[_wildcards_<values>]):
     its rule, threads and resources as Snakemake computed them."""
-    jobs = {}
-    for block in re.split(r"^(?=(?:local)?rule \w+:$)", output, flags=re.M)[1:]:
-        if block.startswith("localrule"):  # `all`: runs in the main process, never submitted
+    submitted = {}
+    for job in jobs(output):
+        if job["local"]:  # `all`: runs in the main process, never submitted
             continue
-        rule = re.match(r"rule (\w+):", block).group(1)
-        fields = dict(re.findall(r"^    (wildcards|resources|threads): (.*)$", block, re.M))
-        wildcards = [kv.split("=", 1)[1] for kv in fields.get("wildcards", "").split(", ") if kv]
-        comment = f"rule_{rule}" + (f"_wildcards_{'_'.join(wildcards)}" if wildcards else "")
-        resources = dict(kv.split("=", 1) for kv in fields["resources"].split(", "))
-        jobs[comment] = {"rule": rule, "threads": int(fields.get("threads", 1)), "resources": resources}
-    return jobs
+        wildcards = list(job["wildcards"].values())
+        comment = f"rule_{job['rule']}" + (f"_wildcards_{'_'.join(wildcards)}" if wildcards else "")
+        submitted[comment] = {"rule": job["rule"], "threads": job["threads"], "resources": job["resources"]}
+    return submitted
 
 
 def sbatch_calls(output: str) -> dict[str, str]:

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import write_image_set, write_shards
 from PIL import Image, ImageDraw
+from snakemake_helpers import dry_run
 
-from landmarks import shard, train
+from landmarks import train
 from landmarks.common import StageError
 from landmarks.sampler import SeededDataset, TrainBatchSampler, cluster_classes
 
@@ -48,52 +50,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def shards(tmp_path_factory):
     """6 landmarks x 6 photos (5 train, 1 val) and 4 non-landmark photos, sharded at 48 px, 8 images per tar."""
     root = tmp_path_factory.mktemp("train_shards")
-    images = root / "images"
-    images.mkdir()
     rng = np.random.default_rng(1)
-    rows = []
+    photos = []
     for landmark in range(6):
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         for view in range(6):
             image = Image.new("RGB", (60 + 4 * view, 50), colour)
             x, y = rng.integers(5, 25, 2)
             ImageDraw.Draw(image).ellipse([x, y, x + 20, y + 16], fill=tuple(255 - c for c in colour))
-            image_id = f"lm{landmark}v{view}"
-            image.save(images / f"{image_id}.jpg")
-            rows.append(
-                {
-                    "id": image_id,
-                    "landmark_id": 500 + landmark,
-                    "split": "train" if view < 5 else "val",
-                    "path": f"{image_id}.jpg",
-                }
-            )
+            photos.append((f"lm{landmark}v{view}", image, 500 + landmark, "train" if view < 5 else "val"))
     for number in range(4):  # the non-landmark bank: plain noise
-        Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8)).save(images / f"nl{number}.jpg")
-        rows.append({"id": f"nl{number}", "landmark_id": None, "split": "nonlandmark", "path": f"nl{number}.jpg"})
-    selection = pd.DataFrame(rows)
-    selection["landmark_id"] = selection["landmark_id"].astype("Int64")
-    selection.to_parquet(root / "selection.parquet")
-    for split in ("train", "val", "nonlandmark"):
-        assert (
-            shard.main(
-                [
-                    "--selection",
-                    str(root / "selection.parquet"),
-                    "--images",
-                    str(images),
-                    "--split",
-                    split,
-                    "--out-dir",
-                    str(root / split),
-                    "--size",
-                    "48",
-                    "--images-per-shard",
-                    "8",
-                ]
-            )
-            == 0
-        )
+        noise = Image.fromarray(rng.integers(0, 256, (50, 60, 3), dtype=np.uint8))
+        photos.append((f"nl{number}", noise, None, "nonlandmark"))
+    write_image_set(root, photos)
+    write_shards(
+        root / "selection.parquet", root / "images", root, ("train", "val", "nonlandmark"), size=48, images_per_shard=8
+    )
     return root
 
 
@@ -407,39 +379,18 @@ def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
             }
         )
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "-p",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config),
-            "--cores",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    dry = dry_run(tmp_path, "-p", configfiles=[config], cores=16)
     commands = {}
-    for line in result.stdout.splitlines():
-        if "landmarks.train" in line:
-            experiment = line.split("--out-dir results/experiments/")[1].split("/")[0]
-            commands[experiment] = line.split(" --train-shards")[0].removeprefix("Shell command: ")
+    for line in (job["shell"] for job in dry.jobs if job["shell"] and "landmarks.train" in job["shell"]):
+        experiment = line.split("--out-dir results/experiments/")[1].split("/")[0]
+        commands[experiment] = line.split(" --train-shards")[0]
     assert commands == {
         "cpu": "python -m landmarks.train",
         "one_gpu": "python -m landmarks.train",
         "four_gpus": "torchrun --standalone --nproc_per_node=4 -m landmarks.train",
         "two_nodes": "srun --nodes=2 --ntasks-per-node=4 --kill-on-bad-exit=1 python -m landmarks.train",
     }
-    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in result.stdout
+    assert "nodes=2, gpu=8, tasks=8, tasks_per_gpu=0" in dry.stdout
 
 
 # ---------------------------------------------------------------------------------------------------

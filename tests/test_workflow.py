@@ -1,9 +1,7 @@
-"""The whole Snakemake DAG on a tiny demo: it runs end to end, a second run does nothing, and config
-edits rerun exactly the stages that depend on them."""
+"""The whole Snakemake DAG on the tiny demo (.test/config.yaml): it runs end to end, a second run does
+nothing, and config edits rerun exactly the stages that depend on them."""
 
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,52 +10,26 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import free_port, tiny_workflow_config
+from conftest import free_port
+from snakemake_helpers import TEST_CONFIG, dry_run, job_stats
+from snakemake_helpers import snakemake as run_snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_OF_SELECT = {"demo", "split", "download", "places365"}
 
 
+def configfiles(workdir: Path) -> list[Path]:
+    """The tiny demo, then the test's own settings on top: the demo server's port and any edits."""
+    return [TEST_CONFIG, workdir / "config.yaml"]
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(workdir / "config.yaml"),
-            "--cores",
-            "2",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_snakemake(workdir, *args, configfiles=configfiles(workdir), cores=2, timeout=timeout)
 
 
 def planned_jobs(workdir: Path, *targets: str) -> dict[str, int]:
     """Jobs a dry run would execute, per rule (from Snakemake's job stats table)."""
-    result = snakemake(workdir, "-n", *targets)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return job_stats(result.stdout + result.stderr)
-
-
-def job_stats(output: str) -> dict[str, int]:
-    """Jobs per rule from Snakemake's job stats table (of a dry run or a real one)."""
-    if "Nothing to be done" in output:
-        return {}
-    stats = output.split("Job stats:", 1)[1]
-    jobs = {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M)}
-    jobs.pop("total", None)
-    jobs.pop("all", None)
-    return jobs
+    return dry_run(workdir, *targets, configfiles=configfiles(workdir), cores=2, timeout=600).counts
 
 
 def edit_config(workdir: Path, section: str, key: str, value) -> None:
@@ -70,7 +42,7 @@ def edit_config(workdir: Path, section: str, key: str, value) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("workflow")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(free_port())))
+    (workdir / "config.yaml").write_text(yaml.safe_dump({"demo": {"port": free_port()}}))
     result = snakemake(workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return workdir
@@ -192,7 +164,7 @@ def test_editing_retrieve_reruns_retrieve_score_summary(finished_run, tmp_path):
 def test_shipped_config_dry_runs_the_whole_dag(tmp_path):
     """`snakemake -n` on the shipped config.yaml lists every stage of the DAG."""
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    jobs = planned_jobs(tmp_path)
+    jobs = dry_run(tmp_path, configfiles=[tmp_path / "config.yaml"], cores=2, timeout=600).counts
     assert set(jobs) == {
         "demo",
         "split",

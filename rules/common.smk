@@ -21,6 +21,13 @@ def download_settings():
     return as_json({k: v for k, v in config["download"].items() if v is not None})
 
 
+def select_settings():
+    """The select section; without the Places365 stage there are no scene votes to filter on."""
+    if config["places365"]["enabled"]:
+        return config["select"]
+    return {**config["select"], "outdoor_rule": "none"}
+
+
 # train: settings and launcher per experiment (see rules/train.smk)
 
 

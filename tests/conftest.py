@@ -116,10 +116,8 @@ def shards(tiny_set):
                     split,
                     "--out-dir",
                     str(out / split / "part-00"),
-                    "--size",
-                    "64",
-                    "--images-per-shard",
-                    "16",
+                    "--settings",
+                    json.dumps({"size": 64, "images_per_shard": 16}),
                 ]
             )
             == 0

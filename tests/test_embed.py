@@ -1,5 +1,7 @@
 """embed stage: test-time augmentation, row order, storage, and the checks on reading embeddings back."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -52,12 +54,8 @@ def shards(tmp_path_factory):
                 "train",
                 "--out-dir",
                 str(out),
-                "--size",
-                str(SIZE),
-                "--images-per-shard",
-                "4",
-                "--jpeg-quality",
-                "100",
+                "--settings",
+                json.dumps({"size": SIZE, "images_per_shard": 4, "jpeg_quality": 100}),
             ]
         )
         == 0

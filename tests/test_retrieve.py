@@ -404,8 +404,8 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
                     split,
                     "--out-dir",
                     str(tmp_path / split),
-                    "--size",
-                    "300",
+                    "--settings",
+                    json.dumps({"size": 300}),
                 ]
             )
             == 0

@@ -86,10 +86,8 @@ def shards(tmp_path_factory):
                     split,
                     "--out-dir",
                     str(root / split),
-                    "--size",
-                    "48",
-                    "--images-per-shard",
-                    "8",
+                    "--settings",
+                    json.dumps({"size": 48, "images_per_shard": 8}),
                 ]
             )
             == 0

@@ -21,6 +21,12 @@ def download_settings():
     return as_json({k: v for k, v in config["download"].items() if v is not None})
 
 
+def places365_settings():
+    """The places365 section, less what steers the workflow (enabled) or sizes the job (gpus): editing
+    those reruns nothing."""
+    return {k: v for k, v in config["places365"].items() if k not in ("enabled", "gpus")}
+
+
 def select_settings():
     """The select section; without the Places365 stage there are no scene votes to filter on."""
     if config["places365"]["enabled"]:

@@ -124,7 +124,8 @@ def test_embed_retrieve_score_summary_chain(shards, trained, tiny_set, tmp_path)
                     str(shards / split / "part-00"),
                     "--out",
                     str(tmp_path / f"{split}.npy"),
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                 ]
             )
             == 0

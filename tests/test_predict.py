@@ -36,7 +36,8 @@ def experiment(tiny_set, shards, trained, tmp_path_factory):
                     str(shards / split / "part-00"),
                     "--out",
                     str(exp / "embed" / f"{split}.npy"),
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                     "--no-progress",
                 ]
             )
@@ -273,7 +274,8 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(
                     relative[split],
                     "--out",
                     f"results/experiments/x/embed/{split}.npy",
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                     "--no-progress",
                 ]
             )

@@ -34,6 +34,11 @@ def select_settings():
     return {**config["select"], "outdoor_rule": "none"}
 
 
+def summary_settings():
+    """The experiments section as far as summary reads it: each experiment's description."""
+    return {name: {"description": (spec or {}).get("description", "")} for name, spec in config["experiments"].items()}
+
+
 # train: settings and launcher per experiment (see rules/train.smk)
 
 

@@ -102,6 +102,11 @@ def predictor_settings(w):
 # predict: the photos to recognise (see rules/predict.smk)
 
 
+def predict_settings():
+    """The predict section less the experiment and the photos, which the rule passes as paths."""
+    return {k: v for k, v in config["predict"].items() if k not in ("experiment", "inputs")}
+
+
 def predict_inputs(w):
     if not config["predict"]["inputs"]:
         raise WorkflowError(

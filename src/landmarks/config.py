@@ -143,15 +143,17 @@ def add_settings_argument(parser: argparse.ArgumentParser, section: str, flag: s
     )
 
 
-def parse_settings(text: str | None, section: str, flag: str = "--settings") -> dict:
+def parse_settings(text: str | None, section: str, flag: str = "--settings", overrides: dict | None = None) -> dict:
     """A stage's `--settings` JSON, validated against config.yaml's `section` with its defaults filled in
-    (errors name the key, as config.yaml's do)."""
+    (errors name the key, as config.yaml's do). `overrides` that are not None (a stage's own flags for
+    people calling it by hand) replace the JSON's values before the check."""
     try:
         values = json.loads(text) if text else {}
     except json.JSONDecodeError as err:
         raise ConfigError(f"{flag} is not valid JSON: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{flag} must be a JSON object (config.yaml's {section} section)")
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
     return section_settings(section, values, flag)
 
 

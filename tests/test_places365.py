@@ -402,7 +402,7 @@ def test_offline_without_weights_keeps_every_image(tmp_path):
 def test_weights_without_labels_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "ck.pth.tar")
-    with pytest.raises(StageError, match="--labels-dir"):
+    with pytest.raises(StageError, match="places365.labels_dir"):
         places365.main(
             [
                 "--manifest",

@@ -240,7 +240,7 @@ def find_weights(arch: str, weights: str, cache_dir: Path, url: str, timeout: fl
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise StageError(f"{path}: Places365 weights file not found (--weights / places365.weights)")
+            raise StageError(f"{path}: Places365 weights file not found (places365.weights)")
         return WeightsLookup(path, url, cache_path)
     if cache_path.is_file():
         return WeightsLookup(cache_path, url, cache_path)
@@ -262,7 +262,7 @@ def find_labels(labels_dir: str, cache_dir: Path, base_url: str, timeout: float)
                 raise StageError(
                     f"Places365 weights were found but the label file {name} was not: not in {cache_dir} "
                     f"and downloading {base_url + name} failed ({error}). Put {CATEGORIES_FILE} and "
-                    f"{IO_FILE} in a folder and pass it as --labels-dir (places365.labels_dir)."
+                    f"{IO_FILE} in a folder and set places365.labels_dir to it."
                 )
     return load_labels(cache_dir)
 
@@ -323,7 +323,7 @@ def load_checkpoint(path: Path, arch: str):
         raise StageError(f"{path}: no 'state_dict' entry (top-level keys: {keys or 'none'}); {fmt}")
     saved_arch = checkpoint.get("arch")
     if isinstance(saved_arch, str) and saved_arch != arch:
-        raise StageError(f"{path}: checkpoint is for arch {saved_arch!r}, but --arch is {arch!r}")
+        raise StageError(f"{path}: checkpoint is for arch {saved_arch!r}, but places365.arch is {arch!r}")
 
     state_dict = normalise_state_dict_keys(checkpoint["state_dict"], arch)
     model = build_model(arch)

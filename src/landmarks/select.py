@@ -332,7 +332,7 @@ def outdoor_matrix(topk_outdoor: pd.Series, need: int) -> np.ndarray:
     if lengths.min() < need:
         raise StageError(
             f"scene tables store only the top {int(lengths.min())} categories; "
-            f"the outdoor rule needs {need} (rerun places365 with a larger --top-k)"
+            f"the outdoor rule needs {need} (rerun places365 with a larger places365.top_k)"
         )
     k = int(lengths.min())
     return np.stack([np.asarray(v[:k], dtype=bool) for v in topk_outdoor])
@@ -343,8 +343,8 @@ def apply_scene_filter(frame: pd.DataFrame, scenes: Scenes | None, rules: Rules,
     if scenes is None:
         if rules.outdoor_rule != "none":
             raise StageError(
-                f"--outdoor-rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
-                f"pass them or use --outdoor-rule none"
+                f"select.outdoor_rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
+                f"pass them or set outdoor_rule none"
             )
         report.notes.append("Outdoor filter: off (no scene tables, --outdoor-rule none).")
         frame = frame.assign(scene_status=pd.NA, topk_outdoor=None)

@@ -273,7 +273,7 @@ def part_rows(selection: pd.DataFrame, split: str, part: int, parts: int, seed: 
     """Rows of `split` that job `part` of `parts` writes: every `parts`-th row of the shard order, so the
     parts are disjoint, cover the split, and differ in size by at most one image."""
     if not 0 <= part < parts:
-        raise StageError(f"--part {part} is outside 0..{parts - 1} (--parts {parts})")
+        raise StageError(f"--part {part} is outside 0..{parts - 1} (shard.parts {parts})")
     return split_rows(selection, split, seed).iloc[part::parts].reset_index(drop=True)
 
 

@@ -659,6 +659,12 @@ def test_settings_left_out_take_config_defaults(tmp_path, manifest):
     assert rules["min_images_per_class"] == 2 and rules["test_fraction"] == 0.15 and rules["top_n_classes"] == 0
 
 
+def test_fractions_are_recorded_as_floats_as_the_flags_gave_them(tmp_path, manifest):
+    run(tmp_path, [manifest], val_fraction=0, nonlandmark_test_fraction=1)
+    rules = json.loads(pq.read_table(tmp_path / "selection.parquet").schema.metadata[b"landmarks.select"])["rules"]
+    assert json.dumps([rules["val_fraction"], rules["nonlandmark_test_fraction"]]) == "[0.0, 1.0]"
+
+
 def test_selection_reads_back_with_nullable_types(tmp_path, manifest):
     selection, _, _ = run(tmp_path, [manifest])
     assert str(selection["landmark_id"].dtype) == "Int64" and selection["landmark_id"].isna().sum() == N_NONLANDMARK

@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     settings = parse_settings(args.settings, "embed")
+    settings["scales"] = [float(scale) for scale in settings["scales"]]  # 1 in config.yaml is 1.0
     if args.threads:
         torch.set_num_threads(args.threads)
     from .model import model_from_checkpoint

@@ -572,7 +572,7 @@ def main(argv=None) -> int:
         args.inputs,
         out_dir,
         device=args.device,
-        threshold=settings["nonlandmark_threshold"],
+        threshold=None if settings["nonlandmark_threshold"] is None else float(settings["nonlandmark_threshold"]),
         top_landmarks=settings["top_landmarks"],
         neighbours=settings["neighbours"],
         batch_size=settings["batch_size"],

@@ -781,7 +781,9 @@ def rules_from_settings(settings: dict) -> Rules:
         raise ConfigError("select: min_outdoor_votes must be between 0 and outdoor_top_k")
     # null in config.yaml ("all classes", "no cap") is 0 in Rules
     nulls_as_zero = {key: settings[key] or 0 for key in ("top_n_classes", "max_images_per_class")}
-    return Rules(**{**settings, **nulls_as_zero})
+    # fractions as floats even when config.yaml writes 0 or 1: the selection's metadata records them
+    fractions = {key: float(settings[key]) for key in ("val_fraction", "test_fraction", "nonlandmark_test_fraction")}
+    return Rules(**{**settings, **nulls_as_zero, **fractions})
 
 
 def main(argv=None) -> int:

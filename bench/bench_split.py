@@ -10,6 +10,7 @@ resident memory (ru_maxrss of the child).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import resource
@@ -63,8 +64,8 @@ def main() -> None:
                 "landmarks.split",
                 "--csv",
                 str(csv),
-                "--partitions",
-                str(args.partitions),
+                "--settings",
+                json.dumps({"partitions": args.partitions}),
                 "--out-dir",
                 str(work / "split"),
             ],

@@ -73,12 +73,10 @@ def make_shards(work: Path, images: int, classes: int, size: int, seed: int = 0)
                 "train",
                 "--out-dir",
                 str(out / "train"),
-                "--size",
-                str(size),
-                "--images-per-shard",
-                "1000",
                 "--threads",
                 "4",
+                "--settings",
+                json.dumps({"size": size, "images_per_shard": 1000}),
             ]
         )
         == 0

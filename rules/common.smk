@@ -21,6 +21,24 @@ def download_settings():
     return as_json({k: v for k, v in config["download"].items() if v is not None})
 
 
+def places365_settings():
+    """The places365 section, less what steers the workflow (enabled) or sizes the job (gpus): editing
+    those reruns nothing."""
+    return {k: v for k, v in config["places365"].items() if k not in ("enabled", "gpus")}
+
+
+def select_settings():
+    """The select section; without the Places365 stage there are no scene votes to filter on."""
+    if config["places365"]["enabled"]:
+        return config["select"]
+    return {**config["select"], "outdoor_rule": "none"}
+
+
+def summary_settings():
+    """The experiments section as far as summary reads it: each experiment's description."""
+    return {name: {"description": (spec or {}).get("description", "")} for name, spec in config["experiments"].items()}
+
+
 # train: settings and launcher per experiment (see rules/train.smk)
 
 
@@ -82,6 +100,11 @@ def predictor_settings(w):
 
 
 # predict: the photos to recognise (see rules/predict.smk)
+
+
+def predict_settings():
+    """The predict section less the experiment and the photos, which the rule passes as paths."""
+    return {k: v for k, v in config["predict"].items() if k not in ("experiment", "inputs")}
 
 
 def predict_inputs(w):

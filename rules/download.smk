@@ -25,14 +25,10 @@ if GLDV2:
             images=IMAGES,
             index_dir=GLDV2_INDEX,
             jobs=len(PARTS),
-            shards=config["download"]["gldv2_shards"],
-            tar_url=config["download"]["gldv2_tar_url"],
-            md5_url=config["download"]["gldv2_md5_url"],
             settings=download_settings(),
         shell:
-            "python -m landmarks.gldv2 fetch --shards {params.shards:q} --jobs {params.jobs} --job {wildcards.part} "
-            "--images {params.images:q} --index-dir {params.index_dir:q} --tar-url {params.tar_url:q} "
-            "--md5-url {params.md5_url:q} --settings {params.settings:q} > {log:q} 2>&1"
+            "python -m landmarks.gldv2 fetch --jobs {params.jobs} --job {wildcards.part} --images {params.images:q} "
+            "--index-dir {params.index_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
 
     rule download:
         input:

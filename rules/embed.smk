@@ -20,19 +20,9 @@ rule embed:
         runtime=6 * 60,
         gpu=lambda w: experiment(w.experiment, "embed")["gpus"],
     params:
-        s=lambda w: experiment(w.experiment, "embed"),
-        image_size=lambda w: (
-            f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
-            if experiment(w.experiment, "embed")["image_size"]
-            else ""
-        ),
-        flip=lambda w: "--flip-tta" if experiment(w.experiment, "embed")["flip_tta"] else "",
-        scales=lambda w: " ".join(str(s) for s in experiment(w.experiment, "embed")["scales"]),
-        amp=lambda w: "--amp" if experiment(w.experiment, "embed")["amp"] else "--no-amp",
+        settings=lambda w: as_json(experiment(w.experiment, "embed")),
         device=lambda w: "cuda" if experiment(w.experiment, "embed")["gpus"] else "auto",
     shell:
         "python -m landmarks.embed --model {input.model:q} --shards {input.shards:q} --out {output.embeddings:q} "
-        "{params.image_size} --batch-size {params.s[batch_size]} {params.flip} --scales {params.scales} "
-        "--dtype {params.s[dtype]} {params.amp} --device {params.device} --workers {params.s[workers]} "
-        "--threads {threads} "
+        "--settings {params.settings:q} --device {params.device} --threads {threads} "
         "> {log:q} 2>&1"

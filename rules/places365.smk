@@ -18,17 +18,7 @@ rule places365:
         gpu=config["places365"]["gpus"],
     params:
         images=IMAGES,
-        arch=config["places365"]["arch"],
-        weights=config["places365"]["weights"] or "",
-        labels_dir=config["places365"]["labels_dir"] or "",
-        cache_dir=config["places365"]["cache_dir"] or "",
-        timeout=config["places365"]["download_timeout_s"],
-        top_k=config["places365"]["top_k"],
-        batch_size=config["places365"]["batch_size"],
-        workers=config["places365"]["workers"],
+        settings=as_json(places365_settings()),
     shell:
         "python -m landmarks.places365 --manifest {input.manifest:q} --images {params.images:q} --out {output:q} "
-        "--arch {params.arch} --weights={params.weights:q} --labels-dir={params.labels_dir:q} "
-        "--cache-dir={params.cache_dir:q} --download-timeout {params.timeout} "
-        "--top-k {params.top_k} --batch-size {params.batch_size} --workers {params.workers} "
-        "> {log:q} 2>&1"
+        "--settings {params.settings:q} > {log:q} 2>&1"

@@ -38,17 +38,10 @@ rule predict:
     params:
         experiment=lambda w, input: Path(input.model).parent.parent,
         out_dir=lambda w, output: Path(output.page).parent,
-        s=config["predict"],
-        threshold=lambda w: (
-            ""
-            if config["predict"]["nonlandmark_threshold"] is None
-            else f"--nonlandmark-threshold {config['predict']['nonlandmark_threshold']}"
-        ),
-        saliency="" if config["predict"]["saliency"] else "--no-saliency",
+        settings=as_json(predict_settings()),
         download=download_settings(),
         device=lambda w: "cuda" if experiment(PREDICT_EXPERIMENT, "embed")["gpus"] else "auto",
     shell:
         "python -m landmarks.predict --experiment {params.experiment:q} {input.photos:q} --out-dir {params.out_dir:q} "
-        "{params.threshold} --top-landmarks {params.s[top_landmarks]} --neighbours {params.s[neighbours]} "
-        "--batch-size {params.s[batch_size]} {params.saliency} --download-settings {params.download:q} "
+        "--settings {params.settings:q} --download-settings {params.download:q} "
         "--device {params.device} --threads {threads} --no-progress > {log:q} 2>&1 || test $? -eq 1"

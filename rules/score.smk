@@ -37,16 +37,12 @@ rule score:
     params:
         out_dir=lambda w: f"{R}/experiments/{w.experiment}/score",
         solution=lambda w, input: f"--solution {shlex.quote(input.solution[0])}" if input.solution else "",
-        # The size the embed stage feeds the model (null: the checkpoint's training size, score's default).
-        image_size=lambda w: (
-            f"--image-size {experiment(w.experiment, 'embed')['image_size']}"
-            if experiment(w.experiment, "embed")["image_size"]
-            else ""
-        ),
+        # The embed section: the saliency figure feeds the model images as the embed stage did.
+        embed_settings=lambda w: as_json(experiment(w.experiment, "embed")),
     shell:
         "python -m landmarks.score --predictions {input.predictions:q} --neighbours {input.neighbours:q} "
         "--selection {input.selection:q} {params.solution} --shards {input.shards:q} "
         "--train-summary {input.train_summary:q} --retrieve-summary {input.retrieve_summary:q} "
-        "--model {input.model:q} {params.image_size} "
+        "--model {input.model:q} --embed-settings {params.embed_settings:q} "
         "--experiment {wildcards.experiment} "
         "--out-dir {params.out_dir:q} > {log:q} 2>&1"

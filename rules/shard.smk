@@ -16,13 +16,8 @@ rule shard:
         runtime=6 * 60,
     params:
         images=IMAGES,
-        s=dict(sorted({**config["shard"], "size": SHARD_SIZE}.items())),  # sorted: key order never reruns
-        parts=len(SHARD_PARTS),
-        upscale="--upscale" if config["shard"]["upscale"] else "",
+        settings=as_json({**config["shard"], "size": SHARD_SIZE}),
     shell:
         "python -m landmarks.shard --selection {input.selection:q} --images {params.images:q} --split {wildcards.split} "
-        "--part {wildcards.shardpart} --parts {params.parts} --out-dir {output:q} "
-        "--resize-mode {params.s[resize_mode]} --size {params.s[size]} {params.upscale} "
-        "--jpeg-quality {params.s[jpeg_quality]} --images-per-shard {params.s[images_per_shard]} "
-        "--max-shard-bytes {params.s[max_shard_bytes]} --seed {params.s[seed]} --threads {threads} "
+        "--part {wildcards.shardpart} --out-dir {output:q} --settings {params.settings:q} --threads {threads} "
         "> {log:q} 2>&1"

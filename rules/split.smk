@@ -15,8 +15,8 @@ rule split:
         mem_mb=2000,
         runtime=60,
     params:
-        partitions=config["split"]["partitions"],
+        settings=as_json(config["split"]),
         out_dir=lambda w, output: Path(output[0]).parent,
     shell:
-        "python -m landmarks.split --csv {input:q} --partitions {params.partitions} --out-dir {params.out_dir:q} "
+        "python -m landmarks.split --csv {input:q} --settings {params.settings:q} --out-dir {params.out_dir:q} "
         "> {log:q} 2>&1"

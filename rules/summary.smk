@@ -15,9 +15,7 @@ rule summary:
         mem_mb=1000,
         runtime=10,
     params:
-        descriptions=as_json(
-            {name: (spec or {}).get("description", "") for name, spec in config["experiments"].items()}
-        ),
+        settings=as_json(summary_settings()),
     shell:
-        "python -m landmarks.summary --metrics {input:q} --descriptions {params.descriptions:q} --out {output:q} "
+        "python -m landmarks.summary --metrics {input:q} --settings {params.settings:q} --out {output:q} "
         "> {log:q} 2>&1"

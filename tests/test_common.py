@@ -34,6 +34,6 @@ def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path, umask):
 def test_a_stage_writes_group_readable_files_under_the_groups_umask(tmp_path, umask):
     csv = tmp_path / "urls.csv"
     csv.write_text("id,url,landmark_id\n" + "".join(f"i{n},http://127.0.0.1:1/{n}.jpg,{n % 3}\n" for n in range(9)))
-    assert split.main(["--csv", str(csv), "--partitions", "2", "--out-dir", str(tmp_path / "split")]) == 0
+    assert split.main(["--csv", str(csv), "--settings", '{"partitions": 2}', "--out-dir", str(tmp_path / "split")]) == 0
     parts = sorted((tmp_path / "split").glob("part-*.parquet"))
     assert len(parts) == 2 and {mode(part) for part in parts} == {0o666 & ~umask}

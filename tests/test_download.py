@@ -696,3 +696,18 @@ def test_gldv2_resumes_a_cut_tar_and_gives_up_on_a_wrong_md5(tmp_path, server):
     assert (index_dir / "images_000.parquet").exists() and not (index_dir / "images_001.parquet").exists()
     assert server.hits["/img/images_001.tar"] == 2
     assert len(list(images.rglob("abc*.jpg"))) == 6
+
+
+def test_gldv2_fetch_takes_its_shards_and_urls_from_the_download_settings(tmp_path, monkeypatch):
+    from landmarks import gldv2
+
+    seen = {}
+
+    async def fake_fetch(shards, images, index_dir, settings, tar_url, md5_url, keep_tars):
+        seen.update(shards=list(shards), tar_url=tar_url, md5_url=md5_url, retries=settings.retries)
+
+    monkeypatch.setattr(gldv2, "fetch_shards", fake_fetch)
+    settings = {"mode": "gldv2", "gldv2_shards": "0-5", "gldv2_tar_url": "http://h/{shard}.tar", "retries": 7}
+    argv = ["fetch", "--jobs", "2", "--job", "1", "--images", str(tmp_path), "--index-dir", str(tmp_path)]
+    assert gldv2.main([*argv, "--settings", json.dumps(settings)]) == 0
+    assert seen == {"shards": [1, 3, 5], "tar_url": "http://h/{shard}.tar", "md5_url": gldv2.MD5_URL, "retries": 7}

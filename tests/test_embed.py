@@ -1,5 +1,7 @@
 """embed stage: test-time augmentation, row order, storage, and the checks on reading embeddings back."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,14 +91,10 @@ def test_flip_and_scale_tta_average_the_normalised_views(shards, model_file, tmp
                 str(shards),
                 "--out",
                 str(out),
-                "--flip-tta",
-                "--scales",
-                "1.0",
-                "0.75",
-                "--dtype",
-                "float32",
-                "--batch-size",
-                "3",
+                "--settings",
+                json.dumps(
+                    {"flip_tta": True, "scales": [1.0, 0.75], "dtype": "float32", "batch_size": 3, "workers": 0}
+                ),
             ]
         )
         == 0
@@ -119,10 +117,11 @@ def test_flip_and_scale_tta_average_the_normalised_views(shards, model_file, tmp
 
 
 def test_flip_tta_makes_an_image_and_its_mirror_the_same(shards, model_file, tmp_path):
-    for flip, name in ((["--flip-tta"], "tta"), ([], "plain")):
+    for flip, name in ((True, "tta"), (False, "plain")):
         assert (
             embed.main(
-                ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / f"{name}.npy"), *flip]
+                ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / f"{name}.npy")]
+                + ["--settings", json.dumps({"flip_tta": flip, "workers": 0})]
             )
             == 0
         )
@@ -139,7 +138,8 @@ def test_flip_tta_makes_an_image_and_its_mirror_the_same(shards, model_file, tmp
 def test_rows_follow_the_shard_index_in_float16_with_ids(shards, model_file, tmp_path):
     assert (
         embed.main(
-            ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / "a.npy"), "--batch-size", "4"]
+            ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / "a.npy")]
+            + ["--settings", json.dumps({"batch_size": 4, "workers": 0})]
         )
         == 0
     )
@@ -183,4 +183,9 @@ def test_bad_tta_scales_and_missing_model_are_named(shards, model_file, tmp_path
         embedding.tta_sizes(SIZE, [1.0, -0.5])
     with pytest.raises(StageError, match="nothing.pt: model checkpoint not found"):
         embed.main(["--model", str(tmp_path / "nothing.pt"), "--shards", str(shards), "--out", str(tmp_path / "o.npy")])
+    with pytest.raises(StageError, match="key 'embed.batch_size'"):  # a ConfigError, named as config.yaml names it
+        embed.main(
+            ["--model", str(model_file), "--shards", str(shards), "--out", str(tmp_path / "o.npy")]
+            + ["--settings", json.dumps({"batch_size": 0})]
+        )
     assert not (tmp_path / "o.npy").exists()

@@ -56,10 +56,8 @@ def test_shards_are_deterministic(tiny_set, shards, tmp_path):
             "train",
             "--out-dir",
             str(tmp_path),
-            "--size",
-            "64",
-            "--images-per-shard",
-            "16",
+            "--settings",
+            json.dumps({"size": 64, "images_per_shard": 16}),
         ]
     )
     for name in ("shard-00-00000.tar", "shard-00-00001.tar"):
@@ -126,7 +124,8 @@ def test_embed_retrieve_score_summary_chain(shards, trained, tiny_set, tmp_path)
                     str(shards / split / "part-00"),
                     "--out",
                     str(tmp_path / f"{split}.npy"),
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                 ]
             )
             == 0

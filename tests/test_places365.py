@@ -7,6 +7,7 @@ classifier ignores the image: zero fc weights and a bias that ranks chosen categ
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -268,22 +269,20 @@ def test_stage_scores_images_and_votes_decide(tmp_path):
             str(images),
             "--out",
             str(out),
-            "--arch",
-            "resnet18",
-            "--weights",
-            str(weights),
-            "--labels-dir",
-            str(write_labels(tmp_path / "labels")),
-            "--cache-dir",
-            str(tmp_path / "empty-cache"),
-            "--top-k",
-            "12",
-            "--batch-size",
-            "2",
-            "--workers",
-            "1",
             "--device",
             "cpu",
+            "--settings",
+            json.dumps(
+                {
+                    "arch": "resnet18",
+                    "weights": str(weights),
+                    "labels_dir": str(write_labels(tmp_path / "labels")),
+                    "cache_dir": str(tmp_path / "empty-cache"),
+                    "top_k": 12,
+                    "batch_size": 2,
+                    "workers": 1,
+                }
+            ),
         ]
     )
     table = pq.read_table(out)
@@ -327,14 +326,10 @@ def test_weights_and_labels_found_in_cache_without_network(tmp_path, monkeypatch
             str(images),
             "--out",
             str(out),
-            "--arch",
-            "resnet18",
-            "--cache-dir",
-            str(cache),
-            "--workers",
-            "0",
             "--device",
             "cpu",
+            "--settings",
+            json.dumps({"arch": "resnet18", "cache_dir": str(cache), "workers": 0}),
         ]
     )
     assert places365.read_metadata(out)["weights_path"] == str(cache / "resnet18_places365.pth.tar")
@@ -351,16 +346,12 @@ def test_offline_without_weights_keeps_every_image(tmp_path):
         str(images),
         "--out",
         str(out),
-        "--arch",
-        "resnet18",
-        "--cache-dir",
-        str(cache),
+        "--settings",
+        json.dumps({"arch": "resnet18", "cache_dir": str(cache), "download_timeout_s": 5}),
         "--weights-url",
         url,
         "--labels-url",
         closed_port_url() + "/",
-        "--download-timeout",
-        "5",
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -378,7 +369,7 @@ def test_offline_without_weights_keeps_every_image(tmp_path):
 def test_weights_without_labels_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "ck.pth.tar")
-    with pytest.raises(StageError, match="--labels-dir"):
+    with pytest.raises(StageError, match="places365.labels_dir"):
         places365.main(
             [
                 "--manifest",
@@ -387,16 +378,17 @@ def test_weights_without_labels_is_an_error(tmp_path):
                 str(images),
                 "--out",
                 str(tmp_path / "o.parquet"),
-                "--arch",
-                "resnet18",
-                "--weights",
-                str(weights),
-                "--cache-dir",
-                str(tmp_path / "cache"),
                 "--labels-url",
                 closed_port_url() + "/",
-                "--download-timeout",
-                "5",
+                "--settings",
+                json.dumps(
+                    {
+                        "arch": "resnet18",
+                        "weights": str(weights),
+                        "cache_dir": str(tmp_path / "cache"),
+                        "download_timeout_s": 5,
+                    }
+                ),
             ]
         )
 
@@ -412,10 +404,8 @@ def test_missing_explicit_weights_path_is_an_error(tmp_path):
                 str(images),
                 "--out",
                 str(tmp_path / "o.parquet"),
-                "--arch",
-                "resnet18",
-                "--weights",
-                str(tmp_path / "nowhere.pth.tar"),
+                "--settings",
+                json.dumps({"arch": "resnet18", "weights": str(tmp_path / "nowhere.pth.tar")}),
             ]
         )
 
@@ -432,12 +422,8 @@ def test_cli_broken_weights_exit_code_and_message(tmp_path):
         str(images),
         "--out",
         str(out),
-        "--arch",
-        "resnet18",
-        "--weights",
-        str(broken),
-        "--labels-dir",
-        str(write_labels(tmp_path / "l")),
+        "--settings",
+        json.dumps({"arch": "resnet18", "weights": str(broken), "labels_dir": str(write_labels(tmp_path / "l"))}),
     )
     assert result.returncode == 2
     assert f"error: {broken}: cannot read as a PyTorch checkpoint" in result.stderr
@@ -451,22 +437,19 @@ def test_manifest_of_wrong_shape_names_file(tmp_path):
         places365.main(["--manifest", str(bad), "--images", str(tmp_path), "--out", str(tmp_path / "o.parquet")])
 
 
+def test_settings_are_checked_against_the_config_schema(tmp_path):
+    manifest, images = make_manifest(tmp_path)
+    argv = ["--manifest", str(manifest), "--images", str(images), "--out", str(tmp_path / "o.parquet")]
+    with pytest.raises(StageError, match="key 'places365.top_k'"):  # the official rule votes over 10
+        places365.main([*argv, "--settings", json.dumps({"top_k": 5})])
+    with pytest.raises(StageError, match="unknown key 'topk'"):
+        places365.main([*argv, "--settings", json.dumps({"topk": 12})])
+
+
 def test_cli_help():
     result = run_stage("--help", timeout=120)
     assert result.returncode == 0
-    for option in [
-        "--manifest",
-        "--images",
-        "--out",
-        "--arch",
-        "--weights",
-        "--labels-dir",
-        "--cache-dir",
-        "--top-k",
-        "--batch-size",
-        "--workers",
-        "--device",
-    ]:
+    for option in ["--manifest", "--images", "--out", "--settings", "--weights-url", "--labels-url", "--device"]:
         assert option in result.stdout
 
 

@@ -36,7 +36,8 @@ def experiment(tiny_set, shards, trained, tmp_path_factory):
                     str(shards / split / "part-00"),
                     "--out",
                     str(exp / "embed" / f"{split}.npy"),
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                     "--no-progress",
                 ]
             )
@@ -273,7 +274,8 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(
                     relative[split],
                     "--out",
                     f"results/experiments/x/embed/{split}.npy",
-                    "--flip-tta",
+                    "--settings",
+                    json.dumps({"flip_tta": True, "workers": 0}),
                     "--no-progress",
                 ]
             )
@@ -310,3 +312,14 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(
     assert row["predicted_landmark_id"] == expected["landmark_id"]
     assert row["confidence"] == pytest.approx(expected["score"], abs=1e-4)
     assert Path(row["neighbours"][0]["path"].rsplit(":", 1)[0]).is_file()
+
+
+def test_flags_override_the_settings_json():
+    settings = json.dumps({"top_landmarks": 4, "neighbours": 7, "saliency": True})
+    _, chosen = predict.parse_args(
+        ["--experiment", "x", "a.jpg", "--settings", settings, "--neighbours", "2", "--no-saliency"]
+    )
+    assert chosen["top_landmarks"] == 4 and chosen["neighbours"] == 2 and chosen["saliency"] is False
+    assert chosen["batch_size"] == 32 and chosen["nonlandmark_threshold"] is None  # config.yaml's defaults
+    with pytest.raises(predict.StageError, match="key 'predict.top_landmarks'"):
+        predict.parse_args(["--experiment", "x", "a.jpg", "--top-landmarks", "0"])

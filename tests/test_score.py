@@ -158,7 +158,8 @@ def test_summary_is_one_table_with_the_best_values_in_bold(tmp_path):
     out = tmp_path / "summary.md"
     assert (
         summary.main(
-            ["--metrics", *paths, "--descriptions", json.dumps({"a": "first", "b": "second"}), "--out", str(out)]
+            ["--metrics", *paths, "--out", str(out), "--settings"]
+            + [json.dumps({"a": {"description": "first"}, "b": {"description": "second"}})]
         )
         == 0
     )
@@ -272,8 +273,8 @@ def test_report_explains_results_with_saliency_and_confusions(with_model):
                 *dirs,
                 "--model",
                 str(model),
-                "--image-size",
-                "96",
+                "--embed-settings",
+                json.dumps({"image_size": 96}),
                 "--experiment",
                 "exp",
                 "--out-dir",

@@ -15,6 +15,7 @@ import pytest
 
 from landmarks import places365, select, select_rules
 from landmarks.common import StageError, read_table, write_table
+from landmarks.config import ConfigError
 from landmarks.tables import SELECTION_COLUMNS
 
 # landmark_id -> number of downloaded images. Classes 2 and 6 tie at 10 images.
@@ -94,8 +95,12 @@ def write_scenes(
     return path
 
 
+# The rules these tests were written for: no outdoor filter, no class-size minimum, 10 % test queries.
+TEST_RULES = {"outdoor_rule": "none", "min_images_per_class": 1, "test_fraction": 0.1}
+
+
 def run(
-    tmp_path: Path, manifests: list[Path], *options: str, scenes: list[Path] = ()
+    tmp_path: Path, manifests: list[Path], scenes: list[Path] = (), **settings
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     out, report, table = tmp_path / "selection.parquet", tmp_path / "report.md", tmp_path / "report.parquet"
     argv = [
@@ -110,9 +115,7 @@ def run(
     ]
     if scenes:
         argv += ["--scenes", *map(str, scenes)]
-    if "--outdoor-rule" not in options:
-        argv += ["--outdoor-rule", "none"]
-    select.main(argv + list(options))
+    select.main([*argv, "--settings", json.dumps({**TEST_RULES, **settings})])
     return read_table(out), read_table(table), report.read_text()
 
 
@@ -173,11 +176,11 @@ def test_a_run_with_nothing_to_learn_stops_here_with_the_cause_and_the_counts(tm
         run(tmp_path, [no_landmarks])
     too_small = write_manifest(tmp_path / "small.parquet", manifest_rows({1: 2, 2: 1}, n_failed=0))
     with pytest.raises(StageError, match=r"step 'classes with >= 3 images' removed the last landmark images"):
-        run(tmp_path, [too_small], "--min-images-per-class", "3")
+        run(tmp_path, [too_small], min_images_per_class=3)
 
 
 def test_exclude_classes(tmp_path, manifest):
-    selection, table, _ = run(tmp_path, [manifest], "--exclude-classes", "1", "3", "999")
+    selection, table, _ = run(tmp_path, [manifest], exclude_classes=[1, 3, 999])
     assert not selection["landmark_id"].isin([1, 3]).any()
     row = step(table, "excluded classes")
     assert row["dropped"] == CLASS_SIZES[1] + CLASS_SIZES[3] and "3 classes listed, 2 present" in row["note"]
@@ -185,7 +188,7 @@ def test_exclude_classes(tmp_path, manifest):
 
 
 def test_min_images_per_class(tmp_path, manifest):
-    selection, table, _ = run(tmp_path, [manifest], "--min-images-per-class", "5")
+    selection, table, _ = run(tmp_path, [manifest], min_images_per_class=5)
     assert set(selection["landmark_id"].dropna()) == {1, 2, 3, 6}
     assert step(table, "classes with >= 5 images")["dropped"] == CLASS_SIZES[4] + CLASS_SIZES[5]
     assert selection["landmark_id"].isna().sum() == N_NONLANDMARK  # non-landmarks are not a class
@@ -193,7 +196,7 @@ def test_min_images_per_class(tmp_path, manifest):
 
 
 def test_top_n_classes_breaks_ties_by_landmark_id(tmp_path, manifest):
-    selection, table, _ = run(tmp_path, [manifest], "--top-n-classes", "2")
+    selection, table, _ = run(tmp_path, [manifest], top_n_classes=2)
     # 1 has 20 images; 2 and 6 tie at 10: the smaller landmark_id wins.
     assert set(selection["landmark_id"].dropna()) == {1, 2}
     row = step(table, "top 2 classes")
@@ -202,12 +205,12 @@ def test_top_n_classes_breaks_ties_by_landmark_id(tmp_path, manifest):
 
 
 def test_max_images_per_class_is_a_seeded_sample(tmp_path, manifest):
-    selection, table, _ = run(tmp_path, [manifest], "--max-images-per-class", "4", "--seed", "1")
+    selection, table, _ = run(tmp_path, [manifest], max_images_per_class=4, seed=1)
     counts = selection["landmark_id"].value_counts()
     assert counts[1] == 4 and counts[2] == 4 and counts[3] == 4 and counts[4] == 2 and counts[5] == 1
     assert step(table, "at most 4 images")["dropped"] == 16 + 6 + 1 + 6
-    again, _, _ = run(tmp_path, [manifest], "--max-images-per-class", "4", "--seed", "1")
-    other, _, _ = run(tmp_path, [manifest], "--max-images-per-class", "4", "--seed", "2")
+    again, _, _ = run(tmp_path, [manifest], max_images_per_class=4, seed=1)
+    other, _, _ = run(tmp_path, [manifest], max_images_per_class=4, seed=2)
     assert set(again["id"]) == set(selection["id"])
     assert set(other["id"]) != set(selection["id"])
     assert_counts_add_up(selection, table)
@@ -218,14 +221,10 @@ def test_class_rules_apply_in_order(tmp_path, manifest):
     selection, table, _ = run(
         tmp_path,
         [manifest],
-        "--exclude-classes",
-        "1",
-        "--min-images-per-class",
-        "2",
-        "--top-n-classes",
-        "2",
-        "--max-images-per-class",
-        "3",
+        exclude_classes=[1],
+        min_images_per_class=2,
+        top_n_classes=2,
+        max_images_per_class=3,
     )
     assert selection["landmark_id"].value_counts().to_dict() == {2: 3, 6: 3}
     steps = list(table.loc[table["section"] == "filter", "step"])
@@ -294,7 +293,7 @@ def test_val_quota_floor_keeps_train_and_test_first():
 
 def test_split_fractions_stratified(tmp_path, manifest):
     selection, table, report = run(
-        tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--nonlandmark-test-fraction", "0.5"
+        tmp_path, [manifest], val_fraction=0.1, test_fraction=0.1, nonlandmark_test_fraction=0.5
     )
     landmark = selection[selection["landmark_id"].notna()]
     per_class = landmark.groupby(["landmark_id", "split"]).size().unstack(fill_value=0)
@@ -314,9 +313,7 @@ def test_split_fractions_stratified(tmp_path, manifest):
 
 
 def test_min_train_per_class_wins_over_fractions(tmp_path, manifest):
-    selection, table, _ = run(
-        tmp_path, [manifest], "--val-fraction", "0.4", "--test-fraction", "0.4", "--min-train-per-class", "3"
-    )
+    selection, table, _ = run(tmp_path, [manifest], val_fraction=0.4, test_fraction=0.4, min_train_per_class=3)
     train = selection[selection["split"] == "train"]["landmark_id"].value_counts()
     for landmark_id, n in CLASS_SIZES.items():
         assert train[landmark_id] >= min(n, 3)
@@ -346,9 +343,7 @@ def test_val_covers_every_class_with_enough_images(tmp_path):
     # Class 5 has a pre-assigned test row, class 6 a pre-assigned val row.
     manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
     for seed in range(3):
-        selection, table, report = run(
-            tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--seed", str(seed)
-        )
+        selection, table, report = run(tmp_path, [manifest], val_fraction=0.1, test_fraction=0.1, seed=seed)
         assert per_class_splits(selection) == {
             1: {"train": 32, "val": 4, "test": 4},  # round(0.1 x 40) each
             2: {"train": 2, "val": 1, "test": 0},  # 3 images: 1 val, train keeps 2
@@ -369,9 +364,7 @@ def test_val_covers_every_class_with_enough_images(tmp_path):
 
 def test_val_floor_gives_way_to_test_and_min_train(tmp_path):
     manifest = long_tail_manifest(tmp_path, given={"L005x000": "test", "L006x000": "val"})
-    selection, table, report = run(
-        tmp_path, [manifest], "--val-fraction", "0.1", "--test-fraction", "0.1", "--min-train-per-class", "2"
-    )
+    selection, table, report = run(tmp_path, [manifest], val_fraction=0.1, test_fraction=0.1, min_train_per_class=2)
     splits = per_class_splits(selection)
     # Class 5 (3 images, 1 given test) cannot spare a val image and keep 2 train.
     assert splits[5] == {"train": 2, "val": 0, "test": 1}
@@ -382,14 +375,14 @@ def test_val_floor_gives_way_to_test_and_min_train(tmp_path):
 
 def test_val_min_class_images_option(tmp_path):
     manifest = long_tail_manifest(tmp_path)
-    selection, _, report = run(tmp_path, [manifest], "--val-min-class-images", "2")
+    selection, _, report = run(tmp_path, [manifest], val_min_class_images=2)
     assert per_class_splits(selection)[3] == {"train": 1, "val": 1, "test": 0}
     assert "val covers 6 of 7 classes (all 6 with >= 2 images)" in report
-    selection, _, report = run(tmp_path, [manifest], "--val-fraction", "0")
+    selection, _, report = run(tmp_path, [manifest], val_fraction=0)
     assert not (selection["split"] == "val").any()
     assert "val covers 0 of 7 classes (0 of the 5 with >= 3 images: val_fraction is 0)" in report
-    with pytest.raises(SystemExit):
-        run(tmp_path, [manifest], "--val-min-class-images", "1")
+    with pytest.raises(ConfigError, match="key 'select.val_min_class_images'"):
+        run(tmp_path, [manifest], val_min_class_images=1)
 
 
 def test_val_floor_never_tears_a_duplicate_group(tmp_path):
@@ -407,10 +400,10 @@ def test_deterministic_and_independent_of_manifest_order(tmp_path):
     shuffled = [rows[i] for i in np.random.default_rng(7).permutation(len(rows))]
     a = write_manifest(tmp_path / "a.parquet", shuffled[:20])
     b = write_manifest(tmp_path / "b.parquet", shuffled[20:])
-    first, _, report1 = run(tmp_path, [one], "--seed", "3")
-    second, _, report2 = run(tmp_path, [b, a], "--seed", "3")
+    first, _, report1 = run(tmp_path, [one], seed=3)
+    second, _, report2 = run(tmp_path, [b, a], seed=3)
     pd.testing.assert_frame_equal(first.drop(columns=["part"]), second.drop(columns=["part"]))
-    other, _, _ = run(tmp_path, [one], "--seed", "4")
+    other, _, _ = run(tmp_path, [one], seed=4)
     assert not first["split"].equals(other["split"])
 
 
@@ -480,7 +473,7 @@ def test_automatic_splits_keep_duplicates_together(tmp_path):
     # A contradictory pair: the same photo labelled landmark 2 and non-landmark.
     by_id["N00x030"]["sha256"] = by_id["L002x000"]["sha256"]
     for seed in range(5):
-        selection, table, _ = run(tmp_path, [write_manifest(tmp_path / "m.parquet", rows)], "--seed", str(seed))
+        selection, table, _ = run(tmp_path, [write_manifest(tmp_path / "m.parquet", rows)], seed=seed)
         split = selection.set_index("id")["split"]
         for i in range(0, 20, 2):
             assert split[f"N00x{i:03d}"] == split[f"N00x{i + 1:03d}"]
@@ -529,12 +522,9 @@ def test_votes_rule_drops_indoor_landmark_images(tmp_path, scene_inputs):
     selection, table, report = run(
         tmp_path,
         [manifest],
-        "--outdoor-rule",
-        "votes",
-        "--min-outdoor-votes",
-        "3",
-        "--outdoor-top-k",
-        "5",
+        outdoor_rule="votes",
+        min_outdoor_votes=3,
+        outdoor_top_k=5,
         scenes=[scenes],
     )
     assert set(selection["id"]) == {"L001x001", "L001x002", "L001x003", "L001x005", "N00x000", "N00x001"}
@@ -549,7 +539,7 @@ def test_votes_rule_drops_indoor_landmark_images(tmp_path, scene_inputs):
 
 def test_official_rule_drops_by_top10_mean(tmp_path, scene_inputs):
     manifest, scenes = scene_inputs
-    selection, table, _ = run(tmp_path, [manifest], "--outdoor-rule", "official", scenes=[scenes])
+    selection, table, _ = run(tmp_path, [manifest], outdoor_rule="official", scenes=[scenes])
     # INDOOR_BY_VOTES has 6/10 outdoor -> kept by the official rule; OUTDOOR_VOTES_ONLY 3/10 -> dropped.
     assert set(selection["id"]) == {"L001x000", "L001x002", "L001x003", "L001x005", "N00x000", "N00x001"}
     assert selection.set_index("id").loc["L001x003", "outdoor_votes"] == 5  # the 5/5 tie is outdoor
@@ -558,7 +548,7 @@ def test_official_rule_drops_by_top10_mean(tmp_path, scene_inputs):
 
 def test_rule_none_keeps_indoor_but_drops_undecodable(tmp_path, scene_inputs):
     manifest, scenes = scene_inputs
-    selection, table, _ = run(tmp_path, [manifest], "--outdoor-rule", "none", scenes=[scenes])
+    selection, table, _ = run(tmp_path, [manifest], outdoor_rule="none", scenes=[scenes])
     assert len(selection) == 7 and "L001x004" not in set(selection["id"])
     assert selection["outdoor_votes"].isna().all()
     assert_counts_add_up(selection, table)
@@ -566,20 +556,20 @@ def test_rule_none_keeps_indoor_but_drops_undecodable(tmp_path, scene_inputs):
 
 def test_outdoor_rule_needs_scenes(tmp_path, manifest):
     with pytest.raises(StageError, match="needs the places365 tables"):
-        run(tmp_path, [manifest], "--outdoor-rule", "votes")
+        run(tmp_path, [manifest], outdoor_rule="votes")
 
 
 def test_image_without_scene_row_is_an_error(tmp_path, scene_inputs):
     manifest, _ = scene_inputs
     partial = write_scenes(tmp_path / "partial.parquet", {"L001x000": OUTDOOR_BOTH})
     with pytest.raises(StageError, match="have no scene result .*L001x001"):
-        run(tmp_path, [manifest], "--outdoor-rule", "votes", scenes=[partial])
+        run(tmp_path, [manifest], outdoor_rule="votes", scenes=[partial])
 
 
 def test_scene_table_with_too_few_categories(tmp_path, scene_inputs):
     manifest, scenes = scene_inputs
     with pytest.raises(StageError, match="only the top 10 categories; the outdoor rule needs 12"):
-        run(tmp_path, [manifest], "--outdoor-rule", "votes", "--outdoor-top-k", "12", scenes=[scenes])
+        run(tmp_path, [manifest], outdoor_rule="votes", outdoor_top_k=12, scenes=[scenes])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -610,7 +600,7 @@ def test_duplicate_ids_across_manifests(tmp_path, manifest):
 
 
 def test_output_schema_and_metadata(tmp_path, manifest):
-    run(tmp_path, [manifest], "--seed", "5")
+    run(tmp_path, [manifest], seed=5)
     table = pq.read_table(tmp_path / "selection.parquet")
     types = {f.name: str(f.type) for f in table.schema}
     assert types["id"] == "string" and types["landmark_id"] == "int64" and types["split"] == "string"
@@ -624,26 +614,7 @@ def test_cli_help_and_exit_code(tmp_path):
         [sys.executable, "-m", "landmarks.select", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0
-    for option in [
-        "--manifests",
-        "--scenes",
-        "--out",
-        "--report",
-        "--report-table",
-        "--outdoor-rule",
-        "--min-outdoor-votes",
-        "--outdoor-top-k",
-        "--min-images-per-class",
-        "--top-n-classes",
-        "--max-images-per-class",
-        "--exclude-classes",
-        "--val-fraction",
-        "--test-fraction",
-        "--nonlandmark-test-fraction",
-        "--min-train-per-class",
-        "--val-min-class-images",
-        "--seed",
-    ]:
+    for option in ["--manifests", "--scenes", "--out", "--report", "--report-table", "--settings"]:
         assert option in result.stdout
     result = subprocess.run(
         [
@@ -656,14 +627,43 @@ def test_cli_help_and_exit_code(tmp_path):
             str(tmp_path / "o.parquet"),
             "--report",
             str(tmp_path / "r.md"),
-            "--outdoor-rule",
-            "none",
+            "--settings",
+            '{"outdoor_rule": "none"}',
         ],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 2 and "none.parquet: file not found" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        ({"seed": "x"}, "key 'select.seed'"),
+        ({"outdoor_rulez": "none"}, "unknown key 'outdoor_rulez'"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must be below 1"),
+        ({"outdoor_rule": "votes", "min_outdoor_votes": 6}, "min_outdoor_votes must be between 0 and outdoor_top_k"),
+    ],
+)
+def test_settings_are_checked_against_the_config_schema(tmp_path, manifest, settings, error):
+    with pytest.raises(ConfigError, match=error):
+        run(tmp_path, [manifest], **settings)
+
+
+def test_settings_left_out_take_config_defaults(tmp_path, manifest):
+    select.main(
+        ["--manifests", str(manifest), "--out", str(tmp_path / "s.parquet"), "--report", str(tmp_path / "r.md")]
+        + ["--settings", '{"outdoor_rule": "none"}']
+    )
+    rules = json.loads(pq.read_table(tmp_path / "s.parquet").schema.metadata[b"landmarks.select"])["rules"]
+    assert rules["min_images_per_class"] == 2 and rules["test_fraction"] == 0.15 and rules["top_n_classes"] == 0
+
+
+def test_fractions_are_recorded_as_floats_as_the_flags_gave_them(tmp_path, manifest):
+    run(tmp_path, [manifest], val_fraction=0, nonlandmark_test_fraction=1)
+    rules = json.loads(pq.read_table(tmp_path / "selection.parquet").schema.metadata[b"landmarks.select"])["rules"]
+    assert json.dumps([rules["val_fraction"], rules["nonlandmark_test_fraction"]]) == "[0.0, 1.0]"
 
 
 def test_selection_reads_back_with_nullable_types(tmp_path, manifest):

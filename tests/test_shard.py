@@ -402,9 +402,18 @@ def test_bad_selections_and_arguments_are_clear_errors(image_set, tmp_path):
                 "train",
                 "--part",
                 "2",
-                "--parts",
-                "2",
                 "--out-dir",
                 str(tmp_path / "e"),
+                "--settings",
+                json.dumps({"parts": 2}),
             ]
         )
+    for settings, error in (
+        ({"parts": 1}, "key 'shard.size'"),
+        ({"size": 64, "jpeg_quality": 0}, "shard.jpeg_quality"),
+    ):
+        with pytest.raises(StageError, match=error):  # ConfigError: the key as config.yaml names it
+            shard.main(
+                ["--selection", str(tmp_path / "selection.parquet"), "--images", str(images), "--split", "train"]
+                + ["--out-dir", str(tmp_path / "f"), "--settings", json.dumps(settings)]
+            )

@@ -173,8 +173,8 @@ def test_cli(tmp_path):
             "landmarks.split",
             "--csv",
             str(path),
-            "--partitions",
-            "2",
+            "--settings",
+            '{"partitions": 2}',
             "--out-dir",
             str(tmp_path / "out"),
         ],
@@ -183,4 +183,4 @@ def test_cli(tmp_path):
     )
     assert result.returncode == 2 and "error: " + str(path) + ": the CSV has a header but no rows" in result.stderr
     result = subprocess.run([sys.executable, "-m", "landmarks.split", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--partitions" in result.stdout
+    assert result.returncode == 0 and "--settings" in result.stdout

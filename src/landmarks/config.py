@@ -6,7 +6,9 @@ own read the same file with `load_config`. Errors name the key (`train.epochs`) 
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -129,6 +131,30 @@ def section_settings(section: str, values: dict | None, source: str = "settings"
     if section == "train":
         _check_min_lr(values, source, prefix or section)
     return values
+
+
+def add_settings_argument(parser: argparse.ArgumentParser, section: str, flag: str = "--settings") -> None:
+    """The one way a stage takes its config: `flag` holds config.yaml's `section` as a JSON object."""
+    parser.add_argument(
+        flag,
+        default="{}",
+        metavar="JSON",
+        help=f"JSON object of config.yaml's {section} section; the schema's defaults fill the rest",
+    )
+
+
+def parse_settings(text: str | None, section: str, flag: str = "--settings", overrides: dict | None = None) -> dict:
+    """A stage's `--settings` JSON, validated against config.yaml's `section` with its defaults filled in
+    (errors name the key, as config.yaml's do). `overrides` that are not None (a stage's own flags for
+    people calling it by hand) replace the JSON's values before the check."""
+    try:
+        values = json.loads(text) if text else {}
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{flag} is not valid JSON: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{flag} must be a JSON object (config.yaml's {section} section)")
+    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return section_settings(section, values, flag)
 
 
 def _check_min_lr(train: dict, source: str, prefix: str) -> None:

@@ -4,15 +4,16 @@ Writes `<split>.npy` (float16 by default; row i is the i-th image of the shards'
 `<split>.ids.parquet` with the same rows in the same order (id, landmark_id, and the shard and key each
 row came from). Images are read once, in batches; on a GPU the model runs under bf16 autocast (AMP).
 
-Test-time augmentation (optional): the image at several scales (`--scales 1.0 0.75`) and, with
-`--flip-tta`, each of those mirrored. Every view's embedding is L2-normalised, the views are averaged,
+Test-time augmentation (optional): the image at several scales (embed.scales `[1.0, 0.75]`) and, with
+embed.flip_tta, each of those mirrored. Every view's embedding is L2-normalised, the views are averaged,
 and the average is L2-normalised again, so every stored row has unit length.
 
 The array is written straight into a memory-mapped temporary file (renamed into place at the end), so
 memory stays flat however many images the split holds.
 
     python -m landmarks.embed --model results/experiments/X/train/model.pt \
-        --shards results/shards/test/part-00 --out results/experiments/X/embed/test.npy
+        --shards results/shards/test/part-00 --out results/experiments/X/embed/test.npy \
+        --settings '{"flip_tta": true}'   # config.yaml's embed section; defaults fill the rest
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import pandas as pd
 import torch
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_table
+from .config import add_settings_argument, parse_settings
 from .device import pick_device
 from .embedding import MultiScaleTransform, embed_dataset, embed_views, tta_sizes
-from .loader import ShardDataset, ShardIndex
+from .loader import ShardDataset, ShardIndex  # the loader owns the eval transform
 
 log = logging.getLogger("landmarks.embed")
 
@@ -166,31 +168,23 @@ def main(argv=None) -> int:
         "--shards", nargs="+", required=True, help="shard folders of the split (each with index.parquet)"
     )
     parser.add_argument("--out", required=True, help="output .npy (the id table goes beside it as .ids.parquet)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the training image size")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped image")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale TTA factors")
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU (ignored on the CPU)"
-    )
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_settings_argument(parser, "embed")  # image_size null: the training image size
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     setup_logging()
+    settings = parse_settings(args.settings, "embed")
+    settings["scales"] = [float(scale) for scale in settings["scales"]]  # 1 in config.yaml is 1.0
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.batch_size < 1:
-        raise StageError(f"--batch-size must be at least 1, got {args.batch_size}")
     from .model import model_from_checkpoint
 
     if not Path(args.model).exists():
         raise StageError(f"{args.model}: model checkpoint not found")
     device = pick_device(args.device)
     model, checkpoint = model_from_checkpoint(args.model)
-    image_size = args.image_size or checkpoint["settings"]["image_size"]
+    image_size = settings["image_size"] or checkpoint["settings"]["image_size"]
     index = ShardIndex.from_dirs(args.shards)
     started = time.perf_counter()
     embed_to_file(
@@ -198,27 +192,27 @@ def main(argv=None) -> int:
         index,
         image_size,
         Path(args.out),
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        workers=args.workers,
+        dtype=settings["dtype"],
+        batch_size=settings["batch_size"],
+        workers=settings["workers"],
         device=device,
-        flip=args.flip_tta,
-        scales=args.scales,
+        flip=settings["flip_tta"],
+        scales=settings["scales"],
         progress=not args.no_progress,
-        amp=args.amp,
+        amp=settings["amp"],
     )
     elapsed = time.perf_counter() - started
-    views = len(args.scales) * (2 if args.flip_tta else 1)
+    views = len(settings["scales"]) * (2 if settings["flip_tta"] else 1)
     log.info(
         "embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s) on %s%s in %.1f s (%.1f images/s) -> %s",
         len(index),
         model.embedding_dim,
-        args.dtype,
+        settings["dtype"],
         views,
-        args.scales,
-        args.flip_tta,
+        settings["scales"],
+        settings["flip_tta"],
         device,
-        " with bf16 AMP" if args.amp and device.type == "cuda" else "",
+        " with bf16 AMP" if settings["amp"] and device.type == "cuda" else "",
         elapsed,
         len(index) / max(elapsed, 1e-9),
         args.out,

@@ -3,16 +3,17 @@
 Two steps, so each can run as its own Snakemake job:
 
     # job k of P: the k-th, (k+P)-th, ... shard of the list -> images in the shared tree + an index per shard
-    python -m landmarks.gldv2 fetch --shards 0-499 --jobs P --job k \
+    python -m landmarks.gldv2 fetch --jobs P --job k --settings '{"gldv2_shards": "0-499"}' \
         --images results/download/images --index-dir results/download/gldv2
 
     # per split part (after all fetch jobs): the same manifest as the URL download stage
     python -m landmarks.gldv2 manifest --part results/split/part-000.parquet \
         --index-dir results/download/gldv2 --out results/download/part-000/manifest.parquet
 
-`fetch` downloads `images_NNN.tar` and `md5.images_NNN.txt` (URL templates, the official train
-ones by default), resumes a cut download with an HTTP Range request, checks the md5 and downloads
-again on a mismatch (up to `--retries` times), then extracts every `<id>.jpg` member to
+`fetch` takes config.yaml's download section as `--settings`. It downloads `images_NNN.tar` and
+`md5.images_NNN.txt` (URL templates gldv2_tar_url / gldv2_md5_url, the official train ones by default),
+resumes a cut download with an HTTP Range request, checks the md5 and downloads again on a mismatch (up
+to `retries` times), then extracts every `<id>.jpg` member to
 `<images>/a/b/c/<id>.<ext>` (atomic, the member's own folder names are ignored, non-files are
 skipped), checking each image with the same decoder checks as the URL stage. A shard is done when
 its index `images_NNN.parquet` exists, so a rerun skips finished shards. Shards that still fail
@@ -41,6 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .common import StageError, check_image_id, image_relpath, run_cli, setup_logging, write_table
+from .config import add_settings_argument, parse_settings
 from .download import ACCEPT, DEFAULT_USER_AGENT, Settings, inspect_image, load_settings, place_file, write_manifest
 from .tables import GLDV2_INDEX_SCHEMA, MANIFEST_SCHEMA, OK, part_index_from_name, read_part
 
@@ -275,16 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m landmarks.gldv2", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("fetch", help="download, verify and extract this job's tar shards")
-    fetch.add_argument("--shards", default="0-499", help="shard numbers, e.g. 0-499 (default) or 0,5,10-19")
     fetch.add_argument("--jobs", type=int, default=1, help="fetch jobs in all (P)")
     fetch.add_argument("--job", type=int, default=0, help="this job's number k: it takes the k-th, (k+P)-th, ... shard")
     fetch.add_argument("--images", required=True, help="image root shared with the other jobs")
     fetch.add_argument("--index-dir", required=True, help="folder for the per-shard indexes images_NNN.parquet")
-    fetch.add_argument("--tar-url", default=TAR_URL, help="URL template of a shard (default: official train set)")
-    fetch.add_argument("--md5-url", default=MD5_URL, help="URL template of a shard's md5 file")
-    fetch.add_argument(
-        "--settings", default=None, help="JSON of config.yaml's download section (timeouts, retries, ...)"
-    )
+    # gldv2_shards, gldv2_tar_url, gldv2_md5_url: which shards, from where; timeouts, retries, ...
+    add_settings_argument(fetch, "download")
     fetch.add_argument("--keep-tars", action="store_true", help="keep the verified tars in --index-dir")
     manifest = commands.add_parser("manifest", help="one part's manifest from the shard indexes")
     manifest.add_argument("--part", required=True, help="part file from the split stage")
@@ -298,11 +296,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fetch":
         if not 0 <= args.job < args.jobs:
             raise StageError(f"--job must be between 0 and --jobs - 1 (got {args.job} of {args.jobs})")
+        download = parse_settings(args.settings, "download")
         settings = load_settings(args.settings, {})
-        shards = shards_for_job(args.shards, args.jobs, args.job)
+        shards = shards_for_job(download["gldv2_shards"], args.jobs, args.job)
         asyncio.run(
             fetch_shards(
-                shards, Path(args.images), Path(args.index_dir), settings, args.tar_url, args.md5_url, args.keep_tars
+                shards,
+                Path(args.images),
+                Path(args.index_dir),
+                settings,
+                download["gldv2_tar_url"],
+                download["gldv2_md5_url"],
+                args.keep_tars,
             )
         )
     else:

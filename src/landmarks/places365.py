@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table
+from .config import add_settings_argument, parse_settings
 from .device import pick_device
 from .select_rules import OFFICIAL_TOP_K
 from .tables import OK, SCENES_SCHEMA
@@ -200,7 +201,7 @@ def find_weights(arch: str, weights: str, cache_dir: Path, url: str, timeout: fl
     if weights:
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise StageError(f"{path}: Places365 weights file not found (--weights / places365.weights)")
+            raise StageError(f"{path}: Places365 weights file not found (places365.weights)")
         return WeightsLookup(path, url, cache_path)
     if cache_path.is_file():
         return WeightsLookup(cache_path, url, cache_path)
@@ -222,7 +223,7 @@ def find_labels(labels_dir: str, cache_dir: Path, base_url: str, timeout: float)
                 raise StageError(
                     f"Places365 weights were found but the label file {name} was not: not in {cache_dir} "
                     f"and downloading {base_url + name} failed ({error}). Put {CATEGORIES_FILE} and "
-                    f"{IO_FILE} in a folder and pass it as --labels-dir (places365.labels_dir)."
+                    f"{IO_FILE} in a folder and set places365.labels_dir to it."
                 )
     return load_labels(cache_dir)
 
@@ -283,7 +284,7 @@ def load_checkpoint(path: Path, arch: str):
         raise StageError(f"{path}: no 'state_dict' entry (top-level keys: {keys or 'none'}); {fmt}")
     saved_arch = checkpoint.get("arch")
     if isinstance(saved_arch, str) and saved_arch != arch:
-        raise StageError(f"{path}: checkpoint is for arch {saved_arch!r}, but --arch is {arch!r}")
+        raise StageError(f"{path}: checkpoint is for arch {saved_arch!r}, but places365.arch is {arch!r}")
 
     state_dict = normalise_state_dict_keys(checkpoint["state_dict"], arch)
     model = build_model(arch)
@@ -445,71 +446,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--manifest", required=True, type=Path, help="download manifest (Parquet) of one partition")
     p.add_argument("--images", required=True, type=Path, help="images root the manifest's `path` is relative to")
     p.add_argument("--out", required=True, type=Path, help="output scene table (Parquet)")
-    p.add_argument("--arch", default="resnet50", choices=SUPPORTED_ARCHS, help="Places365 network")
-    p.add_argument("--weights", default="", help="local <arch>_places365.pth.tar; empty = cache, then the official URL")
-    p.add_argument(
-        "--labels-dir", default="", help=f"folder with {CATEGORIES_FILE} and {IO_FILE}; empty = cache, then GitHub"
-    )
-    p.add_argument(
-        "--cache-dir",
-        default="",
-        help="download cache; empty = torch.hub.get_dir()/checkpoints, i.e. $TORCH_HOME/hub/checkpoints",
-    )
+    add_settings_argument(p, "places365")
     p.add_argument("--weights-url", default=WEIGHTS_URL_TEMPLATE, help="URL of the weights; {arch} is replaced")
     p.add_argument("--labels-url", default=LABELS_URL_BASE, help="URL prefix the label file names are appended to")
-    p.add_argument(
-        "--download-timeout", type=float, default=30.0, help="seconds before a stalled connection or read gives up"
-    )
-    p.add_argument("--top-k", type=int, default=10, help=f"categories stored per image ({MIN_TOP_K}..{NUM_CLASSES})")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument(
-        "--workers", type=int, default=2, help="DataLoader worker processes (0 = decode in the main process)"
-    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--verbose", action="store_true", help="debug logging")
-    args = p.parse_args(argv)
-    if not MIN_TOP_K <= args.top_k <= NUM_CLASSES:
-        p.error(f"--top-k must be between {MIN_TOP_K} (the official rule votes over 10) and {NUM_CLASSES}")
-    if args.batch_size < 1 or args.workers < 0:
-        p.error("--batch-size must be >= 1 and --workers >= 0")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    settings = parse_settings(args.settings, "places365")
+    arch, top_k = settings["arch"], settings["top_k"]
+    cache_dir = Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else default_cache_dir()
     ids, paths = read_scored_manifest(args.manifest, args.images)
     log.info("%d images with status ok in %s", len(ids), args.manifest)
 
     lookup = find_weights(
-        args.arch, args.weights, cache_dir, args.weights_url.format(arch=args.arch), args.download_timeout
+        arch, settings["weights"], cache_dir, args.weights_url.format(arch=arch), settings["download_timeout_s"]
     )
     metadata = {
         "stage": "places365",
-        "arch": args.arch,
-        "top_k": args.top_k,
+        "arch": arch,
+        "top_k": top_k,
         "weights_url": lookup.url,
         "cache_path": str(lookup.cache_path),
         "manifest": str(args.manifest),
     }
     n = len(ids)
-    topk_index = np.zeros((n, args.top_k), dtype=np.int16)
-    topk_prob = np.zeros((n, args.top_k), dtype=np.float32)
+    topk_index = np.zeros((n, top_k), dtype=np.int16)
+    topk_prob = np.zeros((n, top_k), dtype=np.float32)
 
     if lookup.path is None:
         note = (
             f"kept all {n} images unscored (scene_status={STATUS_NO_WEIGHTS}) because no Places365 weights were "
             f"found: downloading {lookup.url} failed ({lookup.error}) and {lookup.cache_path} does not exist. "
-            f"To filter indoor images, place {args.arch}_places365.pth.tar at that path or set places365.weights "
+            f"To filter indoor images, place {arch}_places365.pth.tar at that path or set places365.weights "
             f"(--weights) to a local copy."
         )
         log.warning("NO PLACES365 WEIGHTS: %s", note)
         metadata.update(status=STATUS_NO_WEIGHTS, note=note, weights_path=None, weights_sha256=None, labels_source=None)
         status, errors, labels = [STATUS_NO_WEIGHTS] * n, [""] * n, None
     else:
-        model = load_checkpoint(lookup.path, args.arch)
-        labels = find_labels(args.labels_dir, cache_dir, args.labels_url, args.download_timeout)
+        model = load_checkpoint(lookup.path, arch)
+        labels = find_labels(settings["labels_dir"], cache_dir, args.labels_url, settings["download_timeout_s"])
         log.info(
             "weights %s, labels from %s (%d indoor, %d outdoor categories)",
             lookup.path,
@@ -520,7 +501,7 @@ def main(argv=None) -> int:
         device = pick_device(args.device)
         if n:
             topk_index, topk_prob, readable, errors = score_images(
-                model, paths, args.top_k, args.batch_size, args.workers, device
+                model, paths, top_k, settings["batch_size"], settings["workers"], device
             )
         else:
             readable, errors = np.zeros(0, dtype=bool), []

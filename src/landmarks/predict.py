@@ -3,6 +3,9 @@
     python -m landmarks.predict --experiment results/experiments/effnet_gem_arcface data/demo/new_photos
     python -m landmarks.predict --experiment results/experiments/X holiday/ one.jpg crawl.csv --out-dir out/
 
+The predict section of config.yaml comes as `--settings` JSON (`snakemake predict` passes it);
+--nonlandmark-threshold, --top-landmarks, --neighbours, --batch-size and --no-saliency override it.
+
 INPUT: image files, folders (searched recursively for image files) and CSV files of `id,url`, whose
 photos are downloaded with the download stage's code and checks (into <out-dir>/download, resumable).
 
@@ -43,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_table, write_text_atomic
+from .config import add_settings_argument, parse_settings
 
 log = logging.getLogger("landmarks.predict")
 
@@ -503,32 +507,44 @@ def _timed(seconds: dict, name: str):
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
+    """Paths and runtime options, and the predict section: --settings (what `snakemake predict` passes)
+    with the flags below, for people calling it by hand, on top."""
     parser = argparse.ArgumentParser(
         prog="python -m landmarks.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, CSV files of id,url")
     parser.add_argument("--experiment", required=True, help="results/experiments/<name> (trained and retrieved)")
     parser.add_argument("--out-dir", default=None, help="default: <experiment>/predict")
+    add_settings_argument(parser, "predict")
     parser.add_argument(
         "--nonlandmark-threshold",
         type=float,
         default=None,
         help="confidence below which a photo is a non-landmark (default: the one chosen on val)",
     )
-    parser.add_argument("--top-landmarks", type=int, default=3)
-    parser.add_argument("--neighbours", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--top-landmarks", type=int, default=None, help="default 3")
+    parser.add_argument("--neighbours", type=int, default=None, help="default 5")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32")
     parser.add_argument("--no-saliency", action="store_true", help="no saliency maps on the HTML page (faster)")
     parser.add_argument("--download-settings", default="{}", help="JSON: config.yaml's download section (limits)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch, faiss and verification threads")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    overrides = {
+        "nonlandmark_threshold": args.nonlandmark_threshold,
+        "top_landmarks": args.top_landmarks,
+        "neighbours": args.neighbours,
+        "batch_size": args.batch_size,
+        "saliency": False if args.no_saliency else None,
+    }
+    return args, parse_settings(args.settings, "predict", overrides=overrides)
+
+
+def main(argv=None) -> int:
+    args, settings = parse_args(argv)
     setup_logging()
-    for name in ("top_landmarks", "neighbours", "batch_size"):
-        if getattr(args, name) < 1:
-            raise StageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -541,11 +557,11 @@ def main(argv=None) -> int:
         args.inputs,
         out_dir,
         device=args.device,
-        threshold=args.nonlandmark_threshold,
-        top_landmarks=args.top_landmarks,
-        neighbours=args.neighbours,
-        batch_size=args.batch_size,
-        saliency=not args.no_saliency,
+        threshold=None if settings["nonlandmark_threshold"] is None else float(settings["nonlandmark_threshold"]),
+        top_landmarks=settings["top_landmarks"],
+        neighbours=settings["neighbours"],
+        batch_size=settings["batch_size"],
+        saliency=settings["saliency"],
         download_settings=download_settings,
         threads=args.threads or 1,
         progress=not args.no_progress,

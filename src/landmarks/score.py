@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_text_atomic
+from .config import add_settings_argument, parse_settings
 from .formatting import fmt
 from .loader import ShardImages
 
@@ -478,16 +479,13 @@ def main(argv=None) -> int:
         "--model",
         help="model.pt from the train stage (for the saliency figure; without it, saliency.png is not written)",
     )
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="image size the model sees (default: the checkpoint's training image size)",
-    )
+    # image_size: what the model sees (null: the checkpoint's training image size)
+    add_settings_argument(parser, "embed", "--embed-settings")
     parser.add_argument("--experiment", default="", help="experiment name for the report")
     parser.add_argument("--out-dir", required=True)
     args = parser.parse_args(argv)
     setup_logging()
+    embed_settings = parse_settings(args.embed_settings, "embed", "--embed-settings")
     score(
         args.predictions,
         Path(args.out_dir),
@@ -499,7 +497,7 @@ def main(argv=None) -> int:
         retrieve_summary_path=args.retrieve_summary,
         experiment=args.experiment,
         model_path=args.model,
-        image_size=args.image_size,
+        image_size=embed_settings["image_size"],
     )
     return 0
 

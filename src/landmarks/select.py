@@ -31,7 +31,8 @@ never on the order of the manifests.
 
     python -m landmarks.select --manifests results/download/part-*/manifest.parquet \
         --scenes results/places365/part-*.parquet --out results/select/selection.parquet \
-        --report results/select/report.md --report-table results/select/report.parquet
+        --report results/select/report.md --report-table results/select/report.parquet \
+        --settings '{"outdoor_rule": "votes", "seed": 0}'   # config.yaml's select section; defaults fill the rest
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .common import StageError, read_table, run_cli, setup_logging, write_table, write_text_atomic
+from .config import ConfigError, add_settings_argument, parse_settings
 from .places365 import STATUS_NO_WEIGHTS, STATUS_SCORED, STATUS_UNREADABLE, read_metadata
 from .select_rules import decide_outdoor
 from .tables import NONLANDMARK_SPLITS, OK, SELECTION_COLUMNS, SELECTION_SCHEMA, SPLITS
@@ -311,7 +313,7 @@ def outdoor_matrix(topk_outdoor: pd.Series, need: int) -> np.ndarray:
     if lengths.min() < need:
         raise StageError(
             f"scene tables store only the top {int(lengths.min())} categories; "
-            f"the outdoor rule needs {need} (rerun places365 with a larger --top-k)"
+            f"the outdoor rule needs {need} (rerun places365 with a larger places365.top_k)"
         )
     k = int(lengths.min())
     return np.stack([np.asarray(v[:k], dtype=bool) for v in topk_outdoor])
@@ -322,8 +324,8 @@ def apply_scene_filter(frame: pd.DataFrame, scenes: Scenes | None, rules: Rules,
     if scenes is None:
         if rules.outdoor_rule != "none":
             raise StageError(
-                f"--outdoor-rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
-                f"pass them or use --outdoor-rule none"
+                f"select.outdoor_rule {rules.outdoor_rule} needs the places365 tables (--scenes); "
+                f"pass them or set outdoor_rule none"
             )
         report.notes.append("Outdoor filter: off (no scene tables, --outdoor-rule none).")
         frame = frame.assign(scene_status=pd.NA, topk_outdoor=None)
@@ -736,7 +738,6 @@ def nothing_to_learn(report: Report) -> str:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
-    defaults = Rules()
     p = argparse.ArgumentParser(
         prog="python -m landmarks.select",
         description="Filter the downloaded images (failed downloads, indoor scenes, class rules) and assign splits.",
@@ -747,74 +748,23 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Rules]:
     p.add_argument("--out", required=True, type=Path, help="selection table (Parquet)")
     p.add_argument("--report", required=True, type=Path, help="filter report (Markdown)")
     p.add_argument("--report-table", type=Path, default=None, help="the report's counts as Parquet")
-    p.add_argument(
-        "--outdoor-rule",
-        choices=("none", "votes", "official"),
-        default=defaults.outdoor_rule,
-        help="votes: >= MIN_OUTDOOR_VOTES outdoor among the top OUTDOOR_TOP_K; official: mean IO over top 10 >= 0.5",
-    )
-    p.add_argument(
-        "--min-outdoor-votes",
-        type=int,
-        default=defaults.min_outdoor_votes,
-        help="votes rule: outdoor categories needed among the top OUTDOOR_TOP_K",
-    )
-    p.add_argument(
-        "--outdoor-top-k", type=int, default=defaults.outdoor_top_k, help="votes rule: how many top categories vote"
-    )
-    p.add_argument(
-        "--min-images-per-class",
-        type=int,
-        default=defaults.min_images_per_class,
-        help="drop classes with fewer images (1 = keep all)",
-    )
-    p.add_argument(
-        "--top-n-classes", type=int, default=defaults.top_n_classes, help="keep the N most frequent classes (0 = all)"
-    )
-    p.add_argument("--max-images-per-class", type=int, default=defaults.max_images_per_class, help="0 = no cap")
-    p.add_argument("--exclude-classes", nargs="*", type=int, default=[], help="landmark_ids to drop")
-    p.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="val images per class")
-    p.add_argument(
-        "--test-fraction", type=float, default=defaults.test_fraction, help="landmark test queries per class"
-    )
-    p.add_argument(
-        "--nonlandmark-test-fraction",
-        type=float,
-        default=defaults.nonlandmark_test_fraction,
-        help="non-landmark photos that become test queries (the rest: the nonlandmark bank)",
-    )
-    p.add_argument(
-        "--min-train-per-class",
-        type=int,
-        default=defaults.min_train_per_class,
-        help="train images every class keeps; smaller classes get no val/test",
-    )
-    p.add_argument(
-        "--val-min-class-images",
-        type=int,
-        default=defaults.val_min_class_images,
-        help="a class with at least this many images gets >= 1 val image when one is left after "
-        "its test images and MIN_TRAIN_PER_CLASS train images (>= 2)",
-    )
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the per-class cap and the splits")
+    add_settings_argument(p, "select")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    return args, rules_from_settings(parse_settings(args.settings, "select"))
 
-    if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
-        p.error("--val-fraction and --test-fraction must be in [0, 1) with a sum below 1")
-    if not 0 <= args.nonlandmark_test_fraction <= 1:
-        p.error("--nonlandmark-test-fraction must be in [0, 1]")
-    if args.outdoor_rule == "votes" and not (
-        args.outdoor_top_k >= 1 and 0 <= args.min_outdoor_votes <= args.outdoor_top_k
-    ):
-        p.error("--outdoor-top-k must be >= 1 and --min-outdoor-votes between 0 and --outdoor-top-k")
-    for name in ("min_images_per_class", "top_n_classes", "max_images_per_class", "min_train_per_class"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.val_min_class_images < 2:
-        p.error("--val-min-class-images must be >= 2 (a class of 1 image has none to spare for val)")
-    rules = Rules(**{k: getattr(args, k) for k in asdict(Rules())})
-    return args, rules
+
+def rules_from_settings(settings: dict) -> Rules:
+    """The select section (validated by config) as Rules, with the checks that span two keys."""
+    if settings["val_fraction"] + settings["test_fraction"] >= 1:
+        raise ConfigError("select: val_fraction + test_fraction must be below 1 (the rest of each class is train)")
+    if settings["outdoor_rule"] == "votes" and settings["min_outdoor_votes"] > settings["outdoor_top_k"]:
+        raise ConfigError("select: min_outdoor_votes must be between 0 and outdoor_top_k")
+    # null in config.yaml ("all classes", "no cap") is 0 in Rules
+    nulls_as_zero = {key: settings[key] or 0 for key in ("top_n_classes", "max_images_per_class")}
+    # fractions as floats even when config.yaml writes 0 or 1: the selection's metadata records them
+    fractions = {key: float(settings[key]) for key in ("val_fraction", "test_fraction", "nonlandmark_test_fraction")}
+    return Rules(**{**settings, **nulls_as_zero, **fractions})
 
 
 def main(argv=None) -> int:

@@ -6,15 +6,18 @@ offset, size; offset/size locate the JPEG bytes inside the tar), `skipped.parque
 not be decoded, with the reason: recorded, never fatal) and `shard.json` (settings and counts) into its
 output folder. index.parquet is written last: a folder without it is unfinished.
 
-Resize modes (`--resize-mode`, never enlarging unless `--upscale`):
-  shorter_side  shorter side to --size, aspect ratio kept
-  longer_side   longer side to --size, aspect ratio kept
-  center_crop   shorter side to --size, then the centred square
-  pad           longer side to --size, then padded with black borders to a square
+Resize modes (`resize_mode`, never enlarging unless `upscale`):
+  shorter_side  shorter side to `size`, aspect ratio kept
+  longer_side   longer side to `size`, aspect ratio kept
+  center_crop   shorter side to `size`, then the centred square
+  pad           longer side to `size`, then padded with black borders to a square
   none          decoded and re-encoded at its own size (an upright RGB JPEG is copied as it is)
 
     python -m landmarks.shard --selection results/select/selection.parquet --images results/download/images \
-        --split train --part 0 --parts 1 --out-dir results/shards/train/part-00
+        --split train --part 0 --out-dir results/shards/train/part-00 --settings '{"size": 160, "parts": 1}'
+
+takes config.yaml's shard section as `--settings` (its `size` must be a number here: the workflow resolves
+null to the largest size an experiment reads); the job's processes come from `--threads`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from PIL import Image, JpegImagePlugin
 from tqdm import tqdm
 
 from .common import StageError, atomic_path, read_table, run_cli, setup_logging, write_json_atomic, write_table
+from .config import ConfigError, add_settings_argument, parse_settings
 from .images import exif_orientation, to_rgb, turn_upright
 from .tables import SHARD_INDEX_COLUMNS, SHARD_SKIPPED_COLUMNS, SPLITS
 
@@ -222,7 +226,7 @@ def part_rows(selection: pd.DataFrame, split: str, part: int, parts: int, seed: 
     """Rows of `split` that job `part` of `parts` writes: every `parts`-th row of the shard order, so the
     parts are disjoint, cover the split, and differ in size by at most one image."""
     if not 0 <= part < parts:
-        raise StageError(f"--part {part} is outside 0..{parts - 1} (--parts {parts})")
+        raise StageError(f"--part {part} is outside 0..{parts - 1} (shard.parts {parts})")
     return split_rows(selection, split, seed).iloc[part::parts].reset_index(drop=True)
 
 
@@ -443,6 +447,10 @@ def shard_split(
     return counts
 
 
+# shard_split's keyword arguments that config.yaml's shard section holds
+RESIZE_SETTINGS = ("resize_mode", "size", "upscale", "jpeg_quality", "images_per_shard", "max_shard_bytes", "seed")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m landmarks.shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -450,27 +458,20 @@ def main(argv=None) -> int:
     parser.add_argument("--selection", required=True, help="selection.parquet from the select stage")
     parser.add_argument("--images", required=True, help="images root the selection's paths are relative to")
     parser.add_argument("--split", required=True, choices=SPLITS)
-    parser.add_argument("--part", type=int, default=0, help="which part of the split this job writes (0-based)")
-    parser.add_argument("--parts", type=int, default=1, help="how many shard jobs share the split (shard.parts)")
+    parser.add_argument("--part", type=int, default=0, help="which of the split's `parts` this job writes (0-based)")
     parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--resize-mode", default="shorter_side", choices=RESIZE_MODES)
-    parser.add_argument("--size", type=int, default=160, help="target side in pixels (see --resize-mode)")
-    parser.add_argument("--upscale", action="store_true", help="also enlarge images smaller than --size")
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="quality of the re-encoded JPEGs (1-100)")
-    parser.add_argument("--images-per-shard", type=int, default=1000, help="at most this many images per tar")
-    parser.add_argument(
-        "--max-shard-bytes", type=int, default=1_000_000_000, help="at most this many bytes per tar file on disk"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="order of images in the shards")
+    add_settings_argument(parser, "shard")
     parser.add_argument(
         "--threads", type=int, default=1, help="decode/resize processes (capped at the cores this job may use)"
     )
     args = parser.parse_args(argv)
     setup_logging()
-    if args.parts < 1:
-        raise StageError(f"--parts must be at least 1, got {args.parts}")
-    if not 0 <= args.part < args.parts:
-        raise StageError(f"--part {args.part} is outside 0..{args.parts - 1} (--parts {args.parts})")
+    settings = parse_settings(args.settings, "shard")
+    parts = settings["parts"]
+    if not 0 <= args.part < parts:
+        raise StageError(f"--part {args.part} is outside 0..{parts - 1} (shard.parts {parts})")
+    if settings["size"] is None:
+        raise ConfigError("--settings: key 'shard.size': give the side in pixels (the workflow fills in null)")
     selection = read_table(args.selection)
     missing = {"id", "landmark_id", "split", "path"} - set(selection.columns)
     if missing:
@@ -480,15 +481,9 @@ def main(argv=None) -> int:
         Path(args.images),
         args.split,
         args.part,
-        args.parts,
+        parts,
         Path(args.out_dir),
-        resize_mode=args.resize_mode,
-        size=args.size,
-        upscale=args.upscale,
-        jpeg_quality=args.jpeg_quality,
-        images_per_shard=args.images_per_shard,
-        max_shard_bytes=args.max_shard_bytes,
-        seed=args.seed,
+        **{key: settings[key] for key in RESIZE_SETTINGS},
         threads=args.threads,
     )
     return 0

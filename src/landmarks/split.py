@@ -1,6 +1,6 @@
 """Split stage: stream the URL CSV into P Parquet partitions, checking it on the way.
 
-    python -m landmarks.split --csv URLS.csv --partitions P --out-dir results/split
+    python -m landmarks.split --csv URLS.csv --settings '{"partitions": P}' --out-dir results/split
 
 writes `part-000.parquet` ... `part-{P-1:03d}.parquet`, columns `id` (str), `url` (str),
 `landmark_id` (nullable Int64), `split` (nullable str), `row` (1-based data row of the CSV).
@@ -37,6 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from .common import StageError, atomic_path, run_cli, setup_logging
+from .config import add_settings_argument, parse_settings
 from .tables import PART_SCHEMA, part_name
 
 log = logging.getLogger("landmarks.split")
@@ -406,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         "partitions part-000.parquet ... (a row's part depends on its id only).",
     )
     parser.add_argument("--csv", required=True, help="input CSV (may be .gz); columns id,url[,landmark_id][,split]")
-    parser.add_argument("--partitions", type=int, required=True, help="number of parts P (one download job each)")
+    add_settings_argument(parser, "split")  # partitions: number of parts P (one download job each)
     parser.add_argument("--out-dir", required=True, help="folder for part-000.parquet ... part-{P-1:03d}.parquet")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    split_csv(args.csv, args.partitions, args.out_dir)
+    settings = parse_settings(args.settings, "split")
+    split_csv(args.csv, settings["partitions"], args.out_dir)
     return 0
 
 

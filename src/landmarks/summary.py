@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from .common import StageError, run_cli, setup_logging, write_text_atomic
+from .config import add_settings_argument, parse_settings
 from .formatting import fmt
 
 log = logging.getLogger("landmarks.summary")
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
         prog="python -m landmarks.summary", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.json of each experiment")
-    parser.add_argument("--descriptions", default="{}", help="JSON {experiment: description}")
+    add_settings_argument(parser, "experiments")  # only their descriptions are read
+    parser.set_defaults(settings=None)  # none given: no descriptions
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     setup_logging()
@@ -108,7 +110,9 @@ def main(argv=None) -> int:
         # results/experiments/<name>/score/metrics.json names its experiment when the file does not.
         row["experiment"] = row.get("experiment") or Path(path).resolve().parent.parent.name
         rows.append(row)
-    text = render_summary(rows, json.loads(args.descriptions))
+    experiments = parse_settings(args.settings, "experiments") if args.settings else {}
+    descriptions = {name: spec.get("description", "") for name, spec in experiments.items()}
+    text = render_summary(rows, descriptions)
     write_text_atomic(args.out, text)
     print(text)
     return 0

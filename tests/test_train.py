@@ -17,8 +17,9 @@ from conftest import write_image_set, write_shards
 from PIL import Image, ImageDraw
 from snakemake_helpers import dry_run
 
-from landmarks import train
+from landmarks import distributed, finetune, train, validation
 from landmarks.common import StageError
+from landmarks.loader import ShardIndex
 from landmarks.sampler import SeededDataset, TrainBatchSampler, cluster_classes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,23 +185,23 @@ def test_subspace_clusters_group_similar_classes():
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
-    factors = [train.warmup_cosine(step, total_steps=100, warmup_steps=10, final=0.01) for step in range(101)]
+    factors = [finetune.warmup_cosine(step, total_steps=100, warmup_steps=10, final=0.01) for step in range(101)]
     assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.505)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[100] == pytest.approx(0.01)  # seed 002: 1e-3 -> 1e-5
-    assert train.warmup_cosine(100, total_steps=100, warmup_steps=0) == pytest.approx(0.0)
+    assert finetune.warmup_cosine(100, total_steps=100, warmup_steps=0) == pytest.approx(0.0)
 
 
 def test_slurm_and_torchrun_process_layout():
-    assert train.process_layout({}) == (0, 1, 0)
-    assert train.process_layout({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == (2, 4, 0)
+    assert distributed.process_layout({}) == (0, 1, 0)
+    assert distributed.process_layout({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"}) == (2, 4, 0)
     srun = {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
-    assert train.process_layout(srun) == (5, 8, 1)
+    assert distributed.process_layout(srun) == (5, 8, 1)
     # Inside the batch script (no srun step) SLURM_NTASKS describes the allocation: still one process.
-    assert train.process_layout({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == (0, 1, 0)
-    assert train.first_host("gpu[07-09,12],cpu1") == "gpu07"
-    assert train.first_host("node3,node4") == "node3"
+    assert distributed.process_layout({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}) == (0, 1, 0)
+    assert distributed.first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert distributed.first_host("node3,node4") == "node3"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,12 +460,12 @@ def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards
 
 
 def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):
-    val, bank = train.ShardIndex.from_dirs([shards / "val"]), train.ShardIndex.from_dirs([shards / "nonlandmark"])
-    queries = train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0.5}))
+    val, bank = ShardIndex.from_dirs([shards / "val"]), ShardIndex.from_dirs([shards / "nonlandmark"])
+    queries = validation.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0.5}))
     assert len(queries) == 6 + 3 and queries.table["landmark_id"].isna().sum() == 3
     assert set(queries.table["id"][6:]) < set(bank.table["id"])
-    assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0}))) == 6
-    assert len(train.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 5}))) == 6 + 4
+    assert len(validation.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 0}))) == 6
+    assert len(validation.val_queries(val, bank, settings_for({**TINY, "val_nonlandmark_ratio": 5}))) == 6 + 4
     # Through the entry point: non-landmark queries count in val GAP (no prediction on them is correct).
     assert (
         train.main(
@@ -527,14 +528,14 @@ def test_layer_decay_gives_lower_blocks_lower_learning_rates():
     settings = settings_for({**TINY, "layer_decay": 0.5, "lr": 0.1, "head_lr_multiplier": 10})
     model = LandmarkModel("test_efficientnet", "none", 16)
     head = build_head(settings, 3, torch.ones(3), model.embedding_dim)
-    groups = train.parameter_groups(model, head, settings)
+    groups = finetune.parameter_groups(model, head, settings)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     stem, last_block = model.backbone.conv_stem.weight, model.backbone.conv_head.weight
     assert lr_of[id(last_block)] == pytest.approx(0.1)
     assert lr_of[id(stem)] < lr_of[id(model.backbone.blocks[-2][0].conv_pw.weight)] < lr_of[id(last_block)]
     assert lr_of[id(model.neck.weight)] == pytest.approx(1.0) and lr_of[id(head.weight)] == pytest.approx(1.0)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters())) + len(list(head.parameters()))
-    flat = train.parameter_groups(model, head, settings_for({**TINY, "lr": 0.1}))
+    flat = finetune.parameter_groups(model, head, settings_for({**TINY, "lr": 0.1}))
     assert {g["lr"] for g in flat} == {0.1, 0.1 * TINY.get("head_lr_multiplier", 10.0)}
 
 

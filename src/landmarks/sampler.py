@@ -16,6 +16,9 @@ Modes (train.sampler):
   subspace  P x K batches whose P classes all come from one cluster of similar classes (seed 004's
             "subspaces": k-means over class-mean embeddings, `cluster_classes`), so the negatives in
             a batch are hard ones.
+
+`images_per_class` draws a few images of every class, for the passes training makes over a sample of
+its images (the subspace clusters, the pretrained initialisation).
 """
 
 from __future__ import annotations
@@ -164,6 +167,17 @@ def cluster_classes(
     # Renumber 0..clusters-1 so the numbering does not depend on which clusters were merged away.
     assignment[members] = np.unique(labels, return_inverse=True)[1]
     return assignment
+
+
+def images_per_class(class_of: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of up to `per_class` random images of every class (sorted)."""
+    labelled = np.flatnonzero(class_of >= 0)
+    # A random order, grouped by class (stable sort), keeping the first `per_class` images of each class.
+    shuffled = labelled[rng.permutation(len(labelled))]
+    by_class = shuffled[np.argsort(class_of[shuffled], kind="stable")]
+    classes = class_of[by_class]
+    rank_in_class = np.arange(len(by_class)) - np.searchsorted(classes, classes, side="left")
+    return np.sort(by_class[rank_in_class < per_class])
 
 
 class TrainBatchSampler(Sampler):

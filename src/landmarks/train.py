@@ -31,6 +31,12 @@ One process per GPU with DistributedDataParallel: launched by `torchrun` (RANK /
 LOCAL_RANK) or `srun` (SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID, rendezvous on the first
 node of the step); NCCL on GPUs, gloo on CPUs. Only rank 0 writes files.
 
+This module is the stage: loading the data, the `Training` run (set up; resume or start with epoch 0;
+the epochs; model.pt and train.json), metrics.csv and the command line. Its parts live beside it:
+`distributed` (the processes), `checkpoint` (random state, last.ckpt, SIGTERM), `validation` (val GAP
+and the embedding passes), `finetune` (initialisation, frozen parts, learning rates, WiSE-FT),
+`sampler` (batch plans), `losses` (heads), `model`.
+
     python -m landmarks.train --train-shards results/shards/train/part-00 --val-shards results/shards/val/part-00 \\
         --out-dir results/experiments/X/train --settings '{"epochs": 3}'
     torchrun --standalone --nproc_per_node=4 -m landmarks.train ...      # 4 GPUs, one node
@@ -43,17 +49,10 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import datetime
-import hashlib
 import json
 import logging
 import math
-import os
-import random
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,322 +62,62 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as torch_dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    RunState,
+    StopSignal,
+    TrainingInterrupted,
+    data_fingerprint,
+    load_resume_state,
+    remove_partial_files,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    settings_digest,
+)
 from .common import StageError, atomic_path, exclusive_lock, run_cli, setup_logging, write_json_atomic
 from .config import ConfigError, section_settings
-from .device import pick_device
-from .embedding import embed_dataset, model_input, run_model
-from .loader import ShardDataset, ShardIndex, ShardMapDataset, class_mapping, eval_transform, train_transform
+from .distributed import Distributed, average_buffers, ddp_audit, setup_distributed
+from .finetune import (
+    build_optimizer,
+    initialise_from_pretrained,
+    interpolate_weights,
+    parameter_groups,
+    set_backbone_frozen,
+    set_train_mode,
+    warmup_cosine,
+)
+from .loader import ShardIndex, ShardMapDataset, class_mapping, train_transform
 from .losses import build_head, head_entry
 from .model import LandmarkModel
 from .report import plot_curves
-from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng
+from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng, images_per_class
+from .validation import embed_for_training, evaluate_val_gap, val_queries
 
 log = logging.getLogger("landmarks.train")
 
-CHECKPOINT_FORMAT = 3
-# Settings that change how fast a run goes, not what it computes: editing them keeps a checkpoint valid.
-RESUME_NEUTRAL_KEYS = ("workers", "checkpoint_every_steps")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a job stopped by SIGTERM
 
 
 # ---------------------------------------------------------------------------------------------------
-# Processes: single, torchrun or srun
+# The data and the training step
 
 
-@dataclass
-class Distributed:
-    """This process's place among the training processes (rank 0 of 1 without DDP)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        """In-place sum (or `op`) over the processes; the tensor is moved to the collective's device."""
-        if not self.active:
-            return tensor
-        on_device = tensor.to(self.device)
-        torch_dist.all_reduce(on_device, op=op or torch_dist.ReduceOp.SUM)
-        return on_device.to(tensor.device)
-
-    def broadcast_object(self, obj):
-        """rank 0's `obj` on every process."""
-        if not self.active:
-            return obj
-        holder = [obj]
-        torch_dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    def gather_objects(self, obj) -> list:
-        """Every process's `obj`, by rank, on every process."""
-        if not self.active:
-            return [obj]
-        gathered = [None] * self.world_size
-        torch_dist.all_gather_object(gathered, obj)
-        return gathered
-
-
-def first_host(nodelist: str) -> str:
-    """First host name of a SLURM node list ("gpu[07-09,12],cpu1" -> "gpu07")."""
-    nodelist = nodelist.strip()
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
-    if not match:
-        raise StageError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + re.split(r"[-,]", ranges)[0]
-
-
-def _slurm_master_addr() -> str:
-    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or ""
-    if shutil.which("scontrol") and nodelist:
-        try:
-            hosts = subprocess.run(
-                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
-            ).stdout.split()
-            if hosts:
-                return hosts[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if not nodelist:
-        raise StageError(
-            "launched by srun with several tasks, but neither SLURM_STEP_NODELIST nor "
-            "SLURM_JOB_NODELIST names the nodes (set MASTER_ADDR)"
-        )
-    return first_host(nodelist)
-
-
-def process_layout(env=None) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables or, under `srun`, SLURM's."""
-    env = os.environ if env is None else env
-    if int(env.get("WORLD_SIZE", "1")) > 1:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    # SLURM_STEP_NUM_TASKS is set for the tasks of an srun step only, not in the batch script itself
-    # (whose SLURM_NTASKS describes the allocation, not how many processes were started).
-    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0"))
-    return 0, 1, 0
-
-
-def setup_distributed(device_name: str = "auto") -> Distributed:
-    """Join the process group when started by torchrun or srun with several processes."""
-    rank, world, local_rank = process_layout()
-    device = pick_device(device_name)
-    if world == 1:
-        return Distributed(device=device)
-    if device.type == "cuda":
-        # One GPU per process: SLURM may already restrict each task to its own GPU.
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    if "MASTER_ADDR" not in os.environ:  # srun: rendezvous on the step's first node
-        os.environ["MASTER_ADDR"] = _slurm_master_addr()
-        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(
-            20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
-        )
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Long timeout: rank 0 alone writes checkpoints and the others wait for it in the next collective.
-    torch_dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=60))
-    log.info(
-        "process %d of %d (local rank %d) on %s, backend %s, rendezvous %s:%s",
-        rank,
-        world,
-        local_rank,
-        device,
-        backend,
-        os.environ["MASTER_ADDR"],
-        os.environ["MASTER_PORT"],
-    )
-    return Distributed(rank, world, local_rank, device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reproducibility
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def settings_digest(settings: dict, data: str = "", world_size: int = 1) -> str:
-    """What a checkpoint must match to be resumed: the settings (but not RESUME_NEUTRAL_KEYS), the
-    training data and the number of processes."""
-    relevant = {k: v for k, v in settings.items() if k not in RESUME_NEUTRAL_KEYS}
-    text = json.dumps({"settings": relevant, "data": data, "world_size": world_size}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def data_fingerprint(*indexes: ShardIndex) -> str:
-    """Digest of the images (ids, labels, order) of the given indexes."""
-    digest = hashlib.sha256()
-    for index in indexes:
-        table = index.table[["id", "landmark_id"]].astype(str)
-        digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
-        digest.update(b"|")
-    return digest.hexdigest()[:16]
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final: float = 0.0) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to `final` (min_lr / lr)."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Embedding passes (validation, subspace clusters), divided between the processes
-
-
-@torch.no_grad()
-def embed_index(
-    model: LandmarkModel,
-    index: ShardIndex,
-    image_size: int,
-    *,
-    batch_size: int,
-    workers: int,
-    device: torch.device,
-    dist: Distributed,
-    amp: bool = True,
-    pooled: bool = False,
-) -> np.ndarray:
-    """L2-normalised embeddings (len(index), dim), float32, in index order, on every process; with
-    `pooled`, the backbone's pooled descriptors instead (not normalised, before the neck).
-
-    Each process embeds a contiguous slice of the index; the slices are then summed across processes.
-    Runs in a forked random state, so that evaluating never changes what training draws next.
-    """
-    out = np.zeros((len(index), model.channels if pooled else model.embedding_dim), np.float32)
-    if len(index):
-        dataset = ShardDataset(
-            index,
-            eval_transform(image_size, model.data_config["mean"], model.data_config["std"]),
-            rank=dist.rank,
-            world_size=dist.world_size,
-            balance="none",
-        )
-
-        def embed_batch(images: torch.Tensor) -> np.ndarray:
-            embedding = run_model(model, model_input(images, device), device, amp=amp, pooled=pooled)
-            return (embedding if pooled else F.normalize(embedding, dim=1)).cpu().numpy()
-
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
-            embed_dataset(model, dataset, embed_batch, out, batch_size=batch_size, workers=workers, device=device)
-    if dist.active:
-        # Chunks keep the collective's buffer on the GPU small.
-        shared = torch.from_numpy(out)
-        for start in range(0, len(out), 65536):
-            shared[start : start + 65536] = dist.all_reduce(shared[start : start + 65536].contiguous())
-    return out
-
-
-def embed_for_training(
-    model: LandmarkModel, index: ShardIndex, settings: dict, device, dist: Distributed, *, pooled: bool = False
-) -> np.ndarray:
-    """embed_index as training runs it: its image size and AMP, batches twice the training batch (no
-    gradients are kept), its workers."""
-    return embed_index(
-        model,
-        index,
-        settings["image_size"],
-        batch_size=settings["batch_size"] * 2,
-        workers=settings["workers"],
-        device=device,
-        dist=dist,
-        amp=settings["amp"],
-        pooled=pooled,
-    )
-
-
-def val_queries(val_index: ShardIndex, bank_index: ShardIndex, settings: dict) -> ShardIndex:
-    """The val queries: the val images, plus `val_nonlandmark_ratio` x as many non-landmark photos of the
-    bank (a fixed sample) as non-landmark queries, so that val GAP, like the test's, also pays for
-    confident predictions on photos that show no landmark."""
-    wanted = min(len(bank_index), round(settings["val_nonlandmark_ratio"] * len(val_index)))
-    if wanted == 0 or len(val_index) == 0:
-        return val_index
-    rows = np.sort(
-        np.random.default_rng([settings["seed"] & 0xFFFFFFFF, 13]).choice(len(bank_index), wanted, replace=False)
-    )
-    bank = bank_index.table.iloc[rows].assign(landmark_id=pd.NA)
-    table = pd.concat([val_index.table, bank], ignore_index=True)
-    table["landmark_id"] = table["landmark_id"].astype("Int64")
-    return ShardIndex(table)
-
-
-def evaluate_val_gap(
-    model, train_index: ShardIndex, val_index: ShardIndex, settings: dict, device, dist: Distributed | None = None
-) -> dict:
-    """GAP / accuracy of top-1 kNN on the val queries against train, as the model selection criterion
-    (val_index may hold non-landmark queries: rows without a landmark_id)."""
-    from .index import knn
-    from .metrics import score_predictions
-
-    dist = dist or Distributed(device=device)
-    if len(val_index) == 0 or len(train_index) == 0:
-        return {"val_gap": float("nan"), "val_accuracy": float("nan")}
-    db = embed_for_training(model, train_index, settings, device, dist)
-    queries = embed_for_training(model, val_index, settings, device, dist)
-    result = None
-    if dist.is_main:
-        cosines, positions = knn(db, queries, 1)
-        db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
-        predictions = pd.DataFrame(
-            {"id": val_index.table["id"], "landmark_id": db_labels[positions[:, 0]], "score": cosines[:, 0]}
-        )
-        truth = pd.DataFrame(
-            {
-                "id": val_index.table["id"],
-                "landmarks": [[] if pd.isna(x) else [int(x)] for x in val_index.table["landmark_id"]],
-            }
-        )
-        scores = score_predictions(predictions, truth)
-        result = {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}
-    return dist.broadcast_object(result)
-
-
-def images_per_class(class_of: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of up to `per_class` random images of every class (sorted)."""
-    labelled = np.flatnonzero(class_of >= 0)
-    # A random order, grouped by class (stable sort), keeping the first `per_class` images of each class.
-    shuffled = labelled[rng.permutation(len(labelled))]
-    by_class = shuffled[np.argsort(class_of[shuffled], kind="stable")]
-    classes = class_of[by_class]
-    rank_in_class = np.arange(len(by_class)) - np.searchsorted(classes, classes, side="left")
-    return np.sort(by_class[rank_in_class < per_class])
+def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
+    """(train index, val queries, landmark id -> class number, class of each train image, images per class)."""
+    train_index = ShardIndex.from_dirs(train_dirs)
+    val_index = val_queries(ShardIndex.from_dirs(val_dirs or []), ShardIndex.from_dirs(bank_dirs or []), settings)
+    if len(train_index) == 0:
+        raise StageError(f"no training images in {', '.join(map(str, train_dirs))}")
+    labels = class_mapping(train_index.table["landmark_id"])
+    class_of = np.array([-1 if pd.isna(x) else labels[int(x)] for x in train_index.table["landmark_id"]], np.int64)
+    counts = np.bincount(class_of[class_of >= 0], minlength=len(labels))
+    return train_index, val_index, labels, class_of, counts
 
 
 def subspace_clusters(
@@ -421,63 +160,6 @@ def subspace_clusters(
     return dist.broadcast_object(clusters)
 
 
-INIT_IMAGES_PER_CLASS = 20  # images per class embedded to initialise the neck (PCA) and the head (class means)
-PCA_MAX_IMAGES = 50_000
-
-
-def initialise_from_pretrained(
-    model: LandmarkModel,
-    head: nn.Module,
-    train_index: ShardIndex,
-    class_of: np.ndarray,
-    n_classes: int,
-    settings: dict,
-    device,
-    dist: Distributed,
-) -> dict | None:
-    """Start the neck and the head from what the pretrained backbone already sees, before any step:
-    `neck_init: pca` makes the neck a PCA whitening of the pooled descriptors; `head_init: class_means`
-    puts each class weight at its class's mean embedding, so the first steps refine the embedding
-    instead of dragging it towards random class weights. One pass over (a sample of) the train images."""
-    if settings["neck_init"] != "pca" and settings["head_init"] != "class_means":
-        return None
-    started = time.perf_counter()
-    chosen = images_per_class(class_of, INIT_IMAGES_PER_CLASS, epoch_rng(settings["seed"], 0, 11))
-    if len(chosen) > PCA_MAX_IMAGES:
-        chosen = np.sort(epoch_rng(settings["seed"], 0, 12).choice(chosen, PCA_MAX_IMAGES, replace=False))
-    sub_index = ShardIndex(train_index.table.iloc[chosen].reset_index(drop=True))
-    pooled = torch.from_numpy(embed_for_training(model, sub_index, settings, device, dist, pooled=True))
-    about = {"images": len(chosen)}
-    if settings["neck_init"] == "pca":
-        about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
-    if settings["head_init"] == "class_means":
-        about["head_classes_initialised"] = head_from_class_means(
-            model, head, pooled.to(device), class_of[chosen], n_classes
-        )
-    about["seconds"] = round(time.perf_counter() - started, 1)
-    log.info("initialised from the pretrained descriptors of %d train images: %s", len(chosen), about)
-    return about
-
-
-def head_from_class_means(
-    model: LandmarkModel, head: nn.Module, pooled: torch.Tensor, classes: np.ndarray, n_classes: int
-) -> int:
-    """Class weights at each class's mean embedding of the pooled descriptors (`classes`: each row's
-    class); returns how many classes were set."""
-    with torch.no_grad():
-        was_training = model.training
-        model.eval()
-        embeddings = F.normalize(model.embedding_from_pooled(pooled).float(), dim=1)
-        model.train(was_training)
-    sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
-    sums.index_add_(0, torch.from_numpy(classes).to(embeddings.device), embeddings)
-    return head.init_from_class_means(sums)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The training step
-
-
 class TrainModule(nn.Module):
     """Model + head as one module, so DDP synchronises the head's gradients too."""
 
@@ -493,174 +175,11 @@ class TrainModule(nn.Module):
         return loss, correct
 
 
-def parameter_groups(model: LandmarkModel, head: nn.Module, settings: dict) -> list[dict]:
-    """Backbone at `lr` (scaled down layer by layer when `layer_decay` < 1), pooling/neck/head at
-    `lr * head_lr_multiplier`; no weight decay on biases, norms and GeM's p (one-dimensional
-    parameters), as usual."""
-    decay_rate = settings["weight_decay"]
-    if settings["layer_decay"] < 1:
-        # timm's layer-wise decay (BEiT): the last block at lr, each block below it at layer_decay x the next.
-        from timm.optim import param_groups_layer_decay
-
-        backbone = param_groups_layer_decay(
-            model.backbone, weight_decay=decay_rate, layer_decay=settings["layer_decay"]
-        )
-        groups = [
-            {"params": g["params"], "lr": settings["lr"] * g["lr_scale"], "weight_decay": g["weight_decay"]}
-            for g in backbone
-        ]
-    else:
-        groups = _decay_split(model.backbone.parameters(), settings["lr"], decay_rate)
-    rest = [p for m in (model.pool, model.neck, model.bn, head) for p in m.parameters()]
-    groups += _decay_split(rest, settings["lr"] * settings["head_lr_multiplier"], decay_rate)
-    return [g for g in groups if g["params"]]
-
-
-def _decay_split(params, lr: float, weight_decay: float) -> list[dict]:
-    params = [p for p in params if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0},
-    ]
-
-
-def set_backbone_frozen(model: LandmarkModel, frozen: bool) -> None:
-    """Freeze the backbone (no gradients, BatchNorm statistics kept) while the head warms up."""
-    for param in model.backbone.parameters():
-        param.requires_grad_(not frozen)
-
-
-def set_train_mode(module: nn.Module, model: LandmarkModel, *, backbone_frozen: bool, freeze_bn: bool) -> None:
-    """Training mode, except the backbone's BatchNorm layers when their statistics are frozen (all of
-    the backbone while it is frozen): small batches of few classes would otherwise rewrite the
-    statistics the pretrained weights rely on."""
-    module.train()
-    if backbone_frozen:
-        model.backbone.eval()
-    elif freeze_bn:
-        for layer in model.backbone.modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
-                layer.eval()
-
-
-def build_optimizer(groups: list[dict], settings: dict) -> torch.optim.Optimizer:
-    if settings["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, momentum=settings["momentum"])
-    if settings["optimizer"] == "adam":
-        return torch.optim.Adam(groups)
-    return torch.optim.AdamW(groups)
-
-
-class TrainingInterrupted(Exception):
-    """SIGTERM arrived; a checkpoint was written and the job should end (and be restarted)."""
-
-
-class StopSignal:
-    """Remembers SIGTERM instead of dying at once, so the loop can checkpoint first."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if not self.received:
-            log.warning("SIGTERM: writing a checkpoint at the next optimizer step, then stopping")
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self, dist: Distributed) -> bool:
-        """True on every process once any of them got the signal (they must stop at the same step)."""
-        if not dist.active:
-            return self.received
-        flag = torch.tensor([1.0 if self.received else 0.0])
-        return bool(dist.all_reduce(flag, torch_dist.ReduceOp.MAX).item() > 0)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path, suffix=".pt.part") as tmp:
-        torch.save(state, tmp)
-
-
-def load_resume_state(path: Path, digest: str) -> dict | None:
-    """The checkpoint at `path` when it belongs to this run (same digest), else None."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        log.warning("ignoring %s: not a readable checkpoint (%s)", path, err)
-        return None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("digest") != digest:
-        log.info("ignoring %s: it was written with other settings, data or number of processes", path)
-        return None
-    return state
-
-
-def remove_partial_files(out_dir: Path) -> None:
-    """Temporary files a killed writer left behind (atomic_path names them .<name>.*)."""
-    for name in ("last.ckpt", "best.ckpt", "model.pt"):
-        for leftover in out_dir.glob(f".{name}.*"):
-            leftover.unlink(missing_ok=True)
-
-
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:
     with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(metrics[0]) if metrics else ["epoch"])
         writer.writeheader()
         writer.writerows(metrics)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The stage
-
-
-def interpolate_weights(start: dict, trained: dict, alpha: float) -> dict:
-    """alpha x trained + (1 - alpha) x start for every floating-point tensor (counters: the trained ones)."""
-    return {
-        key: torch.lerp(start[key].to(value.dtype), value, alpha) if value.is_floating_point() else value
-        for key, value in trained.items()
-    }
-
-
-def load_training_data(train_dirs, val_dirs, bank_dirs, settings: dict):
-    """(train index, val queries, landmark id -> class number, class of each train image, images per class)."""
-    train_index = ShardIndex.from_dirs(train_dirs)
-    val_index = val_queries(ShardIndex.from_dirs(val_dirs or []), ShardIndex.from_dirs(bank_dirs or []), settings)
-    if len(train_index) == 0:
-        raise StageError(f"no training images in {', '.join(map(str, train_dirs))}")
-    labels = class_mapping(train_index.table["landmark_id"])
-    class_of = np.array([-1 if pd.isna(x) else labels[int(x)] for x in train_index.table["landmark_id"]], np.int64)
-    counts = np.bincount(class_of[class_of >= 0], minlength=len(labels))
-    return train_index, val_index, labels, class_of, counts
-
-
-@dataclass
-class RunState:
-    """What last.ckpt keeps of a run besides weights and optimiser: optimizer steps so far, every
-    evaluated epoch's metrics (epoch 0: the untrained model), the best epoch so far, the subspace
-    clusters in use, how neck and head were initialised, and the starting weights (for WiSE-FT)."""
-
-    global_step: int = 0
-    metrics: list[dict] = field(default_factory=list)
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    clusters: np.ndarray | None = None
-    initialised: dict | None = None
-    start_weights: dict | None = None
 
 
 @dataclass
@@ -1121,38 +640,6 @@ def train_unlocked(train_dirs, val_dirs, out_dir: Path, settings: dict, device, 
             run.run_epoch(epoch, skip if epoch == first_epoch else 0, stop)
     run.finish(time.perf_counter() - started)
     return run.state.metrics
-
-
-def average_buffers(module: nn.Module, dist: Distributed) -> None:
-    """Average BatchNorm running statistics over the processes. DDP broadcasts rank 0's buffers before
-    each forward pass, but the last pass leaves each process with statistics of its own batch; the
-    evaluation (split between processes) and the saved model need one set."""
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            buffer.copy_(dist.all_reduce(buffer.detach().clone()) / dist.world_size)
-        else:
-            torch_dist.broadcast(buffer, src=0)
-
-
-def ddp_audit(module: nn.Module, positions: list[np.ndarray], dist: Distributed) -> dict:
-    """Checks that DDP did its job: every process holds rank 0's weights, and in the last epoch each
-    process trained on its own images."""
-    flat = torch.cat([t.detach().float().flatten().cpu() for t in module.state_dict().values()])
-    reference = flat.clone().to(dist.device)
-    torch_dist.broadcast(reference, src=0)
-    difference = dist.all_reduce((flat - reference.cpu()).abs().max().reshape(1), torch_dist.ReduceOp.MAX).item()
-    mine = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    per_rank = dist.gather_objects(mine)
-    every = np.concatenate(per_rank)
-    audit = {
-        "backend": torch_dist.get_backend(),
-        "max_weight_difference_between_ranks": difference,
-        "last_epoch_images_per_rank": [len(p) for p in per_rank],
-        "last_epoch_images_on_several_ranks": int(len(every) - len(np.unique(every))),
-    }
-    if difference > 0:
-        log.warning("DDP audit: weights differ between processes by up to %g", difference)
-    return audit
 
 
 def main(argv=None) -> int:

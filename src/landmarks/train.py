@@ -182,6 +182,10 @@ def write_metrics_csv(metrics: list[dict], path: Path) -> None:
         writer.writerows(metrics)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
 @dataclass
 class EpochProgress:
     """Where the current epoch stands on this process: batches done (from the resumed batch on), images

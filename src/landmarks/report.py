@@ -226,21 +226,7 @@ def plot_precision_vs_rank(
                 label=label("ranked by raw top-1 cosine (no reranking)", gap_raw),
             )
         if len(ranked) <= 20000:  # a rug of individual mistakes stays readable up to here
-            for mask, colour, name in (
-                (ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
-                (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query"),
-            ):
-                ranks = ranked.loc[mask, "rank"]
-                if len(ranks):
-                    ax.plot(
-                        ranks,
-                        np.full(len(ranks), 0.015),
-                        "|",
-                        color=colour,
-                        ms=9,
-                        mew=1,
-                        label=f"{name} at this rank ({len(ranks)})",
-                    )
+            _plot_mistake_rug(ax, ranked)
     else:
         ax.text(0.5, 0.5, "no predictions", ha="center", transform=ax.transAxes)
     ax.set(
@@ -254,6 +240,26 @@ def plot_precision_vs_rank(
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _plot_mistake_rug(ax, ranked: pd.DataFrame) -> None:
+    """Ticks along the bottom of plot_precision_vs_rank at the ranks of wrong landmarks and of
+    non-landmark queries."""
+    for mask, colour, name in (
+        (ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
+        (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query"),
+    ):
+        ranks = ranked.loc[mask, "rank"]
+        if len(ranks):
+            ax.plot(
+                ranks,
+                np.full(len(ranks), 0.015),
+                "|",
+                color=colour,
+                ms=9,
+                mew=1,
+                label=f"{name} at this rank ({len(ranks)})",
+            )
 
 
 def plot_score_distributions(ranked: pd.DataFrame, path: Path) -> None:

@@ -1,6 +1,6 @@
-"""Embedding images with a model: the one loop over a shard dataset (the embed stage, and train's
-validation, subspace and initialisation passes) and the test-time-augmented views that the embed stage
-and predict share.
+"""Embedding images with a model: the one loop over a dataset (the embed stage; train's validation,
+subspace and initialisation passes; predict's photos, through ImageViews) and the test-time-augmented
+views that the embed stage and predict share.
 
 A model runs in eval mode on channels-last inputs (faster on GPUs and on CPUs alike: oneDNN's NHWC
 kernels, 1.4-1.8x for EfficientNet-Lite0 inference), under bf16 autocast on a GPU when `amp` is on.
@@ -99,6 +99,20 @@ class MultiScaleTransform:
 
     def __call__(self, image):
         return tuple(transform(image) for transform in self.transforms)
+
+
+class ImageViews(Dataset):
+    """Decoded images held in memory (predict's photos) as an `embed_dataset` dataset: item i is image
+    i's views through `transform` (a MultiScaleTransform), no label (-1) and its position i."""
+
+    def __init__(self, images: list, transform: MultiScaleTransform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), -1, i
 
 
 @torch.no_grad()

@@ -272,8 +272,9 @@ def load_photo(path: str, shard: dict, settings) -> Image.Image:
 
 
 def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: int, progress: bool) -> np.ndarray:
-    """Embeddings as the embed stage stores them (same views, rounded to its dtype)."""
-    from .embedding import MultiScaleTransform, embed_views, tta_sizes
+    """Embeddings as the embed stage stores them (same views, rounded to its dtype), by the embed
+    stage's loop over the photos held in memory."""
+    from .embedding import ImageViews, MultiScaleTransform, embed_dataset, embed_views, tta_sizes
 
     e = experiment.embed
     transform = MultiScaleTransform(
@@ -282,14 +283,17 @@ def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: 
         experiment.model.data_config["std"],
     )
     out = np.zeros((len(images), experiment.model.embedding_dim), np.float32)
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=f"embed {len(images)} photos", unit="batch", disable=not progress):
-        views = [transform(image) for image in images[start : start + batch_size]]
-        by_scale = [torch.stack([v[s] for v in views]) for s in range(len(views[0]))]
-        with torch.no_grad():
-            out[start : start + len(views)] = embed_views(
-                experiment.model, by_scale, experiment.device, flip=e["flip_tta"], amp=e["amp"]
-            )
+    embed_dataset(
+        experiment.model,
+        ImageViews(images, transform),
+        lambda by_scale: embed_views(experiment.model, by_scale, experiment.device, flip=e["flip_tta"], amp=e["amp"]),
+        out,
+        batch_size=batch_size,
+        workers=0,
+        device=experiment.device,
+        progress=progress,
+        desc=f"embed {len(images)} photos",
+    )
     return out.astype(e["dtype"]).astype(np.float32)
 
 
@@ -432,6 +436,7 @@ def predict(
     from .device import pick_device
     from .download import Settings
     from .index import gpu_count
+    from .predict_page import write_page
 
     started = time.perf_counter()
     torch_device = pick_device(device)
@@ -443,16 +448,8 @@ def predict(
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
     with _timed(seconds, "read"):
-        photos = collect_inputs(inputs, out_dir / "download", settings)
-        for photo in tqdm(photos, desc="read photos", unit="photo", disable=not progress):
-            if photo.error is None:
-                try:
-                    photo.image = load_photo(photo.file or photo.source, experiment.shard, settings)
-                except (StageError, OSError) as err:
-                    photo.error = f"{photo.source}: {err}"
-    for photo in photos:
-        if photo.error:
-            log.warning("%s", photo.error)
+        photos = read_photos(inputs, out_dir / "download", experiment.shard, settings, progress)
+    _log_errors(photos)
     answer(
         experiment,
         photos,
@@ -467,11 +464,43 @@ def predict(
     rows = records(photos, chosen)
     with _timed(seconds, "page"):
         write_outputs(rows, out_dir)
-        from .predict_page import write_page
-
         write_page(experiment, photos, rows, out_dir / "index.html", saliency=saliency)
+    summary = run_summary(experiment, photos, rows, chosen, torch_device, seconds, started)
+    write_json_atomic(out_dir / "predict.json", summary)
+    log.info(
+        "%d photos: %d answered (%d landmarks), %d failed, in %.1f s (%s); threshold %s (%s) -> %s",
+        *(summary[key] for key in ("photos", "answered", "landmarks", "failed", "total_seconds")),
+        ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+        chosen["threshold"],
+        chosen["source"],
+        out_dir,
+    )
+    return rows
+
+
+def read_photos(inputs, download_dir: Path, shard: dict, settings, progress: bool) -> list[Photo]:
+    """The input photos (downloaded where they are URLs), each decoded as the shard stage would store
+    it, or with an error saying why it cannot be."""
+    photos = collect_inputs(inputs, download_dir, settings)
+    for photo in tqdm(photos, desc="read photos", unit="photo", disable=not progress):
+        if photo.error is None:
+            try:
+                photo.image = load_photo(photo.file or photo.source, shard, settings)
+            except (StageError, OSError) as err:
+                photo.error = f"{photo.source}: {err}"
+    return photos
+
+
+def _log_errors(photos: list[Photo]) -> None:
+    for photo in photos:
+        if photo.error:
+            log.warning("%s", photo.error)
+
+
+def run_summary(experiment, photos, rows, chosen: dict, torch_device, seconds: dict, started: float) -> dict:
+    """predict.json: how many photos were answered and failed, the threshold, the device, the timings."""
     failed = sum(p.error is not None for p in photos)
-    summary = {
+    return {
         "experiment": str(experiment.path),
         "photos": len(photos),
         "answered": len(photos) - failed,
@@ -482,20 +511,6 @@ def predict(
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "total_seconds": round(time.perf_counter() - started, 3),
     }
-    write_json_atomic(out_dir / "predict.json", summary)
-    log.info(
-        "%d photos: %d answered (%d landmarks), %d failed, in %.1f s (%s); threshold %s (%s) -> %s",
-        len(photos),
-        summary["answered"],
-        summary["landmarks"],
-        failed,
-        summary["total_seconds"],
-        ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
-        chosen["threshold"],
-        chosen["source"],
-        out_dir,
-    )
-    return rows
 
 
 @contextlib.contextmanager

@@ -133,47 +133,11 @@ def plot_examples(
         ax.axis("off")
     if not examples:
         axes[0, 0].text(0, 0.5, "no predictions to show", fontsize=10)
-    group_colour = dict(EXAMPLE_GROUPS)
     previous_group = None
     for r, (group, row) in enumerate(examples):
-        query_ax = axes[r, 0]
-        query_ax.axis("on")
-        _show(query_ax, images.thumbnail(row["id"]))
-        verdict = CORRECT if row["correct"] else (WRONG if row["is_landmark"] else NON_LANDMARK)
-        _frame(query_ax, verdict, 5)
-        query_ax.set_title(
-            f"query {str(row['id'])[:14]}\ntruth: {_landmark_text(row['truth_landmark_id'])}\n"
-            f"predicted {int(row['landmark_id'])}, score {row['score']:.3f}",
-            fontsize=6.5,
-            color=verdict,
-            loc="left",
-        )
-        if group != previous_group:  # a heading over the first row of each group
-            query_ax.annotate(
-                group.upper(),
-                xy=(0, 1),
-                xycoords="axes fraction",
-                xytext=(0, 38),
-                textcoords="offset points",
-                fontsize=8.5,
-                fontweight="bold",
-                color=group_colour[group],
-                ha="left",
-                va="bottom",
-                annotation_clip=False,
-            )
-            previous_group = group
-        truth = row["truth_landmark_id"]
-        for c, (_, n) in enumerate(by_query.get(row["id"], pd.DataFrame()).iterrows(), start=1):
-            ax = axes[r, c]
-            ax.axis("on")
-            _show(ax, images.thumbnail(n["neighbour_id"]))
-            label = n["neighbour_landmark_id"]
-            right = not pd.isna(truth) and not pd.isna(label) and int(label) == int(truth)
-            colour = CORRECT if right else WRONG
-            _frame(ax, colour, 3)
-            label_text = "no label" if pd.isna(label) else f"lm {int(label)}"
-            ax.set_title(f"#{int(n['rank'])}  {label_text}\ncos {n['cosine']:.3f}", fontsize=6.5, color=colour)
+        _draw_example_query(axes[r, 0], row, images, group if group != previous_group else None)
+        previous_group = group
+        _draw_example_neighbours(axes[r, 1:], by_query.get(row["id"], pd.DataFrame()), row["truth_landmark_id"], images)
     shown = {group for group, _ in examples}
     empty = [group for group, _ in EXAMPLE_GROUPS if group not in shown]
     note = f"\n(nothing to show for: {'; '.join(empty)})" if empty and examples else ""
@@ -184,6 +148,48 @@ def plot_examples(
     )
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.75 / n_rows, bottom=0.02)
     _save(fig, path)
+
+
+def _draw_example_query(ax, row: pd.Series, images: ShardImages, heading: str | None) -> None:
+    """A query of plot_examples, framed by its verdict; `heading`: its group, over the group's first row."""
+    ax.axis("on")
+    _show(ax, images.thumbnail(row["id"]))
+    verdict = CORRECT if row["correct"] else (WRONG if row["is_landmark"] else NON_LANDMARK)
+    _frame(ax, verdict, 5)
+    ax.set_title(
+        f"query {str(row['id'])[:14]}\ntruth: {_landmark_text(row['truth_landmark_id'])}\n"
+        f"predicted {int(row['landmark_id'])}, score {row['score']:.3f}",
+        fontsize=6.5,
+        color=verdict,
+        loc="left",
+    )
+    if heading is not None:
+        ax.annotate(
+            heading.upper(),
+            xy=(0, 1),
+            xycoords="axes fraction",
+            xytext=(0, 38),
+            textcoords="offset points",
+            fontsize=8.5,
+            fontweight="bold",
+            color=dict(EXAMPLE_GROUPS)[heading],
+            ha="left",
+            va="bottom",
+            annotation_clip=False,
+        )
+
+
+def _draw_example_neighbours(axes, kept: pd.DataFrame, truth, images: ShardImages) -> None:
+    """A query's kept neighbours in rank order, one per axes, framed green when they show its landmark."""
+    for ax, (_, n) in zip(axes, kept.iterrows()):
+        ax.axis("on")
+        _show(ax, images.thumbnail(n["neighbour_id"]))
+        label = n["neighbour_landmark_id"]
+        right = not pd.isna(truth) and not pd.isna(label) and int(label) == int(truth)
+        colour = CORRECT if right else WRONG
+        _frame(ax, colour, 3)
+        label_text = "no label" if pd.isna(label) else f"lm {int(label)}"
+        ax.set_title(f"#{int(n['rank'])}  {label_text}\ncos {n['cosine']:.3f}", fontsize=6.5, color=colour)
 
 
 def plot_precision_vs_rank(
@@ -220,21 +226,7 @@ def plot_precision_vs_rank(
                 label=label("ranked by raw top-1 cosine (no reranking)", gap_raw),
             )
         if len(ranked) <= 20000:  # a rug of individual mistakes stays readable up to here
-            for mask, colour, name in (
-                (ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
-                (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query"),
-            ):
-                ranks = ranked.loc[mask, "rank"]
-                if len(ranks):
-                    ax.plot(
-                        ranks,
-                        np.full(len(ranks), 0.015),
-                        "|",
-                        color=colour,
-                        ms=9,
-                        mew=1,
-                        label=f"{name} at this rank ({len(ranks)})",
-                    )
+            _plot_mistake_rug(ax, ranked)
     else:
         ax.text(0.5, 0.5, "no predictions", ha="center", transform=ax.transAxes)
     ax.set(
@@ -248,6 +240,26 @@ def plot_precision_vs_rank(
     ax.legend(loc="lower left", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _plot_mistake_rug(ax, ranked: pd.DataFrame) -> None:
+    """Ticks along the bottom of plot_precision_vs_rank at the ranks of wrong landmarks and of
+    non-landmark queries."""
+    for mask, colour, name in (
+        (ranked["is_landmark"] & ~ranked["correct"], WRONG, "wrong landmark"),
+        (~ranked["is_landmark"], NON_LANDMARK, "non-landmark query"),
+    ):
+        ranks = ranked.loc[mask, "rank"]
+        if len(ranks):
+            ax.plot(
+                ranks,
+                np.full(len(ranks), 0.015),
+                "|",
+                color=colour,
+                ms=9,
+                mew=1,
+                label=f"{name} at this rank ({len(ranks)})",
+            )
 
 
 def plot_score_distributions(ranked: pd.DataFrame, path: Path) -> None:
@@ -415,28 +427,12 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
     plt = _pyplot()
     landmarks = most_confused_landmarks(outcomes, max_landmarks)
     if not landmarks:
-        fig, ax = plt.subplots(figsize=(6, 2.2))
-        ax.axis("off")
-        message = (
-            f"No mistakes on the {len(outcomes)} landmark test queries:\nevery one was given its own landmark."
-            if len(outcomes)
-            else "No landmark test queries: no confusion matrix."
-        )
-        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, transform=ax.transAxes)
-        ax.set_title("Most confused landmarks", fontsize=11)
-        _save(fig, path)
+        _plot_no_confusion(plt, outcomes, path)
         return
     matrix = confusion_matrix(outcomes, landmarks)
     counts = matrix.to_numpy()
     n_rows, n_cols = counts.shape
-    correct = np.array([[row == col for col in matrix.columns] for row in matrix.index])
-    # Mistakes and correct counts each scaled to their own largest count: a few mistakes beside many
-    # correct queries still stand out.
-    scale = np.where(correct, max(1, counts[correct].max(initial=0)), max(1, counts[~correct].max(initial=0)))
-    intensity = np.where(counts > 0, 0.25 + 0.75 * counts / scale, 0.0)
-    green, red = np.array([0.10, 0.60, 0.31]), np.array([0.84, 0.19, 0.15])
-    colour = np.where(correct[..., None], green, red)
-    rgb = 1 - intensity[..., None] * (1 - colour)  # white for 0, the full colour for the largest count
+    rgb, intensity = _confusion_colours(matrix)
     cell = 0.42
     fig, ax = plt.subplots(figsize=(max(6.5, cell * n_cols + 2.6), max(4.2, cell * n_rows + 2.4)))
     ax.imshow(rgb, aspect="equal", interpolation="nearest")
@@ -453,19 +449,7 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
                     fontsize=font,
                     color="white" if intensity[r, c] > 0.6 else "black",
                 )
-    queries = outcomes["truth_landmark_id"].value_counts()
-    ax.set_yticks(range(n_rows), [f"{lm}  (n={int(queries.get(lm, 0))})" for lm in matrix.index], fontsize=font)
-    ax.set_xticks(range(n_cols), [str(col) for col in matrix.columns], rotation=90, fontsize=font)
-    for extra in range(len(landmarks), n_cols):  # the non-landmark columns, set apart
-        ax.get_xticklabels()[extra].set_fontstyle("italic")
-    if n_cols > len(landmarks):
-        ax.axvline(len(landmarks) - 0.5, color=NEUTRAL, lw=1.2)
-    ax.set_xticks(np.arange(n_cols + 1) - 0.5, minor=True)
-    ax.set_yticks(np.arange(n_rows + 1) - 0.5, minor=True)
-    ax.grid(which="minor", color="#dddddd", lw=0.6)
-    ax.tick_params(which="minor", length=0)
-    ax.set_xlabel("predicted landmark")
-    ax.set_ylabel("true landmark (n: its queries)")
+    _label_confusion_axes(ax, matrix, outcomes, len(landmarks), font)
     wrong = outcomes[~outcomes["correct"]]
     involved = len(most_confused_landmarks(outcomes, max_landmarks=2 * len(wrong)))  # all of them
     shown = f"All {involved}" if involved == len(landmarks) else f"The {len(landmarks)} most confused of {involved}"
@@ -478,6 +462,53 @@ def plot_confusion(outcomes: pd.DataFrame, path: Path, max_landmarks: int = 20) 
     )
     fig.tight_layout()
     _save(fig, path)
+
+
+def _plot_no_confusion(plt, outcomes: pd.DataFrame, path: Path) -> None:
+    """plot_confusion's figure when no landmark query was given another landmark: a sentence saying so."""
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    ax.axis("off")
+    message = (
+        f"No mistakes on the {len(outcomes)} landmark test queries:\nevery one was given its own landmark."
+        if len(outcomes)
+        else "No landmark test queries: no confusion matrix."
+    )
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11, transform=ax.transAxes)
+    ax.set_title("Most confused landmarks", fontsize=11)
+    _save(fig, path)
+
+
+def _confusion_colours(matrix: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image, intensity) of a confusion matrix: green on the diagonal, red off it, white for 0."""
+    counts = matrix.to_numpy()
+    correct = np.array([[row == col for col in matrix.columns] for row in matrix.index])
+    # Mistakes and correct counts each scaled to their own largest count: a few mistakes beside many
+    # correct queries still stand out.
+    scale = np.where(correct, max(1, counts[correct].max(initial=0)), max(1, counts[~correct].max(initial=0)))
+    intensity = np.where(counts > 0, 0.25 + 0.75 * counts / scale, 0.0)
+    green, red = np.array([0.10, 0.60, 0.31]), np.array([0.84, 0.19, 0.15])
+    colour = np.where(correct[..., None], green, red)
+    rgb = 1 - intensity[..., None] * (1 - colour)  # white for 0, the full colour for the largest count
+    return rgb, intensity
+
+
+def _label_confusion_axes(ax, matrix: pd.DataFrame, outcomes: pd.DataFrame, n_landmarks: int, font: float) -> None:
+    """Tick labels (true landmarks with their query counts; the non-landmark columns in italics, set
+    apart), the cell grid and the axis labels."""
+    n_rows, n_cols = matrix.shape
+    queries = outcomes["truth_landmark_id"].value_counts()
+    ax.set_yticks(range(n_rows), [f"{lm}  (n={int(queries.get(lm, 0))})" for lm in matrix.index], fontsize=font)
+    ax.set_xticks(range(n_cols), [str(col) for col in matrix.columns], rotation=90, fontsize=font)
+    for extra in range(n_landmarks, n_cols):  # the non-landmark columns, set apart
+        ax.get_xticklabels()[extra].set_fontstyle("italic")
+    if n_cols > n_landmarks:
+        ax.axvline(n_landmarks - 0.5, color=NEUTRAL, lw=1.2)
+    ax.set_xticks(np.arange(n_cols + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(n_rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="#dddddd", lw=0.6)
+    ax.tick_params(which="minor", length=0)
+    ax.set_xlabel("predicted landmark")
+    ax.set_ylabel("true landmark (n: its queries)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,6 +528,14 @@ def pick_saliency_examples(ranked: pd.DataFrame, per_group: int = 4) -> list[tup
     return [(name, row) for name, frame in frames for _, row in frame.iterrows()]
 
 
+SALIENCY_HEADERS = (
+    "query (as the model sees it)",
+    "query: what matches the neighbour",
+    "top-1 neighbour",
+    "neighbour: what matches the query",
+)
+
+
 def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
     """One row per example: the query as the model sees it, where it resembles its top-1 neighbour
     (saliency overlay), the neighbour, and where the neighbour resembles the query. `panels` items:
@@ -513,75 +552,11 @@ def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
         ax.axis("off")
     if not panels:
         axes[0, 0].text(0, 0.5, f"no landmark query with a prediction to show{note}", fontsize=10)
-    headers = (
-        "query (as the model sees it)",
-        "query: what matches the neighbour",
-        "top-1 neighbour",
-        "neighbour: what matches the query",
-    )
-    group_colour = dict(SALIENCY_GROUPS)
     previous_group = None
     for r, panel in enumerate(panels):
-        verdict = CORRECT if panel["correct"] else WRONG
-        mark = "\u2713 right" if panel["correct"] else "\u2717 wrong"
-        neighbour_label, neighbour_id = panel.get("neighbour_landmark_id"), panel.get("neighbour_id")
-        neighbour_colour = (
-            NEUTRAL
-            if neighbour_id is None
-            else CORRECT
-            if neighbour_label is not None
-            and not pd.isna(neighbour_label)
-            and int(neighbour_label) == int(panel["truth_landmark_id"])
-            else WRONG
-        )
-        images = (
-            panel.get("query_view"),
-            panel.get("query_overlay"),
-            panel.get("neighbour_view"),
-            panel.get("neighbour_overlay"),
-        )
-        for c, image in enumerate(images):
-            ax = axes[r, c]
-            ax.axis("on")
-            _show(ax, image)
-            if image is None:
-                ax.set_aspect("equal")  # square like the model's views
-            _frame(ax, verdict if c < 2 else neighbour_colour, 4 if c in (0, 2) else 1.5)
-        axes[r, 0].set_title(
-            f"{mark}  query {str(panel['query_id'])[:16]}\n"
-            f"true {_landmark_text(panel['truth_landmark_id'])}\n"
-            f"predicted {int(panel['landmark_id'])}, confidence {panel['score']:.3f}",
-            fontsize=7,
-            color=verdict,
-            loc="left",
-        )
-        cosine = panel.get("cosine")
-        cosine_text = "" if cosine is None or pd.isna(cosine) else f", cos {cosine:.3f}"
-        axes[r, 2].set_title(
-            "no neighbour"
-            if neighbour_id is None
-            else f"neighbour {str(neighbour_id)[:16]}\n{_landmark_text(neighbour_label)}{cosine_text}",
-            fontsize=7,
-            color=neighbour_colour,
-            loc="left",
-        )
+        _draw_saliency_row(axes[r], panel)
         if r == 0 or panel["group"] != previous_group:
-            for c, header in enumerate(headers):
-                if c in (1, 3):
-                    axes[r, c].set_title(header, fontsize=7, color=NEUTRAL)
-            axes[r, 0].annotate(
-                f"{panel['group'].upper()} LANDMARK QUERIES",
-                xy=(0, 1),
-                xycoords="axes fraction",
-                xytext=(0, 34),
-                textcoords="offset points",
-                fontsize=8.5,
-                fontweight="bold",
-                color=group_colour.get(panel["group"], NEUTRAL),
-                ha="left",
-                va="bottom",
-                annotation_clip=False,
-            )
+            _draw_saliency_heading(axes[r], panel["group"])
             previous_group = panel["group"]
     fig.suptitle(
         "Where a query and its top-1 neighbour match (Grad-CAM on their cosine: red = pulls the "
@@ -592,3 +567,71 @@ def plot_saliency(panels: list[dict], path: Path, note: str = "") -> None:
     )
     fig.subplots_adjust(left=0.02, right=0.98, top=1 - 1.0 / height, bottom=0.05 / height)
     _save(fig, path)
+
+
+def _neighbour_colour(panel: dict) -> str:
+    """Grey without a neighbour, green when the neighbour shows the query's true landmark, red if not."""
+    if panel.get("neighbour_id") is None:
+        return NEUTRAL
+    label = panel.get("neighbour_landmark_id")
+    right = label is not None and not pd.isna(label) and int(label) == int(panel["truth_landmark_id"])
+    return CORRECT if right else WRONG
+
+
+def _draw_saliency_row(axes, panel: dict) -> None:
+    """One example of plot_saliency: its four images, framed, with the query's and the neighbour's titles."""
+    verdict = CORRECT if panel["correct"] else WRONG
+    mark = "\u2713 right" if panel["correct"] else "\u2717 wrong"
+    neighbour_label, neighbour_id = panel.get("neighbour_landmark_id"), panel.get("neighbour_id")
+    neighbour_colour = _neighbour_colour(panel)
+    images = (
+        panel.get("query_view"),
+        panel.get("query_overlay"),
+        panel.get("neighbour_view"),
+        panel.get("neighbour_overlay"),
+    )
+    for c, image in enumerate(images):
+        ax = axes[c]
+        ax.axis("on")
+        _show(ax, image)
+        if image is None:
+            ax.set_aspect("equal")  # square like the model's views
+        _frame(ax, verdict if c < 2 else neighbour_colour, 4 if c in (0, 2) else 1.5)
+    axes[0].set_title(
+        f"{mark}  query {str(panel['query_id'])[:16]}\n"
+        f"true {_landmark_text(panel['truth_landmark_id'])}\n"
+        f"predicted {int(panel['landmark_id'])}, confidence {panel['score']:.3f}",
+        fontsize=7,
+        color=verdict,
+        loc="left",
+    )
+    cosine = panel.get("cosine")
+    cosine_text = "" if cosine is None or pd.isna(cosine) else f", cos {cosine:.3f}"
+    axes[2].set_title(
+        "no neighbour"
+        if neighbour_id is None
+        else f"neighbour {str(neighbour_id)[:16]}\n{_landmark_text(neighbour_label)}{cosine_text}",
+        fontsize=7,
+        color=neighbour_colour,
+        loc="left",
+    )
+
+
+def _draw_saliency_heading(axes, group: str) -> None:
+    """Over the first row of a group: the overlay columns' headers and the group's name."""
+    for c, header in enumerate(SALIENCY_HEADERS):
+        if c in (1, 3):
+            axes[c].set_title(header, fontsize=7, color=NEUTRAL)
+    axes[0].annotate(
+        f"{group.upper()} LANDMARK QUERIES",
+        xy=(0, 1),
+        xycoords="axes fraction",
+        xytext=(0, 34),
+        textcoords="offset points",
+        fontsize=8.5,
+        fontweight="bold",
+        color=dict(SALIENCY_GROUPS).get(group, NEUTRAL),
+        ha="left",
+        va="bottom",
+        annotation_clip=False,
+    )

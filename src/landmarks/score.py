@@ -193,6 +193,109 @@ def _load_truth(selection_path, solution_path):
     raise StageError("give --selection or --solution for the ground truth")
 
 
+def read_predictions(predictions_path) -> pd.DataFrame:
+    """The predictions table, checked for the columns scoring needs."""
+    predictions = read_table(predictions_path)
+    missing = {"id", "landmark_id", "score"} - set(predictions.columns)
+    if missing:
+        raise StageError(f"{predictions_path}: missing column(s) {sorted(missing)}")
+    if "top_cosine" not in predictions:  # predictions from elsewhere: no separate raw cosine
+        predictions["top_cosine"] = predictions["score"]
+    return predictions
+
+
+def score_metrics(predictions: pd.DataFrame, truth: pd.DataFrame, predictions_path):
+    """(result, unreranked): the metrics of the predictions as given and ranked by the raw top-1 cosine."""
+    from . import metrics as gap_metrics
+
+    try:
+        result = gap_metrics.score_predictions(predictions, truth)
+        # The same labels ranked by the raw top-1 cosine show what the non-landmark reranking bought.
+        unreranked = gap_metrics.score_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
+    except (ValueError, TypeError) as err:
+        raise StageError(f"{predictions_path}: cannot be scored: {err}") from err
+    if result.n_ignored:
+        log.warning("%d predictions are for queries not in the ground truth: not scored", result.n_ignored)
+    return result, unreranked
+
+
+def metrics_summary(experiment, predictions, truth, result, unreranked, ground_truth) -> dict:
+    """The metrics of metrics.json, in the order they are written."""
+    return {
+        "experiment": experiment,
+        "gap": result.gap,
+        "gap_landmarks_only": result.gap_landmarks_only,
+        "accuracy": result.accuracy,
+        "gap_without_rerank": unreranked.gap,
+        "gap_landmarks_only_without_rerank": unreranked.gap_landmarks_only,
+        "gap_by_confidence": gap_by_confidence(predictions, truth),
+        "queries": result.n_queries,
+        "landmark_queries": result.n_landmark_queries,
+        "predictions": result.n_predictions,
+        "correct": result.n_correct,
+        "ground_truth": str(ground_truth),
+    }
+
+
+def usage_scores(predictions: pd.DataFrame, solution: pd.DataFrame) -> dict:
+    """GAP on the Public and Private rows of a Kaggle solution (those it has)."""
+    from . import metrics as gap_metrics
+
+    scores = {}
+    for usage in ("Public", "Private"):
+        part = solution[solution["usage"] == usage][["id", "landmarks"]]
+        if len(part):
+            scores[f"gap_{usage.lower()}"] = gap_metrics.score_predictions(predictions, part).gap
+    return scores
+
+
+def train_fields(train_summary_path) -> dict:
+    """What the report shows of the train stage's train.json (nothing when there is none)."""
+    if not (train_summary_path and Path(train_summary_path).exists()):
+        return {}
+    trained = json.loads(Path(train_summary_path).read_text())
+    return {
+        "val_gap": trained.get("best_val_gap"),
+        "best_epoch": trained.get("best_epoch"),
+        "train_seconds": trained.get("seconds"),
+    }
+
+
+def retrieve_fields(retrieve_summary_path, predictions: pd.DataFrame, truth: pd.DataFrame) -> dict:
+    """What the report shows of the retrieve stage's retrieve.json (nothing when there is none): its
+    settings and sizes, the confidences with its verification's min_inliers, and its verdict scored."""
+    if not (retrieve_summary_path and Path(retrieve_summary_path).exists()):
+        return {}
+    retrieved = json.loads(Path(retrieve_summary_path).read_text())
+    index = retrieved.get("index") or {}
+    recall = retrieved.get("recall") or {}
+    settings = retrieved.get("settings") or retrieved  # older retrieve.json: the settings at the top level
+    verify = settings.get("verify") or {}
+    fields = {
+        "prediction": retrieved.get("prediction"),
+        "rerank": settings.get("rerank"),
+        "k": settings.get("k"),
+        "index": index.get("type"),
+        "search_device": index.get("device"),
+        "verified_neighbours": verify.get("neighbours"),
+        "verified": retrieved.get("verified"),
+        "ann_recall_at_k": recall.get("recall_at_k"),
+        "ann_top1_in_top_k": recall.get("top1_in_top_k"),
+        "database_images": (retrieved.get("database") or {}).get("images"),
+        "bank_images": (retrieved.get("bank") or {}).get("images"),
+    }
+    if verify.get("min_inliers"):
+        fields["gap_by_confidence"] = gap_by_confidence(predictions, truth, verify["min_inliers"])
+    chosen = retrieved.get("nonlandmark_threshold") or {}
+    if chosen.get("threshold") is not None:
+        fields["verdict"] = {
+            **verdict_accuracy(predictions, truth, chosen["threshold"]),
+            "source": chosen.get("source"),
+            "val_right_decisions": chosen.get("accuracy"),
+        }
+    return fields
+
+
 def score(
     predictions_path,
     out_dir: Path,
@@ -207,104 +310,30 @@ def score(
     model_path=None,
     image_size: int | None = None,
 ) -> dict:
-    from . import metrics as gap_metrics
+    """Score the predictions against the ground truth; write metrics.json, report.md and the figures into
+    out_dir; returns the metrics."""
     from . import report
 
     if model_path and not Path(model_path).exists():
         raise StageError(f"{model_path}: model checkpoint not found")
-    predictions = read_table(predictions_path)
-    missing = {"id", "landmark_id", "score"} - set(predictions.columns)
-    if missing:
-        raise StageError(f"{predictions_path}: missing column(s) {sorted(missing)}")
-    if "top_cosine" not in predictions:  # predictions from elsewhere: no separate raw cosine
-        predictions["top_cosine"] = predictions["score"]
+    predictions = read_predictions(predictions_path)
     truth, solution = _load_truth(selection_path, solution_path)
-    try:
-        result = gap_metrics.score_predictions(predictions, truth)
-        # The same labels ranked by the raw top-1 cosine show what the non-landmark reranking bought.
-        unreranked = gap_metrics.score_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
-    except (ValueError, TypeError) as err:
-        raise StageError(f"{predictions_path}: cannot be scored: {err}") from err
-    if result.n_ignored:
-        log.warning("%d predictions are for queries not in the ground truth: not scored", result.n_ignored)
-    summary = {
-        "experiment": experiment,
-        "gap": result.gap,
-        "gap_landmarks_only": result.gap_landmarks_only,
-        "accuracy": result.accuracy,
-        "gap_without_rerank": unreranked.gap,
-        "gap_landmarks_only_without_rerank": unreranked.gap_landmarks_only,
-        "gap_by_confidence": gap_by_confidence(predictions, truth),
-        "queries": result.n_queries,
-        "landmark_queries": result.n_landmark_queries,
-        "predictions": result.n_predictions,
-        "correct": result.n_correct,
-        "ground_truth": str(solution_path or selection_path),
-    }
+    result, unreranked = score_metrics(predictions, truth, predictions_path)
+    summary = metrics_summary(experiment, predictions, truth, result, unreranked, solution_path or selection_path)
     if solution is not None:
-        for usage in ("Public", "Private"):
-            part = solution[solution["usage"] == usage][["id", "landmarks"]]
-            if len(part):
-                summary[f"gap_{usage.lower()}"] = gap_metrics.score_predictions(predictions, part).gap
-    if train_summary_path and Path(train_summary_path).exists():
-        trained = json.loads(Path(train_summary_path).read_text())
-        summary.update(
-            {
-                "val_gap": trained.get("best_val_gap"),
-                "best_epoch": trained.get("best_epoch"),
-                "train_seconds": trained.get("seconds"),
-            }
-        )
-    if retrieve_summary_path and Path(retrieve_summary_path).exists():
-        retrieved = json.loads(Path(retrieve_summary_path).read_text())
-        index = retrieved.get("index") or {}
-        recall = retrieved.get("recall") or {}
-        settings = retrieved.get("settings") or retrieved  # older retrieve.json: the settings at the top level
-        verify = settings.get("verify") or {}
-        summary.update(
-            {
-                "prediction": retrieved.get("prediction"),
-                "rerank": settings.get("rerank"),
-                "k": settings.get("k"),
-                "index": index.get("type"),
-                "search_device": index.get("device"),
-                "verified_neighbours": verify.get("neighbours"),
-                "verified": retrieved.get("verified"),
-                "ann_recall_at_k": recall.get("recall_at_k"),
-                "ann_top1_in_top_k": recall.get("top1_in_top_k"),
-                "database_images": (retrieved.get("database") or {}).get("images"),
-                "bank_images": (retrieved.get("bank") or {}).get("images"),
-            }
-        )
-        if verify.get("min_inliers"):
-            summary["gap_by_confidence"] = gap_by_confidence(predictions, truth, verify["min_inliers"])
-        chosen = retrieved.get("nonlandmark_threshold") or {}
-        if chosen.get("threshold") is not None:
-            summary["verdict"] = {
-                **verdict_accuracy(predictions, truth, chosen["threshold"]),
-                "source": chosen.get("source"),
-                "val_right_decisions": chosen.get("accuracy"),
-            }
+        summary.update(usage_scores(predictions, solution))
+    summary.update(train_fields(train_summary_path))
+    # update keeps the key order: a gap_by_confidence with verify's min_inliers stays where it was
+    summary.update(retrieve_fields(retrieve_summary_path, predictions, truth))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ranked = ranked_predictions(predictions, truth)
-    ranked_raw = ranked_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
     neighbours = read_table(neighbours_path) if neighbours_path else None
     per_class = report.per_class_accuracy(predictions, truth)
     outcomes = report.landmark_outcomes(predictions, truth)
     images = ShardImages(shard_dirs)
-    report.plot_examples(ranked, neighbours, images, out_dir / "examples.png")
-    report.plot_precision_vs_rank(
-        ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap, gap_raw=unreranked.gap
-    )
-    report.plot_score_distributions(ranked, out_dir / "score_distributions.png")
-    report.plot_per_class_accuracy(per_class, out_dir / "per_class_accuracy.png")
-    report.plot_confusion(outcomes, out_dir / "confusion.png")
-    saliency = False
-    if model_path:
-        saliency = _plot_saliency(model_path, image_size, ranked, neighbours, images, out_dir / "saliency.png")
-    else:
-        log.info("no --model given: saliency.png not written (it needs the model to compute the saliency maps)")
+    write_figures(out_dir, predictions, truth, ranked, neighbours, images, per_class, outcomes, result, unreranked)
+    saliency = _plot_saliency(model_path, image_size, ranked, neighbours, images, out_dir / "saliency.png")
     summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
     write_json_atomic(out_dir / "metrics.json", summary)
     write_text_atomic(out_dir / "report.md", render_report(summary, per_class, ranked, outcomes, saliency=saliency))
@@ -319,10 +348,30 @@ def score(
     return summary
 
 
+def write_figures(
+    out_dir: Path, predictions, truth, ranked, neighbours, images, per_class, outcomes, result, unreranked
+):
+    """The figures of FIGURES (report.py), into out_dir."""
+    from . import report
+
+    ranked_raw = ranked_predictions(predictions.assign(score=predictions["top_cosine"]), truth)
+    report.plot_examples(ranked, neighbours, images, out_dir / "examples.png")
+    report.plot_precision_vs_rank(
+        ranked, ranked_raw, out_dir / "precision_vs_rank.png", gap=result.gap, gap_raw=unreranked.gap
+    )
+    report.plot_score_distributions(ranked, out_dir / "score_distributions.png")
+    report.plot_per_class_accuracy(per_class, out_dir / "per_class_accuracy.png")
+    report.plot_confusion(outcomes, out_dir / "confusion.png")
+
+
 def _plot_saliency(model_path, image_size, ranked, neighbours, images, path: Path) -> bool:
+    """Whether saliency.png was written: it needs the model to compute the saliency maps."""
     from . import report
     from .model import model_from_checkpoint
 
+    if not model_path:
+        log.info("no --model given: saliency.png not written (it needs the model to compute the saliency maps)")
+        return False
     model, checkpoint = model_from_checkpoint(model_path)
     image_size = image_size or checkpoint["settings"]["image_size"]
     note = "" if neighbours is not None else " (no neighbours table given)"
@@ -340,8 +389,24 @@ def render_report(
     *,
     saliency: bool = False,
 ) -> str:
-    from . import report
+    """report.md: the metrics table, what the retrieval and the verdict did, the figures and the hardest
+    classes and confusions."""
+    lines = metric_lines(summary)
+    lines += confidence_lines(summary)
+    lines += retrieval_lines(summary)
+    lines += verdict_lines(summary)
+    lines += mistake_lines(ranked)
+    lines += figure_lines()
+    lines += hardest_class_lines(per_class)
+    if outcomes is not None:
+        lines += confusion_lines(outcomes)
+    if saliency:
+        lines += ["## Where queries and their neighbours match", "", "![saliency](saliency.png)", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
+
+def metric_lines(summary: dict) -> list[str]:
+    """The report's title and its table of metrics."""
     lines = [
         f"# Recognition report: {summary['experiment'] or 'test queries'}",
         "",
@@ -365,56 +430,82 @@ def render_report(
         f"| test queries (landmark / all) | {summary['landmark_queries']} / {summary['queries']} |",
         f"| predictions ranked (correct) | {summary['predictions']} ({summary['correct']}) |",
     ]
-    if summary.get("gap_by_confidence"):
-        lines += [
-            "",
-            "The same predicted landmarks ranked by other confidences (GAP):",
-            "",
-            "| confidence | GAP |",
-            "|---|---|",
-        ]
-        lines += [f"| {name} | {fmt(value)} |" for name, value in summary["gap_by_confidence"].items()]
-    if summary.get("rerank"):
-        lines += [
-            "",
-            f"Retrieval: {summary.get('index')} index on {summary.get('search_device')}, "
-            f"k = {summary.get('k')}, prediction `{summary.get('prediction')}`, "
-            f"reranking `{summary.get('rerank')}`; {summary.get('database_images')} database images, "
-            f"{summary.get('bank_images')} in the non-landmark bank.",
-        ]
-        if summary.get("verified_neighbours"):
-            lines.append(
-                f"Geometric verification of the first {summary['verified_neighbours']} neighbours: "
-                f"{summary.get('verified')} predictions verified (SIFT + RANSAC)."
-            )
-        if summary.get("ann_recall_at_k") is not None:
-            lines.append(
-                f"Approximate search against exact search on a sample of queries: recall@k "
-                f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "
-                f"{fmt(summary['ann_top1_in_top_k'])}."
-            )
-    if summary.get("verdict"):
-        v = summary["verdict"]
-        lines += [
-            "",
-            f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
-            f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
-            f"test queries {fmt(v['right_decisions'])} right decisions, against "
-            f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
-            f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "
-            f"{fmt(v['nonlandmark_rejected'])} of the non-landmark queries.",
-        ]
-    if ranked is not None and len(ranked):
-        wrong_landmark = int((ranked["is_landmark"] & ~ranked["correct"]).sum())
-        non_landmark = int((~ranked["is_landmark"]).sum())
-        first_wrong = ranked.loc[~ranked["correct"], "rank"]
-        lines += [
-            "",
-            f"Of {len(ranked)} ranked predictions, {wrong_landmark} name the wrong landmark and "
-            f"{non_landmark} are on non-landmark queries; the first mistake is at rank "
-            f"{int(first_wrong.iloc[0]) if len(first_wrong) else 'none'}.",
-        ]
-    lines += [
+    return lines
+
+
+def confidence_lines(summary: dict) -> list[str]:
+    """GAP of the same predicted landmarks ranked by other confidences (nothing when not computed)."""
+    if not summary.get("gap_by_confidence"):
+        return []
+    lines = [
+        "",
+        "The same predicted landmarks ranked by other confidences (GAP):",
+        "",
+        "| confidence | GAP |",
+        "|---|---|",
+    ]
+    return lines + [f"| {name} | {fmt(value)} |" for name, value in summary["gap_by_confidence"].items()]
+
+
+def retrieval_lines(summary: dict) -> list[str]:
+    """How the retrieve stage searched, verified and reranked (nothing without its retrieve.json)."""
+    if not summary.get("rerank"):
+        return []
+    lines = [
+        "",
+        f"Retrieval: {summary.get('index')} index on {summary.get('search_device')}, "
+        f"k = {summary.get('k')}, prediction `{summary.get('prediction')}`, "
+        f"reranking `{summary.get('rerank')}`; {summary.get('database_images')} database images, "
+        f"{summary.get('bank_images')} in the non-landmark bank.",
+    ]
+    if summary.get("verified_neighbours"):
+        lines.append(
+            f"Geometric verification of the first {summary['verified_neighbours']} neighbours: "
+            f"{summary.get('verified')} predictions verified (SIFT + RANSAC)."
+        )
+    if summary.get("ann_recall_at_k") is not None:
+        lines.append(
+            f"Approximate search against exact search on a sample of queries: recall@k "
+            f"{fmt(summary['ann_recall_at_k'])}, true nearest neighbour in the top k "
+            f"{fmt(summary['ann_top1_in_top_k'])}."
+        )
+    return lines
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """How predict's landmark / non-landmark verdict fares on the test queries (nothing without one)."""
+    if not summary.get("verdict"):
+        return []
+    v = summary["verdict"]
+    return [
+        "",
+        f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
+        f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
+        f"test queries {fmt(v['right_decisions'])} right decisions, against "
+        f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
+        f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "
+        f"{fmt(v['nonlandmark_rejected'])} of the non-landmark queries.",
+    ]
+
+
+def mistake_lines(ranked: pd.DataFrame | None) -> list[str]:
+    """What kinds of mistakes the ranked predictions make and where the first one is."""
+    if ranked is None or not len(ranked):
+        return []
+    wrong_landmark = int((ranked["is_landmark"] & ~ranked["correct"]).sum())
+    non_landmark = int((~ranked["is_landmark"]).sum())
+    first_wrong = ranked.loc[~ranked["correct"], "rank"]
+    return [
+        "",
+        f"Of {len(ranked)} ranked predictions, {wrong_landmark} name the wrong landmark and "
+        f"{non_landmark} are on non-landmark queries; the first mistake is at rank "
+        f"{int(first_wrong.iloc[0]) if len(first_wrong) else 'none'}.",
+    ]
+
+
+def figure_lines() -> list[str]:
+    """The sections showing the figures every score writes."""
+    return [
         "",
         "## Examples",
         "",
@@ -433,35 +524,42 @@ def render_report(
         "![per-class accuracy](per_class_accuracy.png)",
         "",
     ]
-    if len(per_class):
-        worst = per_class.head(10)
-        lines += ["### Hardest classes", "", "| landmark id | accuracy | queries |", "|---|---|---|"]
-        lines += [f"| {r.landmark_id} | {r.accuracy:.2f} | {r.queries} |" for r in worst.itertuples()]
-    if outcomes is not None:
-        lines += ["", "## Confusions", "", "![confusion matrix](confusion.png)", ""]
-        pairs = report.confused_pairs(outcomes)
-        unpredicted = int(outcomes["predicted_landmark_id"].isna().sum())
-        if len(pairs):
-            lines += [
-                "### Most confused pairs",
-                "",
-                "| true landmark | predicted landmark | queries |",
-                "|---|---|---|",
-            ]
-            lines += [
-                f"| {r.truth_landmark_id} | {r.predicted_landmark_id} | {r.queries} |"
-                for r in pairs.head(CONFUSED_PAIRS_LISTED).itertuples()
-            ]
-            lines.append("")
-            if len(pairs) > CONFUSED_PAIRS_LISTED:
-                lines += [f"({len(pairs)} confused pairs in all.)", ""]
-        else:
-            lines += ["No landmark query was given another landmark's id.", ""]
-        if unpredicted:
-            lines += [f"{unpredicted} of {len(outcomes)} landmark queries have no prediction.", ""]
-    if saliency:
-        lines += ["## Where queries and their neighbours match", "", "![saliency](saliency.png)", ""]
-    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def hardest_class_lines(per_class: pd.DataFrame) -> list[str]:
+    """The ten classes with the lowest accuracy (per_class comes sorted hardest first)."""
+    if not len(per_class):
+        return []
+    lines = ["### Hardest classes", "", "| landmark id | accuracy | queries |", "|---|---|---|"]
+    return lines + [f"| {r.landmark_id} | {r.accuracy:.2f} | {r.queries} |" for r in per_class.head(10).itertuples()]
+
+
+def confusion_lines(outcomes: pd.DataFrame) -> list[str]:
+    """The confusion figure, the most confused pairs and how many landmark queries have no prediction."""
+    from . import report
+
+    lines = ["", "## Confusions", "", "![confusion matrix](confusion.png)", ""]
+    pairs = report.confused_pairs(outcomes)
+    unpredicted = int(outcomes["predicted_landmark_id"].isna().sum())
+    if len(pairs):
+        lines += [
+            "### Most confused pairs",
+            "",
+            "| true landmark | predicted landmark | queries |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r.truth_landmark_id} | {r.predicted_landmark_id} | {r.queries} |"
+            for r in pairs.head(CONFUSED_PAIRS_LISTED).itertuples()
+        ]
+        lines.append("")
+        if len(pairs) > CONFUSED_PAIRS_LISTED:
+            lines += [f"({len(pairs)} confused pairs in all.)", ""]
+    else:
+        lines += ["No landmark query was given another landmark's id.", ""]
+    if unpredicted:
+        lines += [f"{unpredicted} of {len(outcomes)} landmark queries have no prediction.", ""]
+    return lines
 
 
 def main(argv=None) -> int:

@@ -315,10 +315,42 @@ class ShardWriter:
 
 
 def _remove_stale_outputs(out_dir: Path, part: int) -> list[Path]:
-    """Earlier results of this part in `out_dir`: its tables and its numbered shards."""
+    """Remove the earlier tables of this part in `out_dir`; returns its earlier numbered shards, which
+    this run overwrites or, when it writes fewer, `_remove_unreplaced` removes after it."""
     stale = [out_dir / name for name in ("index.parquet", "skipped.parquet", "shard.json")]
     stale += [p for p in out_dir.glob(f"shard-{part:02d}-*.tar") if SHARD_NAME.match(p.name)]
-    return [p for p in stale if p.exists()]
+    stale = [p for p in stale if p.exists()]
+    for path in stale:
+        if path.suffix != ".tar":
+            path.unlink()
+    return [p for p in stale if p.suffix == ".tar"]
+
+
+def _remove_unreplaced(stale_shards: list[Path], written: list[str]) -> None:
+    """Shards of an earlier, longer run that this one did not overwrite."""
+    for path in stale_shards:
+        if path.name not in written:
+            path.unlink()
+
+
+# shard_split's keyword arguments that config.yaml's shard section holds
+RESIZE_SETTINGS = ("resize_mode", "size", "upscale", "jpeg_quality", "images_per_shard", "max_shard_bytes", "seed")
+
+
+def check_settings(resize_mode: str, size: int, jpeg_quality: int, images_per_shard: int, max_shard_bytes: int):
+    """A StageError naming the first shard setting out of range."""
+    if resize_mode not in RESIZE_MODES:
+        raise StageError(f"shard.resize_mode: unknown mode {resize_mode!r} (choose from {', '.join(RESIZE_MODES)})")
+    for name, value, low in (
+        ("size", size, 1),
+        ("jpeg_quality", jpeg_quality, 1),
+        ("images_per_shard", images_per_shard, 1),
+        ("max_shard_bytes", max_shard_bytes, 1),
+    ):
+        if value < low:
+            raise StageError(f"shard.{name}: must be at least {low}, got {value}")
+    if not 1 <= jpeg_quality <= 100:
+        raise StageError(f"shard.jpeg_quality: must be 1..100, got {jpeg_quality}")
 
 
 def shard_split(
@@ -339,116 +371,98 @@ def shard_split(
     threads: int = 1,
 ) -> dict:
     """Resize and shard one part of one split; returns counts. Writes index.parquet last."""
-    if resize_mode not in RESIZE_MODES:
-        raise StageError(f"shard.resize_mode: unknown mode {resize_mode!r} (choose from {', '.join(RESIZE_MODES)})")
-    for name, value, low in (
-        ("size", size, 1),
-        ("jpeg_quality", jpeg_quality, 1),
-        ("images_per_shard", images_per_shard, 1),
-        ("max_shard_bytes", max_shard_bytes, 1),
-    ):
-        if value < low:
-            raise StageError(f"shard.{name}: must be at least {low}, got {value}")
-    if not 1 <= jpeg_quality <= 100:
-        raise StageError(f"shard.jpeg_quality: must be 1..100, got {jpeg_quality}")
+    check_settings(resize_mode, size, jpeg_quality, images_per_shard, max_shard_bytes)
     rows = part_rows(selection, split, part, parts, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     # The old index must go first: it would describe shards that this run overwrites.
-    stale = _remove_stale_outputs(out_dir, part)
-    for path in stale:
-        if path.suffix != ".tar":
-            path.unlink()
+    stale_shards = _remove_stale_outputs(out_dir, part)
     processes = max(1, min(threads, usable_cores()))
     tasks = [
         (i, None if pd.isna(p) else str(images_root / p), resize_mode, size, upscale, jpeg_quality)
         for i, p in enumerate(rows["path"])
     ]
     writer = ShardWriter(out_dir, f"shard-{part:02d}", images_per_shard, max_shard_bytes)
-    index, skipped = [], []
     started = time.perf_counter()
+    index, skipped = write_shards(writer, rows, tasks, processes, split, part)
+    _remove_unreplaced(stale_shards, writer.names)
+    elapsed = time.perf_counter() - started
+    counts = {
+        "split": split,
+        "part": part,
+        "parts": parts,
+        "rows": len(rows),
+        "written": len(index),
+        "skipped": len(skipped),
+        "shards": writer.number,
+        "processes": processes,
+        "seconds": round(elapsed, 2),
+    }
+    settings = dict(
+        zip(RESIZE_SETTINGS, (resize_mode, size, upscale, jpeg_quality, images_per_shard, max_shard_bytes, seed))
+    )
+    write_part_tables(out_dir, index, skipped, {**counts, "settings": settings, "shard_files": writer.names})
+    log.info(
+        "%s part %d/%d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s on %d processes)",
+        *(counts[key] for key in ("split", "part", "parts", "rows", "written", "shards", "skipped")),
+        len(index) / max(elapsed, 1e-9),
+        processes,
+    )
+    return counts
+
+
+def write_part_tables(out_dir: Path, index: list[dict], skipped: list[dict], record: dict) -> None:
+    """skipped.parquet, shard.json and, last, index.parquet (its presence marks the part complete)."""
+    index_df = pd.DataFrame(index, columns=SHARD_INDEX_COLUMNS)
+    index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
+    write_table(pd.DataFrame(skipped, columns=SHARD_SKIPPED_COLUMNS), out_dir / "skipped.parquet")
+    write_json_atomic(out_dir / "shard.json", record)
+    write_table(index_df, out_dir / "index.parquet")
+
+
+def write_shards(writer: ShardWriter, rows: pd.DataFrame, tasks: list, processes: int, split: str, part: int):
+    """(index rows, skipped rows): encode the tasks (one per row) and write each image that decodes into
+    the shards, in row order; closes the writer, or aborts it on any error."""
+    index, skipped = [], []
     try:
-        results = encode_all(tasks, processes)
         for i, data, width, height, error in tqdm(
-            results, total=len(tasks), desc=f"shard {split}/{part}", unit="img", mininterval=2.0
+            encode_all(tasks, processes), total=len(tasks), desc=f"shard {split}/{part}", unit="img", mininterval=2.0
         ):
             row = rows.iloc[i]
             if error is not None:
                 skipped.append({"id": row["id"], "path": row["path"], "error": error})
                 log.warning("skipping %s (%s): %s", row["id"], row["path"], error)
                 continue
-            landmark = None if pd.isna(row["landmark_id"]) else int(row["landmark_id"])
-            key = webdataset_key(row["id"])
-            meta = {"id": row["id"], "landmark_id": landmark, "split": split, "width": width, "height": height}
-            shard_name, offset, nbytes = writer.write(
-                key,
-                {
-                    "jpg": data,
-                    "cls": str(-1 if landmark is None else landmark).encode(),
-                    "json": json.dumps(meta, sort_keys=True).encode(),
-                },
-            )
-            index.append(
-                {
-                    "shard": shard_name,
-                    "key": key,
-                    "id": row["id"],
-                    "landmark_id": landmark,
-                    "width": width,
-                    "height": height,
-                    "offset": offset,
-                    "size": nbytes,
-                }
-            )
+            index.append(write_sample(writer, row, split, data, width, height))
     except BaseException:
         writer.abort()
         raise
     writer.close()
-    for path in stale:  # shards of an earlier, longer run that this one did not overwrite
-        if path.suffix == ".tar" and path.name not in writer.names:
-            path.unlink()
-    elapsed = time.perf_counter() - started
-    index_df = pd.DataFrame(index, columns=SHARD_INDEX_COLUMNS)
-    index_df["landmark_id"] = index_df["landmark_id"].astype("Int64")
-    counts = {
-        "split": split,
-        "part": part,
-        "parts": parts,
-        "rows": len(rows),
-        "written": len(index_df),
-        "skipped": len(skipped),
-        "shards": writer.number,
-        "processes": processes,
-        "seconds": round(elapsed, 2),
-    }
-    settings = {
-        "resize_mode": resize_mode,
-        "size": size,
-        "upscale": upscale,
-        "jpeg_quality": jpeg_quality,
-        "images_per_shard": images_per_shard,
-        "max_shard_bytes": max_shard_bytes,
-        "seed": seed,
-    }
-    write_table(pd.DataFrame(skipped, columns=SHARD_SKIPPED_COLUMNS), out_dir / "skipped.parquet")
-    write_json_atomic(out_dir / "shard.json", {**counts, "settings": settings, "shard_files": writer.names})
-    write_table(index_df, out_dir / "index.parquet")
-    log.info(
-        "%s part %d/%d: %d rows -> %d images in %d shards, %d skipped (%.1f images/s on %d processes)",
-        split,
-        part,
-        parts,
-        len(rows),
-        len(index_df),
-        writer.number,
-        len(skipped),
-        len(index_df) / max(elapsed, 1e-9),
-        processes,
+    return index, skipped
+
+
+def write_sample(writer: ShardWriter, row: pd.Series, split: str, data: bytes, width: int, height: int) -> dict:
+    """Write one encoded image with its label and metadata as a webdataset sample; its index row."""
+    landmark = None if pd.isna(row["landmark_id"]) else int(row["landmark_id"])
+    key = webdataset_key(row["id"])
+    meta = {"id": row["id"], "landmark_id": landmark, "split": split, "width": width, "height": height}
+    shard_name, offset, nbytes = writer.write(
+        key,
+        {
+            "jpg": data,
+            "cls": str(-1 if landmark is None else landmark).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        },
     )
-    return counts
-
-
-# shard_split's keyword arguments that config.yaml's shard section holds
-RESIZE_SETTINGS = ("resize_mode", "size", "upscale", "jpeg_quality", "images_per_shard", "max_shard_bytes", "seed")
+    return {
+        "shard": shard_name,
+        "key": key,
+        "id": row["id"],
+        "landmark_id": landmark,
+        "width": width,
+        "height": height,
+        "offset": offset,
+        "size": nbytes,
+    }
 
 
 def main(argv=None) -> int:

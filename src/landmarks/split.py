@@ -313,6 +313,40 @@ def _allow_open_files(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+def part_table(batch: pa.RecordBatch, first_row: int, columns: dict[str, str], csv_path: Path) -> pa.Table:
+    """A CSV batch as part rows (PART_SCHEMA): the CSV's columns by their canonical names, a null
+    landmark_id or split where the CSV has none, and each row's number in the CSV."""
+    n = batch.num_rows
+
+    def column(name: str) -> pa.Array:
+        return batch.column(batch.schema.get_field_index(columns[name]))
+
+    return pa.table(
+        {
+            "id": column("id"),
+            "url": column("url"),
+            "landmark_id": (
+                _parse_landmark_ids(column("landmark_id"), first_row, csv_path)
+                if "landmark_id" in columns
+                else pa.nulls(n, pa.int64())
+            ),
+            "split": _empty_to_null(column("split")) if "split" in columns else pa.nulls(n, pa.string()),
+            "row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+        },
+        schema=PART_SCHEMA,
+    )
+
+
+def _add_to_parts(writers: _PartWriters, table: pa.Table, parts: np.ndarray, partitions: int) -> None:
+    """Give each part writer its rows of `table` (`parts`: each row's part)."""
+    # A stable sort groups each part's rows while keeping their CSV order.
+    order = np.argsort(parts, kind="stable")
+    bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
+    for k in range(partitions):
+        if bounds[k + 1] > bounds[k]:
+            writers.add(k, table.take(pa.array(order[bounds[k] : bounds[k + 1]])))
+
+
 def split_csv(csv_path: str | Path, partitions: int, out_dir: str | Path) -> list[int]:
     """Write the P part files; return the number of rows in each."""
     csv_path, out_dir = Path(csv_path), Path(out_dir)
@@ -334,38 +368,12 @@ def split_csv(csv_path: str | Path, partitions: int, out_dir: str | Path) -> lis
         ]
         writers = _PartWriters(tmp_paths)
         for batch, first_row in _batches(csv_path, columns):
-            n = batch.num_rows
+            table = part_table(batch, first_row, columns, csv_path)
             ids = batch.column(batch.schema.get_field_index(columns["id"]))
-            table = pa.table(
-                {
-                    "id": ids,
-                    "url": batch.column(batch.schema.get_field_index(columns["url"])),
-                    "landmark_id": (
-                        _parse_landmark_ids(
-                            batch.column(batch.schema.get_field_index(columns["landmark_id"])), first_row, csv_path
-                        )
-                        if "landmark_id" in columns
-                        else pa.nulls(n, pa.int64())
-                    ),
-                    "split": (
-                        _empty_to_null(batch.column(batch.schema.get_field_index(columns["split"])))
-                        if "split" in columns
-                        else pa.nulls(n, pa.string())
-                    ),
-                    "row": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
-                },
-                schema=PART_SCHEMA,
-            )
             hashes = hash_ids(ids)
             id_hashes.append(hashes[pc.not_equal(ids, "").to_numpy(zero_copy_only=False)])
-            parts = hashes % np.uint64(partitions)
-            # A stable sort groups each part's rows while keeping their CSV order.
-            order = np.argsort(parts, kind="stable")
-            bounds = np.searchsorted(parts[order], np.arange(partitions + 1))
-            for k in range(partitions):
-                if bounds[k + 1] > bounds[k]:
-                    writers.add(k, table.take(pa.array(order[bounds[k] : bounds[k + 1]])))
-            total += n
+            _add_to_parts(writers, table, hashes % np.uint64(partitions), partitions)
+            total += batch.num_rows
         if total == 0:
             raise StageError(f"{csv_path}: the CSV has a header but no rows")
         problem = _find_duplicates(csv_path, columns, np.concatenate(id_hashes))

@@ -14,6 +14,7 @@ from landmarks import embed, embedding
 from landmarks.common import StageError
 from landmarks.loader import ShardDataset, ShardIndex, eval_transform
 from landmarks.model import LandmarkModel
+from landmarks.tables import EMBEDDING_IDS_COLUMNS
 
 SIZE = 48  # the simple CNN pools 5 times: 32 px at least
 
@@ -150,7 +151,7 @@ def test_rows_follow_the_shard_index_in_float16_with_ids(shards, model_file, tmp
     index = ShardIndex.from_dirs([shards]).table
     assert ids["id"].tolist() == index["id"].tolist()
     assert ids["landmark_id"].tolist() == index["landmark_id"].tolist()
-    assert {"shard", "key"} <= set(ids.columns)  # where each row came from
+    assert list(ids.columns) == EMBEDDING_IDS_COLUMNS  # landmarks.tables: what retrieve and predict read
     # Two DataLoader workers read interleaved slices; rows still land in index order.
     model = _load_model(model_file)
     parallel = embed.compute_embeddings(

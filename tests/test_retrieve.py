@@ -13,6 +13,7 @@ from landmarks import ranking, retrieve
 from landmarks.common import StageError
 from landmarks.embed import write_embeddings
 from landmarks.metrics import read_submission_csv, score_predictions
+from landmarks.tables import NEIGHBOURS_COLUMNS, PREDICTIONS_COLUMNS
 
 
 def _unit(rows):
@@ -75,6 +76,8 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert predictions["landmark_id"].iloc[:8].tolist() == truth_labels.tolist()  # well separated clusters
     neighbours = pd.read_parquet(out / "neighbours.parquet")
+    # The tables score and predict read, as landmarks.tables declares them (no verification: no inliers).
+    assert list(predictions.columns) == PREDICTIONS_COLUMNS and list(neighbours.columns) == NEIGHBOURS_COLUMNS
     assert (
         len(neighbours) == 14 * 5
         and neighbours.groupby("query_id")["rank"].apply(list).map(lambda r: r == [1, 2, 3, 4, 5]).all()

@@ -31,11 +31,10 @@ from .common import StageError, atomic_path, read_table, run_cli, setup_logging,
 from .config import add_settings_argument, parse_settings
 from .device import pick_device
 from .embedding import MultiScaleTransform, embed_dataset, embed_views, tta_sizes
-from .loader import ShardDataset, ShardIndex  # the loader owns the eval transform
+from .loader import ShardDataset, ShardIndex
+from .tables import EMBEDDING_IDS_COLUMNS
 
 log = logging.getLogger("landmarks.embed")
-
-ID_COLUMNS = ["id", "landmark_id", "shard", "key"]
 
 
 @torch.no_grad()
@@ -101,7 +100,7 @@ def ids_path(embeddings_path: str | Path) -> Path:
 def id_table(index: ShardIndex) -> pd.DataFrame:
     """The rows of the embedding array: id, landmark_id (nullable) and where each image came from."""
     table = index.table
-    return pd.DataFrame(
+    ids = pd.DataFrame(
         {
             "id": table["id"].astype(str).to_numpy(),
             "landmark_id": table["landmark_id"].astype("Int64").to_numpy(),
@@ -109,6 +108,7 @@ def id_table(index: ShardIndex) -> pd.DataFrame:
             "key": table["key"].astype(str).to_numpy(),
         }
     )
+    return ids[EMBEDDING_IDS_COLUMNS]
 
 
 def write_embeddings(embeddings: np.ndarray, ids: pd.DataFrame, out: Path, dtype: str = "float16") -> None:

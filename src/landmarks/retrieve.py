@@ -69,6 +69,7 @@ from .index import (
     write_index,
 )
 from .ranking import Predictions, label_rule_name, predict, reranking
+from .tables import EMBEDDING_IDS_COLUMNS
 
 log = logging.getLogger("landmarks.retrieve")
 
@@ -493,7 +494,7 @@ def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) ->
     (id, landmark, where the image is, B_j) and the bank index."""
     write_index(cpu_index(db.index, about), out_dir / "index.faiss")
     write_index(cpu_index(db.bank_index, bank_about), out_dir / "bank.faiss")
-    table = db.ids[[c for c in ("id", "landmark_id", "shard", "key") if c in db.ids.columns]].copy()
+    table = db.ids[[c for c in EMBEDDING_IDS_COLUMNS if c in db.ids.columns]].copy()
     table["landmark_id"] = table["landmark_id"].astype("Int64")
     if "shard" in table:  # relative to this folder: predict finds them from anywhere, and after a move
         table["shard"] = [os.path.relpath(Path(shard).resolve(), out_dir.resolve()) for shard in table["shard"]]

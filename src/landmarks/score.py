@@ -32,6 +32,7 @@ from .common import StageError, read_table, run_cli, setup_logging, write_json_a
 from .config import add_settings_argument, parse_settings
 from .formatting import fmt
 from .loader import ShardImages
+from .tables import SCORED_PREDICTIONS_COLUMNS
 
 log = logging.getLogger("landmarks.score")
 
@@ -196,7 +197,7 @@ def _load_truth(selection_path, solution_path):
 def read_predictions(predictions_path) -> pd.DataFrame:
     """The predictions table, checked for the columns scoring needs."""
     predictions = read_table(predictions_path)
-    missing = {"id", "landmark_id", "score"} - set(predictions.columns)
+    missing = set(SCORED_PREDICTIONS_COLUMNS) - set(predictions.columns)
     if missing:
         raise StageError(f"{predictions_path}: missing column(s) {sorted(missing)}")
     if "top_cosine" not in predictions:  # predictions from elsewhere: no separate raw cosine

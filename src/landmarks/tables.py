@@ -166,3 +166,15 @@ SELECTION_COLUMNS = tuple(SELECTION_SCHEMA.names)
 # offset/size locate the JPEG bytes inside the tar; shard is the tar's file name (its folder's own).
 SHARD_INDEX_COLUMNS = ["shard", "key", "id", "landmark_id", "width", "height", "offset", "size"]
 SHARD_SKIPPED_COLUMNS = ["id", "path", "error"]
+
+# ----------------------------------------------------------------------------- embed and retrieve
+
+# embed -> retrieve, predict: <split>.ids.parquet, one row per row of <split>.npy, in the same order.
+EMBEDDING_IDS_COLUMNS = ["id", "landmark_id", "shard", "key"]
+
+# retrieve -> score, report: neighbours.parquet (k rows per query) and predictions.parquet (one row per
+# query; landmark_id and score null when there is no answer). Both gain `inliers` when verification is on.
+NEIGHBOURS_COLUMNS = ["query_id", "rank", "neighbour_id", "neighbour_landmark_id", "cosine"]
+PREDICTIONS_COLUMNS = ["id", "landmark_id", "score", "top_cosine", "other_cosine", "bank_cosine"]
+# What score needs of a predictions table (one from elsewhere, in Kaggle's terms, has no cosines).
+SCORED_PREDICTIONS_COLUMNS = ["id", "landmark_id", "score"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image, ImageOps
 
 from landmarks.common import StageError
@@ -93,12 +94,6 @@ def raw_get(port: int, path: str) -> tuple[int, dict, bytes]:
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
         conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tree_hashes(root: Path) -> dict[str, str]:

@@ -351,7 +351,7 @@ def split_csv(csv_path: str | Path, partitions: int, out_dir: str | Path) -> lis
     """Write the P part files; return the number of rows in each."""
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     if partitions < 1:
-        raise StageError(f"--partitions must be at least 1 (got {partitions})")
+        raise StageError(f"split.partitions must be at least 1 (got {partitions})")
     started = time.monotonic()
     columns = _column_names(csv_path)
     if "landmark_id" not in columns:

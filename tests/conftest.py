@@ -138,3 +138,15 @@ def trained(shards, tmp_path_factory):
         == 0
     )
     return out
+
+
+def save_tiny_model(path: Path, image_size: int) -> Path:
+    """A model.pt as the train stage writes it, of an untrained simple_cnn (16-d, seeded): what embed,
+    score and predict load."""
+    from landmarks.model import LandmarkModel
+
+    torch.manual_seed(0)
+    model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
+    settings = {"backbone": "simple_cnn", "embedding_dim": 16, "gem_p": 3.0, "pooling": "gem", "image_size": image_size}
+    torch.save({"model": model.state_dict(), "data_config": model.data_config, "settings": settings}, path)
+    return path

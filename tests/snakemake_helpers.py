@@ -12,6 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
 TEST_CONFIG = REPO / ".test" / "config.yaml"  # the tiny demo that runs the whole DAG: --configfile .test/config.yaml
+# Every rule of the default target (`all`); `predict` runs only when asked for.
+DAG_RULES = frozenset(
+    {"demo", "split", "download", "places365", "select", "shard", "train", "embed", "retrieve", "score", "summary"}
+)
 
 
 def snakemake(

@@ -7,13 +7,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_image_set, write_shards
+from conftest import save_tiny_model, write_image_set, write_shards
 from PIL import Image, ImageDraw
 
 from landmarks import embed, embedding
 from landmarks.common import StageError
 from landmarks.loader import ShardDataset, ShardIndex, eval_transform
-from landmarks.model import LandmarkModel
 from landmarks.tables import EMBEDDING_IDS_COLUMNS
 
 SIZE = 48  # the simple CNN pools 5 times: 32 px at least
@@ -55,24 +54,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
-    path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "data_config": model.data_config,
-            "settings": {
-                "backbone": "simple_cnn",
-                "embedding_dim": 16,
-                "gem_p": 3.0,
-                "pooling": "gem",
-                "image_size": SIZE,
-            },
-        },
-        path,
-    )
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model.pt", SIZE)
 
 
 def _load_model(path):

@@ -6,15 +6,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import write_image_set, write_shards
+from conftest import save_tiny_model, write_image_set, write_shards
 from PIL import Image, ImageDraw
 
 from landmarks import formatting, report, score, summary
 from landmarks.common import StageError
 from landmarks.loader import ShardImages
 from landmarks.metrics import score_predictions
-from landmarks.model import LandmarkModel
 
 
 @pytest.fixture()
@@ -239,22 +237,7 @@ def with_model(results):
         selection, folder / "images", folder / "shards", ("test", "train"), size=SHARD_SIZE, images_per_shard=8
     )
     dirs = [str(out) for out in shard_dirs]
-    torch.manual_seed(0)
-    model = LandmarkModel("simple_cnn", "none", embedding_dim=16).eval()
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "data_config": model.data_config,
-            "settings": {
-                "backbone": "simple_cnn",
-                "embedding_dim": 16,
-                "gem_p": 3.0,
-                "pooling": "gem",
-                "image_size": 64,
-            },
-        },
-        folder / "model.pt",
-    )
+    save_tiny_model(folder / "model.pt", 64)
     return folder, dirs, folder / "model.pt"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import free_port
-from snakemake_helpers import TEST_CONFIG, job_stats, jobs
+from snakemake_helpers import DAG_RULES, TEST_CONFIG, job_stats, jobs
 from snakemake_helpers import snakemake as run_snakemake
 
 from landmarks.config import deep_merge
@@ -29,19 +29,6 @@ from landmarks.config import deep_merge
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
 START_SCRIPT = "../shared/slurm/start-local-slurm.sh"
-DAG_RULES = {
-    "demo",
-    "split",
-    "download",
-    "places365",
-    "select",
-    "shard",
-    "train",
-    "embed",
-    "retrieve",
-    "score",
-    "summary",
-}
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 

@@ -10,12 +10,17 @@ are served from a local HTTP server on 127.0.0.1 (with one broken link), a Googl
 Queries (the `test` split): the web photos (landmark queries) and half of the non-landmark photos
 (non-landmark queries); the other half is the non-landmark bank. Non-landmark photos of one scene (two
 frames of a room, the street) go to the same side, so the bank never holds a near copy of a query.
-Regimes (both with the same queries):
+Regimes:
   full     all 250 Paris6k photos; `select` assigns val (10% of each landmark) and train;
-  fewshot  5 train photos and 1 val photo per landmark (drawn by the seed), the other Paris6k photos unused:
-           the long tail of Google Landmarks, where most landmarks have a handful of photos.
+  fewshot  5 train photos and 1 val photo per landmark (drawn by the seed): the long tail of Google
+           Landmarks, where most landmarks have a handful of photos;
+  oneshot  1 train photo and 1 val photo per landmark: the database holds one photo of each landmark.
+In fewshot and oneshot the Paris6k photos left over that show their landmark (official ground truth
+`ok`; the `junk` views stay unused) are queries too: 8 times more landmark queries than the web photos
+alone, by other Flickr users. The tables give GAP over each kind of landmark query (with every
+non-landmark query) beside the GAP over all of them.
 Each regime runs once per seed (`--seeds`): the seed draws the few-shot photos, the val split, the bank
-half of the non-landmark photos and the training seed. One photo moves GAP by ~0.02 here, so compare
+half of the non-landmark photos and the training seed. One web photo moves GAP by ~0.02, so compare
 means over seeds, never one run.
 
 Prints one table per regime: every experiment's GAP, GAP on landmark queries only, top-1 accuracy, GAP
@@ -23,7 +28,7 @@ ranked by the raw top-1 cosine (no reranking), val GAP, as mean ± standard devi
 each experiment's GAP minus the untrained backbone's on the same seed. Writes the per-seed values to
 `bench/out/real_photos/results-<regimes>.csv` and the tables to `results-<regimes>.md` beside it.
 
-    .venv/bin/python bench/real_photos.py                          # both regimes, seeds 0 1 2 (about 1 h on 2 cores)
+    .venv/bin/python bench/real_photos.py                          # every regime, seeds 0 1 2 (about 1 h on 2 cores)
     .venv/bin/python bench/real_photos.py --regimes fewshot --seeds 0 --experiments pretrained finetuned
     .venv/bin/python bench/real_photos.py --variants               # also the variants that did not win
     .venv/bin/python bench/real_photos.py --test-time --out bench/out/real_photos_test_time  # embedding sizes
@@ -47,6 +52,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -55,8 +61,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "bench" / "out" / "real_photos"
-REGIMES = ("full", "fewshot")
-FEWSHOT_TRAIN, FEWSHOT_VAL = 5, 1
+# labels.csv split value -> role of the photo ("draw": the seed draws queries from them)
+ROLES = {"paris6k": "database", "web_query": "query", "train": "database", "test": "query", "all": "draw"}
+QUERY_FRACTION = 0.3  # of each landmark's photos, in a folder with no queries of its own
+# regime -> (train, val) photos per landmark drawn by the seed; None: select assigns all of them.
+REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1)}
 
 # The experiments every run compares. Every key not set here takes the schema's default, so
 # `finetuned` is what a user gets without touching the train/embed/retrieve sections.
@@ -119,27 +128,67 @@ TEST_TIME = {
 }
 
 
+class PhotoFolders(NamedTuple):
+    """The real photos a run uses: landmark photos and non-landmark photos, each a folder with labels.csv."""
+
+    landmarks: Path
+    distractors: Path
+
+
 def stable_rank(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def landmark_rows(data: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
-    labels = pd.read_csv(data / "paris6k_subset" / "labels.csv", dtype=str)
-    labels["url"] = base_url + "/paris6k_subset/" + labels["path"]
-    queries = labels[labels["split"] == "web_query"].assign(split="test")
-    photos = labels[labels["split"] == "paris6k"].assign(split="")
-    if regime == "fewshot":
+def read_landmarks(folder: Path, seed: int) -> pd.DataFrame:
+    """A landmark photo folder's labels.csv as id, path, landmark_id, role and shows_landmark.
+
+    role: `database` (what the regimes train on and search) or `query` (always a test query). Paris6k
+    photos are database photos and the web photos queries; a folder in the `train`/`test` format keeps
+    its split; a folder of `all` photos gets QUERY_FRACTION of each landmark's photos as queries, drawn
+    by the seed. shows_landmark: the official Paris6k ground truth says `ok` (True where there is none)."""
+    path = folder / "labels.csv"
+    labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"id", "path", "landmark_id"} - set(labels)
+    if missing:
+        raise SystemExit(f"{path}: no column(s) {sorted(missing)} (needs id, path, landmark_id[, split])")
+    split = labels["split"] if "split" in labels else pd.Series("all", index=labels.index)
+    unknown = set(split) - set(ROLES)
+    if unknown:
+        raise SystemExit(f"{path}: unknown split value(s) {sorted(unknown)}; known: {sorted(ROLES)}")
+    role = split.map(ROLES)
+    drawn = labels.assign(rank=[stable_rank(seed, i) for i in labels["id"]]).sort_values("rank")
+    drawn = drawn[role[drawn.index] == "draw"]
+    place = drawn.groupby("landmark_id").cumcount()
+    size = drawn.groupby("landmark_id")["id"].transform("size")
+    role[drawn.index] = np.where(place < np.ceil(QUERY_FRACTION * size), "query", "database")
+    shows = labels["paris6k_gt"].isin(["ok", ""]) if "paris6k_gt" in labels else True
+    return labels[["id", "path", "landmark_id"]].assign(role=role, shows_landmark=shows)
+
+
+def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
+    labels = read_landmarks(folder, seed)
+    labels["url"] = f"{base_url}/{folder.name}/" + labels["path"]
+    queries = labels[labels["role"] == "query"].assign(split="test", source="query")
+    photos = labels[labels["role"] == "database"].assign(split="", source="database")
+    if REGIMES[regime]:
+        n_train, n_val = REGIMES[regime]
         photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
-        place = photos.groupby("landmark_id").cumcount()
-        photos = photos[place < FEWSHOT_TRAIN + FEWSHOT_VAL].assign(
-            split=np.where(place[place < FEWSHOT_TRAIN + FEWSHOT_VAL] < FEWSHOT_TRAIN, "train", "val")
+        place = photos.groupby("landmark_id").cumcount().to_numpy()
+        split = np.select(
+            [place < n_train, place < n_train + n_val, photos["shows_landmark"].to_numpy()],
+            ["train", "val", "test"],
+            default="unused",
         )
-    return pd.concat([photos, queries])[["id", "url", "landmark_id", "split"]]
+        photos = photos.assign(split=split, source=np.where(split == "test", "heldout", "database"))
+        photos = photos[photos["split"] != "unused"]
+    return pd.concat([photos, queries])[["id", "url", "landmark_id", "split", "source"]]
 
 
-def nonlandmark_rows(data: Path, base_url: str, seed: int) -> pd.DataFrame:
+def nonlandmark_rows(folder: Path, base_url: str, seed: int) -> pd.DataFrame:
     """Half the scenes (by image count) are queries, the rest the bank; a scene never straddles both."""
-    labels = pd.read_csv(data / "distractors" / "labels.csv", dtype=str)
+    labels = pd.read_csv(folder / "labels.csv", dtype=str)
+    if "scene" not in labels:
+        labels["scene"] = labels["id"]
     scenes = labels.groupby("scene").size().rename("n").reset_index()
     scenes["rank"] = [stable_rank(seed, s) for s in scenes["scene"]]
     scenes = scenes.sort_values("rank")
@@ -148,23 +197,26 @@ def nonlandmark_rows(data: Path, base_url: str, seed: int) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "id": labels["id"],
-            "url": base_url + "/distractors/" + labels["path"],
+            "url": f"{base_url}/{folder.name}/" + labels["path"],
             "landmark_id": "",
             "split": labels["split"],
+            "source": "nonlandmark",
         }
     )
 
 
-def urls_table(data: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
-    rows = pd.concat([landmark_rows(data, base_url, regime, seed), nonlandmark_rows(data, base_url, seed)])
+def urls_table(photos: PhotoFolders, base_url: str, regime: str, seed: int) -> pd.DataFrame:
+    landmarks = landmark_rows(photos.landmarks, base_url, regime, seed)
+    rows = pd.concat([landmarks, nonlandmark_rows(photos.distractors, base_url, seed)])
     # One broken link, as every real CSV has: its row must end in the manifest as a failure, and nothing else.
     broken = pd.DataFrame(
         [
             {
                 "id": "broken_link_0",
-                "url": base_url + "/paris6k_subset/images/missing.jpg",
-                "landmark_id": "0",
+                "url": f"{base_url}/{photos.landmarks.name}/images/missing.jpg",
+                "landmark_id": landmarks["landmark_id"].iloc[0],
                 "split": "",
+                "source": "broken",
             }
         ]
     )
@@ -191,8 +243,15 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def serve(directory: Path, port: int) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(QuietHandler, directory=str(directory))
+def serve(photos: PhotoFolders, root: Path, port: int) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve each photo folder under its own name (a link in `root`), so the URLs stay the same from run to run."""
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in photos:
+        link = root / folder.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(folder, target_is_directory=True)
+    handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -230,9 +289,31 @@ def snakemake(workdir: Path, cores: int) -> None:
     print(f"  {workdir.name}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def collect(workdir: Path, regime: str, seed: int, experiments: dict) -> list[dict]:
+def gaps_by_query_source(predictions: pd.DataFrame, table: pd.DataFrame) -> dict[str, float]:
+    """GAP over each kind of landmark query (with every non-landmark query), by the experiment's own
+    confidence and by the raw top-1 cosine: the folder's queries (Paris: web photos by other cameras) and
+    the database photos held out of the few-shot regimes."""
+    from landmarks.metrics import score_predictions
+
+    test = table[table["split"] == "test"]
+    truth = pd.DataFrame(
+        {"id": test["id"], "landmarks": [[int(x)] if x else [] for x in test["landmark_id"]], "source": test["source"]}
+    )
+    gaps = {}
+    for source in ("query", "heldout"):
+        if not (truth["source"] == source).any():
+            continue
+        subset = truth[truth["source"].isin([source, "nonlandmark"])]
+        chosen = predictions[predictions["id"].isin(subset["id"])]
+        gaps[f"gap_{source}"] = score_predictions(chosen, subset).gap
+        gaps[f"gap_{source}_raw"] = score_predictions(chosen.assign(score=chosen["top_cosine"]), subset).gap
+    return gaps
+
+
+def collect(workdir: Path, regime: str, seed: int, experiments: dict, table: pd.DataFrame) -> list[dict]:
     rows = []
     for name in experiments:
+        predictions = pd.read_parquet(workdir / "results" / "experiments" / name / "retrieve" / "predictions.parquet")
         metrics = json.loads((workdir / "results" / "experiments" / name / "score" / "metrics.json").read_text())
         trained = json.loads((workdir / "results" / "experiments" / name / "train" / "train.json").read_text())
         by_confidence = {
@@ -246,6 +327,7 @@ def collect(workdir: Path, regime: str, seed: int, experiments: dict) -> list[di
                 "experiment": name,
                 "selected": trained.get("selected"),
                 **{key: metrics.get(key) for key in COLUMNS},
+                **gaps_by_query_source(predictions, table),
                 **by_confidence,
                 **verdict,
             }
@@ -259,6 +341,10 @@ COLUMNS = {
     "accuracy": "top-1 accuracy",
     "gap_without_rerank": "GAP raw top-1 cosine",
     "val_gap": "val GAP",
+    "gap_query": "GAP query photos",
+    "gap_query_raw": "same, raw top-1 cosine",
+    "gap_heldout": "GAP held-out photos",
+    "gap_heldout_raw": "same, raw top-1 cosine",
 }
 # score's GAP of the same labels by other confidences (metrics.json "gap_by_confidence") -> column title
 CONFIDENCES = {
@@ -301,7 +387,9 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
             if rows.empty:
                 continue
             gain = rows.set_index("seed")["gap"] - baseline.reindex(rows["seed"]).to_numpy()
-            cells = [mean_sd(rows[key]) for key in COLUMNS] + [mean_sd(gain) if name != "pretrained" else ""]
+            cells = [mean_sd(rows[key]) if key in rows else "n/a" for key in COLUMNS] + [
+                mean_sd(gain) if name != "pretrained" else ""
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         confidences = [c for c in CONFIDENCES.values() if c in table and table[c].notna().any()]
         lines += [
@@ -340,10 +428,18 @@ def render(results: pd.DataFrame, experiments: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.Namespace, dict]:
+    """The command line, and the experiments it asks for (name -> spec; `pretrained` always first)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="folder with paris6k_subset/ and distractors/")
-    parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    parser.add_argument(
+        "--landmarks",
+        type=Path,
+        default=None,
+        help="another folder of landmark photos with a labels.csv (id,path,landmark_id[,split]) instead of "
+        "DATA/paris6k_subset; its results go to bench/out/real_photos-<folder name> unless --out says otherwise",
+    )
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--experiments", nargs="+", default=None, help="names to run (default: all)")
     parser.add_argument("--variants", action="store_true", help="also run the variants that did not win")
@@ -353,19 +449,15 @@ def main() -> int:
         help="the test-time variants instead (embedding size, multi-scale); use their own --out",
     )
     parser.add_argument("--train", default="{}", help="JSON train settings for every experiment (e.g. a backbone)")
-    parser.add_argument("--out", type=Path, default=OUT, help="working folders and the result tables")
+    parser.add_argument("--out", type=Path, default=None, help=f"working folders and the result tables ({OUT})")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument(
         "--port", type=int, default=8766, help="port of the local photo server (fixed: the CSVs name it)"
     )
     parser.add_argument("--fresh", action="store_true", help="delete earlier runs' working folders first")
     args = parser.parse_args()
-    if not (args.data / "paris6k_subset" / "labels.csv").exists() or not (args.data / "distractors").exists():
-        print(
-            f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
-            f"paris6k_subset/ and distractors/)"
-        )
-        return 0
+    if args.out is None:
+        args.out = OUT if args.landmarks is None else OUT.with_name(f"{OUT.name}-{args.landmarks.resolve().name}")
     known = {**EXPERIMENTS, **VARIANTS, **TEST_TIME}
     catalogue = {**EXPERIMENTS, **(VARIANTS if args.variants else {})}
     if args.test_time:
@@ -375,10 +467,32 @@ def main() -> int:
         if unknown:
             parser.error(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")
         catalogue = {name: known[name] for name in args.experiments}
-    if "pretrained" not in catalogue:
-        catalogue = {"pretrained": EXPERIMENTS["pretrained"], **catalogue}
+    return args, {"pretrained": EXPERIMENTS["pretrained"], **catalogue}
+
+
+def photo_folders(args: argparse.Namespace) -> PhotoFolders | None:
+    """The photo folders, or None (saying why) when they are not there."""
+    photos = PhotoFolders(
+        (args.landmarks or args.data / "paris6k_subset").resolve(), (args.data / "distractors").resolve()
+    )
+    if args.landmarks is not None and not (photos.landmarks / "labels.csv").exists():
+        raise SystemExit(f"--landmarks {args.landmarks}: no labels.csv there")
+    if not all((folder / "labels.csv").exists() for folder in photos):
+        print(
+            f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
+            f"paris6k_subset/ and distractors/)"
+        )
+        return None
+    return photos
+
+
+def main() -> int:
+    args, catalogue = parse_args()
+    photos = photo_folders(args)
+    if photos is None:
+        return 0
     train = json.loads(args.train)
-    server, base_url = serve(args.data, args.port)
+    server, base_url = serve(photos, args.out / "www", args.port)
     results = []
     try:
         for regime in args.regimes:
@@ -388,15 +502,15 @@ def main() -> int:
                     shutil.rmtree(workdir)
                 workdir.mkdir(parents=True, exist_ok=True)
                 urls_csv = workdir / "urls.csv"
-                write_if_changed(urls_csv, urls_table(args.data, base_url, regime, seed).to_csv(index=False))
+                table = urls_table(photos, base_url, regime, seed)
+                write_if_changed(urls_csv, table.drop(columns="source").to_csv(index=False))
                 config = run_config(regime, seed, urls_csv.resolve(), catalogue, train)
                 write_if_changed(workdir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
                 snakemake(workdir, args.cores)
-                results += collect(workdir, regime, seed, catalogue)
+                results += collect(workdir, regime, seed, catalogue, table)
     finally:
         server.shutdown()
     frame = pd.DataFrame(results)
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "results-" + "+".join(args.regimes)  # runs of other regimes may go on side by side
     frame.to_csv(args.out / f"{name}.csv", index=False)
     text = render(frame, catalogue)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "real_photos.py"
@@ -19,10 +20,16 @@ def load_bench():
 
 
 def stand_in_data(root: Path) -> Path:
-    """labels.csv files in the format of ../shared/data: 3 landmarks x 9 photos + 2 web photos each,
+    """labels.csv files in the format of ../shared/data: 3 landmarks x 9 photos (one a junk view) + 2 web photos each,
     and non-landmark photos of 6 scenes (one scene of 4 frames)."""
     landmarks = [
-        {"id": f"lm{lm}_{i}", "path": f"images/{lm}/{i}.jpg", "landmark_id": lm, "split": "paris6k"}
+        {
+            "id": f"lm{lm}_{i}",
+            "path": f"images/{lm}/{i}.jpg",
+            "landmark_id": lm,
+            "split": "paris6k",
+            "paris6k_gt": "junk" if i == 8 else "ok",
+        }
         for lm in range(3)
         for i in range(9)
     ]
@@ -43,27 +50,57 @@ def stand_in_data(root: Path) -> Path:
     return root
 
 
-def test_fewshot_csv_keeps_five_train_and_one_val_photo_per_landmark(tmp_path):
+def folders(data: Path):
+    return load_bench().PhotoFolders(data / "paris6k_subset", data / "distractors")
+
+
+def test_fewshot_csv_keeps_five_train_and_one_val_photo_per_landmark_and_queries_the_rest(tmp_path):
     bench = load_bench()
     data = stand_in_data(tmp_path / "data")
     for seed in (0, 1):
-        table = bench.urls_table(data, "http://127.0.0.1:1", "fewshot", seed)
+        table = bench.urls_table(folders(data), "http://127.0.0.1:1", "fewshot", seed)
         photos = table[table["id"].str.startswith("lm")]
-        assert photos.groupby(["landmark_id", "split"]).size().unstack().to_dict("list") == {
-            "train": [5, 5, 5],
-            "val": [1, 1, 1],
-        }
-        assert set(table.loc[table["id"].str.startswith("web"), "split"]) == {"test"}  # web photos are the queries
-    picked = [set(bench.urls_table(data, "u", "fewshot", seed).query("split == 'train'")["id"]) for seed in (0, 1)]
+        counts = photos.groupby(["landmark_id", "split"]).size().unstack()
+        assert counts[["train", "val"]].to_dict("list") == {"train": [5, 5, 5], "val": [1, 1, 1]}
+        # the photos left over are queries, except the junk views (which may be drawn for training)
+        junk_left_over = 1 - photos["id"].str.endswith("_8").groupby(photos["landmark_id"]).sum()
+        assert (counts["test"] == 3 - junk_left_over).all()
+        assert not photos.loc[photos["split"] == "test", "id"].str.endswith("_8").any()
+        assert set(table.loc[table["id"].str.startswith("web"), "split"]) == {"test"}  # web photos are queries
+        sources = table[table["split"] == "test"].groupby("source").size().to_dict()
+        assert (sources["heldout"], sources["query"]) == (counts["test"].sum(), 6) and sources["nonlandmark"] > 0
+    picked = [
+        set(bench.urls_table(folders(data), "u", "fewshot", seed).query("split == 'train'")["id"]) for seed in (0, 1)
+    ]
     assert picked[0] != picked[1]  # the seed draws the few shots
-    full = bench.urls_table(data, "u", "full", 0)
+    oneshot = bench.urls_table(folders(data), "u", "oneshot", 0)
+    assert oneshot.query("split == 'train'").groupby("landmark_id").size().tolist() == [1, 1, 1]
+    full = bench.urls_table(folders(data), "u", "full", 0)
     assert (full.loc[full["id"].str.startswith("lm"), "split"] == "").all()  # select assigns val and train
+
+
+def test_gap_by_query_source_scores_each_kind_of_landmark_query_with_every_nonlandmark_query(tmp_path):
+    bench = load_bench()
+    table = pd.DataFrame(
+        {
+            "id": ["web_a", "held_b", "nl_c", "train_d"],
+            "landmark_id": ["1", "2", "", "1"],
+            "split": ["test", "test", "test", "train"],
+            "source": ["query", "heldout", "nonlandmark", "database"],
+        }
+    )
+    # web_a right but ranked below the non-landmark query; held_b right and first; by top-1 cosine reversed
+    predictions = pd.DataFrame(
+        {"id": ["web_a", "held_b", "nl_c"], "landmark_id": [1, 2, 1], "score": [0.2, 0.9, 0.5]}
+    ).assign(top_cosine=[0.9, 0.1, 0.5])
+    gaps = bench.gaps_by_query_source(predictions, table)
+    assert gaps == {"gap_query": 0.5, "gap_query_raw": 1.0, "gap_heldout": 1.0, "gap_heldout_raw": 0.5}
 
 
 def test_nonlandmark_scenes_never_straddle_queries_and_bank(tmp_path):
     bench = load_bench()
     data = stand_in_data(tmp_path / "data")
-    table = bench.urls_table(data, "http://127.0.0.1:1", "full", 3)
+    table = bench.urls_table(folders(data), "http://127.0.0.1:1", "full", 3)
     nonlandmark = table[table["landmark_id"] == ""].assign(scene=lambda t: t["id"].str.rsplit("_", n=1).str[0])
     assert (nonlandmark.groupby("scene")["split"].nunique() == 1).all()
     assert set(nonlandmark["split"]) == {"test", "nonlandmark"}
@@ -77,3 +114,30 @@ def test_skips_with_the_reason_when_the_photos_are_absent(tmp_path):
     )
     assert result.returncode == 0 and "SKIPPED: no real photos at" in result.stdout
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_folder_without_queries_of_its_own_lends_a_share_of_each_landmark_to_the_queries(tmp_path):
+    bench = load_bench()
+    data = stand_in_data(tmp_path / "data")
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = [{"id": f"p{lm}_{i}", "path": f"{lm}/{i}.jpg", "landmark_id": lm} for lm in range(2) for i in range(10)]
+    pd.DataFrame(rows).to_csv(other / "labels.csv", index=False)  # no split column: every photo is "all"
+    photos = bench.PhotoFolders(other, data / "distractors")
+    full = bench.urls_table(photos, "http://127.0.0.1:1", "full", 0)
+    landmarks = full[full["id"].str.startswith("p")]
+    assert landmarks.groupby(["landmark_id", "split"]).size().to_dict() == {
+        ("0", ""): 7,
+        ("0", "test"): 3,  # ceil(0.3 x 10) queries per landmark
+        ("1", ""): 7,
+        ("1", "test"): 3,
+    }
+    assert full["url"].str.startswith("http://127.0.0.1:1/other/").sum() == 21  # 20 photos and the broken link
+    fewshot = bench.urls_table(photos, "u", "fewshot", 0)
+    assert fewshot.query("split == 'test' and source == 'heldout'").groupby("landmark_id").size().tolist() == [1, 1]
+    queries = [set(bench.urls_table(photos, "u", "full", seed).query("source == 'query'")["id"]) for seed in (0, 1)]
+    assert queries[0] != queries[1]  # the seed draws them
+
+    pd.DataFrame(rows).assign(split="holdout").to_csv(other / "labels.csv", index=False)
+    with pytest.raises(SystemExit, match=r"labels.csv: unknown split value\(s\) \['holdout'\]"):
+        bench.urls_table(photos, "u", "full", 0)

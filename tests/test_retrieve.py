@@ -217,18 +217,21 @@ def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
     cosines = np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float32)
     positions, db_labels = np.array([[0, 1, 2], [3, 4, -1]]), np.array([1, 2, 1, 4, 4])
     inliers = np.array([[3, 40, 0], [12, 0, 0]])  # query 1: the second neighbour (landmark 2) is the same place
-    settings = {"min_inliers": 10, "relabel": True}
+    settings = {"min_inliers": 10, "relabel": True, "weight": 1.0, "full_inliers": None}
     forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, settings)
     assert forced.tolist() == [2, 4] and is_verified.tolist() == [[False, True, False], [True, False, False]]
     base = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     assert base.label.tolist() == [2, 4] and base.confidence == pytest.approx([0.8, 0.6])  # the new label's cosine
-    result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, weight=1.0)
+    result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, settings)
     assert result.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0]) and label_inliers.tolist() == [40, 12]
+    # graded: 40 inliers earn the whole weight, 12 only 12/40 of it, so the better-verified answer ranks first
+    graded, _ = retrieve.verified(base, labels, is_verified, inliers, {**settings, "weight": 0.5, "full_inliers": 40})
+    assert graded.confidence == pytest.approx([0.8 + 0.5, 0.6 + 0.5 * 12 / 40])
     forced, labels, is_verified = retrieve.verified_labels(
         positions, db_labels, inliers, {**settings, "relabel": False}
     )
     kept = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
-    kept, _ = retrieve.verified(kept, labels, is_verified, inliers, weight=1.0)
+    kept, _ = retrieve.verified(kept, labels, is_verified, inliers, settings)
     assert kept.label.tolist() == [1, 4] and kept.confidence == pytest.approx([0.9, 1.6])  # landmark 1 unverified
 
 

@@ -80,6 +80,36 @@ def test_every_model_separates_and_is_reproducible(features, model):
     assert same[0] > 2 * max(unrelated, settings.min_inliers), (model, same, unrelated)
 
 
+def with_watermark(image: Image.Image) -> Image.Image:
+    """The picture with a stock-agency strip along its bottom: a textured logo and text, always at the same spot."""
+    marked = image.copy()
+    w, h = marked.size
+    marked.paste(scene(99, size=(110, 36)), (6, h - 40))
+    draw = ImageDraw.Draw(marked)
+    draw.rectangle([120, h - 40, w, h], fill=(10, 10, 10))
+    for row in range(3):
+        draw.text((126, h - 38 + 12 * row), f"Image ID: 2X{row}R4K7 www.agency.example", fill=(240, 240, 240))
+    return marked
+
+
+def test_a_watermark_both_photos_carry_does_not_verify_them(views):
+    marked = [extract(with_watermark(scene(seed)), SETTINGS) for seed in (1, 2)]
+    counting_static = VerifySettings(ignore_static=False)
+    assert count_inliers(*marked, counting_static) >= SETTINGS.min_inliers  # the overlay alone would verify
+    assert count_inliers(*marked, SETTINGS) < SETTINGS.min_inliers
+    # the same place still verifies through the overlay, and an exact copy (all matches in place) too
+    same_place = [extract(with_watermark(scene(1))), extract(with_watermark(Image.fromarray(second_view(scene(1)))))]
+    assert count_inliers(*same_place, SETTINGS) >= 2 * SETTINGS.min_inliers
+    assert count_inliers(marked[0], marked[0], SETTINGS) >= 4 * SETTINGS.min_inliers
+
+
+def test_ignoring_static_matches_leaves_a_second_view_alone(features):
+    # Only the few points the warp happens to leave in place go (RANSAC then draws other samples).
+    kept = count_inliers(features["a"], features["a2"], SETTINGS)
+    everything = count_inliers(features["a"], features["a2"], VerifySettings(ignore_static=False))
+    assert abs(kept - everything) <= 0.05 * everything, (kept, everything)
+
+
 def test_features_respect_max_side_and_max_features(views):
     big = views["a"].resize((1600, 1200))
     small = extract(big, VerifySettings(max_side=300, max_features=50))

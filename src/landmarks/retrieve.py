@@ -192,14 +192,17 @@ def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.nd
 
 
 def verified(
-    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, weight: float
+    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, v: dict
 ) -> tuple[Predictions, np.ndarray]:
-    """A prediction whose label has a verified neighbour gains `weight` in confidence, which puts the
-    verified answers above the unverified ones. Returns them and each query's best inlier count for its
-    label (`labels`, `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
+    """A prediction whose label has a verified neighbour gains confidence: `weight` x its best inlier
+    count over `full_inliers` (at most 1; full_inliers null = min_inliers: every verified answer gains the
+    whole weight). Returns them and each query's best inlier count for its label (`labels`,
+    `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
     of_label = labels == result.label[:, None]
     label_inliers = np.where(of_label, inliers, 0).max(axis=1)
-    confidence = result.confidence + weight * (of_label & is_verified).any(axis=1)
+    evidence = np.where(of_label & is_verified, inliers, 0).max(axis=1)
+    full = v.get("full_inliers") or v["min_inliers"]
+    confidence = result.confidence + v["weight"] * np.minimum(evidence / full, 1.0)
     return result._replace(confidence=confidence), label_inliers
 
 
@@ -246,7 +249,8 @@ def verify_neighbours_of(query_ids, db_ids, positions, images: ImageSource, v: d
             f"retrieve.verify: {len(missing)} images are in none of the shards ({shards}), e.g. "
             f"{missing[0]!r}; give their shards (--shards), or set retrieve.verify.neighbours: 0"
         )
-    settings = VerifySettings(**{key: v[key] for key in ("max_side", "max_features", "ratio", "model", "min_inliers")})
+    keys = ("max_side", "max_features", "ratio", "model", "min_inliers", "ignore_static")
+    settings = VerifySettings(**{key: v[key] for key in keys})
     return verify_neighbours(list(query_ids), neighbour_ids, images.image, settings, threads=threads)
 
 
@@ -331,7 +335,7 @@ def answer_queries(
         )
         if relabelled.any():
             result = predict(cosines, positions, db.labels, labels=forced, **options)
-        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"]["weight"])
+        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"])
     seconds["predict"] = seconds.get("predict", 0.0) + time.perf_counter() - started
     return Answers(result, cosines, positions, query_bank, inliers, label_inliers)
 
@@ -352,7 +356,7 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
     for label in candidates:
         result = predict(cosines, positions, db.labels, labels=np.array([label]), **options)
         if answers.inliers is not None:
-            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings["verify"]["weight"])
+            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings["verify"])
         scored.append((label, float(result.confidence[0])))
     if predicted >= 0:  # the rule's answer stays first, whatever the others score
         scored[0] = (predicted, float(answers.predictions.confidence[row]))

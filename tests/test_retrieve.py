@@ -266,7 +266,8 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
     )
     by_id = predictions.set_index("id")
     assert by_id.loc["q", "landmark_id"] == 2 and by_id.loc["q", "inliers"] >= 10
-    assert by_id.loc["q", "score"] == pytest.approx(0.6 + 1.0, abs=1e-6)  # its cosine to db_b + the bonus
+    bonus = 0.25 * min(by_id.loc["q", "inliers"] / 40, 1)  # the schema's weight x inliers / full_inliers
+    assert by_id.loc["q", "score"] == pytest.approx(0.6 + bonus, abs=1e-6)  # its cosine to db_b + the bonus
     assert by_id.loc["q2", "landmark_id"] == 1 and by_id.loc["q2", "inliers"] < 10  # unverified: cosine only
     neighbours = pd.read_parquet(out / "neighbours.parquet")
     assert neighbours["inliers"].notna().sum() == 4  # 2 queries x 2 verified neighbours; rank 3 not checked

@@ -164,19 +164,7 @@ def _draw_example_query(ax, row: pd.Series, images: ShardImages, heading: str | 
         loc="left",
     )
     if heading is not None:
-        ax.annotate(
-            heading.upper(),
-            xy=(0, 1),
-            xycoords="axes fraction",
-            xytext=(0, 38),
-            textcoords="offset points",
-            fontsize=8.5,
-            fontweight="bold",
-            color=dict(EXAMPLE_GROUPS)[heading],
-            ha="left",
-            va="bottom",
-            annotation_clip=False,
-        )
+        _group_heading(ax, heading.upper(), dict(EXAMPLE_GROUPS)[heading], offset=38)
 
 
 def _draw_example_neighbours(axes, kept: pd.DataFrame, truth, images: ShardImages) -> None:
@@ -617,21 +605,26 @@ def _draw_saliency_row(axes, panel: dict) -> None:
     )
 
 
+def _group_heading(ax, text: str, color, offset: float) -> None:
+    """A group's name in bold, `offset` points above the top left corner of its first panel."""
+    ax.annotate(
+        text,
+        xy=(0, 1),
+        xycoords="axes fraction",
+        xytext=(0, offset),
+        textcoords="offset points",
+        fontsize=8.5,
+        fontweight="bold",
+        color=color,
+        ha="left",
+        va="bottom",
+        annotation_clip=False,
+    )
+
+
 def _draw_saliency_heading(axes, group: str) -> None:
     """Over the first row of a group: the overlay columns' headers and the group's name."""
     for c, header in enumerate(SALIENCY_HEADERS):
         if c in (1, 3):
             axes[c].set_title(header, fontsize=7, color=NEUTRAL)
-    axes[0].annotate(
-        f"{group.upper()} LANDMARK QUERIES",
-        xy=(0, 1),
-        xycoords="axes fraction",
-        xytext=(0, 34),
-        textcoords="offset points",
-        fontsize=8.5,
-        fontweight="bold",
-        color=dict(SALIENCY_GROUPS).get(group, NEUTRAL),
-        ha="left",
-        va="bottom",
-        annotation_clip=False,
-    )
+    _group_heading(axes[0], f"{group.upper()} LANDMARK QUERIES", dict(SALIENCY_GROUPS).get(group, NEUTRAL), offset=34)

@@ -70,7 +70,10 @@ REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1)}
 # The experiments every run compares. Every key not set here takes the schema's default, so
 # `finetuned` is what a user gets without touching the train/embed/retrieve sections.
 EXPERIMENTS = {
-    "pretrained": {"description": "ImageNet backbone + GeM, not trained", "train": {"epochs": 0}},
+    "pretrained": {
+        "description": "ImageNet backbone + GeM, not trained",
+        "train": {"epochs": 0, "whitening": "none"},
+    },
     "finetuned": {"description": "the defaults: fine-tuned"},
 }
 # Variants measured while choosing the defaults (README: "What was tried"); `--variants` adds them.
@@ -87,13 +90,19 @@ VARIANTS: dict[str, dict] = {
             "lr": 1e-3,
             "wise_alpha": 1.0,
             "min_steps_per_epoch": 1,
+            "whitening": "none",
         },
         "retrieve": {"rerank": "seed004", "verify": {"neighbours": 0}},
     },
     "pretrained_no_verify": {
         "description": "pretrained, without geometric verification",
-        "train": {"epochs": 0},
+        "train": {"epochs": 0, "whitening": "none"},
         "retrieve": {"verify": {"neighbours": 0}},
+    },
+    "no_whitening": {"description": "no learned whitening", "train": {"whitening": "none"}},
+    "whitening_only": {
+        "description": "not fine-tuned, only the learned whitening",
+        "train": {"epochs": 0},
     },
     "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
     "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
@@ -117,12 +126,12 @@ VARIANTS: dict[str, dict] = {
 TEST_TIME = {
     "pretrained_320": {
         "description": "not trained, embedded at 320 px",
-        "train": {"epochs": 0},
+        "train": {"epochs": 0, "whitening": "none"},
         "embed": {"image_size": 320},
     },
     "pretrained_multiscale": {
         "description": "not trained, embedded at 224 x 0.75, 1, 1.25 (averaged)",
-        "train": {"epochs": 0},
+        "train": {"epochs": 0, "whitening": "none"},
         "embed": {"scales": [0.75, 1.0, 1.25]},
     },
 }

@@ -24,7 +24,8 @@ from landmarks.sampler import SeededDataset, TrainBatchSampler, cluster_classes
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny timm model at 32 px: these tests are about the loop, not about accuracy. A plain recipe (a
-# linear neck, one pass over the data per epoch, no WiSE-FT, BatchNorm statistics updated) so that
+# linear neck, one pass over the data per epoch, no WiSE-FT, BatchNorm statistics updated, no learned
+# whitening) so that
 # each test turns on the option it is about.
 TINY = {
     "backbone": "test_efficientnet",
@@ -41,6 +42,7 @@ TINY = {
     "freeze_bn": False,
     "wise_alpha": 1.0,
     "min_steps_per_epoch": 1,
+    "whitening": "none",
 }
 
 
@@ -457,6 +459,37 @@ def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards
             expected = start[key] + 0.25 * (trained - start[key])
             assert torch.allclose(selected["model"][key], expected, atol=1e-6), key
     assert not torch.equal(selected["model"]["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])
+
+
+def test_the_learned_whitening_is_fitted_on_the_selected_weights_and_judged_by_val(shards, tmp_path):
+    """model.pt carries the whitening of its own train embeddings; val GAP is the whitened one; train.json
+    and metrics.csv give the GAP before it, so a user sees what it did."""
+    from landmarks.model import model_from_checkpoint
+    from landmarks.whitening import fit_whitening
+
+    settings = settings_for({**TINY, "epochs": 1, "whitening": "learned"})
+    metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "w", settings, device=torch.device("cpu"))
+    assert all("val_gap_unwhitened" in row and 0 < row["whitening_shrinkage"] <= 1 for row in metrics)
+    summary = json.loads((tmp_path / "w" / "train.json").read_text())
+    best = metrics[summary["best_epoch"]]
+    assert summary["whitening"] == {
+        "shrinkage": best["whitening_shrinkage"],
+        "val_gap_unwhitened": best["val_gap_unwhitened"],
+    }
+
+    saved = checkpoint(tmp_path / "w" / "model.pt")["model"]
+    model, _ = model_from_checkpoint(tmp_path / "w" / "model.pt")
+    for name in ("whiten_mean", "whiten_matrix"):
+        delattr(model, name)  # the selected weights without their whitening
+    index = ShardIndex.from_dirs([shards / "train"])
+    plain = validation.embed_for_training(model.eval(), index, settings, torch.device("cpu"), distributed.Distributed())
+    refitted = fit_whitening(plain, index.table["landmark_id"].to_numpy(dtype=np.int64))
+    assert np.allclose(saved["whiten_matrix"].numpy(), refitted["matrix"], atol=1e-3)
+
+    one_photo = settings_for({**TINY, "epochs": 0, "whitening": "learned"})
+    train.train([shards / "val"], [shards / "val"], tmp_path / "one", one_photo, device=torch.device("cpu"))
+    assert "whiten_matrix" not in checkpoint(tmp_path / "one" / "model.pt")["model"]  # one photo per landmark
+    assert json.loads((tmp_path / "one" / "train.json").read_text())["whitening"].startswith("not learned")
 
 
 def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):

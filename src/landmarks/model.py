@@ -196,7 +196,8 @@ DESCRIPTORS = ("learned", "concat")
 
 
 class LandmarkModel(nn.Module):
-    """Backbone -> GeM -> embedding; `forward` returns the (unnormalised) embedding.
+    """Backbone -> GeM -> embedding (-> the learned whitening, once training has set one: `set_whitening`);
+    `forward` returns the (unnormalised) embedding.
 
     neck "linear": Linear -> BatchNorm1d to `embedding_dim` (initialised at random, or from a PCA of the
     pretrained GeM descriptors: `init_neck_from_pca`); "none": the GeM descriptor itself (as many
@@ -257,7 +258,20 @@ class LandmarkModel(nn.Module):
         return self.pool(self.feature_map(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embedding_from_pooled(self.descriptor_of(images))
+        return self.whitened(self.embedding_from_pooled(self.descriptor_of(images)))
+
+    def set_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Make the embedding the learned whitening of the normalised one (`landmarks.whitening`): the
+        buffers go into state_dict, so model.pt carries them to embed and predict."""
+        self.register_buffer("whiten_mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("whiten_matrix", torch.as_tensor(matrix, dtype=torch.float32).clone())
+
+    def whitened(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The learned whitening of a batch of embeddings (not normalised); as it is without one."""
+        if not hasattr(self, "whiten_matrix"):
+            return embedding
+        with torch.autocast(embedding.device.type, enabled=False):  # float32: bf16 would blur small directions
+            return (F.normalize(embedding.float(), dim=1) - self.whiten_mean) @ self.whiten_matrix.T
 
     def embedding_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         embedding = self.bn(self.neck(pooled))
@@ -316,6 +330,8 @@ def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[Landmar
         settings.get("neck", "linear"),
         settings.get("descriptor", "learned"),
     )
+    if "whiten_matrix" in checkpoint["model"]:
+        model.set_whitening(checkpoint["model"]["whiten_mean"], checkpoint["model"]["whiten_matrix"])
     model.load_state_dict(checkpoint["model"])
     model.data_config = checkpoint["data_config"]
     return model, checkpoint

@@ -54,7 +54,7 @@ def similarity_map(model, image: Image.Image, target, image_size: int) -> np.nda
             features = model.feature_map(x).float()
         with torch.enable_grad():
             features = features.detach().requires_grad_(True)
-            embedding = model.embedding_from_pooled(model.pool(features)).float()
+            embedding = model.whitened(model.embedding_from_pooled(model.pool(features))).float()
             cosine = (F.normalize(embedding, dim=1)[0] * target).sum()
             (gradient,) = torch.autograd.grad(cosine, features)  # fills no parameter's .grad
         heat = torch.relu((features.detach() * gradient).sum(1))[0]

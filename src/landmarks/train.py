@@ -16,7 +16,9 @@ Fine-tuning on few photos per landmark (the defaults, measured on real photos: b
 the embedding is the backbone's own GeM descriptor (`neck: none`), the ArcFace class weights start at
 the class means (`head_init`), BatchNorm statistics stay as pretrained (`freeze_bn`), a small train set
 is drawn several times per epoch (`min_steps_per_epoch`), and model.pt is halfway back to the pretrained
-weights (`wise_alpha: 0.5`). Also available: a PCA-started linear neck, the GeM descriptor beside a
+weights (`wise_alpha: 0.5`), then whitened: a linear whitening learned in closed form from the train
+embeddings of each candidate (`whitening: learned`; landmarks.whitening), which val judges with it and
+model.pt carries. Also available: a PCA-started linear neck, the GeM descriptor beside a
 learned one, a frozen backbone for the first epochs, layer-wise learning-rate decay.
 
 Preemptible: `last.ckpt` (written atomically every `checkpoint_every_steps` optimizer steps and at
@@ -177,7 +179,8 @@ class TrainModule(nn.Module):
 
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:
     with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(metrics[0]) if metrics else ["epoch"])
+        columns = list(dict.fromkeys(key for row in metrics for key in row)) or ["epoch"]
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(metrics)
 
@@ -320,9 +323,14 @@ class Training:
         )
         return saved["epoch"], saved["step"]
 
-    def model_state(self, epoch: int) -> dict:
+    def model_state(self, epoch: int, whitening: dict | None = None) -> dict:
+        """What model.pt holds: the weights (with the whitening learned for them, when there is one)."""
+        weights = self.model.state_dict()
+        if whitening is not None:  # the names LandmarkModel.set_whitening gives its buffers
+            weights = {**weights, "whiten_mean": torch.from_numpy(whitening["mean"])}
+            weights["whiten_matrix"] = torch.from_numpy(whitening["matrix"])
         return {
-            "model": self.model.state_dict(),
+            "model": weights,
             "settings": self.settings,
             "data_config": self.model.data_config,
             "classes": {str(k): v for k, v in self.labels.items()},
@@ -389,6 +397,9 @@ class Training:
         wins: a small val saturates (GAP 1.0 from the start), and then says nothing against training."""
         with self.selected_weights(epoch):
             val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device, self.dist)
+            whitening = val.pop("whitening", None)
+            if whitening is not None:
+                val["whitening_shrinkage"] = whitening["about"]["shrinkage"]
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
             self.state.metrics.append(row)
             log.info(
@@ -404,7 +415,7 @@ class Training:
             if score >= self.state.best_score:
                 self.state.best_score, self.state.best_epoch = score, epoch
                 if self.dist.is_main:
-                    save_checkpoint(self.best_path, self.model_state(epoch))
+                    save_checkpoint(self.best_path, self.model_state(epoch, whitening))
 
     @contextlib.contextmanager
     def selected_weights(self, epoch: int):
@@ -571,6 +582,14 @@ class Training:
         plot_curves(self.state.metrics, self.out_dir / "curves.png")
         write_json_atomic(self.out_dir / "train.json", self.summary(audit, seconds))
 
+    def whitening_summary(self, best: dict) -> dict | str | None:
+        """train.json's account of the learned whitening in model.pt."""
+        if self.settings["whitening"] != "learned":
+            return None
+        if "whitening_shrinkage" not in best:
+            return "not learned: no landmark has two train photos (or there is no val split to learn it with)"
+        return {"shrinkage": best["whitening_shrinkage"], "val_gap_unwhitened": best.get("val_gap_unwhitened")}
+
     def summary(self, audit: dict | None, seconds: float) -> dict:
         """train.json: data sizes, the selected epoch and its val scores, steps, initialisation, resume,
         processes, time, device and settings."""
@@ -593,6 +612,7 @@ class Training:
             "best_val_gap": best["val_gap"],
             "best_val_accuracy": best["val_accuracy"],
             "untrained_val_gap": self.state.metrics[0]["val_gap"],
+            "whitening": self.whitening_summary(best),
             "steps_per_epoch": self.steps_per_epoch,
             "global_steps": self.state.global_step,
             "initialised": self.state.initialised,

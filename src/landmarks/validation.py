@@ -19,6 +19,7 @@ from .distributed import Distributed
 from .embedding import embed_dataset, model_input, run_model
 from .loader import ShardDataset, ShardIndex, eval_transform
 from .model import LandmarkModel
+from .whitening import apply_whitening, fit_whitening
 
 
 @torch.no_grad()
@@ -102,28 +103,41 @@ def evaluate_val_gap(
     model, train_index: ShardIndex, val_index: ShardIndex, settings: dict, device, dist: Distributed | None = None
 ) -> dict:
     """GAP / accuracy of top-1 kNN on the val queries against train, as the model selection criterion
-    (val_index may hold non-landmark queries: rows without a landmark_id)."""
+    (val_index may hold non-landmark queries: rows without a landmark_id).
+
+    With `whitening: learned` the whitening is fitted on the train embeddings first and both sides are
+    whitened, as model.pt would embed them: the result then also holds the GAP before whitening
+    (`val_gap_unwhitened`) and, on the main process, the fitted whitening (`whitening`; None elsewhere)."""
+    dist = dist or Distributed(device=device)
+    if len(val_index) == 0 or len(train_index) == 0:
+        return {"val_gap": float("nan"), "val_accuracy": float("nan"), "whitening": None}
+    db = embed_for_training(model, train_index, settings, device, dist)
+    queries = embed_for_training(model, val_index, settings, device, dist)
+    result, whitening = None, None
+    if dist.is_main:
+        db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
+        result = top1_scores(db, db_labels, queries, val_index.table)
+        if settings["whitening"] == "learned":
+            whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
+        if whitening is not None:
+            whitened = top1_scores(
+                apply_whitening(db, whitening), db_labels, apply_whitening(queries, whitening), val_index.table
+            )
+            result = {**whitened, "val_gap_unwhitened": result["val_gap"]}
+    return {**dist.broadcast_object(result), "whitening": whitening}
+
+
+def top1_scores(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, query_table: pd.DataFrame) -> dict:
+    """val GAP and accuracy of each query's nearest train image's landmark, ranked by its cosine."""
     from .index import knn
     from .metrics import score_predictions
 
-    dist = dist or Distributed(device=device)
-    if len(val_index) == 0 or len(train_index) == 0:
-        return {"val_gap": float("nan"), "val_accuracy": float("nan")}
-    db = embed_for_training(model, train_index, settings, device, dist)
-    queries = embed_for_training(model, val_index, settings, device, dist)
-    result = None
-    if dist.is_main:
-        cosines, positions = knn(db, queries, 1)
-        db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
-        predictions = pd.DataFrame(
-            {"id": val_index.table["id"], "landmark_id": db_labels[positions[:, 0]], "score": cosines[:, 0]}
-        )
-        truth = pd.DataFrame(
-            {
-                "id": val_index.table["id"],
-                "landmarks": [[] if pd.isna(x) else [int(x)] for x in val_index.table["landmark_id"]],
-            }
-        )
-        scores = score_predictions(predictions, truth)
-        result = {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}
-    return dist.broadcast_object(result)
+    cosines, positions = knn(db, queries, 1)
+    predictions = pd.DataFrame(
+        {"id": query_table["id"], "landmark_id": db_labels[positions[:, 0]], "score": cosines[:, 0]}
+    )
+    truth = pd.DataFrame(
+        {"id": query_table["id"], "landmarks": [[] if pd.isna(x) else [int(x)] for x in query_table["landmark_id"]]}
+    )
+    scores = score_predictions(predictions, truth)
+    return {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}

@@ -40,7 +40,7 @@ predict: $(STAMP)
 	@ls results/experiments/*/predict/index.html
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests  # the slowest 15: the suite must stay under 10 min on 2 cores
 
 # Lint clean means all four pass; `make format` applies ruff's and snakefmt's formatting.
 lint: $(STAMP)

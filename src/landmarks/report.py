@@ -42,7 +42,8 @@ def _save(fig, path: Path) -> None:
 
 def plot_curves(metrics: list[dict], path: Path) -> None:
     """The train stage's curves.png: training loss, and val GAP / accuracy (train accuracy of classifier
-    heads beside them) per epoch, epoch 0 being the untrained model."""
+    heads beside them, and the val GAP before the learned whitening when there is one) per epoch, epoch 0
+    being the untrained model."""
     plt = _pyplot()
     frame = pd.DataFrame(metrics)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -50,6 +51,10 @@ def plot_curves(metrics: list[dict], path: Path) -> None:
         axes[0].plot(frame["epoch"], frame["train_loss"], marker="o")
         axes[1].plot(frame["epoch"], frame["val_gap"], marker="o", label="val GAP")
         axes[1].plot(frame["epoch"], frame["val_accuracy"], marker="s", label="val top-1 accuracy")
+        if "val_gap_unwhitened" in frame:  # train.whitening: learned; val GAP above is the whitened one
+            axes[1].plot(
+                frame["epoch"], frame["val_gap_unwhitened"], marker="o", linestyle=":", label="val GAP, not whitened"
+            )
         if "train_accuracy" in frame and frame["train_accuracy"].notna().any():
             axes[1].plot(
                 frame["epoch"], frame["train_accuracy"], marker=".", linestyle="--", label="train accuracy (head)"

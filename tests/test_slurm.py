@@ -41,6 +41,7 @@ def tiny_config(port: int) -> dict:
         config,
         {
             "demo": {"port": port, "landmarks": 4, "views_per_landmark": 6, "nonlandmarks": 12},
+            "split": {"partitions": 1},  # one download and one places365 job instead of two each
             "shard": {"size": 72},
             "train": {"image_size": 64, "epochs": 1, "batch_size": 8, "min_steps_per_epoch": 1},
             "download": {"threads": 1},

@@ -260,11 +260,11 @@ class LandmarkModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.whitened(self.embedding_from_pooled(self.descriptor_of(images)))
 
-    def set_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+    def set_whitening(self, mean, matrix) -> None:
         """Make the embedding the learned whitening of the normalised one (`landmarks.whitening`): the
         buffers go into state_dict, so model.pt carries them to embed and predict."""
-        self.register_buffer("whiten_mean", torch.as_tensor(mean, dtype=torch.float32).clone())
-        self.register_buffer("whiten_matrix", torch.as_tensor(matrix, dtype=torch.float32).clone())
+        for name, value in whitening_buffers(mean, matrix).items():
+            self.register_buffer(name, value)
 
     def whitened(self, embedding: torch.Tensor) -> torch.Tensor:
         """The learned whitening of a batch of embeddings (not normalised); as it is without one."""
@@ -315,6 +315,14 @@ class LandmarkModel(nn.Module):
         self.bn.bias.zero_()
         kept = float(variances.sum() / covariance.diagonal().sum().clamp(min=1e-12))
         return {"images": len(x), "variance_kept": round(kept, 4), "shrinkage": shrinkage}
+
+
+def whitening_buffers(mean, matrix) -> dict[str, torch.Tensor]:
+    """The state_dict entries of a learned whitening (float32), as `set_whitening` registers them."""
+    return {
+        "whiten_mean": torch.as_tensor(mean, dtype=torch.float32).clone(),
+        "whiten_matrix": torch.as_tensor(matrix, dtype=torch.float32).clone(),
+    }
 
 
 def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[LandmarkModel, dict]:

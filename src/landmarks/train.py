@@ -96,7 +96,7 @@ from .finetune import (
 )
 from .loader import ShardIndex, ShardMapDataset, class_mapping, train_transform
 from .losses import build_head, head_entry
-from .model import LandmarkModel
+from .model import LandmarkModel, whitening_buffers
 from .report import plot_curves
 from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng, images_per_class
 from .validation import embed_for_training, evaluate_val_gap, val_queries
@@ -326,9 +326,8 @@ class Training:
     def model_state(self, epoch: int, whitening: dict | None = None) -> dict:
         """What model.pt holds: the weights (with the whitening learned for them, when there is one)."""
         weights = self.model.state_dict()
-        if whitening is not None:  # the names LandmarkModel.set_whitening gives its buffers
-            weights = {**weights, "whiten_mean": torch.from_numpy(whitening["mean"])}
-            weights["whiten_matrix"] = torch.from_numpy(whitening["matrix"])
+        if whitening is not None:
+            weights = {**weights, **whitening_buffers(whitening["mean"], whitening["matrix"])}
         return {
             "model": weights,
             "settings": self.settings,

@@ -24,7 +24,7 @@ def configfiles(workdir: Path) -> list[Path]:
 
 
 # Two embed (and retrieve) jobs at once, one thread each, instead of one after the other with two: on the
-# tiny demo each job is mostly Python start-up (torch, timm), so the run takes ~30 s less; and jobs of one
+# tiny demo each job is mostly Python start-up (torch, timm), so the run takes ~23% less; and jobs of one
 # stage running side by side is what a cluster does anyway. After the targets: the option takes every word
 # up to the next option.
 ONE_THREAD_STAGES = ("--set-threads", "embed=1", "retrieve=1")

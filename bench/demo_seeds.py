@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from real_photos import mean_sd, snakemake, write_if_changed
+from real_photos import METRIC_COLUMNS, mean_sd, snakemake, write_if_changed
 
 from landmarks.config import deep_merge
 
@@ -38,13 +38,7 @@ CONTENDERS = {
     "finetuned": {"description": "the defaults: fine-tuned, whitened"},
     "no_whitening": {"description": "the same without the learned whitening", "train": {"whitening": "none"}},
 }
-COLUMNS = {
-    "gap": "GAP",
-    "gap_landmarks_only": "GAP landmark queries",
-    "accuracy": "top-1 accuracy",
-    "gap_without_rerank": "GAP raw top-1 cosine",
-    "val_gap": "val GAP",
-}
+COLUMNS = METRIC_COLUMNS  # score's metrics, as bench/real_photos.py prints them
 
 
 def demo_config(contenders: dict, seeds: list[int], port: int) -> dict:

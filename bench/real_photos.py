@@ -335,7 +335,7 @@ def collect(workdir: Path, regime: str, seed: int, experiments: dict, table: pd.
                 "seed": seed,
                 "experiment": name,
                 "selected": trained.get("selected"),
-                **{key: metrics.get(key) for key in COLUMNS},
+                **{key: metrics.get(key) for key in METRIC_COLUMNS},
                 **gaps_by_query_source(predictions, table),
                 **by_confidence,
                 **verdict,
@@ -344,12 +344,16 @@ def collect(workdir: Path, regime: str, seed: int, experiments: dict, table: pd.
     return rows
 
 
-COLUMNS = {
+# score's metrics.json key -> column title (bench/demo_seeds.py prints the same columns)
+METRIC_COLUMNS = {
     "gap": "GAP",
     "gap_landmarks_only": "GAP landmark queries",
     "accuracy": "top-1 accuracy",
     "gap_without_rerank": "GAP raw top-1 cosine",
     "val_gap": "val GAP",
+}
+COLUMNS = {
+    **METRIC_COLUMNS,
     "gap_query": "GAP query photos",
     "gap_query_raw": "same, raw top-1 cosine",
     "gap_heldout": "GAP held-out photos",

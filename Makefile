@@ -39,8 +39,11 @@ predict: $(STAMP)
 	$(BIN)/snakemake --cores all predict
 	@ls results/experiments/*/predict/index.html
 
+# Two workers, one test module each at a time (pytest-xdist): the SLURM and workflow runs mostly wait
+# (status polls, Snakemake start-ups) and the other modules run meanwhile; --no-loadscope-reorder keeps
+# conftest.py's order, which starts those two first. The slowest 15: the suite must stay under 10 min on 2 cores.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15 tests  # the slowest 15: the suite must stay under 10 min on 2 cores
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # Lint clean means all four pass; `make format` applies ruff's and snakefmt's formatting.
 lint: $(STAMP)

@@ -17,12 +17,12 @@ from landmarks.common import read_table
 def pytest_collection_modifyitems(items):
     """The modules that mostly wait come first: under `make test`'s two workers (pytest-xdist, one module per
     worker at a time) the SLURM run (status polls, a Snakemake start per job) and the workflow run start
-    together and the other modules fill the gaps, instead of the two ending the suite alone."""
+    together, one on each worker, instead of one of them ending the suite alone."""
 
     def waits_longest(item) -> int:
         return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
 
-    items.sort(key=waits_longest)  # stable: each module keeps its order
+    items.sort(key=waits_longest)  # stable: tests of one rank keep their order
 
 
 def free_port() -> int:

@@ -196,14 +196,16 @@ def test_reranking_rules_by_hand():
     positions = np.array([[0, 1, 2], [2, 3, 0]])
     db_labels = np.array([7, 7, 9, 7])
     query_bank = np.array([0.5, 0.1], np.float32)
-    labels, confidence, _, _ = ranking.predict(cosines, positions, db_labels, rerank="seed004", query_bank=query_bank)
+    labels, confidence, _, _, _ = ranking.predict(
+        cosines, positions, db_labels, rerank="seed004", query_bank=query_bank
+    )
     assert labels.tolist() == [7, 9]
     assert confidence == pytest.approx([0.9 - 0.5, 0.6 - 0.1])
-    labels, confidence, _, _ = ranking.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
+    labels, confidence, _, _, _ = ranking.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [7, 7]  # query 2: label 7 has 0.5 + 0.4 > 0.6
     assert confidence == pytest.approx([0.9, 0.5])
     db_bank = np.array([0.2, 0.1, 0.0, 0.3], np.float32)
-    labels, confidence, _, _ = ranking.predict(
+    labels, confidence, _, _, _ = ranking.predict(
         cosines, positions, db_labels, rerank="glr2020", query_bank=query_bank, db_bank=db_bank, neighbours_per_label=3
     )
     # query 1: label 7 -> (0.9-0.2)+(0.8-0.1)=1.4, label 9 -> 0.7-0.0; minus C=0.5

@@ -87,7 +87,7 @@ def test_retrieve_keeps_what_predict_needs(experiment):
     assert threshold["source"] == "val" and threshold["landmark_queries"] == 6
     assert threshold["nonlandmark_queries"] == 4  # as many bank photos as val landmark photos (4 in the bank)
     database = pd.read_parquet(experiment / "retrieve" / "database.parquet")
-    assert len(database) == 30 and database["landmark_id"].notna().all()
+    assert len(database) == 30 and database[["landmark_id", "impostor_term"]].notna().all().all()
 
 
 def test_test_photos_get_the_answer_retrieve_gave_them(experiment, tiny_set, tmp_path):
@@ -214,6 +214,15 @@ def test_a_missing_or_half_written_experiment_is_named(experiment, tiny_set, tmp
         run_predict(broken, [photo], tmp_path / "out")
     with pytest.raises(predict.StageError, match="no such experiment folder"):
         run_predict(tmp_path / "nothing", [photo], tmp_path / "out")
+
+
+def test_a_database_from_before_the_impostor_terms_asks_for_a_rerun_of_retrieve(experiment, tiny_set, tmp_path):
+    old = tmp_path / "exp"
+    shutil.copytree(experiment, old)
+    table = old / "retrieve" / "database.parquet"
+    pd.read_parquet(table).drop(columns="impostor_term").to_parquet(table)
+    with pytest.raises(predict.StageError, match=r"database.parquet: no impostor terms.*rerun the retrieve stage"):
+        run_predict(old, [tiny_set / "images" / "lm0v6.jpg"], tmp_path / "out")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

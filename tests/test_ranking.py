@@ -66,7 +66,7 @@ def test_vectorised_predict_matches_a_loop_per_query(prediction, rerank):
     db_labels[::7] = -1  # database images without a landmark id
     query_bank = rng.uniform(0, 0.5, n_queries).astype(np.float32)
     db_bank = rng.uniform(0, 0.3, n_db).astype(np.float32)
-    labels, confidence, base, _ = ranking.predict(
+    labels, confidence, base, _, _ = ranking.predict(
         cosines,
         positions,
         db_labels,
@@ -92,9 +92,9 @@ def test_ties_go_to_the_label_of_the_nearer_neighbour():
     cosines = np.array([[0.8, 0.5, 0.3]], np.float32)
     positions = np.array([[0, 1, 2]])
     db_labels = np.array([9, 7, 7])
-    labels, confidence, _, _ = ranking.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
+    labels, confidence, _, _, _ = ranking.predict(cosines, positions, db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [9] and confidence == pytest.approx([0.8])
-    labels, _, _, _ = ranking.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
+    labels, _, _, _, _ = ranking.predict(cosines, np.array([[1, 2, 0]]), db_labels, prediction="vote", rerank="none")
     assert labels.tolist() == [7]  # now label 7 ranks first
 
 
@@ -119,6 +119,33 @@ def test_margin_and_bank_weights_shape_the_confidence():
     assert result.confidence == pytest.approx([0.9 - 0.8 - 0.1, 0.7 - 0.4 - 0.2], abs=1e-6)
     plain = ranking.predict(cosines, positions, db_labels, rerank="none")
     assert plain.confidence == pytest.approx(plain.top_cosine) and plain.top_cosine == pytest.approx([0.9, 0.7])
+
+
+def test_the_impostor_term_of_the_answers_nearest_database_image_lowers_its_confidence():
+    """Two queries equally close to their answers: the one whose answer resembles other landmarks' photos
+    (impostor term 0.6 against 0.1) ranks lower; labels and cosines do not change."""
+    cosines = np.array([[0.8, 0.5], [0.8, 0.5]], np.float32)
+    positions = np.array([[0, 2], [1, 2]])
+    db_labels = np.array([1, 2, 3])
+    impostor = np.array([0.6, 0.1, 0.3])
+    result = ranking.predict(cosines, positions, db_labels, rerank="none", db_impostor=impostor, impostor_weight=0.5)
+    assert result.label.tolist() == [1, 2] and result.top_cosine == pytest.approx([0.8, 0.8])
+    assert result.confidence == pytest.approx([0.8 - 0.3, 0.8 - 0.05]) and result.impostor == pytest.approx([0.6, 0.1])
+    # verification may force a label further down: the term is that label's nearest image's
+    forced = ranking.predict(
+        cosines,
+        positions,
+        db_labels,
+        rerank="none",
+        db_impostor=impostor,
+        impostor_weight=0.5,
+        labels=np.array([3, -1]),
+    )
+    assert forced.label.tolist() == [3, 2] and forced.confidence[0] == pytest.approx(0.5 - 0.15)
+    off = ranking.predict(cosines, positions, db_labels, rerank="none", db_impostor=impostor)
+    assert off.confidence == pytest.approx([0.8, 0.8]) and off.impostor == pytest.approx([0.6, 0.1])
+    with pytest.raises(StageError, match="db_impostor"):
+        ranking.predict(cosines, positions, db_labels, rerank="none", impostor_weight=0.5)
 
 
 # ---- the registries ----------------------------------------------------------------------------------------------

@@ -90,6 +90,49 @@ def test_stage_writes_neighbours_predictions_and_a_submission_that_rescores_the_
     assert summary["database"]["images"] == 240 and summary["bank"]["images"] == 30
 
 
+def _impostor_terms_by_loop(vectors, labels, k):
+    """The documented impostor term, one database image at a time."""
+    cosines = vectors @ vectors.T
+    terms = []
+    for j in range(len(vectors)):
+        others = [cosines[j, i] for i in range(len(vectors)) if i != j and (labels[i] != labels[j] or labels[j] < 0)]
+        terms.append(np.mean(sorted(others, reverse=True)[:k]))
+    return np.array(terms)
+
+
+def test_impostor_terms_are_each_images_mean_cosine_to_its_nearest_other_landmarks(monkeypatch):
+    rng = np.random.default_rng(5)
+    labels = np.array([0] * 30 + [1] * 6 + [2] * 3 + [-1] * 2)  # one landmark deeper than the search below
+    vectors = _unit(rng.normal(size=(3, 16))[np.where(labels >= 0, labels, 0)] + 0.8 * rng.normal(size=(41, 16)))
+    index, _ = retrieve.build_index(vectors)
+    terms = retrieve.database_impostor_terms(index, vectors, labels, 3)
+    assert terms == pytest.approx(_impostor_terms_by_loop(vectors, labels, 3), abs=1e-6)
+    # A search too shallow to reach another landmark takes its deepest cosine as the bound (never below the truth).
+    monkeypatch.setattr(retrieve, "IMPOSTOR_SEARCH_DEPTH", 2)
+    monkeypatch.setattr(retrieve, "IMPOSTOR_CHUNK", 7)  # and chunks give the same terms
+    shallow = retrieve.database_impostor_terms(index, vectors, labels, 3)
+    assert (shallow >= terms - 1e-6).all() and (shallow[:30] > terms[:30]).any()
+    assert shallow[-2:] == pytest.approx(terms[-2:], abs=1e-6)  # unlabelled: every image is another landmark
+
+
+def test_the_confidence_discounts_answers_whose_database_image_resembles_other_landmarks(clustered, tmp_path):
+    paths, _ = clustered
+    runs = {}
+    for weight in (0.0, 0.5):
+        out = tmp_path / f"w{weight}"
+        settings = {"k": 5, "verify": {"neighbours": 0}, "impostor_weight": weight}
+        runs[weight] = retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], out, **settings)
+    plain, discounted = runs[0.0], runs[0.5]
+    assert plain["landmark_id"].equals(discounted["landmark_id"]) and plain["impostor_cosine"].isna().all()
+    expected = discounted["top_cosine"].astype(float) - 0.5 * discounted["impostor_cosine"].astype(float)
+    assert discounted["score"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-6)
+    database = pd.read_parquet(tmp_path / "w0.5" / "database.parquet")
+    assert (
+        database["impostor_term"].notna().all()
+        and pd.read_parquet(tmp_path / "w0.0/database.parquet")["impostor_term"].isna().all()
+    )
+
+
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
     paths, _ = clustered
     retrieve.retrieve(

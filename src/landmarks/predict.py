@@ -125,13 +125,29 @@ class Experiment:
             ids["shard"] = [str((self.path / "retrieve" / shard).resolve()) for shard in ids["shard"]]
         labels = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
         bank_terms = ids["bank_term"].to_numpy(dtype=np.float64) if ids["bank_term"].notna().all() else None
-        self.database = retrieve.Database(index, ids, labels, bank_terms, bank_index, settings)
+        impostor_terms = _impostor_terms(ids, settings, self.path)
+        self.database = retrieve.Database(index, ids, labels, bank_terms, bank_index, settings, impostor_terms)
         self.shard_dirs = sorted({str(Path(shard).parent) for shard in ids.get("shard", pd.Series([], dtype=str))})
         self.images = retrieve.ImageSource(self.shard_dirs)  # database images, for verification and the page
 
     @property
     def threshold(self) -> dict:
         return self.predictor.get("nonlandmark_threshold") or {"threshold": None, "source": "none"}
+
+
+def _impostor_terms(ids: pd.DataFrame, settings: dict, path: Path) -> np.ndarray | None:
+    """The database's impostor terms when the confidence uses them; a retrieve from before them has none."""
+    from .ranking import reranking
+
+    if not settings.get("impostor_weight") or not reranking(settings["rerank"]).uses_impostor:
+        return None
+    terms = ids.get("impostor_term")
+    if terms is None or terms.isna().any():
+        raise StageError(
+            f"{path / 'retrieve/database.parquet'}: no impostor terms, which retrieve.impostor_weight "
+            f"{settings['impostor_weight']} needs (written by an older retrieve): rerun the retrieve stage"
+        )
+    return terms.to_numpy(dtype=np.float64)
 
 
 def _read_json(path: Path) -> dict:

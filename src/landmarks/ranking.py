@@ -18,7 +18,12 @@ Rerankings (the confidence of that label):
              top-`glr2020_query_bank_k` cosines to the bank.
 Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
 With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
-best cosine among the k.
+best cosine among the k. With `impostor_weight`, it also subtracts that times the impostor term of the
+answer's nearest database image: that image's mean cosine to its nearest database images of other
+landmarks (retrieve computes it once per database image). A database photo that resembles other
+landmarks' photos (an interior, a close-up, a generic facade) is weak evidence when a query matches it,
+as CSLS (Conneau et al. 2018) discounts "hub" neighbours; GLR2020's B_j does the same against the
+non-landmark bank.
 """
 
 from __future__ import annotations
@@ -36,13 +41,15 @@ PREDICT_CELLS = 1 << 22  # queries x k x k label comparisons made at once (bound
 
 class Predictions(NamedTuple):
     """One row per query: the predicted label (-1: none), its confidence, the best cosine of that label
-    among the neighbours, and the best cosine of any other label (the runner-up; when all k neighbours
-    share the label, the k-th cosine, which bounds every other label's)."""
+    among the neighbours, the best cosine of any other label (the runner-up; when all k neighbours
+    share the label, the k-th cosine, which bounds every other label's), and the impostor term of the
+    answer's nearest database image (NaN when the database's impostor terms were not given)."""
 
     label: np.ndarray
     confidence: np.ndarray
     top_cosine: np.ndarray
     other_cosine: np.ndarray
+    impostor: np.ndarray
 
 
 class Neighbours(NamedTuple):
@@ -54,6 +61,7 @@ class Neighbours(NamedTuple):
     rows: np.ndarray  # database row of each neighbour (0 where none, so it can index)
     db_bank: np.ndarray | None  # B_j per database row (glr2020)
     neighbours_per_label: int  # glr2020: how many neighbours of each label count
+    db_impostor: np.ndarray | None = None  # impostor term per database row (None: not used)
 
     def same_label(self) -> np.ndarray:
         """same[i, j, l]: neighbours j and l of query i have the same landmark (a (queries, k, k) mask)."""
@@ -79,6 +87,14 @@ class Scored(NamedTuple):
     query_bank: np.ndarray | None  # the query's bank term (None when the reranking needs no bank)
     margin_weight: float
     bank_weight: float
+    impostor_weight: float = 0.0
+
+    def answer_impostor(self) -> np.ndarray:
+        """The impostor term of each query's answer (its nearest database image of the answer's landmark)."""
+        n = self.neighbours
+        if n.db_impostor is None:
+            return np.zeros(len(self.column))
+        return n.db_impostor[n.rows[np.arange(len(self.column)), self.column]].astype(np.float64)
 
 
 PredictionRule = Callable[[Neighbours], Choice]
@@ -94,6 +110,7 @@ class Reranking:
     needs_database_bank: bool = False  # B_j of every database image
     chooses_label: PredictionRule | None = None  # a label rule of its own, used instead of `prediction`
     query_bank_k: str = "bank_k"  # the retrieve setting: how many bank photos a query's bank term averages
+    uses_impostor: bool = False  # subtracts impostor_weight x the answer's impostor term (so needs db_impostor)
 
 
 PREDICTION_RULES: dict[str, PredictionRule] = {}
@@ -179,13 +196,16 @@ def glr2020_label(neighbours: Neighbours) -> Choice:
 # ----------------------------------------------------------------------------- rerankings
 
 
-@register_reranking("none")
+@register_reranking("none", uses_impostor=True)
 def cosine(scored: Scored) -> np.ndarray:
     other = np.where(np.isfinite(scored.other_cosine), scored.other_cosine, 0.0)
-    return scored.top_cosine - scored.margin_weight * other
+    confidence = scored.top_cosine - scored.margin_weight * other
+    if scored.impostor_weight:
+        confidence = confidence - scored.impostor_weight * scored.answer_impostor()
+    return confidence
 
 
-@register_reranking("seed004", needs_bank=True)
+@register_reranking("seed004", needs_bank=True, uses_impostor=True)
 def seed004(scored: Scored) -> np.ndarray:
     return cosine(scored) - scored.bank_weight * scored.query_bank
 
@@ -204,7 +224,7 @@ def glr2020(scored: Scored) -> np.ndarray:
 # ----------------------------------------------------------------------------- predict
 
 
-def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db_bank, cap, weights, forced=None):
+def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db_terms, cap, weights, forced=None):
     """`predict` on a block of queries. Labels are compared pairwise among each query's k neighbours
     (a (queries, k, k) mask): cheap for the k of retrieval, and no Python loop per query."""
     rows = np.arange(len(cosines))
@@ -213,7 +233,7 @@ def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db
     neighbour_labels = np.where(found, db_labels[safe], -1)
     valid = found & (neighbour_labels >= 0)
     cos64 = cosines.astype(np.float64)
-    neighbours = Neighbours(cos64, neighbour_labels, valid, safe, db_bank, cap)
+    neighbours = Neighbours(cos64, neighbour_labels, valid, safe, db_terms["bank"], cap, db_terms["impostor"])
     choice = choose(neighbours)
     column = choice.column
     if forced is not None:  # a label decided elsewhere (verification): its first neighbour's column
@@ -226,10 +246,22 @@ def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db
     other = np.where(valid & ~of_label, cos64, -np.inf).max(axis=1)
     lowest = np.where(valid, cos64, np.inf).min(axis=1)
     other = np.where(np.isfinite(other), other, np.where(np.isfinite(lowest), lowest, -np.inf))
-    scored = Scored(neighbours, column, choice.totals, base, other, query_bank, weights["margin"], weights["bank"])
+    scored = Scored(
+        neighbours,
+        column,
+        choice.totals,
+        base,
+        other,
+        query_bank,
+        weights["margin"],
+        weights["bank"],
+        weights["impostor"],
+    )
     confidence = rerank.confidence(scored)
     confidence[~has_label] = -np.inf
-    return label, confidence, base.astype(np.float32), other.astype(np.float32)
+    impostor = scored.answer_impostor() if db_terms["impostor"] is not None else np.full(len(label), np.nan)
+    impostor[~has_label] = np.nan
+    return label, confidence, base.astype(np.float32), other.astype(np.float32), impostor.astype(np.float32)
 
 
 def predict(
@@ -244,6 +276,8 @@ def predict(
     neighbours_per_label: int = 3,
     margin_weight: float = 0.0,
     bank_weight: float = 1.0,
+    db_impostor: np.ndarray | None = None,
+    impostor_weight: float = 0.0,
     labels: np.ndarray | None = None,
 ) -> Predictions:
     """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
@@ -253,8 +287,10 @@ def predict(
     db_labels: landmark id of each database row, -1 for none. query_bank: the query's mean cosine to
     the bank (seed004: top-`bank_k`; glr2020: C_i); db_bank: B_j per database row (glr2020).
     margin_weight, bank_weight: the confidence of the top1/vote rules subtracts these times the
-    runner-up cosine and the bank similarity. labels: a label per query (-1: the rule's own) whose
-    confidence to compute instead, e.g. after verification; it must be among the query's neighbours.
+    runner-up cosine and the bank similarity; impostor_weight: likewise times `db_impostor` (the
+    impostor term per database row) of the answer's nearest database image. labels: a label per query
+    (-1: the rule's own) whose confidence to compute instead, e.g. after verification; it must be among
+    the query's neighbours.
     The rules and tie-breaking are in the module docstring.
     """
     choose = prediction_rule(prediction)
@@ -263,6 +299,8 @@ def predict(
         raise StageError(f"rerank {rerank!r} needs the queries' bank similarities (query_bank)")
     if rule.needs_database_bank and db_bank is None:
         raise StageError(f"rerank {rerank!r} needs the database images' bank similarities (db_bank)")
+    if impostor_weight and rule.uses_impostor and db_impostor is None:
+        raise StageError("impostor_weight needs the database images' impostor terms (db_impostor)")
     if neighbours_per_label < 1:
         raise StageError(f"neighbours_per_label must be at least 1, got {neighbours_per_label}")
     cosines, positions = np.asarray(cosines), np.asarray(positions)
@@ -271,14 +309,18 @@ def predict(
     db_labels = np.asarray(db_labels, dtype=np.int64)
     choose = rule.chooses_label or choose
     bank = np.asarray(query_bank, dtype=np.float64) if rule.needs_bank else None
-    db_bank = np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None
-    weights = {"margin": margin_weight, "bank": bank_weight}
+    db_terms = {
+        "bank": np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None,
+        "impostor": np.asarray(db_impostor, dtype=np.float64) if db_impostor is not None else None,
+    }
+    weights = {"margin": margin_weight, "bank": bank_weight, "impostor": impostor_weight}
     n = len(cosines)
     out = Predictions(
         np.full(n, -1, np.int64),
         np.full(n, -np.inf, np.float64),
         np.full(n, -np.inf, np.float32),
         np.full(n, -np.inf, np.float32),
+        np.full(n, np.nan, np.float32),
     )
     if cosines.shape[1] == 0:
         return out
@@ -292,7 +334,7 @@ def predict(
             choose,
             rule,
             None if bank is None else bank[part],
-            db_bank,
+            db_terms,
             neighbours_per_label,
             weights,
             None if labels is None else np.asarray(labels)[part],

@@ -17,7 +17,10 @@ Prediction (one label per query, from its k neighbours that have a landmark id) 
 follow the registered rules of landmarks.ranking: `prediction` top1 or vote; `rerank` none, seed004
 (minus the query's mean cosine to the non-landmark bank) or glr2020 (the GLR2020 winners' A - B - C
 rule, which also picks the label). Ties between labels go to the label whose nearest neighbour ranks
-higher. Settings (config.yaml's retrieve section) come as `--settings` JSON.
+higher. With `impostor_weight` (none, seed004) the confidence also subtracts that times the impostor
+term of the answer's nearest database image: its mean cosine to its `impostor_k` nearest database
+images of other landmarks, computed once per database image by searching the database against itself.
+Settings (config.yaml's retrieve section) come as `--settings` JSON.
 
 Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
 and its first neighbours, read from the shards, counted as RANSAC inliers. A neighbour with at least
@@ -26,15 +29,16 @@ of its verified neighbour with the most inliers, and a prediction whose landmark
 neighbour gains `verify.weight` in confidence, so verified answers rank above unverified ones.
 
 Writes neighbours.parquet (query_id, rank, neighbour_id, neighbour_landmark_id, cosine; inliers of the
-verified ones), predictions.parquet (id, landmark_id, score, top_cosine, other_cosine, bank_cosine;
-inliers), the Kaggle submission
+verified ones), predictions.parquet (id, landmark_id, score, top_cosine, other_cosine, bank_cosine,
+impostor_cosine; inliers), the Kaggle submission
 (`id,landmarks` with "<landmark_id> <score>"; empty when a query has no prediction) and retrieve.json
 (sizes, index, device, timings, recall of an approximate index, the non-landmark threshold). For
 `landmarks.predict` it keeps index.faiss and bank.faiss (the faiss indexes, on the CPU),
-database.parquet (id, landmark_id, shard relative to this folder, key, B_j) and predictor.json (the
-`--predictor` embed and shard settings, the retrieve settings, the threshold). With `--val`, the
-threshold below which predict calls a photo a non-landmark is chosen on the val photos and as many
-bank photos, answered exactly as the test queries (`choose_threshold`: the most right decisions).
+database.parquet (id, landmark_id, shard relative to this folder, key, B_j, impostor term) and
+predictor.json (the `--predictor` embed and shard settings, the retrieve settings, the threshold).
+With `--val`, the threshold below which predict calls a photo a non-landmark is chosen on the val
+photos and as many bank photos, answered exactly as the test queries (`choose_threshold`: the most
+right decisions).
 
     python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR \
         --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00 \
@@ -74,6 +78,10 @@ from .tables import EMBEDDING_IDS_COLUMNS
 log = logging.getLogger("landmarks.retrieve")
 
 NO_CONFIDENCE = -1e9  # a query without a prediction, when choosing the non-landmark threshold
+# How deep each database image searches the database for its nearest images of other landmarks: its own
+# landmark's photos come first, so a landmark with more photos than this leaves the rest as a bound.
+IMPOSTOR_SEARCH_DEPTH = 100
+IMPOSTOR_CHUNK = 65536  # database images searched at once (bounds the (chunk, depth) arrays)
 
 
 def _check_unique_ids(ids: pd.DataFrame, path) -> None:
@@ -171,6 +179,28 @@ def database_bank_terms(database, db_ids, bank_index, bank_ids, s: dict) -> np.n
             int((db_in_bank >= 0).sum()),
         )
     return bank_similarity_from_index(bank_index, database, s["bank_k"], exclude=db_in_bank)
+
+
+def database_impostor_terms(index, database: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Each database image's mean cosine to its k nearest database images of other landmarks (an unlabelled
+    image is another landmark to every image). When fewer than k of them are within IMPOSTOR_SEARCH_DEPTH
+    (a landmark with many photos), the deepest cosine searched stands in for the rest: no unseen image is
+    closer. An image with no other at all gets 0."""
+    n = len(labels)
+    terms = np.zeros(n, np.float32)
+    depth = min(k + IMPOSTOR_SEARCH_DEPTH, n)
+    for start in range(0, n, IMPOSTOR_CHUNK):
+        rows = np.arange(start, min(start + IMPOSTOR_CHUNK, n))
+        cosines, positions = search(index, database[rows], depth, exclude=rows)
+        found = positions >= 0
+        other = found & ((labels[np.where(found, positions, 0)] != labels[rows, None]) | (labels[rows, None] < 0))
+        # the first k other-landmark cosines of each row, in rank order (their columns sorted first)
+        order = np.argsort(~other, axis=1, kind="stable")[:, :k]
+        first = np.take_along_axis(np.where(other, cosines, np.nan), order, axis=1)
+        deepest = np.where(found, cosines, np.inf).min(axis=1)
+        first = np.where(np.isnan(first), deepest[:, None], first)
+        terms[rows] = np.where(found.any(axis=1), first.mean(axis=1), 0.0)
+    return terms
 
 
 def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.ndarray, v: dict):
@@ -274,6 +304,7 @@ class Database(NamedTuple):
     bank_terms: np.ndarray | None  # B_j per row (glr2020)
     bank_index: object | None  # faiss index of the non-landmark bank
     settings: dict  # the retrieve section, validated
+    impostor_terms: np.ndarray | None = None  # per row: mean cosine to its nearest other landmarks' images
 
 
 def prediction_options(db: Database, query_bank: np.ndarray) -> dict:
@@ -287,6 +318,8 @@ def prediction_options(db: Database, query_bank: np.ndarray) -> dict:
         neighbours_per_label=s["glr2020_neighbours_per_label"],
         margin_weight=s["margin_weight"],
         bank_weight=s["bank_weight"],
+        db_impostor=db.impostor_terms,
+        impostor_weight=s["impostor_weight"],
     )
 
 
@@ -434,6 +467,7 @@ def predictions_table(query_ids, result: Predictions, query_bank, label_inliers=
             "top_cosine": np.where(has_label, result.top_cosine, np.nan).astype(np.float32),
             "other_cosine": np.where(has_label, result.other_cosine, np.nan).astype(np.float32),
             "bank_cosine": query_bank,
+            "impostor_cosine": np.where(has_label, result.impostor, np.nan).astype(np.float32),
         }
     )
     if label_inliers is not None:
@@ -495,7 +529,7 @@ def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSou
 
 def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) -> None:
     """What predict needs to answer new photos without rebuilding anything: the database index, its rows
-    (id, landmark, where the image is, B_j) and the bank index."""
+    (id, landmark, where the image is, B_j, impostor term) and the bank index."""
     write_index(cpu_index(db.index, about), out_dir / "index.faiss")
     write_index(cpu_index(db.bank_index, bank_about), out_dir / "bank.faiss")
     table = db.ids[[c for c in EMBEDDING_IDS_COLUMNS if c in db.ids.columns]].copy()
@@ -503,6 +537,7 @@ def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) ->
     if "shard" in table:  # relative to this folder: predict finds them from anywhere, and after a move
         table["shard"] = [os.path.relpath(Path(shard).resolve(), out_dir.resolve()) for shard in table["shard"]]
     table["bank_term"] = db.bank_terms.astype(np.float32) if db.bank_terms is not None else np.nan
+    table["impostor_term"] = db.impostor_terms.astype(np.float32) if db.impostor_terms is not None else np.nan
     write_table(table.reset_index(drop=True), out_dir / "database.parquet")
 
 
@@ -576,8 +611,8 @@ def queries_in_database(inputs: Inputs, exclude_self: bool) -> np.ndarray:
 
 
 def build_database(inputs: Inputs, s: dict, use_gpu, seconds: dict) -> tuple[Database, dict, dict]:
-    """The database and bank indexes (timed in seconds["index"]) and the database's labels and bank terms;
-    returns the Database and the description of each index."""
+    """The database and bank indexes (timed in seconds["index"]) and the database's labels, bank terms and
+    impostor terms (timed in seconds["impostor"]); returns the Database and the description of each index."""
     started = time.perf_counter()
     index, about = build_index(
         inputs.database,
@@ -598,7 +633,13 @@ def build_database(inputs: Inputs, s: dict, use_gpu, seconds: dict) -> tuple[Dat
             "%d database images have no landmark id: they are listed as neighbours but give no label", unlabelled
         )
     bank_terms = database_bank_terms(inputs.database, inputs.db_ids, bank_index, inputs.bank_ids, s)
-    return Database(index, inputs.db_ids, db_labels, bank_terms, bank_index, s), about, bank_about
+    impostor_terms = None
+    if s["impostor_weight"] and reranking(s["rerank"]).uses_impostor:  # a search of the database against itself
+        started = time.perf_counter()
+        impostor_terms = database_impostor_terms(index, inputs.database, db_labels, s["impostor_k"])
+        seconds["impostor"] = time.perf_counter() - started
+    database = Database(index, inputs.db_ids, db_labels, bank_terms, bank_index, s, impostor_terms)
+    return database, about, bank_about
 
 
 def search_queries(db: Database, inputs: Inputs, about: dict, exclude, images, threads: int, seconds: dict) -> Answers:

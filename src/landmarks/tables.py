@@ -175,6 +175,6 @@ EMBEDDING_IDS_COLUMNS = ["id", "landmark_id", "shard", "key"]
 # retrieve -> score, report: neighbours.parquet (k rows per query) and predictions.parquet (one row per
 # query; landmark_id and score null when there is no answer). Both gain `inliers` when verification is on.
 NEIGHBOURS_COLUMNS = ["query_id", "rank", "neighbour_id", "neighbour_landmark_id", "cosine"]
-PREDICTIONS_COLUMNS = ["id", "landmark_id", "score", "top_cosine", "other_cosine", "bank_cosine"]
+PREDICTIONS_COLUMNS = ["id", "landmark_id", "score", "top_cosine", "other_cosine", "bank_cosine", "impostor_cosine"]
 # What score needs of a predictions table (one from elsewhere, in Kaggle's terms, has no cosines).
 SCORED_PREDICTIONS_COLUMNS = ["id", "landmark_id", "score"]

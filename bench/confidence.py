@@ -1,0 +1,123 @@
+"""The confidence that ranks the answers, measured offline on finished runs: the impostor term's settings.
+
+GAP rewards a ranking of the answers in which the right ones come first. This reads what `retrieve` left
+in each run's results folder (its answers, their neighbours and inlier counts, the database embeddings)
+and ranks the same answers by each confidence:
+  - the raw top-1 cosine of the answer's landmark;
+  - that plus the geometric verification bonus (`verify.weight` x min(1, inliers / `verify.full_inliers`)
+    for an answer with a verified neighbour);
+  - either of them minus `impostor_weight` x the impostor term of the answer's nearest database image:
+    its mean cosine to its `impostor_k` nearest database images of other landmarks
+    (`landmarks.retrieve.database_impostor_terms`, the code retrieve runs).
+The answers are the runs' own, so every row ranks the same labels; verification settings are
+config.yaml's defaults. Prints GAP per run and, per experiment, the mean and the gain over the raw
+cosine (mean ± sd over runs, and the smallest gain).
+
+    .venv/bin/python bench/confidence.py bench/out/real_photos_web/*-seed*/results --experiments pretrained finetuned
+    .venv/bin/python bench/confidence.py results                                    # the demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from landmarks.common import read_table  # noqa: E402
+from landmarks.config import section_settings  # noqa: E402
+from landmarks.embed import load_embeddings  # noqa: E402
+from landmarks.index import build_index  # noqa: E402
+from landmarks.metrics import score_predictions  # noqa: E402
+from landmarks.retrieve import database_impostor_terms  # noqa: E402
+from landmarks.score import truth_from_selection  # noqa: E402
+
+IMPOSTOR_K = (1, 3, 5)
+IMPOSTOR_WEIGHTS = (0.25, 0.5, 1.0)
+
+
+def answer_rows(neighbours: pd.DataFrame, predictions: pd.DataFrame, db_row: dict) -> np.ndarray:
+    """The database row of each answer's nearest image of its landmark (-1 without an answer)."""
+    answers = neighbours.merge(predictions[["id", "landmark_id"]], left_on="query_id", right_on="id")
+    nearest = (
+        answers[answers["neighbour_landmark_id"] == answers["landmark_id"]]
+        .sort_values(["query_id", "rank"])
+        .drop_duplicates("query_id")
+    )
+    row_of = dict(zip(nearest["query_id"], nearest["neighbour_id"].map(db_row)))
+    return np.array([row_of.get(query, -1) for query in predictions["id"]], dtype=np.int64)
+
+
+def verification_bonus(predictions: pd.DataFrame, verify: dict) -> np.ndarray:
+    if "inliers" not in predictions:
+        return np.zeros(len(predictions))
+    inliers = predictions["inliers"].fillna(0).to_numpy(dtype=float)
+    full = verify.get("full_inliers") or verify["min_inliers"]
+    return np.where(inliers >= verify["min_inliers"], verify["weight"] * np.minimum(inliers / full, 1.0), 0.0)
+
+
+def run_confidences(results: Path, experiment: str) -> dict[str, float]:
+    """GAP of the run's answers ranked by each confidence."""
+    selection = read_table(results / "select" / "selection.parquet")
+    landmark_of = dict(zip(selection["id"], selection["landmark_id"]))
+    folder = results / "experiments" / experiment
+    database, db_ids = load_embeddings(folder / "embed" / "train.npy")
+    labels = np.array([int(landmark_of.get(i, -1)) for i in db_ids["id"]])
+    predictions = read_table(folder / "retrieve" / "predictions.parquet")
+    neighbours = read_table(folder / "retrieve" / "neighbours.parquet")
+    rows = answer_rows(neighbours, predictions, {image: row for row, image in enumerate(db_ids["id"])})
+    top = predictions["top_cosine"].to_numpy(dtype=float)
+    bonus = verification_bonus(predictions, section_settings("retrieve", {}, "defaults")["verify"])
+    truth = truth_from_selection(selection)
+
+    def gap(confidence: np.ndarray) -> float:
+        scored = predictions[["id", "landmark_id"]].assign(score=np.where(rows >= 0, confidence, np.nan))
+        return score_predictions(scored, truth).gap
+
+    gaps = {"top-1 cosine": gap(top), "+ verification": gap(top + bonus)}
+    index, _ = build_index(database)
+    for k in IMPOSTOR_K:
+        terms = database_impostor_terms(index, database, labels, k)[np.maximum(rows, 0)]
+        for weight in IMPOSTOR_WEIGHTS:
+            gaps[f"- {weight} x impostor k={k}"] = gap(top - weight * terms)
+            gaps[f"+ verification - {weight} x impostor k={k}"] = gap(top + bonus - weight * terms)
+    return gaps
+
+
+def run_name(results: Path) -> str:
+    """The benchmark's <regime>-seed<N> folder name for its results folder, else the path."""
+    return results.parent.name if results.name == "results" and results.parent.name != REPO.name else str(results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
+    parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
+    args = parser.parse_args()
+    rows = [
+        {"run": run_name(results), "experiment": experiment, **run_confidences(results, experiment)}
+        for results in args.results
+        for experiment in args.experiments
+        if (results / "experiments" / experiment / "retrieve" / "predictions.parquet").exists()
+    ]
+    if not rows:
+        print("no finished runs of those experiments under the given folders", file=sys.stderr)
+        return 1
+    table = pd.DataFrame(rows)
+    names = [column for column in table.columns if column not in ("run", "experiment")]
+    print(table.set_index(["run", "experiment"]).T.to_string(float_format="%.3f"))
+    for experiment, runs in table.groupby("experiment", sort=False):
+        print(f"\n{experiment} ({len(runs)} runs): GAP mean; gain over the top-1 cosine mean ± sd, smallest")
+        for name in names:
+            gain = runs[name] - runs["top-1 cosine"]
+            print(f"  {name:42s} {runs[name].mean():.3f}   {gain.mean():+.4f} ± {gain.std():.4f}   {gain.min():+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,9 +9,13 @@ and ranks the same answers by each confidence:
   - either of them minus `impostor_weight` x the impostor term of the answer's nearest database image:
     its mean cosine to its `impostor_k` nearest database images of other landmarks
     (`landmarks.retrieve.database_impostor_terms`, the code retrieve runs).
+Other signals compared the same way (none beat the impostor term): the share of the answer's landmark
+in the k neighbours (weights cosine^3), the top-1 cosine minus the mean of the query's k cosines (a
+query close to everything), the matched image's mean cosine to its 3 nearest non-landmark bank photos
+in place of the impostor term, and the runner-up margin.
 The answers are the runs' own, so every row ranks the same labels; verification settings are
 config.yaml's defaults. Prints GAP per run and, per experiment, the mean and the gain over the raw
-cosine (mean ± sd over runs, and the smallest gain).
+cosine (mean ± standard deviation over runs, ddof 0 as in bench/real_photos.py, and the smallest gain).
 
     .venv/bin/python bench/confidence.py bench/out/real_photos_web/*-seed*/results --experiments pretrained finetuned
     .venv/bin/python bench/confidence.py results                                    # the demo
@@ -32,7 +36,7 @@ sys.path.insert(0, str(REPO / "src"))
 from landmarks.common import read_table  # noqa: E402
 from landmarks.config import section_settings  # noqa: E402
 from landmarks.embed import load_embeddings  # noqa: E402
-from landmarks.index import build_index  # noqa: E402
+from landmarks.index import bank_similarity, build_index  # noqa: E402
 from landmarks.metrics import score_predictions  # noqa: E402
 from landmarks.retrieve import database_impostor_terms  # noqa: E402
 from landmarks.score import truth_from_selection  # noqa: E402
@@ -61,6 +65,29 @@ def verification_bonus(predictions: pd.DataFrame, verify: dict) -> np.ndarray:
     return np.where(inliers >= verify["min_inliers"], verify["weight"] * np.minimum(inliers / full, 1.0), 0.0)
 
 
+def neighbour_cosines(neighbours: pd.DataFrame, predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, is the answer's landmark), (queries, k) in the predictions' order; NaN / False past the
+    neighbours a query has."""
+    table = neighbours.merge(predictions[["id", "landmark_id"]], left_on="query_id", right_on="id")
+    table = table.assign(same=(table["neighbour_landmark_id"] == table["landmark_id"]).fillna(False))
+    cosines = table.pivot(index="query_id", columns="rank", values="cosine").reindex(predictions["id"])
+    same = table.pivot(index="query_id", columns="rank", values="same").reindex(predictions["id"])
+    return cosines.to_numpy(dtype=float), same.fillna(False).to_numpy(dtype=bool)
+
+
+def other_signals(top, neighbours, predictions, bank_terms) -> dict[str, np.ndarray]:
+    """The confidences that lost to the impostor term (see the module docstring)."""
+    cosines, same = neighbour_cosines(neighbours, predictions)
+    weights = np.nan_to_num(np.clip(cosines, 0, None)) ** 3
+    other = predictions["other_cosine"].to_numpy(dtype=float)
+    return {
+        "share of the answer's landmark in the k": (weights * same).sum(1) / np.maximum(weights.sum(1), 1e-12),
+        "top-1 - mean of the query's k cosines": top - np.nanmean(cosines, axis=1),
+        "- 0.5 x matched image's bank cosine": top - 0.5 * bank_terms,
+        "- runner-up landmark's cosine (margin)": top - np.nan_to_num(other),
+    }
+
+
 def run_confidences(results: Path, experiment: str) -> dict[str, float]:
     """GAP of the run's answers ranked by each confidence."""
     selection = read_table(results / "select" / "selection.parquet")
@@ -86,6 +113,10 @@ def run_confidences(results: Path, experiment: str) -> dict[str, float]:
         for weight in IMPOSTOR_WEIGHTS:
             gaps[f"- {weight} x impostor k={k}"] = gap(top - weight * terms)
             gaps[f"+ verification - {weight} x impostor k={k}"] = gap(top + bonus - weight * terms)
+    bank, _ = load_embeddings(folder / "embed" / "nonlandmark.npy")
+    bank_terms = bank_similarity(database, bank, 3)[np.maximum(rows, 0)]
+    for name, confidence in other_signals(top, neighbours, predictions, bank_terms).items():
+        gaps[name] = gap(confidence)
     return gaps
 
 
@@ -115,7 +146,9 @@ def main() -> int:
         print(f"\n{experiment} ({len(runs)} runs): GAP mean; gain over the top-1 cosine mean ± sd, smallest")
         for name in names:
             gain = runs[name] - runs["top-1 cosine"]
-            print(f"  {name:42s} {runs[name].mean():.3f}   {gain.mean():+.4f} ± {gain.std():.4f}   {gain.min():+.4f}")
+            print(
+                f"  {name:42s} {runs[name].mean():.3f}   {gain.mean():+.4f} ± {gain.std(ddof=0):.4f}   {gain.min():+.4f}"
+            )
     return 0
 
 

@@ -40,6 +40,8 @@ def _results(folder):
     embed = folder / "experiments" / "finetuned" / "embed"
     embed.mkdir(parents=True)
     write_embeddings(vectors, ids, embed / "train.npy", dtype="float32")
+    bank = pd.DataFrame({"id": ["b0"], "landmark_id": pd.array([None], dtype="Int64")})
+    write_embeddings(np.array([[0, 0, 1]], np.float32), bank, embed / "nonlandmark.npy", dtype="float32")
     selection = pd.DataFrame(
         {
             "id": ["t0", "t1", "t2", "t3", "qa", "qb"],
@@ -57,6 +59,7 @@ def _results(folder):
                 "landmark_id": pd.array([1, 2], dtype="Int64"),
                 "score": [0.9, 0.9],
                 "top_cosine": [0.9, 0.95],
+                "other_cosine": [0.5, 0.5],
             }
         ),
         retrieve / "predictions.parquet",
@@ -68,6 +71,7 @@ def _results(folder):
                 "rank": [1, 1],
                 "neighbour_id": ["t0", "t2"],
                 "neighbour_landmark_id": pd.array([1, 2], dtype="Int64"),
+                "cosine": [0.9, 0.95],
             }
         ),
         retrieve / "neighbours.parquet",

@@ -32,6 +32,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from neighbour_smoothing import runs_table  # noqa: E402
 
 from landmarks.common import read_table  # noqa: E402
 from landmarks.config import section_settings  # noqa: E402
@@ -120,26 +123,15 @@ def run_confidences(results: Path, experiment: str) -> dict[str, float]:
     return gaps
 
 
-def run_name(results: Path) -> str:
-    """The benchmark's <regime>-seed<N> folder name for its results folder, else the path."""
-    return results.parent.name if results.name == "results" and results.parent.name != REPO.name else str(results)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
     parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
     args = parser.parse_args()
-    rows = [
-        {"run": run_name(results), "experiment": experiment, **run_confidences(results, experiment)}
-        for results in args.results
-        for experiment in args.experiments
-        if (results / "experiments" / experiment / "retrieve" / "predictions.parquet").exists()
-    ]
-    if not rows:
+    table = runs_table(args.results, args.experiments, run_confidences, "retrieve/predictions.parquet")
+    if table.empty:
         print("no finished runs of those experiments under the given folders", file=sys.stderr)
         return 1
-    table = pd.DataFrame(rows)
     names = [column for column in table.columns if column not in ("run", "experiment")]
     print(table.set_index(["run", "experiment"]).T.to_string(float_format="%.3f"))
     for experiment, runs in table.groupby("experiment", sort=False):

@@ -96,18 +96,29 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     return gaps
 
 
+def run_name(results: Path) -> str:
+    """The benchmark's <regime>-seed<N> folder name for its results folder, else the path."""
+    return results.parent.name if results.name == "results" and results.parent.name != REPO.name else str(results)
+
+
+def runs_table(folders, experiments, measure, needed: str) -> pd.DataFrame:
+    """One row per (results folder, experiment) whose `needed` file (under the experiment's folder) exists:
+    run, experiment and the GAPs `measure(results, experiment)` returns. Shared by the offline benches."""
+    rows = [
+        {"run": run_name(results), "experiment": experiment, **measure(results, experiment)}
+        for results in folders
+        for experiment in experiments
+        if (results / "experiments" / experiment / needed).exists()
+    ]
+    return pd.DataFrame(rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
     parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
     args = parser.parse_args()
-    rows = [
-        {"run": str(results), "experiment": experiment, **run_gaps(results, experiment)}
-        for results in args.results
-        for experiment in args.experiments
-        if (results / "experiments" / experiment / "embed" / "test.npy").exists()
-    ]
-    table = pd.DataFrame(rows)
+    table = runs_table(args.results, args.experiments, run_gaps, "embed/test.npy")
     print(table.to_string(float_format="%.3f"))
     for experiment, runs in table.groupby("experiment", sort=False):
         print(f"\n{experiment} ({len(runs)} runs): GAP mean ± sd, gain over plain mean ± sd")

@@ -461,35 +461,69 @@ def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards
     assert not torch.equal(selected["model"]["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"])
 
 
-def test_the_learned_whitening_is_fitted_on_the_selected_weights_and_judged_by_val(shards, tmp_path):
-    """model.pt carries the whitening of its own train embeddings; val GAP is the whitened one; train.json
-    and metrics.csv give the GAP before it, so a user sees what it did."""
+def embeddings_without_whitening(model_path, shard_dirs, settings):
+    """The model.pt's embeddings of these shards before its whitening, with their landmark ids."""
     from landmarks.model import model_from_checkpoint
+
+    model, _ = model_from_checkpoint(model_path)
+    for name in ("whiten_mean", "whiten_matrix"):
+        delattr(model, name)
+    index = ShardIndex.from_dirs(shard_dirs)
+    plain = validation.embed_for_training(model.eval(), index, settings, torch.device("cpu"), distributed.Distributed())
+    return plain, index.table["landmark_id"].to_numpy(dtype=np.int64)
+
+
+def test_the_learned_whitening_is_fitted_on_the_selected_weights_and_judged_by_val(shards, tmp_path):
+    """val judges each candidate whitened by its train photos alone; model.pt carries the whitening fitted
+    again on the train and val landmark photos (`whitening_from: train+val`, the val's non-landmark
+    queries left out) or on train alone; train.json and metrics.csv say which, and give the GAP before it."""
     from landmarks.whitening import fit_whitening
 
-    settings = settings_for({**TINY, "epochs": 1, "whitening": "learned"})
-    metrics = train.train([shards / "train"], [shards / "val"], tmp_path / "w", settings, device=torch.device("cpu"))
-    assert all("val_gap_unwhitened" in row and 0 < row["whitening_shrinkage"] <= 1 for row in metrics)
-    summary = json.loads((tmp_path / "w" / "train.json").read_text())
-    best = metrics[summary["best_epoch"]]
-    assert summary["whitening"] == {
-        "shrinkage": best["whitening_shrinkage"],
-        "val_gap_unwhitened": best["val_gap_unwhitened"],
-    }
+    runs = {}
+    for source in ("train", "train+val"):
+        settings = settings_for({**TINY, "epochs": 1, "whitening": "learned", "whitening_from": source})
+        out = tmp_path / source
+        runs[source] = train.train(
+            [shards / "train"],
+            [shards / "val"],
+            out,
+            settings,
+            device=torch.device("cpu"),
+            bank_dirs=[shards / "nonlandmark"],
+        )
+        summary = json.loads((out / "train.json").read_text())
+        best = runs[source][summary["best_epoch"]]
+        assert all("val_gap_unwhitened" in row and 0 < row["whitening_shrinkage"] <= 1 for row in runs[source])
+        assert summary["whitening"] == {
+            "fitted_on": source,
+            "images": {"train": 30, "train+val": 36}[source],
+            "shrinkage": best["whitening_shrinkage"],
+            "val_gap_unwhitened": best["val_gap_unwhitened"],
+        }
+        dirs = [shards / "train"] + ([shards / "val"] if source == "train+val" else [])
+        refitted = fit_whitening(*embeddings_without_whitening(out / "model.pt", dirs, settings))
+        assert np.allclose(
+            checkpoint(out / "model.pt")["model"]["whiten_matrix"].numpy(), refitted["matrix"], atol=1e-3
+        )
+    # The same weights judged the same way: what model.pt carries does not leak val into val GAP.
+    assert [row["val_gap"] for row in runs["train"]] == [row["val_gap"] for row in runs["train+val"]]
 
-    saved = checkpoint(tmp_path / "w" / "model.pt")["model"]
-    model, _ = model_from_checkpoint(tmp_path / "w" / "model.pt")
-    for name in ("whiten_mean", "whiten_matrix"):
-        delattr(model, name)  # the selected weights without their whitening
-    index = ShardIndex.from_dirs([shards / "train"])
-    plain = validation.embed_for_training(model.eval(), index, settings, torch.device("cpu"), distributed.Distributed())
-    refitted = fit_whitening(plain, index.table["landmark_id"].to_numpy(dtype=np.int64))
-    assert np.allclose(saved["whiten_matrix"].numpy(), refitted["matrix"], atol=1e-3)
 
-    one_photo = settings_for({**TINY, "epochs": 0, "whitening": "learned"})
-    train.train([shards / "val"], [shards / "val"], tmp_path / "one", one_photo, device=torch.device("cpu"))
-    assert "whiten_matrix" not in checkpoint(tmp_path / "one" / "model.pt")["model"]  # one photo per landmark
-    assert json.loads((tmp_path / "one" / "train.json").read_text())["whitening"].startswith("not learned")
+def test_one_train_photo_per_landmark_is_whitened_with_the_val_photos(shards, tmp_path):
+    """With one train photo per landmark only the val photos give within-landmark differences."""
+    one_shot = tmp_path / "one_shot"  # train: view 5 of each landmark; val: another photo of each
+    write_image_set(
+        one_shot / "set",
+        [(f"lm{k}v0", Image.new("RGB", (60, 50), (40 * k, 200 - 30 * k, 90)), 500 + k, "val") for k in range(6)],
+    )
+    write_shards(one_shot / "set" / "selection.parquet", one_shot / "set" / "images", one_shot, ("val",), size=48)
+    for source, learned in (("train", False), ("train+val", True)):
+        settings = settings_for({**TINY, "epochs": 0, "whitening": "learned", "whitening_from": source})
+        out = tmp_path / source
+        train.train([shards / "val"], [one_shot / "val"], out, settings, device=torch.device("cpu"))
+        assert ("whiten_matrix" in checkpoint(out / "model.pt")["model"]) is learned
+        whitening = json.loads((out / "train.json").read_text())["whitening"]
+        assert whitening["images"] == 12 if learned else whitening.startswith("not learned")
 
 
 def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):

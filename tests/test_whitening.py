@@ -73,6 +73,7 @@ def stats(x):
 def test_no_landmark_with_two_photos_learns_no_whitening():
     x = normalised(np.random.default_rng(3).normal(size=(5, 8))).astype(np.float32)
     assert fit_whitening(x, np.arange(5)) is None
+    assert fit_whitening(np.vstack([x, x]), np.tile(np.arange(5), 2)) is None  # each photo twice: nothing differs
     assert apply_whitening(x, None) is x
 
 

@@ -17,9 +17,10 @@ the embedding is the backbone's own GeM descriptor (`neck: none`), the ArcFace c
 the class means (`head_init`), BatchNorm statistics stay as pretrained (`freeze_bn`), a small train set
 is drawn several times per epoch (`min_steps_per_epoch`), and model.pt is halfway back to the pretrained
 weights (`wise_alpha: 0.5`), then whitened: a linear whitening learned in closed form from the train
-embeddings of each candidate (`whitening: learned`; landmarks.whitening), which val judges with it and
-model.pt carries. Also available: a PCA-started linear neck, the GeM descriptor beside a
-learned one, a frozen backbone for the first epochs, layer-wise learning-rate decay.
+embeddings of each candidate (`whitening: learned`; landmarks.whitening), which val judges with it;
+model.pt carries the whitening fitted again on the train and val photos together (`whitening_from`).
+Also available: a PCA-started linear neck, the GeM descriptor beside a learned one, a frozen backbone
+for the first epochs, layer-wise learning-rate decay.
 
 Preemptible: `last.ckpt` (written atomically every `checkpoint_every_steps` optimizer steps and at
 each epoch's end) holds the model, head, optimizer, scheduler, AMP scaler, the position in the epoch
@@ -397,8 +398,9 @@ class Training:
         with self.selected_weights(epoch):
             val = evaluate_val_gap(self.model, self.train_index, self.val_index, self.settings, self.device, self.dist)
             whitening = val.pop("whitening", None)
-            if whitening is not None:
+            if whitening is not None:  # the one model.pt would carry
                 val["whitening_shrinkage"] = whitening["about"]["shrinkage"]
+                val["whitening_images"] = whitening["about"]["images"]
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
             self.state.metrics.append(row)
             log.info(
@@ -586,8 +588,13 @@ class Training:
         if self.settings["whitening"] != "learned":
             return None
         if "whitening_shrinkage" not in best:
-            return "not learned: no landmark has two train photos (or there is no val split to learn it with)"
-        return {"shrinkage": best["whitening_shrinkage"], "val_gap_unwhitened": best.get("val_gap_unwhitened")}
+            return "not learned: no landmark has two photos (or there is no val split to learn it with)"
+        return {
+            "fitted_on": self.settings["whitening_from"],
+            "images": best["whitening_images"],
+            "shrinkage": best["whitening_shrinkage"],
+            "val_gap_unwhitened": best.get("val_gap_unwhitened"),
+        }
 
     def summary(self, audit: dict | None, seconds: float) -> dict:
         """train.json: data sizes, the selected epoch and its val scores, steps, initialisation, resume,

@@ -107,7 +107,9 @@ def evaluate_val_gap(
 
     With `whitening: learned` the whitening is fitted on the train embeddings first and both sides are
     whitened, as model.pt would embed them: the result then also holds the GAP before whitening
-    (`val_gap_unwhitened`) and, on the main process, the fitted whitening (`whitening`; None elsewhere)."""
+    (`val_gap_unwhitened`) and, on the main process, the whitening model.pt would carry (`whitening`; None
+    elsewhere): with `whitening_from: train+val`, fitted again on the train and the val landmark photos
+    together once val has judged (every labelled photo; one train photo per landmark then gets one too)."""
     dist = dist or Distributed(device=device)
     if len(val_index) == 0 or len(train_index) == 0:
         return {"val_gap": float("nan"), "val_accuracy": float("nan"), "whitening": None}
@@ -124,7 +126,21 @@ def evaluate_val_gap(
                 apply_whitening(db, whitening), db_labels, apply_whitening(queries, whitening), val_index.table
             )
             result = {**whitened, "val_gap_unwhitened": result["val_gap"]}
+        if settings["whitening"] == "learned" and settings["whitening_from"] == "train+val":
+            whitening = fit_whitening_on_train_and_val(db, db_labels, queries, val_index, settings)
     return {**dist.broadcast_object(result), "whitening": whitening}
+
+
+def fit_whitening_on_train_and_val(db, db_labels, queries, val_index: ShardIndex, settings: dict) -> dict | None:
+    """The whitening of the train and val landmark photos' embeddings (val's non-landmark queries left out)."""
+    landmark = val_index.table["landmark_id"].notna().to_numpy()
+    val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
+    return fit_whitening(
+        np.concatenate([db, queries[landmark]]),
+        np.concatenate([db_labels, val_labels]),
+        settings["whitening_shrinkage"],
+        settings["whitening_power"],
+    )
 
 
 def top1_scores(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, query_table: pd.DataFrame) -> dict:

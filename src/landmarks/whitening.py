@@ -49,7 +49,7 @@ def fit_whitening(embeddings: np.ndarray, labels: np.ndarray, shrinkage="auto", 
     """Learn the whitening from L2-normalised train embeddings and their landmark labels.
 
     Returns {"mean", "matrix"} (apply as normalise((x - mean) @ matrix.T)) and what was fitted, or None
-    when no landmark has two photos."""
+    when no landmark has two photos, or its photos do not differ (copies of one image)."""
     dim = embeddings.shape[1]
     scatter, squared, rows = np.zeros((dim, dim)), 0.0, 0
     for deviations in within_class_deviations(embeddings, labels):
@@ -57,9 +57,9 @@ def fit_whitening(embeddings: np.ndarray, labels: np.ndarray, shrinkage="auto", 
         squares = deviations**2
         squared += float((squares.T @ squares).sum())
         rows += len(deviations)
-    if rows == 0:
-        return None
     trace = float(np.trace(scatter))
+    if rows == 0 or trace <= 0:
+        return None
     if shrinkage == "auto":
         shrinkage = ledoit_wolf_shrinkage(rows, scatter, squared, trace)
     covariance = (1 - shrinkage) * scatter / rows + shrinkage * trace / rows / dim * np.eye(dim)

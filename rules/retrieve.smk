@@ -11,6 +11,7 @@ rule retrieve:
         queries=f"{R}/experiments/{{experiment}}/embed/test.npy",
         bank=f"{R}/experiments/{{experiment}}/embed/nonlandmark.npy",
         val=f"{R}/experiments/{{experiment}}/embed/val.npy",
+        model=f"{R}/experiments/{{experiment}}/train/model.pt",  # its threshold folds (whitening_from: train+val)
         shards=verify_shards,
     output:
         neighbours=f"{R}/experiments/{{experiment}}/retrieve/neighbours.parquet",
@@ -37,6 +38,6 @@ rule retrieve:
         device=lambda w: "gpu" if experiment(w.experiment, "retrieve")["gpus"] else "auto",
     shell:
         "python -m landmarks.retrieve --database {input.database:q} --queries {input.queries:q} --bank {input.bank:q} "
-        "--val {input.val:q} --out-dir {params.out_dir:q} --settings {params.settings:q} --shards {input.shards:q} "
+        "--val {input.val:q} --model {input.model:q} --out-dir {params.out_dir:q} --settings {params.settings:q} --shards {input.shards:q} "
         "--predictor {params.predictor:q} "
         "--device {params.device} --threads {threads} > {log:q} 2>&1"

@@ -346,3 +346,71 @@ def test_the_nonlandmark_threshold_makes_the_most_right_decisions():
         np.array([0.3, 0.9, -np.inf]), np.array([True, True, False]), np.array([True, True, False])
     )
     assert keep["threshold"] == pytest.approx(0.3 - 1e-6) and keep["accuracy"] == 1.0
+
+
+def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_left_them_out(tmp_path):
+    """With `whitening_from: train+val` the val photos helped fit model.pt's whitening, which pulls each
+    towards its train photos: the threshold is chosen with the threshold folds' whitenings instead, each
+    val photo (and its share of the bank sample) answered in the space of the fold that left it out."""
+    import torch
+
+    from landmarks.model import threshold_folds_state, whitening_buffers
+    from landmarks.validation import threshold_folds
+    from landmarks.whitening import apply_whitening, fit_whitening
+
+    rng = np.random.default_rng(11)
+    dim, landmarks = 24, 8
+    centres = rng.normal(size=(landmarks, dim))
+    photo = lambda labels: _unit(centres[labels] + 1.2 * rng.normal(size=(len(labels), dim)))  # noqa: E731
+    train_labels, val_labels = np.repeat(np.arange(landmarks), 2), np.arange(landmarks)
+    train, val, bank, test = (
+        photo(train_labels),
+        photo(val_labels),
+        _unit(rng.normal(size=(20, dim))),
+        photo(val_labels),
+    )
+    final = fit_whitening(np.concatenate([train, val]), np.concatenate([train_labels, val_labels]))
+    folds = threshold_folds(train, train_labels, val, val_labels, 0, fit_whitening)
+    assert len(folds) == 2 and sorted(np.concatenate([f["val_landmarks"] for f in folds])) == list(range(landmarks))
+    torch.save(
+        {"model": whitening_buffers(final["mean"], final["matrix"]), "threshold_folds": threshold_folds_state(folds)},
+        tmp_path / "model.pt",
+    )
+    torch.save({"model": whitening_buffers(final["mean"], final["matrix"])}, tmp_path / "no_folds.pt")
+    ids = lambda prefix, n: [f"{prefix}{i}" for i in range(n)]  # noqa: E731
+    paths = {
+        "database": _write(tmp_path / "train.npy", apply_whitening(train, final), ids("t", 16), train_labels),
+        "queries": _write(tmp_path / "test.npy", apply_whitening(test, final), ids("q", landmarks)),
+        "bank": _write(tmp_path / "bank.npy", apply_whitening(bank, final), ids("b", 20)),
+        "val": _write(tmp_path / "val.npy", apply_whitening(val, final), ids("v", landmarks), val_labels),
+    }
+    settings = {"verify": {"neighbours": 0}, "impostor_weight": 0, "seed": 0}
+    chosen = {}
+    for name, model in (("folds", "model.pt"), ("in_fit", "no_folds.pt")):
+        out = tmp_path / name
+        retrieve.retrieve(
+            paths["database"],
+            paths["queries"],
+            paths["bank"],
+            out,
+            val_path=paths["val"],
+            model_path=tmp_path / model,
+            **settings,
+        )
+        chosen[name] = json.loads((out / "retrieve.json").read_text())["nonlandmark_threshold"]
+    assert chosen["folds"]["answered"].startswith("2 threshold folds") and chosen["folds"]["source"] == "val"
+    assert chosen["in_fit"]["answered"] == "as the test queries"
+    # By hand: each calibration query's top-1 cosine in its fold's space (bank rows dealt in turn).
+    _, query_ids, _ = retrieve.calibration_queries(paths["val"], bank, pd.DataFrame({"id": ids("b", 20)}), dim, 0)
+    bank_rows = [int(i[1:]) for i in query_ids["id"][landmarks:]]
+    raw = np.concatenate([val, bank[bank_rows]])
+    truth = np.concatenate([val_labels, -np.ones(len(bank_rows), np.int64)])
+    confidence, correct = np.zeros(len(raw)), np.zeros(len(raw), bool)
+    for row in range(len(raw)):
+        fold = next((f for f in folds if truth[row] in f["val_landmarks"]), folds[row % 2])
+        cosines = apply_whitening(train, fold["whitening"]) @ apply_whitening(raw[row : row + 1], fold["whitening"])[0]
+        confidence[row], correct[row] = cosines.max(), train_labels[cosines.argmax()] == truth[row]
+    expected = retrieve.choose_threshold(confidence, correct, truth >= 0)
+    assert chosen["folds"]["threshold"] == pytest.approx(expected["threshold"], abs=1e-4)
+    assert chosen["folds"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert chosen["in_fit"]["threshold"] != pytest.approx(chosen["folds"]["threshold"], abs=1e-3)

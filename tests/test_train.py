@@ -477,6 +477,7 @@ def test_the_learned_whitening_is_fitted_on_the_selected_weights_and_judged_by_v
     """val judges each candidate whitened by its train photos alone; model.pt carries the whitening fitted
     again on the train and val landmark photos (`whitening_from: train+val`, the val's non-landmark
     queries left out) or on train alone; train.json and metrics.csv say which, and give the GAP before it."""
+    from landmarks.model import whitenings_from_checkpoint
     from landmarks.whitening import fit_whitening
 
     runs = {}
@@ -499,12 +500,25 @@ def test_the_learned_whitening_is_fitted_on_the_selected_weights_and_judged_by_v
             "images": {"train": 30, "train+val": 36}[source],
             "shrinkage": best["whitening_shrinkage"],
             "val_gap_unwhitened": best["val_gap_unwhitened"],
+            "threshold_folds": {"train": 0, "train+val": 2}[source],
         }
         dirs = [shards / "train"] + ([shards / "val"] if source == "train+val" else [])
         refitted = fit_whitening(*embeddings_without_whitening(out / "model.pt", dirs, settings))
         assert np.allclose(
             checkpoint(out / "model.pt")["model"]["whiten_matrix"].numpy(), refitted["matrix"], atol=1e-3
         )
+    # For retrieve's threshold, each half of val's landmarks has the whitening of the train photos and the
+    # other half's val photos: every val photo is answered by a whitening it did not shape.
+    train_x, train_labels = embeddings_without_whitening(out / "model.pt", [shards / "train"], settings)
+    val_x, val_labels = embeddings_without_whitening(out / "model.pt", [shards / "val"], settings)
+    _, folds = whitenings_from_checkpoint(out / "model.pt")
+    assert sorted(np.concatenate([fold["val_landmarks"] for fold in folds])) == sorted(set(val_labels))
+    for fold in folds:
+        kept = ~np.isin(val_labels, fold["val_landmarks"])
+        expected = fit_whitening(
+            np.concatenate([train_x, val_x[kept]]), np.concatenate([train_labels, val_labels[kept]])
+        )
+        assert np.allclose(fold["whitening"]["matrix"], expected["matrix"], atol=1e-3)
     # The same weights judged the same way: what model.pt carries does not leak val into val GAP.
     assert [row["val_gap"] for row in runs["train"]] == [row["val_gap"] for row in runs["train+val"]]
 

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from landmarks.model import LandmarkModel, model_from_checkpoint
-from landmarks.whitening import apply_whitening, fit_whitening, ledoit_wolf_shrinkage, within_class_deviations
+from landmarks.whitening import (
+    apply_whitening,
+    fit_whitening,
+    ledoit_wolf_shrinkage,
+    unwhiten,
+    within_class_deviations,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -94,3 +100,12 @@ def test_model_pt_carries_the_whitening_to_every_stage_that_embeds(tmp_path):
     embedded = rebuilt.eval().embed(images).numpy()
     assert np.allclose(embedded, apply_whitening(plain, whitening), atol=1e-5)
     assert not np.allclose(embedded, plain, atol=1e-3)
+
+
+def test_the_embeddings_before_the_whitening_come_back_from_its_float16_output():
+    """retrieve re-whitens stored embeddings with another whitening of the same model (its threshold folds)."""
+    x, labels = views_with_a_shared_nuisance(np.random.default_rng(4))
+    whitening = fit_whitening(x, labels)
+    stored = apply_whitening(x, whitening).astype(np.float16)  # as embed writes them
+    assert np.abs(unwhiten(stored, whitening) - x).max() < 2e-3
+    assert not np.array_equal(apply_whitening(x, whitening), stored.astype(np.float32))  # float16 did round

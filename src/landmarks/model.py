@@ -325,6 +325,32 @@ def whitening_buffers(mean, matrix) -> dict[str, torch.Tensor]:
     }
 
 
+def threshold_folds_state(folds: list[dict]) -> list[dict]:
+    """model.pt's `threshold_folds` (tensors, loadable with weights_only): per fold its val landmarks and
+    the whitening that left their photos out (`validation.threshold_folds`; None: none learned)."""
+    return [
+        {
+            "val_landmarks": torch.as_tensor(fold["val_landmarks"], dtype=torch.int64),
+            **(whitening_buffers(fold["whitening"]["mean"], fold["whitening"]["matrix"]) if fold["whitening"] else {}),
+        }
+        for fold in folds
+    ]
+
+
+def whitenings_from_checkpoint(path: str | Path) -> tuple[dict | None, list[dict]]:
+    """The whitening a model.pt embeds with ({"mean", "matrix"} as numpy, or None) and its threshold folds
+    ([{"val_landmarks", "whitening"}]; empty when val was not in its fit), without building the model."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    as_whitening = lambda d: (  # noqa: E731
+        {"mean": d["whiten_mean"].numpy(), "matrix": d["whiten_matrix"].numpy()} if "whiten_matrix" in d else None
+    )
+    folds = [
+        {"val_landmarks": fold["val_landmarks"].numpy(), "whitening": as_whitening(fold)}
+        for fold in checkpoint.get("threshold_folds", [])
+    ]
+    return as_whitening(checkpoint["model"]), folds
+
+
 def model_from_checkpoint(path: str | Path, map_location="cpu") -> tuple[LandmarkModel, dict]:
     """Rebuild the model a `train` checkpoint describes (no network access: weights come from the file)."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)

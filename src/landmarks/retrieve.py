@@ -38,11 +38,13 @@ database.parquet (id, landmark_id, shard relative to this folder, key, B_j, impo
 predictor.json (the `--predictor` embed and shard settings, the retrieve settings, the threshold).
 With `--val`, the threshold below which predict calls a photo a non-landmark is chosen on the val
 photos and as many bank photos, answered exactly as the test queries (`choose_threshold`: the most
-right decisions).
+right decisions). When model.pt's whitening was fitted on the val photos too (`--model`; train's
+`whitening_from: train+val`), it would rate them surer than new photos, so each val photo is answered
+with a whitening of the same model that left it out (its threshold folds: `answer_in_folds`).
 
     python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR \
         --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00 \
-        --val val.npy
+        --val val.npy --model model.pt
 """
 
 from __future__ import annotations
@@ -72,8 +74,10 @@ from .index import (
     search,
     write_index,
 )
+from .model import whitenings_from_checkpoint
 from .ranking import Predictions, label_rule_name, predict, reranking
 from .tables import EMBEDDING_IDS_COLUMNS
+from .whitening import apply_whitening, unwhiten
 
 log = logging.getLogger("landmarks.retrieve")
 
@@ -499,10 +503,15 @@ def calibration_queries(val_path, bank, bank_ids, dim: int, seed: int):
     return vectors, ids, exclude_bank
 
 
-def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSource, threads: int) -> dict:
+def calibrate_threshold(
+    db: Database, val_path, inputs: Inputs, images: ImageSource, threads: int, model_path=None, use_gpu=None
+) -> dict:
     """Choose the non-landmark threshold on val (see `choose_threshold`); answers the val queries exactly
-    as the test queries are answered."""
-    vectors, ids, exclude_bank = calibration_queries(val_path, bank, bank_ids, db.index.d, db.settings["seed"])
+    as the test queries are answered, or, when model.pt's whitening was fitted on the val photos too
+    (`model_path` has threshold folds), each with a whitening that left it out (`answer_in_folds`)."""
+    vectors, ids, exclude_bank = calibration_queries(
+        val_path, inputs.bank, inputs.bank_ids, db.index.d, db.settings["seed"]
+    )
     if not ids["landmark_id"].notna().any():
         log.warning(
             "%s has no landmark images: no non-landmark threshold chosen (predict keeps every "
@@ -510,21 +519,62 @@ def calibrate_threshold(db: Database, val_path, bank, bank_ids, images: ImageSou
             val_path,
         )
         return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}
-    answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
     truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-    label = answers.predictions.label
-    chosen = choose_threshold(answers.predictions.confidence, (label == truth) & (truth >= 0), truth >= 0)
-    chosen["source"] = "val"
+    final, folds = whitenings_from_checkpoint(model_path) if model_path else (None, [])
+    if final is not None and folds:
+        queries = (vectors, ids, exclude_bank)
+        confidence, label = answer_in_folds(inputs, db.settings, use_gpu, queries, final, folds, images, threads)
+        answered = f"{len(folds)} threshold folds: each val photo with a whitening fitted without it"
+    else:
+        answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
+        confidence, label, answered = answers.predictions.confidence, answers.predictions.label, "as the test queries"
+    chosen = choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0)
+    chosen.update(source="val", answered=answered)
     log.info(
-        "non-landmark threshold %.4f chosen on val: %d landmark + %d non-landmark queries, %.1f%% right "
+        "non-landmark threshold %.4f chosen on val (%s): %d landmark + %d non-landmark queries, %.1f%% right "
         "decisions (%.1f%% without a threshold)",
         chosen["threshold"],
+        answered,
         chosen["landmark_queries"],
         chosen["nonlandmark_queries"],
         100 * chosen["accuracy"],
         100 * chosen["accuracy_without_threshold"],
     )
     return chosen
+
+
+def answer_in_folds(inputs: Inputs, s: dict, use_gpu, queries, final: dict, folds: list[dict], images, threads):
+    """(confidence, label) of the calibration queries, each answered in its fold's space: database, bank
+    and query re-whitened with the whitening that left the fold's val landmarks out (validation.threshold_folds;
+    the embeddings before the whitening come back with `unwhiten`). Non-landmark queries, in no fit, are
+    dealt to the folds in turn. Each fold builds its own database index (and impostor terms), and holds
+    the database twice in memory as float32."""
+    vectors, ids, exclude_bank = queries
+    truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    fold_of = np.arange(len(ids)) % len(folds)  # val landmarks in no fold were in no fit: any fold will do
+    for number, fold in enumerate(folds):
+        fold_of[np.isin(truth, fold["val_landmarks"]) & (truth >= 0)] = number
+    database = unwhiten(np.asarray(inputs.database), final)
+    bank = unwhiten(inputs.bank, final) if len(inputs.bank) else inputs.bank
+    vectors = unwhiten(vectors, final)
+    confidence, label = np.full(len(ids), np.nan), np.full(len(ids), -1, np.int64)
+    for number, fold in enumerate(folds):
+        rows = np.flatnonzero(fold_of == number)
+        whitening = fold["whitening"]  # None: answered unwhitened
+        fold_inputs = inputs._replace(
+            database=apply_whitening(database, whitening), bank=apply_whitening(bank, whitening) if len(bank) else bank
+        )
+        fold_db, _, _ = build_database(fold_inputs, s, use_gpu, {})
+        answers = answer_queries(
+            fold_db,
+            apply_whitening(vectors[rows], whitening),
+            ids["id"].iloc[rows],
+            exclude_bank=exclude_bank[rows],
+            images=images,
+            threads=threads,
+        )
+        confidence[rows], label[rows] = answers.predictions.confidence, answers.predictions.label
+    return confidence, label
 
 
 def save_database(out_dir: Path, db: Database, about: dict, bank_about: dict) -> None:
@@ -551,13 +601,15 @@ def retrieve(
     shard_dirs=(),
     threads: int = 1,
     val_path=None,
+    model_path=None,
     predictor: dict | None = None,
     **settings,
 ) -> pd.DataFrame:
     """Search, predict (and verify) and write the stage's files into `out_dir`; returns the predictions
     table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled); `shard_dirs`:
     shards holding the query, database (and val and bank) images, for `verify`; `val_path`: val
-    embeddings, to choose the non-landmark threshold predict uses; `predictor`: the experiment's embed
+    embeddings, to choose the non-landmark threshold predict uses; `model_path`: the model.pt that
+    embedded them, whose threshold folds (when val was in its whitening's fit) answer the val photos; `predictor`: the experiment's embed
     and shard settings, recorded in predictor.json for predict.
 
     Refuses (StageError) queries that are also in the bank, duplicate ids, embeddings of different
@@ -574,7 +626,7 @@ def retrieve(
     exclude = self_rows if s["exclude_self"] else None
     answers = search_queries(db, inputs, about, exclude, images, threads, seconds)
     recall = approximate_recall(inputs.database, inputs.queries, answers.positions, exclude, s, use_gpu)
-    threshold = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds)
+    threshold = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds, model_path, use_gpu)
     out_dir = Path(out_dir)
     predictions = write_answers(out_dir, inputs, db, answers, about, bank_about)
     summary = run_summary(
@@ -659,12 +711,14 @@ def search_queries(db: Database, inputs: Inputs, about: dict, exclude, images, t
     return answers
 
 
-def nonlandmark_threshold(db: Database, val_path, inputs: Inputs, images, threads: int, seconds: dict) -> dict:
+def nonlandmark_threshold(
+    db: Database, val_path, inputs: Inputs, images, threads: int, seconds: dict, model_path=None, use_gpu=None
+) -> dict:
     """The threshold predict calls a photo a non-landmark below: chosen on val when given (timed)."""
     if not val_path:
         return {"threshold": None, "source": "none: no val embeddings given"}
     started = time.perf_counter()
-    threshold = calibrate_threshold(db, val_path, inputs.bank, inputs.bank_ids, images, threads)
+    threshold = calibrate_threshold(db, val_path, inputs, images, threads, model_path, use_gpu)
     seconds["calibrate"] = time.perf_counter() - started
     return threshold
 
@@ -757,6 +811,12 @@ def main(argv=None) -> int:
         help="embeddings of the val split .npy: the non-landmark threshold predict uses is chosen on them",
     )
     parser.add_argument(
+        "--model",
+        default=None,
+        help="the model.pt that made the embeddings: when its whitening was fitted on the val photos too, "
+        "the threshold is chosen with its threshold folds' whitenings, which left them out",
+    )
+    parser.add_argument(
         "--predictor",
         default="{}",
         help="JSON object recorded in predictor.json for predict: the experiment's embed and shard "
@@ -781,6 +841,7 @@ def main(argv=None) -> int:
         shard_dirs=args.shards,
         threads=args.threads or 1,
         val_path=args.val,
+        model_path=args.model,
         predictor=_json_object(args.predictor, "--predictor"),
         **settings,
     )

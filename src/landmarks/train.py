@@ -97,7 +97,7 @@ from .finetune import (
 )
 from .loader import ShardIndex, ShardMapDataset, class_mapping, train_transform
 from .losses import build_head, head_entry
-from .model import LandmarkModel, whitening_buffers
+from .model import LandmarkModel, threshold_folds_state, whitening_buffers
 from .report import plot_curves
 from .sampler import SeededDataset, TrainBatchSampler, cluster_classes, epoch_rng, images_per_class
 from .validation import embed_for_training, evaluate_val_gap, val_queries
@@ -335,6 +335,7 @@ class Training:
             "data_config": self.model.data_config,
             "classes": {str(k): v for k, v in self.labels.items()},
             "epoch": epoch,
+            "threshold_folds": threshold_folds_state((whitening or {}).get("folds", [])),
         }
 
     def save_training_state(self, epoch: int, step: int) -> None:
@@ -401,6 +402,7 @@ class Training:
             if whitening is not None:  # the one model.pt would carry
                 val["whitening_shrinkage"] = whitening["about"]["shrinkage"]
                 val["whitening_images"] = whitening["about"]["images"]
+                val["whitening_threshold_folds"] = len(whitening.get("folds", []))
             row = {"epoch": epoch, **row, **val, "seconds": round(time.perf_counter() - started, 2)}
             self.state.metrics.append(row)
             log.info(
@@ -594,6 +596,8 @@ class Training:
             "images": best["whitening_images"],
             "shrinkage": best["whitening_shrinkage"],
             "val_gap_unwhitened": best.get("val_gap_unwhitened"),
+            # whitenings that leave val photos out, for retrieve's threshold (validation.threshold_folds)
+            "threshold_folds": best.get("whitening_threshold_folds", 0),
         }
 
     def summary(self, audit: dict | None, seconds: float) -> dict:

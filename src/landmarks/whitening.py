@@ -78,3 +78,21 @@ def apply_whitening(embeddings: np.ndarray, whitening: dict | None) -> np.ndarra
         return embeddings
     out = (embeddings.astype(np.float32) - whitening["mean"]) @ whitening["matrix"].T
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def unwhiten(whitened: np.ndarray, whitening: dict) -> np.ndarray:
+    """The L2-normalised embeddings a whitening was applied to, recovered from its output (float32).
+
+    The matrix is invertible (its eigenvalues are floored), so the output fixes the direction of
+    x - mean; the one scale s > 0 that puts x = mean + s * direction on the unit sphere gives x back.
+    retrieve uses it to re-whiten embeddings with another whitening of the same model."""
+    mean = np.asarray(whitening["mean"], np.float64)
+    inverse = np.linalg.inv(np.asarray(whitening["matrix"], np.float64))
+    out = np.empty(whitened.shape, np.float32)
+    for start in range(0, len(whitened), CHUNK_ROWS):
+        direction = whitened[start : start + CHUNK_ROWS].astype(np.float64) @ inverse.T
+        # |mean + s d|^2 = 1: a s^2 + b s + c = 0 with c = |mean|^2 - 1 < 0, so one positive root
+        a, b, c = (direction**2).sum(1), 2 * direction @ mean, mean @ mean - 1
+        scale = (-b + np.sqrt(b**2 - 4 * a * c)) / (2 * np.maximum(a, 1e-30))
+        out[start : start + CHUNK_ROWS] = mean + scale[:, None] * direction
+    return out

@@ -20,6 +20,7 @@ rule predict:
         index=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/index.faiss",
         bank_index=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/bank.faiss",
         database=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/database.parquet",
+        calibration=f"{R}/experiments/{PREDICT_EXPERIMENT}/retrieve/calibration.parquet",  # predict.landmark_share
         shards=shard_dirs("train"),
     output:
         jsonl=f"{PREDICT_DIR}/predictions.jsonl",

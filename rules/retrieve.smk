@@ -2,7 +2,8 @@
 # non-landmark bank; writes the neighbours table, a Kaggle submission CSV and retrieve.json (sizes,
 # timings, and the recall of an approximate index against exact search). It also keeps what predict
 # needs to answer new photos the same way: the faiss indexes, the database rows, and predictor.json
-# (the embed and shard settings, and the non-landmark threshold chosen on val).
+# (the embed and shard settings, and the non-landmark threshold chosen on val, with the val answers it
+# was chosen on: calibration.parquet).
 
 
 rule retrieve:
@@ -22,6 +23,7 @@ rule retrieve:
         bank_index=f"{R}/experiments/{{experiment}}/retrieve/bank.faiss",
         database=f"{R}/experiments/{{experiment}}/retrieve/database.parquet",
         predictor=f"{R}/experiments/{{experiment}}/retrieve/predictor.json",
+        calibration=f"{R}/experiments/{{experiment}}/retrieve/calibration.parquet",
     log:
         f"{LOGS}/retrieve/{{experiment}}.log",
     conda:

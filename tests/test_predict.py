@@ -86,6 +86,11 @@ def test_retrieve_keeps_what_predict_needs(experiment):
     threshold = saved["nonlandmark_threshold"]
     assert threshold["source"] == "val" and threshold["landmark_queries"] == 6
     assert threshold["nonlandmark_queries"] == 4  # as many bank photos as val landmark photos (4 in the bank)
+    # weighed for the test queries' mix of landmark and non-landmark photos
+    test_ids = pd.read_parquet(experiment / "embed" / "test.ids.parquet")
+    assert threshold["landmark_share_from"] == "the test queries"
+    assert threshold["landmark_share"] == pytest.approx(test_ids["landmark_id"].notna().mean())
+    assert 0 < threshold["landmark_share"] < 1
     database = pd.read_parquet(experiment / "retrieve" / "database.parquet")
     assert len(database) == 30 and database[["landmark_id", "impostor_term"]].notna().all().all()
 
@@ -124,6 +129,27 @@ def test_a_threshold_from_the_config_overrides_val(experiment, tiny_set, tmp_pat
     (row,) = read_rows(tmp_path).values()
     assert row["verdict"] == "non-landmark" and row["threshold_source"] == "config"
     assert row["predicted_landmark_id"] is not None and row["landmark_id"] is None
+
+
+def test_an_expected_landmark_share_chooses_the_threshold_again_on_the_val_answers(experiment, tiny_set, tmp_path):
+    """A user who expects mostly landmark photos (or mostly not) gets the threshold that makes the most
+    right decisions at that share, chosen on the val answers retrieve saved: more landmarks, a lower bar."""
+    val = pd.read_parquet(experiment / "retrieve" / "calibration.parquet")
+    assert len(val) == 10 and val["landmark_id"].notna().sum() == 6  # 6 val photos, 4 bank photos
+    truth = val["landmark_id"].fillna(-1).to_numpy(dtype=np.int64)
+    correct = (val["predicted_landmark_id"].fillna(-1).to_numpy(dtype=np.int64) == truth) & (truth >= 0)
+    thresholds = {}
+    for share in (0.05, 0.95):
+        out = tmp_path / str(share)
+        assert run_predict(experiment, [tiny_set / "images" / "lm0v6.jpg"], out, "--landmark-share", str(share)) == 0
+        (row,) = read_rows(out).values()
+        expected = retrieve.choose_threshold(val["confidence"].to_numpy(), correct, truth >= 0, share)
+        assert row["threshold"] == pytest.approx(expected["threshold"])
+        assert row["threshold_source"] == f"val, for a landmark share of {share:g} (predict.landmark_share)"
+        thresholds[share] = row["threshold"]
+    assert thresholds[0.95] <= thresholds[0.05]
+    with pytest.raises(predict.StageError, match="key 'predict.landmark_share'"):
+        predict.parse_args(["--experiment", "x", "a.jpg", "--landmark-share", "1"])
 
 
 def test_a_folder_is_searched_recursively(experiment, tiny_set, tmp_path):

@@ -4,7 +4,8 @@
     python -m landmarks.predict --experiment results/experiments/X holiday/ one.jpg crawl.csv --out-dir out/
 
 The predict section of config.yaml comes as `--settings` JSON (`snakemake predict` passes it);
---nonlandmark-threshold, --top-landmarks, --neighbours, --batch-size and --no-saliency override it.
+--nonlandmark-threshold, --landmark-share, --top-landmarks, --neighbours, --batch-size and --no-saliency
+override it.
 
 INPUT: image files, folders (searched recursively for image files) and CSV files of `id,url`, whose
 photos are downloaded with the download stage's code and checks (into <out-dir>/download, resumable).
@@ -17,10 +18,11 @@ terms, geometric verification and prediction rule), from the index retrieve save
 the label and confidence it got in predictions.parquet.
 
 Per photo: the top landmarks with the confidence each would have as the answer, a non-landmark verdict
-(confidence below the threshold retrieve chose on val, or --nonlandmark-threshold; the output says
-which), and the nearest database images. Written to <out-dir>: predictions.jsonl (everything),
-predictions.csv (one row per photo), submission.csv (Kaggle format) and index.html, a self-contained page
-with each photo, its answer, its neighbours and a saliency map of what made it match.
+(confidence below the threshold retrieve chose on val, the one chosen on the same val answers for
+--landmark-share, or --nonlandmark-threshold; the output says which), and the nearest database images.
+Written to <out-dir>: predictions.jsonl (everything), predictions.csv (one row per photo), submission.csv
+(Kaggle format) and index.html, a self-contained page with each photo, its answer, its neighbours and a
+saliency map of what made it match.
 
 A photo that cannot be read gets its error in the outputs and the others are still answered; the exit
 code is 1 when any photo failed, 2 when the experiment itself cannot be used (missing or half-written).
@@ -134,6 +136,23 @@ class Experiment:
     def threshold(self) -> dict:
         return self.predictor.get("nonlandmark_threshold") or {"threshold": None, "source": "none"}
 
+    def threshold_for_share(self, landmark_share: float) -> dict:
+        """The non-landmark threshold chosen again on the val answers retrieve chose its own on
+        (calibration.parquet), for photos of which `landmark_share` show a landmark."""
+        from . import retrieve
+
+        path = self.path / "retrieve/calibration.parquet"
+        if not path.exists():
+            raise StageError(f"{path}: missing (retrieve from before predict.landmark_share): rerun retrieve")
+        val = _read_parquet(path, ("landmark_id", "predicted_landmark_id", "confidence"))
+        if not val["landmark_id"].notna().any():
+            raise StageError(f"{path}: no val landmark answers to choose a threshold on (was val empty?)")
+        truth = val["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        label = val["predicted_landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        confidence = val["confidence"].to_numpy(dtype=np.float64)  # NaN: no answer, rejected first
+        chosen = retrieve.choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, landmark_share)
+        return {**chosen, "source": f"val, for a landmark share of {landmark_share:g} (predict.landmark_share)"}
+
 
 def _impostor_terms(ids: pd.DataFrame, settings: dict, path: Path) -> np.ndarray | None:
     """The database's impostor terms when the confidence uses them; a retrieve from before them has none."""
@@ -157,12 +176,12 @@ def _read_json(path: Path) -> dict:
         raise StageError(f"{path}: not readable JSON ({err}); rerun the retrieve stage") from err
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, columns=("id", "landmark_id", "bank_term")) -> pd.DataFrame:
     try:
         table = read_table(path)
     except Exception as err:
         raise StageError(f"{path}: not a readable Parquet table ({err}); rerun the retrieve stage") from err
-    missing = {"id", "landmark_id", "bank_term"} - set(table.columns)
+    missing = set(columns) - set(table.columns)
     if missing:
         raise StageError(f"{path}: missing columns {sorted(missing)}; rerun the retrieve stage")
     return table
@@ -440,6 +459,7 @@ def predict(
     *,
     device: str = "auto",
     threshold: float | None = None,
+    landmark_share: float | None = None,
     top_landmarks: int = 3,
     neighbours: int = 5,
     batch_size: int = 32,
@@ -448,7 +468,9 @@ def predict(
     threads: int = 1,
     progress: bool = True,
 ) -> list[dict]:
-    """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo)."""
+    """Answer every input photo; write the outputs into `out_dir`; returns the records (one per photo).
+    The non-landmark threshold: `threshold`, else the one chosen on val for `landmark_share`, else the
+    one retrieve chose."""
     from .device import pick_device
     from .download import Settings
     from .index import gpu_count
@@ -457,7 +479,12 @@ def predict(
     started = time.perf_counter()
     torch_device = pick_device(device)
     experiment = Experiment(experiment_dir, torch_device, use_gpu_index=torch_device.type == "cuda" and gpu_count() > 0)
-    chosen = experiment.threshold if threshold is None else {"threshold": float(threshold), "source": "config"}
+    if threshold is not None:
+        chosen = {"threshold": float(threshold), "source": "config"}
+    elif landmark_share is not None:
+        chosen = experiment.threshold_for_share(landmark_share)
+    else:
+        chosen = experiment.threshold
     settings = Settings(
         **{k: v for k, v in (download_settings or {}).items() if k in Settings.__dataclass_fields__ and v is not None}
     )
@@ -554,6 +581,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         default=None,
         help="confidence below which a photo is a non-landmark (default: the one chosen on val)",
     )
+    parser.add_argument(
+        "--landmark-share",
+        type=float,
+        default=None,
+        help="share of landmark photos you expect among the inputs: the threshold is chosen on val for it",
+    )
     parser.add_argument("--top-landmarks", type=int, default=None, help="default 3")
     parser.add_argument("--neighbours", type=int, default=None, help="default 5")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32")
@@ -565,6 +598,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     args = parser.parse_args(argv)
     overrides = {
         "nonlandmark_threshold": args.nonlandmark_threshold,
+        "landmark_share": args.landmark_share,
         "top_landmarks": args.top_landmarks,
         "neighbours": args.neighbours,
         "batch_size": args.batch_size,
@@ -589,6 +623,7 @@ def main(argv=None) -> int:
         out_dir,
         device=args.device,
         threshold=None if settings["nonlandmark_threshold"] is None else float(settings["nonlandmark_threshold"]),
+        landmark_share=settings["landmark_share"],
         top_landmarks=settings["top_landmarks"],
         neighbours=settings["neighbours"],
         batch_size=settings["batch_size"],

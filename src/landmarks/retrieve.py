@@ -38,9 +38,11 @@ database.parquet (id, landmark_id, shard relative to this folder, key, B_j, impo
 predictor.json (the `--predictor` embed and shard settings, the retrieve settings, the threshold).
 With `--val`, the threshold below which predict calls a photo a non-landmark is chosen on the val
 photos and as many bank photos, answered exactly as the test queries (`choose_threshold`: the most
-right decisions). When model.pt's whitening was fitted on the val photos too (`--model`; train's
-`whitening_from: train+val`), it would rate them surer than new photos, so each val photo is answered
-with a whitening of the same model that left it out (its threshold folds: `answer_in_folds`).
+right decisions, weighed for the test queries' share of landmark photos or `landmark_share`); the val
+answers are kept in calibration.parquet, for predict to choose again for another share. When model.pt's
+whitening was fitted on the val photos too (`--model`; train's `whitening_from: train+val`), it would
+rate them surer than new photos, so each val photo is answered with a whitening of the same model that
+left it out (its threshold folds: `answer_in_folds`).
 
     python -m landmarks.retrieve --database train.npy --queries test.npy --bank nonlandmark.npy --out-dir DIR \
         --settings '{"k": 10, "verify": {"neighbours": 5}}' --shards shards/test/part-00 shards/train/part-00 \
@@ -401,23 +403,31 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
     return sorted(scored, key=lambda item: -item[1])[:limit]
 
 
-def choose_threshold(confidence: np.ndarray, correct: np.ndarray, is_landmark: np.ndarray) -> dict:
+def choose_threshold(
+    confidence: np.ndarray, correct: np.ndarray, is_landmark: np.ndarray, landmark_share: float | None = None
+) -> dict:
     """The non-landmark threshold that makes the most right decisions on val: a landmark query is right
     when its predicted landmark is right and its confidence reaches the threshold, a non-landmark query
     when its confidence stays below it. The threshold lies halfway between the two confidences it
-    separates (ties: the lowest such threshold, which keeps the most answers)."""
+    separates (ties: the lowest such threshold, which keeps the most answers).
+
+    With `landmark_share`, the decisions are weighed for photos of which that share shows a landmark
+    (a landmark query counts landmark_share / landmark queries, a non-landmark one the rest over theirs):
+    val asks as many non-landmark as landmark questions, but the photos a model is asked about may be
+    mostly landmarks, where rejecting a right answer costs more than keeping a distractor."""
     confidence = np.where(np.isfinite(confidence), confidence, NO_CONFIDENCE).astype(np.float64)
+    weight = decision_weights(is_landmark, landmark_share)
     order = np.argsort(confidence, kind="stable")
     values = confidence[order]
-    landmark_right = (correct & is_landmark)[order]
-    nonlandmark = (~is_landmark)[order]
+    landmark_right = ((correct & is_landmark) * weight)[order]
+    nonlandmark = ((~is_landmark) * weight)[order]
     # Threshold just above the first i sorted values (i = 0..n): those are called non-landmarks.
     rejected_right = np.concatenate([[0], np.cumsum(nonlandmark)])
     accepted_right = landmark_right.sum() - np.concatenate([[0], np.cumsum(landmark_right)])
     right = rejected_right + accepted_right
     distinct = np.concatenate([[True], values[1:] > values[:-1], [True]])  # cut only between distinct values
     right = np.where(distinct, right, -1)
-    best = int(np.argmax(right))
+    best = int(np.argmax(right >= right.max() - 1e-9 * weight.sum()))  # the first of equal scores (float sums)
     if best == 0:
         threshold = float(values[0]) - 1e-6 if len(values) else None
     elif best == len(values):
@@ -426,15 +436,38 @@ def choose_threshold(confidence: np.ndarray, correct: np.ndarray, is_landmark: n
         threshold = float(values[best]) - 1e-6
     else:
         threshold = float((values[best - 1] + values[best]) / 2)
-    n = len(values)
+    total = weight.sum()
     return {
         "threshold": threshold,
-        "accuracy": float(right[best] / n) if n else None,
-        "queries": int(n),
+        "accuracy": float(right[best] / total) if total else None,
+        "queries": int(len(values)),
         "landmark_queries": int(is_landmark.sum()),
         "nonlandmark_queries": int((~is_landmark).sum()),
-        "accuracy_without_threshold": float((correct & is_landmark).sum() / n) if n else None,
+        "accuracy_without_threshold": float(((correct & is_landmark) * weight).sum() / total) if total else None,
+        "landmark_share": landmark_share,
     }
+
+
+def decision_weights(is_landmark: np.ndarray, landmark_share: float | None) -> np.ndarray:
+    """What each val decision counts for `choose_threshold`: 1 each, or shared out so that the landmark
+    queries weigh landmark_share in all and the non-landmark queries the rest (each side as present)."""
+    is_landmark = np.asarray(is_landmark, bool)
+    if landmark_share is None:
+        return np.ones(len(is_landmark))
+    landmarks, others = int(is_landmark.sum()), int((~is_landmark).sum())
+    return np.where(is_landmark, landmark_share / max(landmarks, 1), (1 - landmark_share) / max(others, 1))
+
+
+def threshold_landmark_share(query_ids: pd.DataFrame, setting: float | None) -> tuple[float | None, str]:
+    """The share of landmark photos the threshold is chosen for, and where it comes from: the
+    `landmark_share` setting, else the test queries' own mix (how many are landmark photos, the split's
+    design), else none (val's mix) when the test queries are not a mix of both."""
+    if setting is not None:
+        return float(setting), "retrieve.landmark_share"
+    labelled = query_ids["landmark_id"].notna()
+    if labelled.all() or not labelled.any():
+        return None, "val's own mix: the test queries are not a mix of landmark and non-landmark photos"
+    return float(labelled.mean()), "the test queries"
 
 
 def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=None) -> pd.DataFrame:
@@ -505,10 +538,13 @@ def calibration_queries(val_path, bank, bank_ids, dim: int, seed: int):
 
 def calibrate_threshold(
     db: Database, val_path, inputs: Inputs, images: ImageSource, threads: int, model_path=None, use_gpu=None
-) -> dict:
-    """Choose the non-landmark threshold on val (see `choose_threshold`); answers the val queries exactly
-    as the test queries are answered, or, when model.pt's whitening was fitted on the val photos too
-    (`model_path` has threshold folds), each with a whitening that left it out (`answer_in_folds`)."""
+) -> tuple[dict, pd.DataFrame]:
+    """Choose the non-landmark threshold on val (see `choose_threshold`), for the test queries' mix of
+    landmark and non-landmark photos (`threshold_landmark_share`); answers the val queries exactly as the
+    test queries are answered, or, when model.pt's whitening was fitted on the val photos too
+    (`model_path` has threshold folds), each with a whitening that left it out (`answer_in_folds`).
+    Returns the choice and the val answers it was made on (calibration.parquet; predict chooses again
+    from them for another share)."""
     vectors, ids, exclude_bank = calibration_queries(
         val_path, inputs.bank, inputs.bank_ids, db.index.d, db.settings["seed"]
     )
@@ -518,7 +554,7 @@ def calibrate_threshold(
             "answer unless predict.nonlandmark_threshold is set)",
             val_path,
         )
-        return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}
+        return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}, None
     truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
     final, folds = whitenings_from_checkpoint(model_path) if model_path else (None, [])
     if final is not None and folds:
@@ -528,19 +564,43 @@ def calibrate_threshold(
     else:
         answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
         confidence, label, answered = answers.predictions.confidence, answers.predictions.label, "as the test queries"
-    chosen = choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0)
-    chosen.update(source="val", answered=answered)
+    share, share_from = threshold_landmark_share(inputs.query_ids, db.settings["landmark_share"])
+    chosen = choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, share)
+    chosen.update(source="val", answered=answered, landmark_share_from=share_from)
     log.info(
-        "non-landmark threshold %.4f chosen on val (%s): %d landmark + %d non-landmark queries, %.1f%% right "
-        "decisions (%.1f%% without a threshold)",
+        "non-landmark threshold %.4f chosen on val (%s) for a landmark share of %s (%s): %d landmark + %d "
+        "non-landmark queries, %.1f%% right decisions at that share (%.1f%% without a threshold)",
         chosen["threshold"],
         answered,
+        "0.5" if share is None else f"{share:.3f}",
+        share_from,
         chosen["landmark_queries"],
         chosen["nonlandmark_queries"],
         100 * chosen["accuracy"],
         100 * chosen["accuracy_without_threshold"],
     )
-    return chosen
+    return chosen, calibration_table(ids, label, confidence)
+
+
+def calibration_table(ids: pd.DataFrame, label: np.ndarray, confidence: np.ndarray) -> pd.DataFrame:
+    """calibration.parquet: each val query (id, its landmark or NA for a bank photo), the landmark it was
+    answered with (NA: none) and the confidence (NaN: none)."""
+    has_label = np.asarray(label) >= 0
+    predicted = pd.array(np.where(has_label, label, 0), dtype="Int64")
+    predicted[~has_label] = pd.NA
+    return pd.DataFrame(
+        {
+            "id": ids["id"].to_numpy(dtype=object),
+            "landmark_id": ids["landmark_id"].astype("Int64").to_numpy(),
+            "predicted_landmark_id": predicted,
+            "confidence": np.where(has_label, confidence, np.nan),
+        }
+    )
+
+
+def no_calibration() -> pd.DataFrame:
+    """calibration.parquet without val: its columns, no rows."""
+    return calibration_table(pd.DataFrame({"id": [], "landmark_id": []}), np.zeros(0, np.int64), np.zeros(0))
 
 
 def answer_in_folds(inputs: Inputs, s: dict, use_gpu, queries, final: dict, folds: list[dict], images, threads):
@@ -609,8 +669,8 @@ def retrieve(
     table. `settings`: keys of config.yaml's retrieve section (validated, defaults filled); `shard_dirs`:
     shards holding the query, database (and val and bank) images, for `verify`; `val_path`: val
     embeddings, to choose the non-landmark threshold predict uses; `model_path`: the model.pt that
-    embedded them, whose threshold folds (when val was in its whitening's fit) answer the val photos; `predictor`: the experiment's embed
-    and shard settings, recorded in predictor.json for predict.
+    embedded them, whose threshold folds (when val was in its whitening's fit) answer the val photos;
+    `predictor`: the experiment's embed and shard settings, recorded in predictor.json for predict.
 
     Refuses (StageError) queries that are also in the bank, duplicate ids, embeddings of different
     dimensions, and a reranking without a bank.
@@ -626,9 +686,10 @@ def retrieve(
     exclude = self_rows if s["exclude_self"] else None
     answers = search_queries(db, inputs, about, exclude, images, threads, seconds)
     recall = approximate_recall(inputs.database, inputs.queries, answers.positions, exclude, s, use_gpu)
-    threshold = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds, model_path, use_gpu)
+    threshold, calibration = nonlandmark_threshold(db, val_path, inputs, images, threads, seconds, model_path, use_gpu)
     out_dir = Path(out_dir)
     predictions = write_answers(out_dir, inputs, db, answers, about, bank_about)
+    write_table(calibration, out_dir / "calibration.parquet")
     summary = run_summary(
         (database_path, queries_path, bank_path), inputs, self_rows, db, answers, predictions, about, recall
     )
@@ -713,14 +774,15 @@ def search_queries(db: Database, inputs: Inputs, about: dict, exclude, images, t
 
 def nonlandmark_threshold(
     db: Database, val_path, inputs: Inputs, images, threads: int, seconds: dict, model_path=None, use_gpu=None
-) -> dict:
-    """The threshold predict calls a photo a non-landmark below: chosen on val when given (timed)."""
+) -> tuple[dict, pd.DataFrame]:
+    """The threshold predict calls a photo a non-landmark below, chosen on val when given (timed), and the
+    val answers it was chosen on (no rows without val)."""
     if not val_path:
-        return {"threshold": None, "source": "none: no val embeddings given"}
+        return {"threshold": None, "source": "none: no val embeddings given"}, no_calibration()
     started = time.perf_counter()
-    threshold = calibrate_threshold(db, val_path, inputs, images, threads, model_path, use_gpu)
+    threshold, calibration = calibrate_threshold(db, val_path, inputs, images, threads, model_path, use_gpu)
     seconds["calibrate"] = time.perf_counter() - started
-    return threshold
+    return threshold, no_calibration() if calibration is None else calibration
 
 
 def write_answers(out_dir: Path, inputs: Inputs, db: Database, answers: Answers, about, bank_about) -> pd.DataFrame:

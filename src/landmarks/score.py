@@ -293,6 +293,7 @@ def retrieve_fields(retrieve_summary_path, predictions: pd.DataFrame, truth: pd.
             **verdict_accuracy(predictions, truth, chosen["threshold"]),
             "source": chosen.get("source"),
             "val_right_decisions": chosen.get("accuracy"),
+            "landmark_share": chosen.get("landmark_share"),
         }
     return fields
 
@@ -478,10 +479,12 @@ def verdict_lines(summary: dict) -> list[str]:
     if not summary.get("verdict"):
         return []
     v = summary["verdict"]
+    share = v.get("landmark_share")
+    weighed = "" if share is None else f", weighed for a landmark share of {share:.2f}"
     return [
         "",
         f"Landmark / non-landmark verdict (predict's; threshold {v['threshold']:.4f} chosen on "
-        f"{v['source']}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
+        f"{v['source']}{weighed}, where it made {fmt(v['val_right_decisions'])} of the decisions right): on the "
         f"test queries {fmt(v['right_decisions'])} right decisions, against "
         f"{fmt(v['right_decisions_without_threshold'])} when every answer is kept; it keeps "
         f"{fmt(v['landmark_answers_kept'])} of the right landmark answers and rejects "

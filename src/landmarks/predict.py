@@ -147,10 +147,7 @@ class Experiment:
         val = _read_parquet(path, ("landmark_id", "predicted_landmark_id", "confidence"))
         if not val["landmark_id"].notna().any():
             raise StageError(f"{path}: no val landmark answers to choose a threshold on (was val empty?)")
-        truth = val["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-        label = val["predicted_landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-        confidence = val["confidence"].to_numpy(dtype=np.float64)  # NaN: no answer, rejected first
-        chosen = retrieve.choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, landmark_share)
+        chosen = retrieve.threshold_from_answers(val, landmark_share)
         return {**chosen, "source": f"val, for a landmark share of {landmark_share:g} (predict.landmark_share)"}
 
 

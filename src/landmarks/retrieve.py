@@ -554,8 +554,7 @@ def calibrate_threshold(
             "answer unless predict.nonlandmark_threshold is set)",
             val_path,
         )
-        return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}, None
-    truth = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        return {"threshold": None, "source": "none: val has no landmark images", "queries": len(ids)}, no_calibration()
     final, folds = whitenings_from_checkpoint(model_path) if model_path else (None, [])
     if final is not None and folds:
         queries = (vectors, ids, exclude_bank)
@@ -564,8 +563,9 @@ def calibrate_threshold(
     else:
         answers = answer_queries(db, vectors, ids["id"], exclude_bank=exclude_bank, images=images, threads=threads)
         confidence, label, answered = answers.predictions.confidence, answers.predictions.label, "as the test queries"
+    val_answers = calibration_table(ids, label, confidence)
     share, share_from = threshold_landmark_share(inputs.query_ids, db.settings["landmark_share"])
-    chosen = choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, share)
+    chosen = threshold_from_answers(val_answers, share)
     chosen.update(source="val", answered=answered, landmark_share_from=share_from)
     log.info(
         "non-landmark threshold %.4f chosen on val (%s) for a landmark share of %s (%s): %d landmark + %d "
@@ -579,7 +579,16 @@ def calibrate_threshold(
         100 * chosen["accuracy"],
         100 * chosen["accuracy_without_threshold"],
     )
-    return chosen, calibration_table(ids, label, confidence)
+    return chosen, val_answers
+
+
+def threshold_from_answers(val_answers: pd.DataFrame, landmark_share: float | None) -> dict:
+    """`choose_threshold` on the val answers (`calibration_table`: retrieve's choice, and predict's for
+    another share)."""
+    truth = val_answers["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    label = val_answers["predicted_landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+    confidence = val_answers["confidence"].to_numpy(dtype=np.float64)  # NaN: no answer, rejected first
+    return choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, landmark_share)
 
 
 def calibration_table(ids: pd.DataFrame, label: np.ndarray, confidence: np.ndarray) -> pd.DataFrame:
@@ -782,7 +791,7 @@ def nonlandmark_threshold(
     started = time.perf_counter()
     threshold, calibration = calibrate_threshold(db, val_path, inputs, images, threads, model_path, use_gpu)
     seconds["calibrate"] = time.perf_counter() - started
-    return threshold, no_calibration() if calibration is None else calibration
+    return threshold, calibration
 
 
 def write_answers(out_dir: Path, inputs: Inputs, db: Database, answers: Answers, about, bank_about) -> pd.DataFrame:

@@ -1,10 +1,17 @@
-"""Build a second real-photo set for bench/real_photos.py: web photos of 13 world landmarks.
+"""Build more real-photo sets for bench/real_photos.py from public GitHub repositories of web photos.
 
-The photos come from a public GitHub repository (a student project that scraped DuckDuckGo image search,
-one folder per landmark): REPOSITORY at COMMIT, folder `data/<landmark>/`. They are not curated: stock
-photos with watermarks along their bottom edge, drawings, posters, interiors and close-ups sit beside
-ordinary views, as in Google Landmarks' own training data. The images belong to their owners (no licence
-is stated for them): use them for local evaluation only, never copy them into this repository.
+Each SOURCE is a repository at a pinned commit with one folder per landmark; the photos are not curated
+(web image search: stock photos with watermarks, drawings, posters, interiors and close-ups beside
+ordinary views, as in Google Landmarks' own training data). The images belong to their owners (no
+licence is stated for them): use them for local evaluation only, never copy them into this repository.
+
+- `world13`: 13 world landmarks a student project scraped from DuckDuckGo (the Alhambra, Angkor Wat,
+  ... the Taj Mahal), folder `data/<landmark>/`; 8-30 photos each, 320 photos, about 60 MB.
+- `asia11`: two other projects' photos, other landmarks and other scrapers: 5 Vietnamese landmarks
+  (Ha Long Bay, the Ho Chi Minh Mausoleum, Hoi An, Hue's Imperial City, the Sapa rice terraces; their
+  `data/train/` and `data/test/` folders merged) and 6 Indonesian ones (Borobudur, Gedung Sate, the
+  Garuda Wisnu Kencana statue, the Suro and Boyo statue, Tugu Jogja, the National Monument; `Dataset/`).
+  This set was not used to choose any default: it is the held-out check of the web set's choices.
 
 Per landmark the files are walked in name order and the first PER_LANDMARK kept that are real JPEGs
 (many `.jpg` files there are WebP or AVIF), decode, are at most MAX_BYTES and are no near copy of one
@@ -13,25 +20,54 @@ OUT/labels.csv (id, path, landmark_id, landmark_name, split `all`, source reposi
 `real_photos.py --landmarks OUT` then draws 30% of each landmark's photos as its queries.
 
     git clone https://github.com/Atquiya-Labiba/Historical-Architectural-Landmark-Recognizer /tmp/ddg
-    .venv/bin/python bench/web_landmarks.py --git-dir /tmp/ddg/.git --out ../web_landmarks13
+    .venv/bin/python bench/web_landmarks.py --set world13 --git-dir /tmp/ddg/.git --out ../web_landmarks13
+    git clone https://github.com/huynhtiennhat0403/vietnamese-landmark-classifier /tmp/vn
+    git clone https://github.com/mvrsa/Machine-Learning-for-Landmark-Recognition /tmp/id
+    .venv/bin/python bench/web_landmarks.py --set asia11 --git-dir /tmp/vn/.git /tmp/id/.git --out ../web_landmarks_asia11
     .venv/bin/python bench/real_photos.py --landmarks ../web_landmarks13 --experiments pretrained finetuned
-
-(13 landmarks, 8-30 photos each, 320 photos, about 60 MB.)
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from PIL import Image
 
-REPOSITORY = "Atquiya-Labiba/Historical-Architectural-Landmark-Recognizer"
-COMMIT = "ac5a7f489d3c8449e3be22b7a91cf7e6176a3112"
+
+class Source(NamedTuple):
+    """A repository at a pinned commit whose `folders` each hold one sub-folder of photos per landmark."""
+
+    repository: str
+    commit: str
+    folders: tuple[str, ...]
+
+
+SETS = {
+    "world13": [
+        Source(
+            "Atquiya-Labiba/Historical-Architectural-Landmark-Recognizer",
+            "ac5a7f489d3c8449e3be22b7a91cf7e6176a3112",
+            ("data",),
+        ),
+    ],
+    "asia11": [
+        Source(
+            "huynhtiennhat0403/vietnamese-landmark-classifier",
+            "2b4896fa32dd88b4d83d8344440b3efb1e90145e",
+            ("data/train", "data/test"),
+        ),
+        Source(
+            "mvrsa/Machine-Learning-for-Landmark-Recognition", "4a3a6b219423312e6814e13a43a584296b1879d5", ("Dataset",)
+        ),
+    ],
+}
 PER_LANDMARK = 30
 MAX_BYTES = 700_000
 NEAR_COPY_BITS = 3
@@ -41,15 +77,27 @@ def git(git_dir: Path, *args: str) -> bytes:
     return subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=True).stdout
 
 
-def files_by_landmark(git_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """landmark folder -> sorted (path, blob) of its .jpg/.jpeg files at COMMIT."""
-    listing = git(git_dir, "ls-tree", "-r", "-z", COMMIT, "data").decode().split("\0")
+def photo_id(source: Source, path: str) -> str:
+    """A URL-safe id from the file name; with several folders, the folder's last part first (both of
+    a repository's train/ and test/ folders may hold a `name (1).jpg`)."""
+    parts = Path(path).parts
+    raw = Path(path).stem if len(source.folders) == 1 else f"{parts[-3]}_{Path(path).stem}"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_")
+
+
+def files_by_landmark(git_dir: Path, source: Source) -> dict[str, list[tuple[str, str]]]:
+    """landmark folder name -> sorted (path, blob) of its .jpg/.jpeg files at the source's commit."""
+    if subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "-e", f"{source.commit}^{{commit}}"]).returncode:
+        sys.exit(f"--git-dir {git_dir}: commit {source.commit} of {source.repository} is not in it")
     found: dict[str, list[tuple[str, str]]] = {}
-    for entry in filter(None, listing):
-        meta, path = entry.split("\t", 1)
-        parts = path.split("/")
-        if len(parts) == 3 and Path(parts[2]).suffix.lower() in (".jpg", ".jpeg"):
-            found.setdefault(parts[1], []).append((path, meta.split()[2]))
+    for folder in source.folders:
+        listing = git(git_dir, "ls-tree", "-r", "-z", source.commit, folder).decode().split("\0")
+        depth = len(Path(folder).parts) + 2
+        for entry in filter(None, listing):
+            meta, path = entry.split("\t", 1)
+            parts = Path(path).parts
+            if len(parts) == depth and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+                found.setdefault(parts[-2], []).append((path, meta.split()[2]))
     return {landmark: sorted(files) for landmark, files in sorted(found.items())}
 
 
@@ -92,20 +140,32 @@ def pick(git_dir: Path, files: list[tuple[str, str]]) -> list[tuple[str, bytes]]
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--git-dir", type=Path, required=True, help=f"a clone of {REPOSITORY} (its .git folder)")
+    parser.add_argument("--set", choices=list(SETS), default="world13")
+    parser.add_argument(
+        "--git-dir",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="a clone of each of the set's repositories, in order (their .git folders)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where the photos and labels.csv go")
     args = parser.parse_args()
     if Path(__file__).resolve().parents[1] in [args.out.resolve(), *args.out.resolve().parents]:
         sys.exit(f"--out {args.out} is inside the repository: these photos must stay out of it")
+    sources = SETS[args.set]
+    if len(args.git_dir) != len(sources):
+        sys.exit(f"--set {args.set} needs {len(sources)} --git-dir: " + ", ".join(s.repository for s in sources))
     rows = []
-    for landmark_id, (landmark, files) in enumerate(files_by_landmark(args.git_dir).items()):
-        name = landmark.replace(" ", "_")
-        (args.out / "images" / name).mkdir(parents=True, exist_ok=True)
-        for path, data in pick(args.git_dir, files):
-            relative = f"images/{name}/{Path(path).stem}.jpg"
-            (args.out / relative).write_bytes(data)
-            rows.append([Path(path).stem, relative, landmark_id, name, "all", REPOSITORY, COMMIT, path])
-        print(f"{name}: {sum(row[2] == landmark_id for row in rows)} of {len(files)} files")
+    for source, git_dir in zip(sources, args.git_dir):
+        for landmark, files in files_by_landmark(git_dir, source).items():
+            landmark_id, name = len({row[2] for row in rows}), landmark.replace(" ", "_")
+            (args.out / "images" / name).mkdir(parents=True, exist_ok=True)
+            for path, data in pick(git_dir, files):
+                photo = photo_id(source, path)
+                relative = f"images/{name}/{photo}.jpg"
+                (args.out / relative).write_bytes(data)
+                rows.append([photo, relative, landmark_id, name, "all", source.repository, source.commit, path])
+            print(f"{name}: {sum(row[2] == landmark_id for row in rows)} of {len(files)} files")
     columns = ["id", "path", "landmark_id", "landmark_name", "split", "source_repo", "source_commit", "source_path"]
     pd.DataFrame(rows, columns=columns).to_csv(args.out / "labels.csv", index=False)
     print(f"{len(rows)} photos of {rows[-1][2] + 1 if rows else 0} landmarks in {args.out}")

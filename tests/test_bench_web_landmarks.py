@@ -1,0 +1,88 @@
+"""bench/web_landmarks.py: builds a photo set from pinned git commits (a repository the test creates)."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "web_landmarks.py"
+
+
+def load_builder():
+    spec = importlib.util.spec_from_file_location("web_landmarks", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def photo(seed: int, fmt: str = "JPEG") -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+def photo_repository(root: Path) -> tuple[Path, str]:
+    """train/ and test/ folders with one sub-folder per landmark, the same file name in both, a WebP
+    named .jpg, a copy of another photo and a README: only real, distinct JPEGs are photos."""
+    files = {
+        "data/train/old bridge/old bridge (1).jpg": photo(1),
+        "data/train/old bridge/old bridge (2).jpg": photo(2),
+        "data/train/old bridge/old bridge (3).jpg": photo(1),  # a copy of (1)
+        "data/train/old bridge/old bridge (4).jpg": photo(4, "WEBP"),
+        "data/test/old bridge/old bridge (1).jpg": photo(5),
+        "data/train/tower/tower (1).jpeg": photo(6),
+        "data/train/tower/tower (2).png": photo(7, "PNG"),
+        "data/train/README.md": b"not a landmark",
+    }
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "photos")
+    return root / ".git", git(root, "rev-parse", "HEAD").strip()
+
+
+def test_builds_labels_from_the_pinned_commit(tmp_path, monkeypatch):
+    builder = load_builder()
+    git_dir, commit = photo_repository(tmp_path / "source")
+    monkeypatch.setitem(builder.SETS, "tiny", [builder.Source("someone/photos", commit, ("data/train", "data/test"))])
+    out = tmp_path / "set"
+    monkeypatch.setattr(
+        sys, "argv", ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(out)]
+    )
+    assert builder.main() == 0
+    labels = pd.read_csv(out / "labels.csv")
+    assert sorted(labels["id"]) == ["test_old_bridge_1", "train_old_bridge_1", "train_old_bridge_2", "train_tower_1"]
+    assert dict(zip(labels["landmark_name"], labels["landmark_id"])) == {"old_bridge": 0, "tower": 1}
+    assert set(labels["split"]) == {"all"} and set(labels["source_commit"]) == {commit}
+    for row in labels.itertuples():
+        assert Image.open(out / row.path).format == "JPEG"
+        assert (out / row.path).read_bytes() == (tmp_path / "source" / row.source_path).read_bytes()
+
+
+def test_refuses_a_clone_without_the_commit_and_an_output_inside_the_repository(tmp_path, monkeypatch):
+    builder = load_builder()
+    git_dir, _ = photo_repository(tmp_path / "source")
+    other = builder.Source("someone/photos", "0" * 40, ("data/train",))
+    monkeypatch.setitem(builder.SETS, "tiny", [other])
+    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(tmp_path / "set")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=f"commit {'0' * 40} of someone/photos is not in it"):
+        builder.main()
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], str(REPO / "bench" / "out" / "set")])
+    with pytest.raises(SystemExit, match="inside the repository"):
+        builder.main()

@@ -119,6 +119,12 @@ VARIANTS: dict[str, dict] = {
         "train": {"neck": "linear", "neck_init": "pca", "descriptor": "concat"},
     },
     "lr_1e-3": {"description": "lr 1e-3", "train": {"lr": 1e-3}},
+    "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
+    "pretrained_flip_tta": {
+        "description": "not trained, each photo also embedded mirrored",
+        "train": {"epochs": 0, "whitening": "none"},
+        "embed": {"flip_tta": True},
+    },
 }
 # Test-time variants of the untrained backbone. They raise the largest size an experiment embeds at, so
 # shard.size (null: that size) and every experiment of the folder would be recomputed: run them apart,

@@ -77,12 +77,17 @@ def git(git_dir: Path, *args: str) -> bytes:
     return subprocess.run(["git", "--git-dir", str(git_dir), *args], capture_output=True, check=True).stdout
 
 
-def photo_id(source: Source, path: str) -> str:
-    """A URL-safe id from the file name; with several folders, the folder's last part first (both of
-    a repository's train/ and test/ folders may hold a `name (1).jpg`)."""
-    parts = Path(path).parts
-    raw = Path(path).stem if len(source.folders) == 1 else f"{parts[-3]}_{Path(path).stem}"
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_")
+def photo_id(source: Source, path: str, taken: set[str]) -> str:
+    """A URL-safe id from the file name, not in `taken`; with several folders, the folder's last part
+    first (a repository's train/ and test/ folders may both hold a `name (1).jpg`), and the extension
+    last when the name alone is taken (`name (1).jpg` beside `name (1).jpeg`)."""
+    file = Path(path)
+    prefix = "" if len(source.folders) == 1 else f"{file.parts[-3]}_"
+    for raw in (prefix + file.stem, prefix + file.name):
+        photo = re.sub(r"[^A-Za-z0-9_-]+", "_", raw).strip("_")
+        if photo not in taken:
+            return photo
+    sys.exit(f"{source.repository}: two files would be photo {photo} ({path})")
 
 
 def files_by_landmark(git_dir: Path, source: Source) -> dict[str, list[tuple[str, str]]]:
@@ -161,7 +166,7 @@ def main() -> int:
             landmark_id, name = len({row[2] for row in rows}), landmark.replace(" ", "_")
             (args.out / "images" / name).mkdir(parents=True, exist_ok=True)
             for path, data in pick(git_dir, files):
-                photo = photo_id(source, path)
+                photo = photo_id(source, path, {row[0] for row in rows})
                 relative = f"images/{name}/{photo}.jpg"
                 (args.out / relative).write_bytes(data)
                 rows.append([photo, relative, landmark_id, name, "all", source.repository, source.commit, path])

@@ -35,8 +35,9 @@ def git(repo: Path, *args: str) -> str:
 
 
 def photo_repository(root: Path) -> tuple[Path, str]:
-    """train/ and test/ folders with one sub-folder per landmark, the same file name in both, a WebP
-    named .jpg, a copy of another photo and a README: only real, distinct JPEGs are photos."""
+    """train/ and test/ folders with one sub-folder per landmark, the same file name in both and in two
+    formats, a WebP named .jpg, a copy of another photo and a README: only real, distinct JPEGs are
+    photos, each with an id of its own."""
     files = {
         "data/train/old bridge/old bridge (1).jpg": photo(1),
         "data/train/old bridge/old bridge (2).jpg": photo(2),
@@ -44,6 +45,7 @@ def photo_repository(root: Path) -> tuple[Path, str]:
         "data/train/old bridge/old bridge (4).jpg": photo(4, "WEBP"),
         "data/test/old bridge/old bridge (1).jpg": photo(5),
         "data/train/tower/tower (1).jpeg": photo(6),
+        "data/train/tower/tower (1).jpg": photo(8),  # another photo of the same name
         "data/train/tower/tower (2).png": photo(7, "PNG"),
         "data/train/README.md": b"not a landmark",
     }
@@ -66,7 +68,14 @@ def test_builds_labels_from_the_pinned_commit(tmp_path, monkeypatch):
     )
     assert builder.main() == 0
     labels = pd.read_csv(out / "labels.csv")
-    assert sorted(labels["id"]) == ["test_old_bridge_1", "train_old_bridge_1", "train_old_bridge_2", "train_tower_1"]
+    assert sorted(labels["id"]) == [
+        "test_old_bridge_1",
+        "train_old_bridge_1",
+        "train_old_bridge_2",
+        "train_tower_1",
+        "train_tower_1_jpg",
+    ]
+    assert labels["path"].is_unique
     assert dict(zip(labels["landmark_name"], labels["landmark_id"])) == {"old_bridge": 0, "tower": 1}
     assert set(labels["split"]) == {"all"} and set(labels["source_commit"]) == {commit}
     for row in labels.itertuples():

@@ -33,6 +33,7 @@ each experiment's GAP minus the untrained backbone's on the same seed. Writes th
     .venv/bin/python bench/real_photos.py --variants               # also the variants that did not win
     .venv/bin/python bench/real_photos.py --test-time --out bench/out/real_photos_test_time  # embedding sizes
     .venv/bin/python bench/real_photos.py --train '{"backbone": "tf_efficientnet_lite2", "pretrained": "efficientnet_lite2_pypi"}'
+    .venv/bin/python bench/real_photos.py --landmarks ../web_landmarks_asia11 --regimes fewshot full oneshot  # bench/web_landmarks.py's sets
 
 Reruns reuse what Snakemake already computed (downloads, shards, trained models); `--fresh` starts over.
 Skips, with the reason, when `../shared/data` is absent.

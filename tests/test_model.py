@@ -253,7 +253,7 @@ def test_pca_initialised_neck_whitens_the_pretrained_descriptors():
     assert torch.allclose(out.mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(out.var(0), torch.ones(8, dtype=torch.float64), atol=1e-3)  # whitened
     variances = descriptors.double().T.cov().diagonal().sum()
-    projected = (descriptors.double() - descriptors.double().mean(0)) @ model.neck.weight.double().T
+    projected = (descriptors.double() - descriptors.double().mean(0)) @ model.neck.weight.detach().double().T
     assert about["variance_kept"] == pytest.approx(float(projected.var(0).sum() / variances), abs=1e-3)
     # Shrinkage divides by sqrt(variance + shrinkage x mean variance): the leading directions are damped less.
     model.init_neck_from_pca(descriptors, shrinkage=1.0)

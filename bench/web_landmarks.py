@@ -143,6 +143,26 @@ def pick(git_dir: Path, files: list[tuple[str, str]]) -> list[tuple[str, bytes]]
     return kept
 
 
+def write_photos(clones: list[tuple[Source, Path]], out: Path) -> list[list]:
+    """Each landmark's picked photos written to OUT/images/<landmark>/<id>.jpg; their labels.csv rows."""
+    rows, taken = [], set()
+    landmarks = [
+        (source, git_dir, *item) for source, git_dir in clones for item in files_by_landmark(git_dir, source).items()
+    ]
+    for landmark_id, (source, git_dir, landmark, files) in enumerate(landmarks):
+        name = landmark.replace(" ", "_")
+        (out / "images" / name).mkdir(parents=True, exist_ok=True)
+        picked = pick(git_dir, files)
+        for path, data in picked:
+            photo = photo_id(source, path, taken)
+            taken.add(photo)
+            relative = f"images/{name}/{photo}.jpg"
+            (out / relative).write_bytes(data)
+            rows.append([photo, relative, landmark_id, name, "all", source.repository, source.commit, path])
+        print(f"{name}: {len(picked)} of {len(files)} files")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", choices=list(SETS), default="world13")
@@ -160,17 +180,7 @@ def main() -> int:
     sources = SETS[args.set]
     if len(args.git_dir) != len(sources):
         sys.exit(f"--set {args.set} needs {len(sources)} --git-dir: " + ", ".join(s.repository for s in sources))
-    rows = []
-    for source, git_dir in zip(sources, args.git_dir):
-        for landmark, files in files_by_landmark(git_dir, source).items():
-            landmark_id, name = len({row[2] for row in rows}), landmark.replace(" ", "_")
-            (args.out / "images" / name).mkdir(parents=True, exist_ok=True)
-            for path, data in pick(git_dir, files):
-                photo = photo_id(source, path, {row[0] for row in rows})
-                relative = f"images/{name}/{photo}.jpg"
-                (args.out / relative).write_bytes(data)
-                rows.append([photo, relative, landmark_id, name, "all", source.repository, source.commit, path])
-            print(f"{name}: {sum(row[2] == landmark_id for row in rows)} of {len(files)} files")
+    rows = write_photos(list(zip(sources, args.git_dir)), args.out)
     columns = ["id", "path", "landmark_id", "landmark_name", "split", "source_repo", "source_commit", "source_path"]
     pd.DataFrame(rows, columns=columns).to_csv(args.out / "labels.csv", index=False)
     print(f"{len(rows)} photos of {rows[-1][2] + 1 if rows else 0} landmarks in {args.out}")

@@ -1,6 +1,5 @@
 """bench/web_landmarks.py: builds a photo set from pinned git commits (a repository the test creates)."""
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -10,16 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_bench_method import load
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "bench" / "web_landmarks.py"
-
-
-def load_builder():
-    spec = importlib.util.spec_from_file_location("web_landmarks", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def photo(seed: int, fmt: str = "JPEG") -> bytes:
@@ -59,7 +51,7 @@ def photo_repository(root: Path) -> tuple[Path, str]:
 
 
 def test_builds_labels_from_the_pinned_commit(tmp_path, monkeypatch):
-    builder = load_builder()
+    builder = load("web_landmarks")
     git_dir, commit = photo_repository(tmp_path / "source")
     monkeypatch.setitem(builder.SETS, "tiny", [builder.Source("someone/photos", commit, ("data/train", "data/test"))])
     out = tmp_path / "set"
@@ -84,7 +76,7 @@ def test_builds_labels_from_the_pinned_commit(tmp_path, monkeypatch):
 
 
 def test_refuses_a_clone_without_the_commit_and_an_output_inside_the_repository(tmp_path, monkeypatch):
-    builder = load_builder()
+    builder = load("web_landmarks")
     git_dir, _ = photo_repository(tmp_path / "source")
     other = builder.Source("someone/photos", "0" * 40, ("data/train",))
     monkeypatch.setitem(builder.SETS, "tiny", [other])

@@ -105,6 +105,12 @@ def make_manifest(tmp_path: Path) -> tuple[Path, Path]:
     return manifest, images
 
 
+def stage_args(manifest: Path, images: Path, out: Path, settings: dict | None = None, *extra: str) -> list[str]:
+    """The stage's command line: the manifest, the images folder and the output, the settings (JSON), `extra`."""
+    args = ["--manifest", str(manifest), "--images", str(images), "--out", str(out)]
+    return args + (["--settings", json.dumps(settings)] if settings is not None else []) + list(extra)
+
+
 def run_stage(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -261,30 +267,16 @@ def test_stage_scores_images_and_votes_decide(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "resnet18_places365.pth.tar")
     out = tmp_path / "scenes.parquet"
-    places365.main(
-        [
-            "--manifest",
-            str(manifest),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--settings",
-            json.dumps(
-                {
-                    "arch": "resnet18",
-                    "weights": str(weights),
-                    "labels_dir": str(write_labels(tmp_path / "labels")),
-                    "cache_dir": str(tmp_path / "empty-cache"),
-                    "top_k": 12,
-                    "batch_size": 2,
-                    "workers": 1,
-                }
-            ),
-        ]
-    )
+    settings = {
+        "arch": "resnet18",
+        "weights": str(weights),
+        "labels_dir": str(write_labels(tmp_path / "labels")),
+        "cache_dir": str(tmp_path / "empty-cache"),
+        "top_k": 12,
+        "batch_size": 2,
+        "workers": 1,
+    }
+    places365.main(stage_args(manifest, images, out, settings, "--device", "cpu"))
     table = pq.read_table(out)
     assert table.schema.field("topk_index").type.value_type.bit_width == 16
     assert str(table.schema.field("topk_prob").type.value_type) == "float"
@@ -319,18 +311,9 @@ def test_weights_and_labels_found_in_cache_without_network(tmp_path, monkeypatch
     monkeypatch.setattr(places365, "download", no_network)
     out = tmp_path / "scenes.parquet"
     places365.main(
-        [
-            "--manifest",
-            str(manifest),
-            "--images",
-            str(images),
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--settings",
-            json.dumps({"arch": "resnet18", "cache_dir": str(cache), "workers": 0}),
-        ]
+        stage_args(
+            manifest, images, out, {"arch": "resnet18", "cache_dir": str(cache), "workers": 0}, "--device", "cpu"
+        )
     )
     assert places365.read_metadata(out)["weights_path"] == str(cache / "resnet18_places365.pth.tar")
     assert (pq.read_table(out).column("scene_status").to_pylist()).count("scored") == 3
@@ -339,21 +322,9 @@ def test_weights_and_labels_found_in_cache_without_network(tmp_path, monkeypatch
 def test_offline_without_weights_keeps_every_image(tmp_path):
     manifest, images = make_manifest(tmp_path)
     cache, out, url = tmp_path / "empty-cache", tmp_path / "scenes.parquet", closed_port_url("resnet18.pth.tar")
-    result = run_stage(
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-        "--settings",
-        json.dumps({"arch": "resnet18", "cache_dir": str(cache), "download_timeout_s": 5}),
-        "--weights-url",
-        url,
-        "--labels-url",
-        closed_port_url() + "/",
-        timeout=120,
-    )
+    settings = {"arch": "resnet18", "cache_dir": str(cache), "download_timeout_s": 5}
+    argv = stage_args(manifest, images, out, settings, "--weights-url", url, "--labels-url", closed_port_url() + "/")
+    result = run_stage(*argv, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "NO PLACES365 WEIGHTS" in result.stderr and "kept all 5 images" in result.stderr
     assert url in result.stderr and str(cache / "resnet18_places365.pth.tar") in result.stderr
@@ -369,45 +340,22 @@ def test_offline_without_weights_keeps_every_image(tmp_path):
 def test_weights_without_labels_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
     weights = official_checkpoint(tmp_path / "ck.pth.tar")
+    settings = {
+        "arch": "resnet18",
+        "weights": str(weights),
+        "cache_dir": str(tmp_path / "cache"),
+        "download_timeout_s": 5,
+    }
+    no_labels = closed_port_url() + "/"
     with pytest.raises(StageError, match="places365.labels_dir"):
-        places365.main(
-            [
-                "--manifest",
-                str(manifest),
-                "--images",
-                str(images),
-                "--out",
-                str(tmp_path / "o.parquet"),
-                "--labels-url",
-                closed_port_url() + "/",
-                "--settings",
-                json.dumps(
-                    {
-                        "arch": "resnet18",
-                        "weights": str(weights),
-                        "cache_dir": str(tmp_path / "cache"),
-                        "download_timeout_s": 5,
-                    }
-                ),
-            ]
-        )
+        places365.main(stage_args(manifest, images, tmp_path / "o.parquet", settings, "--labels-url", no_labels))
 
 
 def test_missing_explicit_weights_path_is_an_error(tmp_path):
     manifest, images = make_manifest(tmp_path)
+    settings = {"arch": "resnet18", "weights": str(tmp_path / "nowhere.pth.tar")}
     with pytest.raises(StageError, match="weights file not found"):
-        places365.main(
-            [
-                "--manifest",
-                str(manifest),
-                "--images",
-                str(images),
-                "--out",
-                str(tmp_path / "o.parquet"),
-                "--settings",
-                json.dumps({"arch": "resnet18", "weights": str(tmp_path / "nowhere.pth.tar")}),
-            ]
-        )
+        places365.main(stage_args(manifest, images, tmp_path / "o.parquet", settings))
 
 
 def test_cli_broken_weights_exit_code_and_message(tmp_path):
@@ -415,16 +363,8 @@ def test_cli_broken_weights_exit_code_and_message(tmp_path):
     broken = tmp_path / "resnet18_places365.pth.tar"
     broken.write_bytes(b"\x00" * 100)
     out = tmp_path / "scenes.parquet"
-    result = run_stage(
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-        "--settings",
-        json.dumps({"arch": "resnet18", "weights": str(broken), "labels_dir": str(write_labels(tmp_path / "l"))}),
-    )
+    settings = {"arch": "resnet18", "weights": str(broken), "labels_dir": str(write_labels(tmp_path / "l"))}
+    result = run_stage(*stage_args(manifest, images, out, settings))
     assert result.returncode == 2
     assert f"error: {broken}: cannot read as a PyTorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
@@ -439,11 +379,11 @@ def test_manifest_of_wrong_shape_names_file(tmp_path):
 
 def test_settings_are_checked_against_the_config_schema(tmp_path):
     manifest, images = make_manifest(tmp_path)
-    argv = ["--manifest", str(manifest), "--images", str(images), "--out", str(tmp_path / "o.parquet")]
+    out = tmp_path / "o.parquet"
     with pytest.raises(StageError, match="key 'places365.top_k'"):  # the official rule votes over 10
-        places365.main([*argv, "--settings", json.dumps({"top_k": 5})])
+        places365.main(stage_args(manifest, images, out, {"top_k": 5}))
     with pytest.raises(StageError, match="unknown key 'topk'"):
-        places365.main([*argv, "--settings", json.dumps({"topk": 12})])
+        places365.main(stage_args(manifest, images, out, {"topk": 12}))
 
 
 def test_cli_help():

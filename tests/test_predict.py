@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from landmarks import embed, predict, retrieve
+from landmarks import embed, predict, retrieve, threshold
 
 SPLITS = ("train", "val", "test", "nonlandmark")
 
@@ -143,7 +143,7 @@ def test_an_expected_landmark_share_chooses_the_threshold_again_on_the_val_answe
         out = tmp_path / str(share)
         assert run_predict(experiment, [tiny_set / "images" / "lm0v6.jpg"], out, "--landmark-share", str(share)) == 0
         (row,) = read_rows(out).values()
-        expected = retrieve.choose_threshold(val["confidence"].to_numpy(), correct, truth >= 0, share)
+        expected = threshold.choose_threshold(val["confidence"].to_numpy(), correct, truth >= 0, share)
         assert row["threshold"] == pytest.approx(expected["threshold"])
         assert row["threshold_source"] == f"val, for a landmark share of {share:g} (predict.landmark_share)"
         thresholds[share] = row["threshold"]

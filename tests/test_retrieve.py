@@ -9,7 +9,7 @@ import pytest
 from conftest import write_image_set, write_shards
 from PIL import Image
 
-from landmarks import ranking, retrieve
+from landmarks import ranking, retrieve, threshold
 from landmarks.common import StageError
 from landmarks.embed import write_embeddings
 from landmarks.metrics import read_submission_csv, score_predictions
@@ -327,53 +327,6 @@ def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
         )
 
 
-def test_the_nonlandmark_threshold_makes_the_most_right_decisions():
-    confidence = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    correct = np.array([True, True, False, True, False, False])
-    is_landmark = np.array([True, True, True, True, False, False])
-    chosen = retrieve.choose_threshold(confidence, correct, is_landmark)
-    # Cut between 0.6 and 0.5: the 3 right landmarks kept, both non-landmarks rejected (the wrong one at 0.7
-    # costs a decision either way).
-    assert chosen["threshold"] == pytest.approx(0.55) and chosen["accuracy"] == pytest.approx(5 / 6)
-    assert chosen["accuracy_without_threshold"] == pytest.approx(3 / 6)
-    # Equal confidences cannot be told apart: the cut never falls between them.
-    tied = retrieve.choose_threshold(
-        np.array([0.5, 0.5, 0.2]), np.array([True, False, False]), np.array([True, False, False])
-    )
-    assert tied["threshold"] == pytest.approx(0.35)
-    # Only right landmark answers: keep them all; a query without a prediction (-inf) is rejected first.
-    keep = retrieve.choose_threshold(
-        np.array([0.3, 0.9, -np.inf]), np.array([True, True, False]), np.array([True, True, False])
-    )
-    assert keep["threshold"] == pytest.approx(0.3 - 1e-6) and keep["accuracy"] == 1.0
-
-
-def test_the_threshold_is_chosen_for_the_share_of_landmark_photos_expected():
-    """val asks as many non-landmark as landmark questions; where 90% of the photos show landmarks,
-    rejecting a right answer costs more than keeping a distractor, and the threshold goes down."""
-    confidence = np.array([0.9, 0.5, 0.7, 0.6, 0.3])
-    correct = np.array([True, True, False, False, False])
-    is_landmark = np.array([True, True, False, False, False])
-    even = retrieve.choose_threshold(confidence, correct, is_landmark)
-    assert even["threshold"] == pytest.approx(0.8) and even["accuracy"] == pytest.approx(4 / 5)  # 1 + 3 right
-    mostly = retrieve.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9)
-    # Keeping both right landmarks (0.9) and rejecting one of three non-landmarks (0.1 / 3) beats keeping
-    # one (0.45) and rejecting all three (0.1).
-    assert mostly["threshold"] == pytest.approx(0.4) and mostly["accuracy"] == pytest.approx(0.9 + 0.1 / 3)
-    assert mostly["landmark_share"] == 0.9
-    balanced = retrieve.choose_threshold(confidence, correct, is_landmark, landmark_share=2 / 5)
-    assert balanced["threshold"] == even["threshold"] and balanced["accuracy"] == pytest.approx(even["accuracy"])
-
-
-def test_the_landmark_share_comes_from_the_setting_or_the_test_queries():
-    mixed = pd.DataFrame({"id": list("abcd"), "landmark_id": pd.array([1, 2, 3, None], dtype="Int64")})
-    assert retrieve.threshold_landmark_share(mixed, None) == (0.75, "the test queries")
-    assert retrieve.threshold_landmark_share(mixed, 0.2) == (0.2, "retrieve.landmark_share")
-    only_landmarks = mixed.assign(landmark_id=pd.array([1, 2, 3, 4], dtype="Int64"))
-    share, source = retrieve.threshold_landmark_share(only_landmarks, None)
-    assert share is None and source.startswith("val's own mix")
-
-
 def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_left_them_out(tmp_path):
     """With `whitening_from: train+val` the val photos helped fit model.pt's whitening, which pulls each
     towards its train photos: the threshold is chosen with the threshold folds' whitenings instead, each
@@ -436,7 +389,7 @@ def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_lef
         fold = next((f for f in folds if truth[row] in f["val_landmarks"]), folds[row % 2])
         cosines = apply_whitening(train, fold["whitening"]) @ apply_whitening(raw[row : row + 1], fold["whitening"])[0]
         confidence[row], correct[row] = cosines.max(), train_labels[cosines.argmax()] == truth[row]
-    expected = retrieve.choose_threshold(confidence, correct, truth >= 0)
+    expected = threshold.choose_threshold(confidence, correct, truth >= 0)
     assert chosen["folds"]["threshold"] == pytest.approx(expected["threshold"], abs=1e-4)
     assert chosen["folds"]["accuracy"] == pytest.approx(expected["accuracy"])
     assert chosen["in_fit"]["threshold"] != pytest.approx(chosen["folds"]["threshold"], abs=1e-3)

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_table, write_text_atomic
 from .config import add_settings_argument, parse_settings
+from .threshold import threshold_from_answers
 
 log = logging.getLogger("landmarks.predict")
 
@@ -139,15 +140,13 @@ class Experiment:
     def threshold_for_share(self, landmark_share: float) -> dict:
         """The non-landmark threshold chosen again on the val answers retrieve chose its own on
         (calibration.parquet), for photos of which `landmark_share` show a landmark."""
-        from . import retrieve
-
         path = self.path / "retrieve/calibration.parquet"
         if not path.exists():
             raise StageError(f"{path}: missing (retrieve from before predict.landmark_share): rerun retrieve")
         val = _read_parquet(path, ("landmark_id", "predicted_landmark_id", "confidence"))
         if not val["landmark_id"].notna().any():
             raise StageError(f"{path}: no val landmark answers to choose a threshold on (was val empty?)")
-        chosen = retrieve.threshold_from_answers(val, landmark_share)
+        chosen = threshold_from_answers(val, landmark_share)
         return {**chosen, "source": f"val, for a landmark share of {landmark_share:g} (predict.landmark_share)"}
 
 

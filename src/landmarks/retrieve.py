@@ -37,7 +37,7 @@ impostor_cosine; inliers), the Kaggle submission
 database.parquet (id, landmark_id, shard relative to this folder, key, B_j, impostor term) and
 predictor.json (the `--predictor` embed and shard settings, the retrieve settings, the threshold).
 With `--val`, the threshold below which predict calls a photo a non-landmark is chosen on the val
-photos and as many bank photos, answered exactly as the test queries (`choose_threshold`: the most
+photos and as many bank photos, answered exactly as the test queries (landmarks.threshold: the most
 right decisions, weighed for the test queries' share of landmark photos or `landmark_share`); the val
 answers are kept in calibration.parquet, for predict to choose again for another share. When model.pt's
 whitening was fitted on the val photos too (`--model`; train's `whitening_from: train+val`), it would
@@ -79,11 +79,11 @@ from .index import (
 from .model import whitenings_from_checkpoint
 from .ranking import Predictions, label_rule_name, predict, reranking
 from .tables import EMBEDDING_IDS_COLUMNS
+from .threshold import threshold_from_answers, threshold_landmark_share
 from .whitening import apply_whitening, unwhiten
 
 log = logging.getLogger("landmarks.retrieve")
 
-NO_CONFIDENCE = -1e9  # a query without a prediction, when choosing the non-landmark threshold
 # How deep each database image searches the database for its nearest images of other landmarks: its own
 # landmark's photos come first, so a landmark with more photos than this leaves the rest as a bound.
 IMPOSTOR_SEARCH_DEPTH = 100
@@ -403,73 +403,6 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
     return sorted(scored, key=lambda item: -item[1])[:limit]
 
 
-def choose_threshold(
-    confidence: np.ndarray, correct: np.ndarray, is_landmark: np.ndarray, landmark_share: float | None = None
-) -> dict:
-    """The non-landmark threshold that makes the most right decisions on val: a landmark query is right
-    when its predicted landmark is right and its confidence reaches the threshold, a non-landmark query
-    when its confidence stays below it. The threshold lies halfway between the two confidences it
-    separates (ties: the lowest such threshold, which keeps the most answers).
-
-    With `landmark_share`, the decisions are weighed for photos of which that share shows a landmark
-    (a landmark query counts landmark_share / landmark queries, a non-landmark one the rest over theirs):
-    val asks as many non-landmark as landmark questions, but the photos a model is asked about may be
-    mostly landmarks, where rejecting a right answer costs more than keeping a distractor."""
-    confidence = np.where(np.isfinite(confidence), confidence, NO_CONFIDENCE).astype(np.float64)
-    weight = decision_weights(is_landmark, landmark_share)
-    order = np.argsort(confidence, kind="stable")
-    values = confidence[order]
-    landmark_right = ((correct & is_landmark) * weight)[order]
-    nonlandmark = ((~is_landmark) * weight)[order]
-    # Threshold just above the first i sorted values (i = 0..n): those are called non-landmarks.
-    rejected_right = np.concatenate([[0], np.cumsum(nonlandmark)])
-    accepted_right = landmark_right.sum() - np.concatenate([[0], np.cumsum(landmark_right)])
-    right = rejected_right + accepted_right
-    distinct = np.concatenate([[True], values[1:] > values[:-1], [True]])  # cut only between distinct values
-    right = np.where(distinct, right, -1)
-    best = int(np.argmax(right >= right.max() - 1e-9 * weight.sum()))  # the first of equal scores (float sums)
-    if best == 0:
-        threshold = float(values[0]) - 1e-6 if len(values) else None
-    elif best == len(values):
-        threshold = float(values[-1]) + 1e-6
-    elif values[best - 1] <= NO_CONFIDENCE:  # below it: only queries without a prediction
-        threshold = float(values[best]) - 1e-6
-    else:
-        threshold = float((values[best - 1] + values[best]) / 2)
-    total = weight.sum()
-    return {
-        "threshold": threshold,
-        "accuracy": float(right[best] / total) if total else None,
-        "queries": int(len(values)),
-        "landmark_queries": int(is_landmark.sum()),
-        "nonlandmark_queries": int((~is_landmark).sum()),
-        "accuracy_without_threshold": float(((correct & is_landmark) * weight).sum() / total) if total else None,
-        "landmark_share": landmark_share,
-    }
-
-
-def decision_weights(is_landmark: np.ndarray, landmark_share: float | None) -> np.ndarray:
-    """What each val decision counts for `choose_threshold`: 1 each, or shared out so that the landmark
-    queries weigh landmark_share in all and the non-landmark queries the rest (each side as present)."""
-    is_landmark = np.asarray(is_landmark, bool)
-    if landmark_share is None:
-        return np.ones(len(is_landmark))
-    landmarks, others = int(is_landmark.sum()), int((~is_landmark).sum())
-    return np.where(is_landmark, landmark_share / max(landmarks, 1), (1 - landmark_share) / max(others, 1))
-
-
-def threshold_landmark_share(query_ids: pd.DataFrame, setting: float | None) -> tuple[float | None, str]:
-    """The share of landmark photos the threshold is chosen for, and where it comes from: the
-    `landmark_share` setting, else the test queries' own mix (how many are landmark photos, the split's
-    design), else none (val's mix) when the test queries are not a mix of both."""
-    if setting is not None:
-        return float(setting), "retrieve.landmark_share"
-    labelled = query_ids["landmark_id"].notna()
-    if labelled.all() or not labelled.any():
-        return None, "val's own mix: the test queries are not a mix of landmark and non-landmark photos"
-    return float(labelled.mean()), "the test queries"
-
-
 def neighbours_table(query_ids, db_ids, db_labels, cosines, positions, inliers=None) -> pd.DataFrame:
     n, k = positions.shape
     flat_positions = positions.reshape(-1)
@@ -539,7 +472,7 @@ def calibration_queries(val_path, bank, bank_ids, dim: int, seed: int):
 def calibrate_threshold(
     db: Database, val_path, inputs: Inputs, images: ImageSource, threads: int, model_path=None, use_gpu=None
 ) -> tuple[dict, pd.DataFrame]:
-    """Choose the non-landmark threshold on val (see `choose_threshold`), for the test queries' mix of
+    """Choose the non-landmark threshold on val (landmarks.threshold), for the test queries' mix of
     landmark and non-landmark photos (`threshold_landmark_share`); answers the val queries exactly as the
     test queries are answered, or, when model.pt's whitening was fitted on the val photos too
     (`model_path` has threshold folds), each with a whitening that left it out (`answer_in_folds`).
@@ -580,15 +513,6 @@ def calibrate_threshold(
         100 * chosen["accuracy_without_threshold"],
     )
     return chosen, val_answers
-
-
-def threshold_from_answers(val_answers: pd.DataFrame, landmark_share: float | None) -> dict:
-    """`choose_threshold` on the val answers (`calibration_table`: retrieve's choice, and predict's for
-    another share)."""
-    truth = val_answers["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-    label = val_answers["predicted_landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-    confidence = val_answers["confidence"].to_numpy(dtype=np.float64)  # NaN: no answer, rejected first
-    return choose_threshold(confidence, (label == truth) & (truth >= 0), truth >= 0, landmark_share)
 
 
 def calibration_table(ids: pd.DataFrame, label: np.ndarray, confidence: np.ndarray) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from landmarks import embed, predict, retrieve, threshold
+from landmarks.config import section_settings
 
 SPLITS = ("train", "val", "test", "nonlandmark")
 
@@ -139,11 +140,12 @@ def test_an_expected_landmark_share_chooses_the_threshold_again_on_the_val_answe
     truth = val["landmark_id"].fillna(-1).to_numpy(dtype=np.int64)
     correct = (val["predicted_landmark_id"].fillna(-1).to_numpy(dtype=np.int64) == truth) & (truth >= 0)
     thresholds = {}
+    smoothing = section_settings("retrieve", {})["threshold_smoothing"]  # the experiment's, as retrieve's
     for share in (0.05, 0.95):
         out = tmp_path / str(share)
         assert run_predict(experiment, [tiny_set / "images" / "lm0v6.jpg"], out, "--landmark-share", str(share)) == 0
         (row,) = read_rows(out).values()
-        expected = threshold.choose_threshold(val["confidence"].to_numpy(), correct, truth >= 0, share)
+        expected = threshold.choose_threshold(val["confidence"].to_numpy(), correct, truth >= 0, share, smoothing)
         assert row["threshold"] == pytest.approx(expected["threshold"])
         assert row["threshold_source"] == f"val, for a landmark share of {share:g} (predict.landmark_share)"
         thresholds[share] = row["threshold"]

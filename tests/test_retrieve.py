@@ -11,6 +11,7 @@ from PIL import Image
 
 from landmarks import ranking, retrieve, threshold
 from landmarks.common import StageError
+from landmarks.config import section_settings
 from landmarks.embed import write_embeddings
 from landmarks.metrics import read_submission_csv, score_predictions
 from landmarks.tables import NEIGHBOURS_COLUMNS, PREDICTIONS_COLUMNS
@@ -389,7 +390,8 @@ def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_lef
         fold = next((f for f in folds if truth[row] in f["val_landmarks"]), folds[row % 2])
         cosines = apply_whitening(train, fold["whitening"]) @ apply_whitening(raw[row : row + 1], fold["whitening"])[0]
         confidence[row], correct[row] = cosines.max(), train_labels[cosines.argmax()] == truth[row]
-    expected = threshold.choose_threshold(confidence, correct, truth >= 0)
+    smoothing = section_settings("retrieve", {})["threshold_smoothing"]  # the default, as the stage ran
+    expected = threshold.choose_threshold(confidence, correct, truth >= 0, smoothing=smoothing)
     assert chosen["folds"]["threshold"] == pytest.approx(expected["threshold"], abs=1e-4)
     assert chosen["folds"]["accuracy"] == pytest.approx(expected["accuracy"])
     assert chosen["in_fit"]["threshold"] != pytest.approx(chosen["folds"]["threshold"], abs=1e-3)

@@ -52,3 +52,40 @@ def test_the_landmark_share_comes_from_the_setting_or_the_test_queries():
     only_landmarks = mixed.assign(landmark_id=pd.array([1, 2, 3, 4], dtype="Int64"))
     share, source = threshold.threshold_landmark_share(only_landmarks, None)
     assert share is None and source.startswith("val's own mix")
+
+
+def test_smoothing_lets_the_threshold_reach_below_the_lowest_right_answer_val_holds():
+    """Counted, five right answers put the threshold just under the lowest of them (0.60); the test's
+    right answers reach lower, and where nine photos in ten show a landmark a right answer rejected costs
+    nine non-landmarks kept: smoothed, the threshold goes down into the non-landmarks' range."""
+    right = np.array([0.60, 0.65, 0.70, 0.75, 0.80])
+    nonlandmarks = np.array([0.30, 0.35, 0.40, 0.45, 0.58])
+    confidence = np.concatenate([right, nonlandmarks])
+    correct = is_landmark = np.arange(10) < 5
+    counted = threshold.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9)
+    smoothed = threshold.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9, smoothing=1.0)
+    assert counted["threshold"] == pytest.approx(0.59) and counted["smoothing"] == 0.0
+    assert 0.30 < smoothed["threshold"] < 0.58 and smoothed["smoothing"] == 1.0
+    rejected = (nonlandmarks < smoothed["threshold"]).sum()  # the val decisions it makes, counted
+    assert smoothed["accuracy"] == pytest.approx(0.9 + 0.1 * rejected / 5)
+    wider = threshold.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9, smoothing=2.0)
+    assert wider["threshold"] < smoothed["threshold"]  # a wider spread of right answers: lower still
+
+
+def test_with_a_large_val_smoothing_and_counting_agree():
+    rng = np.random.default_rng(0)
+    confidence = np.concatenate([rng.normal(0.7, 0.05, 3000), rng.normal(0.4, 0.05, 3000)])
+    correct = is_landmark = np.arange(6000) < 3000
+    counted = threshold.choose_threshold(confidence, correct, is_landmark)["threshold"]
+    smoothed = threshold.choose_threshold(confidence, correct, is_landmark, smoothing=1.0)["threshold"]
+    assert counted == pytest.approx(0.55, abs=0.01) and smoothed == pytest.approx(counted, abs=0.01)
+
+
+@pytest.mark.parametrize("right_answers", [0, 1])
+def test_smoothing_needs_two_answers_on_each_side_else_counts(right_answers):
+    confidence = np.array([0.9, 0.5, 0.4, 0.3, np.nan])  # the last: a non-landmark without an answer
+    correct = np.arange(5) < right_answers
+    is_landmark = np.array([True, False, False, False, False])
+    counted = threshold.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9)
+    smoothed = threshold.choose_threshold(confidence, correct, is_landmark, landmark_share=0.9, smoothing=1.0)
+    assert smoothed == {**counted, "smoothing": 0.0}

@@ -129,6 +129,7 @@ class Experiment:
         labels = ids["landmark_id"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
         bank_terms = ids["bank_term"].to_numpy(dtype=np.float64) if ids["bank_term"].notna().all() else None
         impostor_terms = _impostor_terms(ids, settings, self.path)
+        self.threshold_smoothing = settings["threshold_smoothing"]  # for another landmark share
         self.database = retrieve.Database(index, ids, labels, bank_terms, bank_index, settings, impostor_terms)
         self.shard_dirs = sorted({str(Path(shard).parent) for shard in ids.get("shard", pd.Series([], dtype=str))})
         self.images = retrieve.ImageSource(self.shard_dirs)  # database images, for verification and the page
@@ -146,7 +147,7 @@ class Experiment:
         val = _read_parquet(path, ("landmark_id", "predicted_landmark_id", "confidence"))
         if not val["landmark_id"].notna().any():
             raise StageError(f"{path}: no val landmark answers to choose a threshold on (was val empty?)")
-        chosen = threshold_from_answers(val, landmark_share)
+        chosen = threshold_from_answers(val, landmark_share, self.threshold_smoothing)
         return {**chosen, "source": f"val, for a landmark share of {landmark_share:g} (predict.landmark_share)"}
 
 

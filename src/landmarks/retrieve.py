@@ -498,13 +498,14 @@ def calibrate_threshold(
         confidence, label, answered = answers.predictions.confidence, answers.predictions.label, "as the test queries"
     val_answers = calibration_table(ids, label, confidence)
     share, share_from = threshold_landmark_share(inputs.query_ids, db.settings["landmark_share"])
-    chosen = threshold_from_answers(val_answers, share)
+    chosen = threshold_from_answers(val_answers, share, db.settings["threshold_smoothing"])
     chosen.update(source="val", answered=answered, landmark_share_from=share_from)
     log.info(
-        "non-landmark threshold %.4f chosen on val (%s) for a landmark share of %s (%s): %d landmark + %d "
-        "non-landmark queries, %.1f%% right decisions at that share (%.1f%% without a threshold)",
+        "non-landmark threshold %.4f chosen on val (%s; smoothing %g) for a landmark share of %s (%s): %d "
+        "landmark + %d non-landmark queries, %.1f%% right decisions at that share (%.1f%% without a threshold)",
         chosen["threshold"],
         answered,
+        chosen["smoothing"],
         "0.5" if share is None else f"{share:.3f}",
         share_from,
         chosen["landmark_queries"],

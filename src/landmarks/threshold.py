@@ -32,7 +32,7 @@ def choose_threshold(
     correct, is_landmark = np.asarray(correct, bool), np.asarray(is_landmark, bool)
     weight = decision_weights(is_landmark, landmark_share)
     threshold = smoothed_threshold(confidence, correct, is_landmark, weight, smoothing) if smoothing > 0 else None
-    chose = "smoothed" if threshold is not None else "counted"
+    smoothed_by = smoothing if threshold is not None else 0.0  # 0: counted (asked to, or too few answers)
     if threshold is None:
         threshold = most_right_threshold(confidence, correct, is_landmark, weight)
     total = weight.sum()
@@ -44,7 +44,7 @@ def choose_threshold(
         "nonlandmark_queries": int((~is_landmark).sum()),
         "accuracy_without_threshold": float(((correct & is_landmark) * weight).sum() / total) if total else None,
         "landmark_share": landmark_share,
-        "smoothing": smoothing if chose == "smoothed" else 0.0,
+        "smoothing": smoothed_by,
     }
 
 
@@ -85,9 +85,9 @@ def smoothed_threshold(confidence, correct, is_landmark, weight, smoothing: floa
     spread of confidences around it (a logistic kernel; its width is Silverman's rule of thumb for the
     right landmark answers and for the non-landmarks, each times `smoothing`). Counted as they are, a
     dozen val photos put the threshold just under the lowest right answer val happened to hold, while the
-    test's right answers reach lower: measured on real photos, that rejected more right answers than it
-    gained non-landmarks. None when either side has fewer than 2 answers (nothing to estimate a spread
-    from): the caller counts instead."""
+    test's right answers reach lower (on real photos, counting fell below keeping every answer more often
+    and further: README, "What real photos score"). None when either side has fewer than 2 answers
+    (nothing to estimate a spread from): the caller counts instead."""
     answered = confidence > NO_CONFIDENCE  # unanswered queries are rejected at any threshold
     right, others = answered & correct & is_landmark, answered & ~is_landmark
     if right.sum() < 2 or others.sum() < 2:

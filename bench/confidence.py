@@ -23,7 +23,6 @@ cosine (mean ± standard deviation over runs, ddof 0 as in bench/real_photos.py,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from neighbour_smoothing import runs_table  # noqa: E402
+from neighbour_smoothing import finished_runs  # noqa: E402
 
 from landmarks.common import read_table  # noqa: E402
 from landmarks.config import section_settings  # noqa: E402
@@ -124,13 +123,8 @@ def run_confidences(results: Path, experiment: str) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
-    parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
-    args = parser.parse_args()
-    table = runs_table(args.results, args.experiments, run_confidences, "retrieve/predictions.parquet")
-    if table.empty:
-        print("no finished runs of those experiments under the given folders", file=sys.stderr)
+    table = finished_runs(__doc__, run_confidences, "retrieve/predictions.parquet")
+    if table is None:
         return 1
     names = [column for column in table.columns if column not in ("run", "experiment")]
     print(table.set_index(["run", "experiment"]).T.to_string(float_format="%.3f"))

@@ -113,12 +113,24 @@ def runs_table(folders, experiments, measure, needed: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def finished_runs(description: str, measure, needed: str, argv=None) -> pd.DataFrame | None:
+    """The offline benches' command line (results folders, --experiments) and `runs_table` over it;
+    None, having said so, when no finished run of those experiments is there."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
     parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
-    args = parser.parse_args()
-    table = runs_table(args.results, args.experiments, run_gaps, "embed/test.npy")
+    args = parser.parse_args(argv)
+    table = runs_table(args.results, args.experiments, measure, needed)
+    if table.empty:
+        print("no finished runs of those experiments under the given folders", file=sys.stderr)
+        return None
+    return table
+
+
+def main() -> int:
+    table = finished_runs(__doc__, run_gaps, "embed/test.npy")
+    if table is None:
+        return 1
     print(table.to_string(float_format="%.3f"))
     for experiment, runs in table.groupby("experiment", sort=False):
         print(f"\n{experiment} ({len(runs)} runs): GAP mean ± sd, gain over plain mean ± sd")

@@ -16,7 +16,6 @@ answer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from neighbour_smoothing import runs_table  # noqa: E402
+from neighbour_smoothing import finished_runs  # noqa: E402
 
 from landmarks.common import read_table  # noqa: E402
 from landmarks.score import truth_from_selection, verdict_accuracy  # noqa: E402
@@ -50,14 +49,9 @@ def run_verdicts(results: Path, experiment: str, smoothings=SMOOTHINGS) -> dict:
     return {**row, KEEP_ALL: next(iter(verdicts.values()))["right_decisions_without_threshold"]}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="results folders of finished runs")
-    parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
-    args = parser.parse_args()
-    table = runs_table(args.results, args.experiments, run_verdicts, "retrieve/calibration.parquet")
-    if table.empty:
-        print("no finished runs of those experiments under the given folders", file=sys.stderr)
+def main(argv=None) -> int:
+    table = finished_runs(__doc__, run_verdicts, "retrieve/calibration.parquet", argv)
+    if table is None:
         return 1
     names = [column for column in table.columns if column not in ("run", "experiment")]
     print(table.set_index(["run", "experiment"]).T.to_string(float_format="%.3f"))

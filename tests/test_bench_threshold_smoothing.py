@@ -52,9 +52,13 @@ def test_each_smoothing_chooses_again_on_val_and_is_scored_on_the_test_queries(t
     assert row[bench.KEEP_ALL] == pytest.approx(4 / 5)  # n0 kept
 
 
-def test_the_table_has_a_row_per_run_and_experiment(tmp_path, capsys, monkeypatch):
+def test_the_table_has_a_row_per_run_and_experiment(tmp_path, capsys):
     _results(tmp_path / "fewshot-seed0" / "results")
-    monkeypatch.setattr("sys.argv", ["threshold_smoothing.py", str(tmp_path / "fewshot-seed0" / "results")])
-    assert bench.main() == 0
+    assert bench.main([str(tmp_path / "fewshot-seed0" / "results")]) == 0
     out = capsys.readouterr().out
     assert "finetuned fewshot (1 runs)" in out and "smoothing 1 " in out and bench.KEEP_ALL in out
+
+
+def test_no_finished_run_is_said_and_fails(tmp_path, capsys):
+    assert bench.main([str(tmp_path)]) == 1
+    assert "no finished runs" in capsys.readouterr().err

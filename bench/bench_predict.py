@@ -42,7 +42,7 @@ def parse_args():
 
 
 def default_photos(limit: int) -> list[str]:
-    from landmarks.predict import IMAGE_SUFFIXES
+    from landmarks.images import IMAGE_SUFFIXES
 
     photos = sorted(
         str(p) for p in (ROOT / "data" / "demo" / "new_photos").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES

@@ -34,6 +34,7 @@ each experiment's GAP minus the untrained backbone's on the same seed. Writes th
     .venv/bin/python bench/real_photos.py --test-time --out bench/out/real_photos_test_time  # embedding sizes
     .venv/bin/python bench/real_photos.py --train '{"backbone": "tf_efficientnet_lite2", "pretrained": "efficientnet_lite2_pypi"}'
     .venv/bin/python bench/real_photos.py --landmarks ../web_landmarks_asia11 --regimes fewshot full oneshot  # bench/web_landmarks.py's sets
+    .venv/bin/python bench/real_photos.py --landmarks ~/my_photos   # your own: one subfolder of photos per landmark
 
 Reruns reuse what Snakemake already computed (downloads, shards, trained models); `--fresh` starts over.
 Skips, with the reason, when `../shared/data` is absent.
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +62,9 @@ import pandas as pd
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from landmarks.images import IMAGE_SUFFIXES  # noqa: E402
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "bench" / "out" / "real_photos"
 # labels.csv split value -> role of the photo ("draw": the seed draws queries from them)
@@ -77,7 +82,8 @@ EXPERIMENTS = {
     },
     "finetuned": {"description": "the defaults: fine-tuned"},
 }
-# Variants measured while choosing the defaults (README: "What was tried"); `--variants` adds them.
+# Variants measured while choosing the defaults (docs/real_photos.md, "What was tried and did not
+# help"); `--variants` adds them.
 # Each changes one thing of the defaults, except previous_defaults (the defaults before this benchmark).
 VARIANTS: dict[str, dict] = {
     "previous_defaults": {
@@ -127,8 +133,8 @@ VARIANTS: dict[str, dict] = {
         "embed": {"flip_tta": True},
     },
 }
-# Test-time variants of the untrained backbone. They raise the largest size an experiment embeds at, so
-# shard.size (null: that size) and every experiment of the folder would be recomputed: run them apart,
+# Test-time variants. They raise the largest size an experiment embeds at, so shard.size (null: that
+# size) and every experiment of the folder would be recomputed: run them apart,
 # `--test-time --out bench/out/real_photos_test_time`.
 TEST_TIME = {
     "pretrained_320": {
@@ -141,6 +147,7 @@ TEST_TIME = {
         "train": {"epochs": 0, "whitening": "none"},
         "embed": {"scales": [0.75, 1.0, 1.25]},
     },
+    "finetuned_288": {"description": "the defaults, embedded at 288 px", "embed": {"image_size": 288}},
 }
 
 
@@ -155,15 +162,41 @@ def stable_rank(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
+def labels_from_subfolders(folder: Path) -> pd.DataFrame:
+    """id, path, landmark_id of a folder with one subfolder of photos per landmark and no labels.csv (the
+    layout most photo collections come in): landmarks numbered in the subfolders' name order, each photo
+    found at any depth below its subfolder, its id a hash of its path (ids name files downstream)."""
+    landmarks = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    rows = []
+    for number, landmark in enumerate(landmarks):
+        for photo in sorted(landmark.rglob("*")):
+            if photo.is_file() and photo.suffix.lower() in IMAGE_SUFFIXES:
+                path = str(photo.relative_to(folder))
+                photo_id = hashlib.sha256(path.encode()).hexdigest()[:20]
+                rows.append({"id": photo_id, "path": path, "landmark_id": str(number), "landmark_name": landmark.name})
+    if not rows:
+        raise SystemExit(f"{folder}: no labels.csv and no photos in subfolders (one subfolder per landmark)")
+    return pd.DataFrame(rows)
+
+
+def read_labels(folder: Path) -> pd.DataFrame:
+    """The folder's labels.csv, or its subfolders as landmarks when it has none."""
+    path = folder / "labels.csv"
+    if not path.exists():
+        return labels_from_subfolders(folder)
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 def read_landmarks(folder: Path, seed: int) -> pd.DataFrame:
-    """A landmark photo folder's labels.csv as id, path, landmark_id, role and shows_landmark.
+    """A landmark photo folder's labels (`read_labels`) as id, path, landmark_id, role and shows_landmark.
 
     role: `database` (what the regimes train on and search) or `query` (always a test query). Paris6k
     photos are database photos and the web photos queries; a folder in the `train`/`test` format keeps
-    its split; a folder of `all` photos gets QUERY_FRACTION of each landmark's photos as queries, drawn
-    by the seed. shows_landmark: the official Paris6k ground truth says `ok` (True where there is none)."""
+    its split; a folder of `all` photos (or of subfolders) gets QUERY_FRACTION of each landmark's photos
+    as queries, drawn by the seed. shows_landmark: the official Paris6k ground truth says `ok` (True where
+    there is none)."""
     path = folder / "labels.csv"
-    labels = pd.read_csv(path, dtype=str, keep_default_na=False)
+    labels = read_labels(folder)
     missing = {"id", "path", "landmark_id"} - set(labels)
     if missing:
         raise SystemExit(f"{path}: no column(s) {sorted(missing)} (needs id, path, landmark_id[, split])")
@@ -183,7 +216,7 @@ def read_landmarks(folder: Path, seed: int) -> pd.DataFrame:
 
 def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
     labels = read_landmarks(folder, seed)
-    labels["url"] = f"{base_url}/{folder.name}/" + labels["path"]
+    labels["url"] = f"{base_url}/{urllib.parse.quote(folder.name)}/" + labels["path"].map(urllib.parse.quote)
     queries = labels[labels["role"] == "query"].assign(split="test", source="query")
     photos = labels[labels["role"] == "database"].assign(split="", source="database")
     if REGIMES[regime]:
@@ -456,8 +489,8 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
         "--landmarks",
         type=Path,
         default=None,
-        help="another folder of landmark photos with a labels.csv (id,path,landmark_id[,split]) instead of "
-        "DATA/paris6k_subset; its results go to bench/out/real_photos-<folder name> unless --out says otherwise",
+        help="another folder of landmark photos, with a labels.csv (id,path,landmark_id[,split]) or one "
+        "subfolder of photos per landmark, instead of DATA/paris6k_subset; its results go to bench/out/real_photos-<folder name> unless --out says otherwise",
     )
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -495,9 +528,11 @@ def photo_folders(args: argparse.Namespace) -> PhotoFolders | None:
     photos = PhotoFolders(
         (args.landmarks or args.data / "paris6k_subset").resolve(), (args.data / "distractors").resolve()
     )
-    if args.landmarks is not None and not (photos.landmarks / "labels.csv").exists():
-        raise SystemExit(f"--landmarks {args.landmarks}: no labels.csv there")
-    if not all((folder / "labels.csv").exists() for folder in photos):
+    if args.landmarks is not None and not photos.landmarks.is_dir():
+        raise SystemExit(f"--landmarks {args.landmarks}: no such folder")
+    if not (photos.distractors / "labels.csv").exists() or (
+        args.landmarks is None and not (photos.landmarks / "labels.csv").exists()
+    ):
         print(
             f"SKIPPED: no real photos at {args.data} (this benchmark needs ../shared/data beside the repository: "
             f"paris6k_subset/ and distractors/)"

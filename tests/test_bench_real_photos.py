@@ -141,3 +141,39 @@ def test_a_folder_without_queries_of_its_own_lends_a_share_of_each_landmark_to_t
     pd.DataFrame(rows).assign(split="holdout").to_csv(other / "labels.csv", index=False)
     with pytest.raises(SystemExit, match=r"labels.csv: unknown split value\(s\) \['holdout'\]"):
         bench.urls_table(photos, "u", "full", 0)
+
+
+def test_a_folder_of_one_subfolder_per_landmark_needs_no_labels_csv_and_serves_every_photo(tmp_path):
+    """The layout photo collections come in: landmark names with spaces, photos nested and in any
+    accepted format; other files and hidden folders are not photos. Every URL it builds is fetched back."""
+    import urllib.request
+
+    bench = load_bench()
+    data = stand_in_data(tmp_path / "data")
+    collection = tmp_path / "my photos"
+    files = {"Notre Dame/a.jpg": 6, "Notre Dame/2019 trip/b c.JPEG": 1, "Tower Bridge/d.png": 3}
+    for name, copies in files.items():
+        for i in range(copies):
+            path = collection / name.replace(".", f"{i}.")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"photo {name} {i}".encode())
+    (collection / "Tower Bridge" / "notes.txt").write_text("not a photo")
+    (collection / ".thumbnails").mkdir()
+    (collection / ".thumbnails" / "x.jpg").write_bytes(b"a cache")
+    photos = bench.PhotoFolders(collection, data / "distractors")
+    server, base_url = bench.serve(photos, tmp_path / "www", 0)
+    try:
+        table = bench.urls_table(photos, base_url, "full", 0)
+        landmarks = table[table["source"].isin(["database", "query"])]
+        assert landmarks.groupby("landmark_id").size().to_dict() == {"0": 7, "1": 3}  # in name order
+        assert landmarks.groupby("landmark_id")["split"].apply(lambda s: (s == "test").sum()).tolist() == [3, 1]
+        assert landmarks["id"].is_unique and landmarks["id"].str.fullmatch(r"[0-9a-f]{20}").all()
+        for url in landmarks["url"]:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.read().startswith(b"photo ")
+    finally:
+        server.shutdown()
+    empty = tmp_path / "empty"
+    (empty / "a landmark").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no labels.csv and no photos in subfolders"):
+        bench.urls_table(bench.PhotoFolders(empty, data / "distractors"), "u", "full", 0)

@@ -34,6 +34,8 @@ IMAGE_FORMATS = {  # Pillow format -> file extension; anything else is "not_imag
     "AVIF": ".avif",
     "JPEG2000": ".jp2",
 }
+# File name endings a folder search takes for photos (predict's folders, the benchmark's photo folders).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
 Image.init()
 # Formats Pillow can open by name here (MPO has no opener of its own: the JPEG one returns it).
 OPENABLE_FORMATS = [name for name in IMAGE_FORMATS if name in Image.OPEN]

@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 from .common import StageError, read_table, run_cli, setup_logging, write_json_atomic, write_table, write_text_atomic
 from .config import add_settings_argument, parse_settings
+from .images import IMAGE_SUFFIXES
 from .threshold import threshold_from_answers
 
 log = logging.getLogger("landmarks.predict")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".mpo"}
 EXPERIMENT_FILES = (
     "train/model.pt",
     "retrieve/predictor.json",

@@ -5,6 +5,8 @@ image retrieval with no human annotation", PAMI 2018): DBA replaces each databas
 similarity-weighted mean of itself and its nearest database neighbours, alpha-QE does the same for each
 query with its nearest database images before searching again. The weights are cosine ** alpha.
 Label-aware DBA averages only neighbours of the image's own landmark (the database is labelled).
+`with_val` searches the val photos too: once val has chosen the model, its photos are labelled
+database photos like the train ones (one-shot: two photos per landmark instead of one).
 
 This reads the embeddings that `bench/real_photos.py` (or `make demo`) left under each run's results
 folder, predicts the nearest neighbour's landmark ranked by its cosine (no reranking, no geometric
@@ -32,18 +34,20 @@ from landmarks.embed import load_embeddings  # noqa: E402
 from landmarks.metrics import score_predictions  # noqa: E402
 from landmarks.score import truth_from_selection  # noqa: E402
 
-# name -> (DBA neighbours, DBA label-aware, QE neighbours); alpha is shared (ALPHA). Expanding a query with its
-# one nearest image cannot change its answer or the order of the confidences, so QE starts at 2.
+# name -> (DBA neighbours, DBA label-aware, QE neighbours, val photos in the database); alpha is shared (ALPHA).
+# Expanding a query with its one nearest image cannot change its answer or the order of the confidences, so
+# QE starts at 2.
 SETTINGS = {
-    "plain": (0, False, 0),
-    "dba1": (1, False, 0),
-    "dba2": (2, False, 0),
-    "dba3": (3, False, 0),
-    "dba2_same_landmark": (2, True, 0),
-    "dba4_same_landmark": (4, True, 0),
-    "qe2": (0, False, 2),
-    "qe3": (0, False, 3),
-    "dba2_qe2": (2, False, 2),
+    "plain": (0, False, 0, False),
+    "dba1": (1, False, 0, False),
+    "dba2": (2, False, 0, False),
+    "dba3": (3, False, 0, False),
+    "dba2_same_landmark": (2, True, 0, False),
+    "dba4_same_landmark": (4, True, 0, False),
+    "qe2": (0, False, 2, False),
+    "qe3": (0, False, 3, False),
+    "dba2_qe2": (2, False, 2, False),
+    "with_val": (0, False, 0, True),
 }
 ALPHA = 3.0
 
@@ -80,16 +84,25 @@ def predict(db: np.ndarray, labels: np.ndarray, queries: np.ndarray, qe: int) ->
     return labels[best], cosines[np.arange(len(best)), best]
 
 
+def database(embed: Path, splits: list[str], landmark_of: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings of those splits' photos, one after the other, and their landmarks."""
+    parts = [load_embeddings(embed / f"{split}.npy") for split in splits]
+    vectors = np.concatenate([part[0] for part in parts]).astype(np.float32)
+    labels = np.array([int(landmark_of[i]) for part in parts for i in part[1]["id"]])
+    return vectors, labels
+
+
 def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     selection = read_table(results / "select" / "selection.parquet")
     landmark_of = dict(zip(selection["id"], selection["landmark_id"]))
     embed = results / "experiments" / experiment / "embed"
-    db, db_ids = load_embeddings(embed / "train.npy")
     queries, query_ids = load_embeddings(embed / "test.npy")
-    labels = np.array([int(landmark_of[i]) for i in db_ids["id"]])
     truth = truth_from_selection(selection)
     gaps = {}
-    for name, (k, same_landmark, qe) in SETTINGS.items():
+    for name, (k, same_landmark, qe, with_val) in SETTINGS.items():
+        if with_val and not (embed / "val.npy").exists():
+            continue  # an older run that embedded no val photos
+        db, labels = database(embed, ["train", "val"] if with_val else ["train"], landmark_of)
         label, score = predict(augment_database(db, labels, k, same_landmark), labels, queries, qe)
         pred = pd.DataFrame({"id": query_ids["id"].to_numpy(), "landmark_id": label, "score": score})
         gaps[name] = score_predictions(pred, truth).gap
@@ -134,7 +147,7 @@ def main() -> int:
     print(table.to_string(float_format="%.3f"))
     for experiment, runs in table.groupby("experiment", sort=False):
         print(f"\n{experiment} ({len(runs)} runs): GAP mean ± sd, gain over plain mean ± sd")
-        for name in SETTINGS:
+        for name in [name for name in SETTINGS if name in runs]:
             gain = runs[name] - runs["plain"]
             print(
                 f"  {name:20s} {runs[name].mean():.3f} ± {runs[name].std():.3f}   {gain.mean():+.3f} ± {gain.std():.3f}"

@@ -1,7 +1,11 @@
 """bench/neighbour_smoothing.py: database-side augmentation and query expansion, as the README reports them."""
 
 import numpy as np
+import pandas as pd
 from test_bench_method import load
+
+from landmarks.common import write_table
+from landmarks.embed import write_embeddings
 
 smoothing = load("neighbour_smoothing")
 
@@ -37,3 +41,31 @@ def test_query_expansion_moves_the_query_towards_its_nearest_database_images():
     assert label[0] == 8 and np.isclose(score[0], 0.96)
     label, score = smoothing.predict(db, labels, query, qe=2)  # expanded towards landmark 8: closer still
     assert label[0] == 8 and score[0] > 0.96
+
+
+def test_with_val_a_query_nearest_to_a_val_photo_gets_that_photos_landmark(tmp_path):
+    embed = tmp_path / "experiments" / "finetuned" / "embed"
+    embed.mkdir(parents=True)
+    ids = {split: [f"{split}{i}" for i in range(2)] for split in ("train", "val", "test")}
+    vectors = {  # landmark 1's val photo looks like the queries, its train photo does not
+        "train": unit([1, 0, 0], [0, 1, 0]),
+        "val": unit([0, 0, 1], [0, 1, 0.1]),
+        "test": unit([0.1, 0, 1], [0, 0.1, 1]),
+    }
+    landmarks = {"train": [1, 2], "val": [1, 2], "test": [1, 1]}
+    for split in ("train", "val", "test"):
+        table = pd.DataFrame({"id": ids[split], "landmark_id": pd.array(landmarks[split], dtype="Int64")})
+        write_embeddings(vectors[split].astype(np.float32), table, embed / f"{split}.npy", dtype="float32")
+    selection = pd.DataFrame(
+        {
+            "id": sum(ids.values(), []),
+            "landmark_id": pd.array(sum(landmarks.values(), []), dtype="Int64"),
+            "split": [split for split in ids for _ in range(2)],
+        }
+    )
+    write_table(selection, tmp_path / "select" / "selection.parquet")
+    gaps = smoothing.run_gaps(tmp_path, "finetuned")
+    assert gaps["with_val"] == 1.0  # both queries answered 1 through the val photo
+    assert gaps["plain"] < 1.0  # from the train photos alone the second query looks like landmark 2
+    (embed / "val.npy").unlink()
+    assert "with_val" not in smoothing.run_gaps(tmp_path, "finetuned")  # a run that embedded no val photos

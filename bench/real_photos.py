@@ -82,7 +82,7 @@ EXPERIMENTS = {
     },
     "finetuned": {"description": "the defaults: fine-tuned"},
 }
-# Variants measured while choosing the defaults (docs/real_photos.md, "What was tried and did not
+# Variants measured while choosing the defaults (bench/real_photos.md, "What was tried and did not
 # help"); `--variants` adds them.
 # Each changes one thing of the defaults, except previous_defaults (the defaults before this benchmark).
 VARIANTS: dict[str, dict] = {

@@ -86,7 +86,7 @@ def smoothed_threshold(confidence, correct, is_landmark, weight, smoothing: floa
     right landmark answers and for the non-landmarks, each times `smoothing`). Counted as they are, a
     dozen val photos put the threshold just under the lowest right answer val happened to hold, while the
     test's right answers reach lower (on real photos, counting fell below keeping every answer more often
-    and further: docs/real_photos.md, "predict's non-landmark verdict"). None when either side has fewer than 2 answers
+    and further: bench/real_photos.md, "predict's non-landmark verdict"). None when either side has fewer than 2 answers
     (nothing to estimate a spread from): the caller counts instead."""
     answered = confidence > NO_CONFIDENCE  # unanswered queries are rejected at any threshold
     right, others = answered & correct & is_landmark, answered & ~is_landmark

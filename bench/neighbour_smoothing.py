@@ -98,11 +98,14 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     embed = results / "experiments" / experiment / "embed"
     queries, query_ids = load_embeddings(embed / "test.npy")
     truth = truth_from_selection(selection)
+    databases = {False: database(embed, ["train"], landmark_of)}
+    if (embed / "val.npy").exists():  # an older run embedded no val photos
+        databases[True] = database(embed, ["train", "val"], landmark_of)
     gaps = {}
     for name, (k, same_landmark, qe, with_val) in SETTINGS.items():
-        if with_val and not (embed / "val.npy").exists():
-            continue  # an older run that embedded no val photos
-        db, labels = database(embed, ["train", "val"] if with_val else ["train"], landmark_of)
+        if with_val not in databases:
+            continue
+        db, labels = databases[with_val]
         label, score = predict(augment_database(db, labels, k, same_landmark), labels, queries, qe)
         pred = pd.DataFrame({"id": query_ids["id"].to_numpy(), "landmark_id": label, "score": score})
         gaps[name] = score_predictions(pred, truth).gap

@@ -490,7 +490,8 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
         type=Path,
         default=None,
         help="another folder of landmark photos, with a labels.csv (id,path,landmark_id[,split]) or one "
-        "subfolder of photos per landmark, instead of DATA/paris6k_subset; its results go to bench/out/real_photos-<folder name> unless --out says otherwise",
+        "subfolder of photos per landmark, instead of DATA/paris6k_subset; its results go to "
+        "bench/out/real_photos-<folder name> unless --out says otherwise",
     )
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -26,7 +26,8 @@ means over seeds, never one run.
 Prints one table per regime: every experiment's GAP, GAP on landmark queries only, top-1 accuracy, GAP
 ranked by the raw top-1 cosine (no reranking), val GAP, as mean ± standard deviation over the seeds, and
 each experiment's GAP minus the untrained backbone's on the same seed. Writes the per-seed values to
-`bench/out/real_photos/results-<regimes>.csv` and the tables to `results-<regimes>.md` beside it.
+`bench/out/real_photos/results-<regimes>.csv` and the tables to `results-<regimes>.md` beside it, after
+every run, so a benchmark stopped part-way keeps the seeds it finished.
 
     .venv/bin/python bench/real_photos.py                          # every regime, seeds 0 1 2 (about 1 h on 2 cores)
     .venv/bin/python bench/real_photos.py --regimes fewshot --seeds 0 --experiments pretrained finetuned
@@ -564,15 +565,23 @@ def main() -> int:
                 write_if_changed(workdir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
                 snakemake(workdir, args.cores)
                 results += collect(workdir, regime, seed, catalogue, table)
+                # After every run, so a benchmark stopped part-way still has each finished seed's row.
+                text = write_tables(pd.DataFrame(results), catalogue, args.out / ("results-" + "+".join(args.regimes)))
     finally:
         server.shutdown()
-    frame = pd.DataFrame(results)
-    name = "results-" + "+".join(args.regimes)  # runs of other regimes may go on side by side
-    frame.to_csv(args.out / f"{name}.csv", index=False)
-    text = render(frame, catalogue)
-    (args.out / f"{name}.md").write_text(text)
     print(text)
     return 0
+
+
+def write_tables(frame: pd.DataFrame, catalogue: dict, stem: Path) -> str:
+    """The per-seed rows (`<stem>.csv`) and the tables (`<stem>.md`), each replaced whole; returns the tables.
+    The stem names the regimes: runs of other regimes may go on side by side."""
+    text = render(frame, catalogue)
+    for suffix, content in ((".csv", frame.to_csv(index=False)), (".md", text)):
+        partial = stem.with_name(stem.name + suffix + ".partial")
+        partial.write_text(content)
+        partial.replace(stem.with_name(stem.name + suffix))
+    return text
 
 
 def write_if_changed(path: Path, text: str) -> None:

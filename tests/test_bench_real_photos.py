@@ -177,3 +177,22 @@ def test_a_folder_of_one_subfolder_per_landmark_needs_no_labels_csv_and_serves_e
     (empty / "a landmark").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no labels.csv and no photos in subfolders"):
         bench.urls_table(bench.PhotoFolders(empty, data / "distractors"), "u", "full", 0)
+
+
+def test_the_tables_are_written_whole_after_each_run_and_hold_every_finished_seed(tmp_path):
+    bench = load_bench()
+    catalogue = {"pretrained": bench.EXPERIMENTS["pretrained"], "finetuned": bench.EXPERIMENTS["finetuned"]}
+    rows = [
+        {"regime": "fewshot", "seed": seed, "experiment": name, "selected": "epoch 0", "gap": gap, "accuracy": 0.5}
+        for seed, gaps in ((0, (0.40, 0.52)), (1, (0.44, 0.50)))
+        for name, gap in zip(catalogue, gaps)
+    ]
+    stem = tmp_path / "results-fewshot"
+    bench.write_tables(pd.DataFrame(rows[:2]), catalogue, stem)  # after the first seed's run
+    text = bench.write_tables(pd.DataFrame(rows), catalogue, stem)  # after the second
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results-fewshot.csv", "results-fewshot.md"]
+    assert pd.read_csv(tmp_path / "results-fewshot.csv")["seed"].tolist() == [0, 0, 1, 1]
+    assert (tmp_path / "results-fewshot.md").read_text() == text
+    finetuned = next(line for line in text.splitlines() if line.startswith("| finetuned | 0.510"))
+    assert finetuned.endswith("| 0.090 ± 0.030 |")  # gains per seed +0.12 and +0.06 (sd over the seeds)

@@ -507,6 +507,22 @@ def test_jpegs_that_libjpeg_only_warns_about_are_not_ok():
         assert check(fine).status == "ok"
 
 
+def test_without_the_jpeg_decoder_the_stage_stops_before_calling_any_jpeg_corrupt(tmp_path):
+    # Seen on a machine without simplejpeg: every JPEG got status corrupt_image, kept in the manifest.
+    code = (
+        "import runpy, sys; sys.modules['simplejpeg'] = None; "  # None in sys.modules: the import fails
+        "runpy.run_module('landmarks.download', run_name='__main__', alter_sys=True)"
+    )
+    part = tmp_path / "part-000.parquet"
+    pq.write_table(pa.table({"id": ["a"], "url": ["http://127.0.0.1:9/a.jpg"], "landmark_id": [1]}), part)
+    out = tmp_path / "out" / "manifest.parquet"
+    command = [sys.executable, "-c", code, "--part", str(part), "--images", str(tmp_path / "images"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "the download check decodes JPEGs with simplejpeg, which cannot be imported" in result.stderr
+    assert not out.exists()
+
+
 def test_host_scheduler_limits_each_host_without_stalling_others():
     async def scenario():
         jobs = [Job(i, str(i), "", "slow" if i < 30 else f"h{i % 3}") for i in range(60)]

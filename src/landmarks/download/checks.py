@@ -14,6 +14,16 @@ from dataclasses import dataclass
 import yarl
 from PIL import Image, UnidentifiedImageError
 
+try:
+    import simplejpeg
+except ImportError as err:
+    # Imported here, not where a JPEG is checked: there, a missing package would read as every JPEG
+    # being corrupt (each check's failure is the image's status), and the manifest would keep that.
+    raise ImportError(
+        f"the download check decodes JPEGs with simplejpeg, which cannot be imported ({err}); "
+        "install the project's requirements (make env, or pip install -r requirements.lock)"
+    ) from err
+
 from ..images import IMAGE_FORMATS, JPEG_SOI, open_image
 from ..tables import OK
 
@@ -108,8 +118,6 @@ def check_jpeg_data(data: bytes, mode: str, width: int, height: int, fmt: str) -
     """Decode a JPEG's data at 1/8 scale with libjpeg-turbo (simplejpeg) in strict mode: libjpeg's
     warnings (premature end of data, corrupt data, extraneous bytes) are failures. Pillow ignores them
     and decodes noise from a scan of random bytes or a file cut before its end marker."""
-    import simplejpeg
-
     try:
         # 1/8 scale, one channel: libjpeg still entropy-decodes every block (where broken data shows)
         # but skips most of the pixel work. CMYK cannot be converted to grey by libjpeg.

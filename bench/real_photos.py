@@ -64,6 +64,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from landmarks.common import write_text_atomic  # noqa: E402
 from landmarks.images import IMAGE_SUFFIXES  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -577,10 +578,8 @@ def write_tables(frame: pd.DataFrame, catalogue: dict, stem: Path) -> str:
     """The per-seed rows (`<stem>.csv`) and the tables (`<stem>.md`), each replaced whole; returns the tables.
     The stem names the regimes: runs of other regimes may go on side by side."""
     text = render(frame, catalogue)
-    for suffix, content in ((".csv", frame.to_csv(index=False)), (".md", text)):
-        partial = stem.with_name(stem.name + suffix + ".partial")
-        partial.write_text(content)
-        partial.replace(stem.with_name(stem.name + suffix))
+    write_text_atomic(stem.with_name(stem.name + ".csv"), frame.to_csv(index=False))
+    write_text_atomic(stem.with_name(stem.name + ".md"), text)
     return text
 
 

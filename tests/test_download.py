@@ -360,7 +360,9 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 def test_kill_9_mid_download_then_resume_matches_an_uninterrupted_run(tmp_path, server):
     rows = _slow_rows(server, 150, delay=0.03)
-    settings = {**FAST, "concurrency": 4, "per_host": 4}
+    # Timeouts far above the 0.03 s delay: on a loaded machine FAST's 0.8 s can expire, and a retried
+    # row's `attempts` would differ between the two runs for reasons that have nothing to do with resuming.
+    settings = {**FAST, "concurrency": 4, "per_host": 4, "read_timeout_s": 10.0, "total_timeout_s": 20.0}
     part = write_part(tmp_path / "split" / "part-000.parquet", rows)
     killed = tmp_path / "killed"
     out = killed / "download" / "manifest.parquet"

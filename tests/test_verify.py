@@ -117,6 +117,25 @@ def test_features_respect_max_side_and_max_features(views):
     assert small.xy.dtype == np.float32 and small.xy.max() < 300
 
 
+def test_the_schema_and_verify_settings_share_their_defaults():
+    # retrieve passes the schema's values; the tests here use VerifySettings(): both must be what runs.
+    from dataclasses import fields
+
+    from landmarks.config import section_settings
+
+    schema = section_settings("retrieve", {}, "defaults")["verify"]
+    shared = [f.name for f in fields(VerifySettings) if f.name in schema]
+    assert {"max_side", "min_inliers", "ratio", "model", "ignore_static"} <= set(shared)
+    assert {name: schema[name] for name in shared} == {name: getattr(SETTINGS, name) for name in shared}
+
+
+def test_a_384_px_shard_is_verified_at_224_px_where_min_inliers_holds(views):
+    # Training's 384-px shards would give SIFT 384 px and more chance inliers between other places.
+    shard = views["a"].resize((384, 288))
+    features = extract(shard, SETTINGS)
+    assert SETTINGS.max_side == 224 and 0 < features.xy.max() < 224
+
+
 def test_blank_tiny_and_odd_images_give_no_inliers(features):
     odd = [
         Image.new("RGB", (300, 200), (120, 120, 120)),

@@ -7,12 +7,17 @@ inliers between a query and each of its kNN neighbours re-scores the neighbours:
 physical place.
 
 Defaults (measured on real photos: 26 web photos of 5 Paris landmarks and 25 non-landmark photos against
-250 Paris6k photos; numbers in the README): SIFT at 384 px, 1,000 keypoints, RootSIFT, ratio 0.85 with
-mutual nearest neighbours, an affine model at 6 px. Homography, MAGSAC and fundamental-matrix models
-separated no better and cost up to 5x more per pair. No non-landmark or other-landmark pair reached 9
-inliers there; `min_inliers` 10 keeps a margin. On web-scraped photos of 13 landmarks (stock photos
-with watermarks among them) 16 of 815 other-landmark pairs reached 10-19 inliers, most through the
-watermark both carried; without the matches that stay in place (`ignore_static`), 2 did (10 and 11).
+250 Paris6k photos; numbers in the README): 1,000 keypoints, RootSIFT, ratio 0.85 with mutual nearest
+neighbours, an affine model at 6 px. Homography, MAGSAC and fundamental-matrix models separated no
+better and cost up to 5x more per pair. No non-landmark or other-landmark pair reached 9 inliers there;
+`min_inliers` 10 keeps a margin. On web-scraped photos of 13 landmarks (stock photos with watermarks
+among them) 16 of 815 other-landmark pairs reached 10-19 inliers, most through the watermark both
+carried; without the matches that stay in place (`ignore_static`), 2 did (10 and 11).
+Those counts were taken on 224-px shards (shorter side 224 px: SIFT saw about 300 x 224). Chance inliers
+grow with the image SIFT sees (more keypoints, more tentative matches), so `max_side` is 224: on 384-px
+shards (training's default size since then) SIFT at 384 px gave 31 wrong-landmark pairs of the web set
+10-18 inliers (mean 11.9); the same pairs have 3-9 (mean 5.2) on 224-px shards and 3-7 (4.9) on 384-px
+shards seen at 224 px (bench/real_photos.md, "Geometric verification at 224 px"; bench/verify_size.py).
 
 Pipeline per image: grayscale, longer side down to `max_side` px (never enlarged), OpenCV SIFT with the
 `max_features` strongest keypoints. Per pair: RootSIFT (L1-normalise, square root) descriptors compared
@@ -60,7 +65,7 @@ DUPLICATE_SHARE = 0.25
 class VerifySettings:
     """How features are extracted, matched and verified (defaults: see the module docstring)."""
 
-    max_side: int = 384  # longer side of the image SIFT sees (never enlarged)
+    max_side: int = 224  # longer side of the image SIFT sees (never enlarged): min_inliers was measured there
     max_features: int = 1000  # strongest SIFT keypoints kept per image
     rootsift: bool = True  # RootSIFT descriptors (else SIFT's own, L2-normalised)
     ratio: float = 0.85  # Lowe's ratio test on descriptor distances; 1.0 turns it off

@@ -8,8 +8,9 @@ different places: on 384-px shards, SIFT at 384 px verified wrong answers that 2
 This answers each run's test queries again through `landmarks.retrieve.answer_queries` (the code retrieve
 runs: search, verification, relabelling, confidence) under each (max_side, min_inliers, full_inliers)
 and prints per setting: GAP, GAP by the raw top-1 cosine, top-1 accuracy on the landmark queries, how
-many answers verification relabelled, how many it verified, and how many of those are wrong. The inlier
-counts are computed once per max_side and run (min_inliers and full_inliers only decide what they
+many answers verification relabelled, how many it verified, how many of those are wrong, and predict's
+verdict (share of test decisions right; the threshold chosen again on val's answers under the setting,
+as retrieve chooses it). The inlier counts are computed once per max_side and run (min_inliers and full_inliers only decide what they
 count for). Needs each run's embeddings and shards (`bench/real_photos.py` and `make demo` keep them).
 
     .venv/bin/python bench/verify_size.py bench/out/real_photos_web_lite0_384/fewshot-seed*/results \
@@ -33,7 +34,7 @@ from landmarks import retrieve  # noqa: E402
 from landmarks.common import read_table  # noqa: E402
 from landmarks.config import section_settings  # noqa: E402
 from landmarks.metrics import score_predictions  # noqa: E402
-from landmarks.score import truth_from_selection  # noqa: E402
+from landmarks.score import truth_from_selection, verdict_accuracy  # noqa: E402
 
 
 def shard_dirs(results: Path) -> list[Path]:
@@ -41,11 +42,11 @@ def shard_dirs(results: Path) -> list[Path]:
 
 
 def counting_inliers(original, cache: dict):
-    """retrieve.verify_neighbours_of, its counts kept per max_side and queries: min_inliers does not
-    change them (one cache per run: another run's queries have other neighbours)."""
+    """retrieve.verify_neighbours_of, its counts kept per max_side, queries and neighbours: min_inliers
+    does not change them (one cache per run)."""
 
     def counts(query_ids, db_ids, positions, images, v, threads):
-        key = (v["max_side"], tuple(query_ids))
+        key = (v["max_side"], tuple(query_ids), positions[:, : v["neighbours"]].tobytes())
         if key not in cache:
             cache[key] = original(query_ids, db_ids, positions, images, v, threads)
         return cache[key]
@@ -61,13 +62,12 @@ def run_settings(results: Path, experiment: str, sizes, thresholds, fulls, threa
     db, _, _ = retrieve.build_database(inputs, defaults, None, {})
     images = retrieve.ImageSource(shard_dirs(results))
     truth = truth_from_selection(read_table(results / "select" / "selection.parquet"))
+    run = (results / "experiments" / experiment, inputs, images, truth)
     original = retrieve.verify_neighbours_of
     retrieve.verify_neighbours_of = counting_inliers(original, {})  # this run's counts only
     try:
         return [
-            scored_setting(
-                db, defaults, inputs, images, truth, dict(max_side=side, min_inliers=least, full_inliers=full), threads
-            )
+            scored_setting(db, defaults, run, dict(max_side=side, min_inliers=least, full_inliers=full), threads)
             for side in sizes
             for least in thresholds
             for full in fulls
@@ -76,22 +76,20 @@ def run_settings(results: Path, experiment: str, sizes, thresholds, fulls, threa
         retrieve.verify_neighbours_of = original
 
 
-def scored_setting(db, defaults, inputs, images, truth, setting: dict, threads: int) -> dict:
-    """The test answers under one setting of `verify`, scored against the same answers unverified."""
+def scored_setting(db, defaults, run, setting: dict, threads: int) -> dict:
+    """The test answers under one setting of `verify`, scored against the same answers unverified, and
+    predict's verdict with the threshold chosen again on val's answers under that setting."""
+    folder, inputs, images, truth = run
     verify = {**defaults["verify"], **setting}
-    answers = retrieve.answer_queries(
-        db._replace(settings={**defaults, "verify": verify}),
-        inputs.queries,
-        inputs.query_ids["id"],
-        images=images,
-        threads=threads,
-    )
+    db = db._replace(settings={**defaults, "verify": verify})
+    answers = retrieve.answer_queries(db, inputs.queries, inputs.query_ids["id"], images=images, threads=threads)
     unverified = retrieve.answer_queries(
         db._replace(settings={**defaults, "verify": {**verify, "neighbours": 0}}),
         inputs.queries,
         inputs.query_ids["id"],
     )
     table = retrieve.predictions_table(inputs.query_ids, answers.predictions, answers.query_bank, answers.label_inliers)
+    verdict = predict_verdict(db, folder, inputs, images, truth, table, threads)
     right_of = {row.id: set(row.landmarks) for row in truth.itertuples()}
     right = np.array([label in right_of.get(i, ()) for i, label in zip(table["id"], table["landmark_id"])])
     verified = table["inliers"].fillna(0).to_numpy() >= verify["min_inliers"]
@@ -103,7 +101,21 @@ def scored_setting(db, defaults, inputs, images, truth, setting: dict, threads: 
         "relabelled": int((answers.predictions.label != unverified.predictions.label).sum()),
         "verified": int(verified.sum()),
         "verified_wrong": int((verified & ~right).sum()),
+        "verdict_right": verdict.get("right_decisions"),
+        "verdict_keeping_all": verdict.get("right_decisions_without_threshold"),
     }
+
+
+def predict_verdict(db, folder: Path, inputs, images, truth, table: pd.DataFrame, threads: int) -> dict:
+    """verdict_accuracy with the threshold retrieve would choose on the run's val answers under db's
+    settings ({} without val embeddings, or when val chooses none)."""
+    if not (folder / "embed" / "val.npy").exists():
+        return {}
+    model = folder / "train" / "model.pt"
+    chosen, _ = retrieve.calibrate_threshold(
+        db, folder / "embed" / "val.npy", inputs, images, threads, model if model.exists() else None
+    )
+    return {} if chosen["threshold"] is None else verdict_accuracy(table, truth, chosen["threshold"])
 
 
 def main(argv=None) -> int:
@@ -132,7 +144,16 @@ def main(argv=None) -> int:
     table = pd.DataFrame(rows)
     keys = ["experiment", "max_side", "min_inliers", "full_inliers"]
     summary = table.groupby(keys, sort=False)[
-        ["gap", "gap_raw_cosine", "accuracy", "relabelled", "verified", "verified_wrong"]
+        [
+            "gap",
+            "gap_raw_cosine",
+            "accuracy",
+            "verdict_right",
+            "verdict_keeping_all",
+            "relabelled",
+            "verified",
+            "verified_wrong",
+        ]
     ].mean()
     print(summary.to_string(float_format="%.3f"))
     return 0

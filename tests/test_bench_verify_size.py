@@ -24,19 +24,21 @@ def _results(folder):
         ("q", Image.fromarray(second_view(scene(2))), 2, "test"),
         ("q2", scene(4), None, "test"),
         ("bank", scene(5), None, "nonlandmark"),
+        ("v", Image.fromarray(second_view(scene(3))), 3, "val"),
     ]
     selection = write_image_set(folder, photos, selection_file=None, quality=95)
     (folder / "select").mkdir()
     selection.to_parquet(folder / "select" / "selection.parquet")
-    splits = ("train", "test", "nonlandmark")
+    splits = ("train", "test", "nonlandmark", "val")
     write_shards(selection, folder / "images", folder / "shards", splits, layout="{split}/part-00", size=300)
     embed = folder / "experiments" / "finetuned" / "embed"
     embed.mkdir(parents=True)
     unit = np.eye(4, dtype=np.float32)
     vectors = {
         "train": (unit[:3], ["db_a", "db_b", "db_c"], [1, 2, 3]),
-        "test": (np.array([[0.8, 0.6, 0, 0], [0.7, 0.1, 0.1, 0.7]], np.float32), ["q", "q2"], [2, None]),
+        "test": (np.array([[0.8, 0.6, 0, 0], [0.4, 0.1, 0.1, 0.9]], np.float32), ["q", "q2"], [2, None]),
         "nonlandmark": (unit[3:], ["bank"], [None]),
+        "val": (unit[2:3] + unit[3:] * 0.5, ["v"], [3]),
     }
     for name, (rows, ids, labels) in vectors.items():
         rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
@@ -53,13 +55,18 @@ def test_verification_settings_are_scored_on_the_runs_own_answers(tmp_path, monk
     )
     rows = verify_size.run_settings(tmp_path, "finetuned", [224, 300], [10, 10_000], [40], threads=1)
     by_setting = {(row["max_side"], row["min_inliers"]): row for row in rows}
-    assert sorted(calls) == [224, 300]  # the inliers counted once per size, whatever min_inliers decides
+    # the inliers counted once per size (test queries, then val's), whatever min_inliers decides
+    assert sorted(calls) == [224, 224, 300, 300]
     assert retrieve.verify_neighbours_of.__name__ == "<lambda>"  # the bench put back what it found
     for side in (224, 300):
         verified, unverified = by_setting[side, 10], by_setting[side, 10_000]
         assert verified["relabelled"] == 1 and verified["accuracy"] == 1.0 and verified["verified_wrong"] == 0
         assert unverified["relabelled"] == 0 and unverified["accuracy"] == 0.0 and unverified["verified"] == 0
         assert verified["gap"] == pytest.approx(1.0) and unverified["gap"] == pytest.approx(0.0)
+        # val's right answer (0.89) and bank photo (0) put the threshold between q (0.8 or more) and q2 (0.4,
+        # a non-landmark): verified, q is kept and right, q2 rejected; unverified, q is kept but wrong
+        assert verified["verdict_right"] == 1.0 and verified["verdict_keeping_all"] == 0.5
+        assert unverified["verdict_right"] == 0.5 and unverified["verdict_keeping_all"] == 0.0
 
 
 def test_runs_without_shards_are_skipped_with_a_reason(tmp_path, capsys):

@@ -1,0 +1,173 @@
+"""How well val picks training's epoch: every epoch's test GAP beside the val scores that could pick it.
+
+train keeps the epoch (the untrained model as epoch 0) with the best val GAP. On real photos val is small
+(full regime: 10% of each landmark, about 33 landmark photos), so one val photo moves val GAP by 0.03 and
+ties and noise decide. This trains a finished run's experiment again, with its own settings, and at each
+epoch also embeds the run's test queries and database, to print per epoch:
+
+- the val scores train computes (`val_gap`, `val_accuracy`, `val_gap_unwhitened`);
+- `val_map`: the mean average precision of the val landmark photos' rankings of the train photos (every
+  photo of their landmark counts, not only the nearest), with the whitening of the train photos as val GAP
+  uses it; a finer-grained selection score;
+- `test_gap`, `test_accuracy`: the test queries answered by their top-1 neighbour among the train photos,
+  ranked by its cosine, with the whitening model.pt would carry (no geometric verification; `retrieve`
+  adds it on top), what the epoch would score if val chose it.
+
+Then, per selection rule, the test GAP of the epoch it chooses, and the best epoch's (an oracle). Research
+only: the test queries are never used to choose anything in the pipeline.
+
+    .venv/bin/python bench/epoch_selection.py bench/out/cpu384_web_full/full-seed*/results \
+        --out bench/out/epoch_selection/web_full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from landmarks import train as train_module  # noqa: E402
+from landmarks.index import knn  # noqa: E402
+from landmarks.loader import ShardIndex  # noqa: E402
+from landmarks.validation import embed_for_training, top1_scores  # noqa: E402
+from landmarks.whitening import apply_whitening, fit_whitening  # noqa: E402
+
+EVALUATE_VAL_GAP = train_module.evaluate_val_gap
+
+
+def split_dirs(results: Path, split: str) -> list[Path]:
+    return sorted(path for path in (results / "shards" / split).glob("part-*") if path.is_dir())
+
+
+def mean_average_precision(db, db_labels, queries, query_labels) -> float:
+    """mAP of each labelled query's ranking of the whole database (positives: its landmark's photos)."""
+    order = np.argsort(-(queries @ db.T), axis=1, kind="stable")
+    precisions = []
+    for row, label in zip(order, query_labels):
+        hits = db_labels[row] == label
+        if hits.any():
+            ranks = np.flatnonzero(hits) + 1
+            precisions.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
+    return float(np.mean(precisions)) if precisions else float("nan")
+
+
+def epoch_scorer(test_index: ShardIndex, rows: list[dict]):
+    """A stand-in for train's evaluate_val_gap that also scores the epoch's model on the test queries."""
+    original = EVALUATE_VAL_GAP
+
+    def evaluate(model, train_index, val_index, settings, device, dist=None):
+        result = original(model, train_index, val_index, settings, device, dist)
+        dist_ = dist or train_module.Distributed(device=device)
+        db = embed_for_training(model, train_index, settings, device, dist_)
+        val = embed_for_training(model, val_index, settings, device, dist_)
+        test = embed_for_training(model, test_index, settings, device, dist_)
+        db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
+        train_whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
+        if settings["whitening"] != "learned":
+            train_whitening = None
+        landmark = val_index.table["landmark_id"].notna().to_numpy()
+        val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
+        white_db = apply_whitening(db, train_whitening)
+        model_whitening = result.get("whitening") if settings["whitening"] == "learned" else None
+        test_scores = top1_scores(
+            apply_whitening(db, model_whitening), db_labels, apply_whitening(test, model_whitening), test_index.table
+        )
+        rows.append(
+            {
+                "epoch": len(rows),
+                "val_gap": result["val_gap"],
+                "val_accuracy": result["val_accuracy"],
+                "val_gap_unwhitened": result.get("val_gap_unwhitened", np.nan),
+                "val_map": mean_average_precision(
+                    white_db, db_labels, apply_whitening(val[landmark], train_whitening), val_labels
+                ),
+                "val_top1_cosine": float(np.mean(knn(white_db, apply_whitening(val[landmark], train_whitening), 1)[0])),
+                "test_gap": test_scores["val_gap"],
+                "test_accuracy": test_scores["val_accuracy"],
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        return result
+
+    return evaluate
+
+
+def epochs_of_run(
+    results: Path, experiment: str, out_dir: Path, threads: int, overrides: dict | None = None
+) -> pd.DataFrame:
+    """Train the run's experiment again (its train.json settings, `overrides` on top); one row per epoch."""
+    overrides = overrides or {}
+    settings = json.loads((results / "experiments" / experiment / "train" / "train.json").read_text())["settings"]
+    rows: list[dict] = []
+    train_module.evaluate_val_gap = epoch_scorer(ShardIndex.from_dirs(split_dirs(results, "test")), rows)
+    try:
+        train_module.train(
+            split_dirs(results, "train"),
+            split_dirs(results, "val"),
+            out_dir,
+            {**settings, **overrides},
+            device=torch.device("cpu"),
+            threads=threads,
+            bank_dirs=split_dirs(results, "nonlandmark"),
+        )
+    finally:
+        train_module.evaluate_val_gap = EVALUATE_VAL_GAP
+    return pd.DataFrame(rows)
+
+
+def chosen_epoch(table: pd.DataFrame, column: str) -> int:
+    """train's rule on `column`: the best score, the later epoch on a tie."""
+    best = table[column].max()
+    return int(table.loc[table[column] >= best - 1e-12, "epoch"].max())
+
+
+RULES = {
+    "val GAP (train's rule)": lambda t: chosen_epoch(t, "val_gap"),
+    "val mAP": lambda t: chosen_epoch(t, "val_map"),
+    "val GAP, then val mAP on a tie": lambda t: int(
+        t.loc[t["val_gap"] >= t["val_gap"].max() - 1e-12].sort_values(["val_map", "epoch"]).iloc[-1]["epoch"]
+    ),
+    "val top-1 cosine": lambda t: chosen_epoch(t, "val_top1_cosine"),
+    "last epoch": lambda t: int(t["epoch"].max()),
+    "untrained (epoch 0)": lambda t: 0,
+    "oracle (best test GAP)": lambda t: chosen_epoch(t, "test_gap"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="finished runs' results folders")
+    parser.add_argument("--experiment", default="finetuned")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the per-epoch tables and training")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--train", default="{}", help="JSON train settings over each run's own (a variant to look at)")
+    args = parser.parse_args()
+    summary = []
+    for results in args.results:
+        name = results.parent.name
+        table_path = args.out / f"{name}.csv"
+        if table_path.exists():
+            table = pd.read_csv(table_path)
+        else:
+            table = epochs_of_run(
+                results, args.experiment, args.out / name / "train", args.threads, json.loads(args.train)
+            )
+            table_path.parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(table_path, index=False)
+        print(f"\n{name}\n{table.round(3).to_string(index=False)}")
+        summary.append({rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()})
+    summary = pd.DataFrame(summary, index=[r.parent.name for r in args.results])
+    print("\ntest GAP (top-1 cosine) of the epoch each rule picks\n")
+    print(summary.T.assign(mean=summary.mean()).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 train keeps the epoch (the untrained model as epoch 0) with the best val GAP. On real photos val is small
 (full regime: 10% of each landmark, about 33 landmark photos), so one val photo moves val GAP by 0.03 and
 ties and noise decide. This trains a finished run's experiment again, with its own settings, and at each
-epoch also embeds the run's test queries and database, to print per epoch:
+epoch also embeds the run's test queries (their database, the train photos, comes from train's own val
+pass), to print per epoch:
 
 - the val scores train computes (`val_gap`, `val_accuracy`, `val_gap_unwhitened`);
 - `val_map`: the mean average precision of the val landmark photos' rankings of the train photos (every
@@ -35,12 +36,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from landmarks import train as train_module  # noqa: E402
+from landmarks import validation  # noqa: E402
 from landmarks.index import knn  # noqa: E402
 from landmarks.loader import ShardIndex  # noqa: E402
-from landmarks.validation import embed_for_training, top1_scores  # noqa: E402
+from landmarks.validation import top1_scores  # noqa: E402
 from landmarks.whitening import apply_whitening, fit_whitening  # noqa: E402
 
 EVALUATE_VAL_GAP = train_module.evaluate_val_gap
+EMBED_FOR_TRAINING = validation.embed_for_training
 
 
 def split_dirs(results: Path, split: str) -> list[Path]:
@@ -59,24 +62,37 @@ def mean_average_precision(db, db_labels, queries, query_labels) -> float:
     return float(np.mean(precisions)) if precisions else float("nan")
 
 
+def recording_embeddings(recorded: list):
+    """validation.embed_for_training, its results also appended to `recorded` (train's own passes over
+    the train and val photos, reused here rather than embedded again)."""
+
+    def embed(*args, **kwargs):
+        recorded.append(EMBED_FOR_TRAINING(*args, **kwargs))
+        return recorded[-1]
+
+    return embed
+
+
 def epoch_scorer(test_index: ShardIndex, rows: list[dict]):
     """A stand-in for train's evaluate_val_gap that also scores the epoch's model on the test queries."""
-    original = EVALUATE_VAL_GAP
 
     def evaluate(model, train_index, val_index, settings, device, dist=None):
-        result = original(model, train_index, val_index, settings, device, dist)
-        dist_ = dist or train_module.Distributed(device=device)
-        db = embed_for_training(model, train_index, settings, device, dist_)
-        val = embed_for_training(model, val_index, settings, device, dist_)
-        test = embed_for_training(model, test_index, settings, device, dist_)
+        recorded: list[np.ndarray] = []
+        validation.embed_for_training = recording_embeddings(recorded)
+        try:
+            result = EVALUATE_VAL_GAP(model, train_index, val_index, settings, device, dist)
+        finally:
+            validation.embed_for_training = EMBED_FOR_TRAINING
+        db, val = recorded  # evaluate_val_gap embeds the train photos, then the val queries
+        test = EMBED_FOR_TRAINING(model, test_index, settings, device, dist or train_module.Distributed(device=device))
         db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
-        train_whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
-        if settings["whitening"] != "learned":
-            train_whitening = None
+        train_whitening = None  # what val GAP is judged with; model.pt carries result["whitening"]
+        if settings["whitening"] == "learned":
+            train_whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
         landmark = val_index.table["landmark_id"].notna().to_numpy()
         val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
-        white_db = apply_whitening(db, train_whitening)
-        model_whitening = result.get("whitening") if settings["whitening"] == "learned" else None
+        white_db, white_val = apply_whitening(db, train_whitening), apply_whitening(val[landmark], train_whitening)
+        model_whitening = result.get("whitening")
         test_scores = top1_scores(
             apply_whitening(db, model_whitening), db_labels, apply_whitening(test, model_whitening), test_index.table
         )
@@ -86,10 +102,8 @@ def epoch_scorer(test_index: ShardIndex, rows: list[dict]):
                 "val_gap": result["val_gap"],
                 "val_accuracy": result["val_accuracy"],
                 "val_gap_unwhitened": result.get("val_gap_unwhitened", np.nan),
-                "val_map": mean_average_precision(
-                    white_db, db_labels, apply_whitening(val[landmark], train_whitening), val_labels
-                ),
-                "val_top1_cosine": float(np.mean(knn(white_db, apply_whitening(val[landmark], train_whitening), 1)[0])),
+                "val_map": mean_average_precision(white_db, db_labels, white_val, val_labels),
+                "val_top1_cosine": float(np.mean(knn(white_db, white_val, 1)[0])),
                 "test_gap": test_scores["val_gap"],
                 "test_accuracy": test_scores["val_accuracy"],
             }

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from test_bench_method import load
 
-from landmarks import train
+from landmarks import train, validation
 from landmarks.config import section_settings
 
 epoch_selection = load("epoch_selection")
@@ -51,6 +51,7 @@ def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_
     (results / "experiments" / "finetuned" / "train" / "train.json").write_text(json.dumps({"settings": settings}))
     table = epoch_selection.epochs_of_run(results, "finetuned", tmp_path / "again", threads=1)
     assert train.evaluate_val_gap is epoch_selection.EVALUATE_VAL_GAP  # put back
+    assert validation.embed_for_training is epoch_selection.EMBED_FOR_TRAINING
     metrics = pd.read_csv(tmp_path / "again" / "metrics.csv")
     assert table["epoch"].tolist() == [0, 1]
     assert table["val_gap"].to_numpy() == pytest.approx(metrics["val_gap"].to_numpy())

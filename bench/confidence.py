@@ -8,11 +8,16 @@ and ranks the same answers by each confidence:
     for an answer with a verified neighbour);
   - either of them minus `impostor_weight` x the impostor term of the answer's nearest database image:
     its mean cosine to its `impostor_k` nearest database images of other landmarks
-    (`landmarks.retrieve.database_impostor_terms`, the code retrieve runs).
+    (`landmarks.retrieve.database_impostor_terms`, the code retrieve runs);
+  - the verification bonus and the schema's impostor term, minus `margin_weight` x the runner-up: the
+    best cosine of any other landmark among the k neighbours (retrieve's `other_cosine`), for every
+    answer or only for those no neighbour verified (a verified relabel's runner-up is the cosine it
+    overruled: what retrieve does). The row marked "(schema default)" is what retrieve computes with the
+    schema's settings.
 Other signals compared the same way (none beat the impostor term): the share of the answer's landmark
 in the k neighbours (weights cosine^3), the top-1 cosine minus the mean of the query's k cosines (a
 query close to everything), the matched image's mean cosine to its 3 nearest non-landmark bank photos
-in place of the impostor term, and the runner-up margin.
+in place of the impostor term, and the whole runner-up margin (weight 1).
 The answers are the runs' own, so every row ranks the same labels; verification settings are
 config.yaml's defaults. Prints GAP per run and, per experiment, the mean and the gain over the raw
 cosine (mean ± standard deviation over runs, ddof 0 as in bench/real_photos.py, and the smallest gain).
@@ -45,6 +50,7 @@ from landmarks.score import truth_from_selection  # noqa: E402
 
 IMPOSTOR_K = (1, 3, 5)
 IMPOSTOR_WEIGHTS = (0.25, 0.5, 1.0)
+MARGIN_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def answer_rows(neighbours: pd.DataFrame, predictions: pd.DataFrame, db_row: dict) -> np.ndarray:
@@ -90,6 +96,27 @@ def other_signals(top, neighbours, predictions, bank_terms) -> dict[str, np.ndar
     }
 
 
+def margin_confidences(verified_top, predictions, gap, index, database, labels, rows) -> dict[str, float]:
+    """GAP with the schema's impostor term and each runner-up weight, paid by every answer or, as retrieve
+    does, only by those no neighbour verified."""
+    retrieve = section_settings("retrieve", {}, "defaults")
+    terms = database_impostor_terms(index, database, labels, retrieve["impostor_k"])[np.maximum(rows, 0)]
+    base = verified_top - retrieve["impostor_weight"] * terms
+    other = predictions["other_cosine"].to_numpy(dtype=float)
+    other = np.where(np.isfinite(other), other, 0.0)  # as retrieve scores an answer without a runner-up
+    inliers = predictions["inliers"].fillna(0).to_numpy(dtype=float) if "inliers" in predictions else 0.0
+    unverified = inliers < retrieve["verify"]["min_inliers"]
+    gaps = {}
+    for weight in sorted({0.0, *MARGIN_WEIGHTS, retrieve["margin_weight"]}):
+        default = " (schema default)" if weight == retrieve["margin_weight"] else ""
+        if not weight:
+            gaps[f"default - 0.0 x runner-up{default}"] = gap(base)
+            continue
+        gaps[f"default - {weight} x runner-up"] = gap(base - weight * other)
+        gaps[f"default - {weight} x runner-up if unverified{default}"] = gap(base - weight * other * unverified)
+    return gaps
+
+
 def run_confidences(results: Path, experiment: str) -> dict[str, float]:
     """GAP of the run's answers ranked by each confidence."""
     selection = read_table(results / "select" / "selection.parquet")
@@ -115,6 +142,7 @@ def run_confidences(results: Path, experiment: str) -> dict[str, float]:
         for weight in IMPOSTOR_WEIGHTS:
             gaps[f"- {weight} x impostor k={k}"] = gap(top - weight * terms)
             gaps[f"+ verification - {weight} x impostor k={k}"] = gap(top + bonus - weight * terms)
+    gaps.update(margin_confidences(top + bonus, predictions, gap, index, database, labels, rows))
     bank, _ = load_embeddings(folder / "embed" / "nonlandmark.npy")
     bank_terms = bank_similarity(database, bank, 3)[np.maximum(rows, 0)]
     for name, confidence in other_signals(top, neighbours, predictions, bank_terms).items():

@@ -85,3 +85,28 @@ def test_a_wrong_answer_on_a_crowded_image_drops_below_a_right_one(tmp_path):
     gaps = confidence.run_confidences(tmp_path, "finetuned")
     assert gaps["top-1 cosine"] == pytest.approx(0.25)  # the wrong answer first: 1/2 x (0 + 1/2)
     assert gaps["- 0.5 x impostor k=1"] == pytest.approx(0.5)  # the right one first
+
+
+def _rescore(folder, **columns):
+    path = folder / "experiments" / "finetuned" / "retrieve" / "predictions.parquet"
+    pd.read_parquet(path).assign(**columns).to_parquet(path)
+    return confidence.run_confidences(folder, "finetuned")
+
+
+def test_a_close_runner_up_lowers_the_answer_once_weighed(tmp_path):
+    """Scores below: top-1 cosine + verification bonus - 0.25 x impostor term (k=3: qa's t0 0, qb's t2 0.267)
+    - weight x runner-up."""
+    _results(tmp_path)
+    # qb (wrong) 1.05 - 0.067 against qa (right) 0.9 unweighed; at 0.3 its close runner-up (0.9 against 0.5)
+    # costs it 0.27 against 0.15: 0.713 under 0.75. At 0.1 the wrong answer still comes first.
+    gaps = _rescore(tmp_path, top_cosine=[0.9, 1.05], other_cosine=[0.5, 0.9], inliers=[0, 0])
+    assert gaps["default - 0.0 x runner-up"] == pytest.approx(0.25)
+    assert gaps["default - 0.1 x runner-up"] == pytest.approx(0.25)
+    assert gaps["default - 0.3 x runner-up"] == pytest.approx(0.5)
+    assert gaps["default - 0.3 x runner-up if unverified (schema default)"] == pytest.approx(0.5)
+    # qa verified (40 inliers: bonus 0.25) but with a close runner-up (0.85): paying the margin drops it
+    # under qb (1.15 - 0.255 against 1.133 - 0.03); exempt as verified, as retrieve does, it stays first.
+    gaps = _rescore(tmp_path, top_cosine=[0.9, 1.2], other_cosine=[0.85, 0.1], inliers=[40, 0])
+    assert gaps["default - 0.0 x runner-up"] == pytest.approx(0.5)
+    assert gaps["default - 0.3 x runner-up"] == pytest.approx(0.25)
+    assert gaps["default - 0.3 x runner-up if unverified (schema default)"] == pytest.approx(0.5)

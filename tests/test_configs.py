@@ -69,7 +69,10 @@ def test_config_is_valid_and_names_its_data_and_reported_numbers(path):
             False,
             1.0,
         ), name
-        assert settings["retrieve"]["verify"]["neighbours"] == 0, name
+        retrieve = settings["retrieve"]
+        assert retrieve["verify"]["neighbours"] == 0, name
+        if retrieve["rerank"] != "glr2020":  # the published confidence: no impostor term, no runner-up margin
+            assert (retrieve["impostor_weight"], retrieve["margin_weight"]) == (0, 0), name
     assert not demo_mode(config), "a reproduction config points at the data it reproduces, not the demo"
     text = header(path)
     assert "Reported by" in text

@@ -121,7 +121,7 @@ def test_the_confidence_discounts_answers_whose_database_image_resembles_other_l
     runs = {}
     for weight in (0.0, 0.5):
         out = tmp_path / f"w{weight}"
-        settings = {"k": 5, "verify": {"neighbours": 0}, "impostor_weight": weight}
+        settings = {"k": 5, "verify": {"neighbours": 0}, "impostor_weight": weight, "margin_weight": 0.0}
         runs[weight] = retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], out, **settings)
     plain, discounted = runs[0.0], runs[0.5]
     assert plain["landmark_id"].equals(discounted["landmark_id"]) and plain["impostor_cosine"].isna().all()
@@ -132,6 +132,19 @@ def test_the_confidence_discounts_answers_whose_database_image_resembles_other_l
         database["impostor_term"].notna().all()
         and pd.read_parquet(tmp_path / "w0.0/database.parquet")["impostor_term"].isna().all()
     )
+
+
+def test_the_default_confidence_also_discounts_a_close_runner_up(clustered, tmp_path):
+    """The schema's confidence: top-1 cosine - 0.25 x impostor term - 0.3 x the runner-up landmark's cosine,
+    so of two answers with the same cosine the one that barely beat another landmark ranks lower."""
+    paths, _ = clustered
+    predictions = retrieve.retrieve(
+        paths["database"], paths["queries"], paths["bank"], tmp_path, k=5, verify={"neighbours": 0}
+    )
+    top, other = predictions["top_cosine"].astype(float), predictions["other_cosine"].astype(float)
+    expected = top - 0.25 * predictions["impostor_cosine"].astype(float) - 0.3 * other
+    assert predictions["score"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-6)
+    assert json.loads((tmp_path / "predictor.json").read_text())["retrieve"]["margin_weight"] == 0.3
 
 
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
@@ -261,22 +274,36 @@ def test_a_verified_neighbour_corrects_the_label_and_raises_the_confidence():
     cosines = np.array([[0.9, 0.8, 0.7], [0.6, 0.5, 0.4]], np.float32)
     positions, db_labels = np.array([[0, 1, 2], [3, 4, -1]]), np.array([1, 2, 1, 4, 4])
     inliers = np.array([[3, 40, 0], [12, 0, 0]])  # query 1: the second neighbour (landmark 2) is the same place
-    settings = {"min_inliers": 10, "relabel": True, "weight": 1.0, "full_inliers": None}
-    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, settings)
+    verify = {"min_inliers": 10, "relabel": True, "weight": 1.0, "full_inliers": None}
+    settings = {"verify": verify, "rerank": "none", "margin_weight": 0.0}
+    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, verify)
     assert forced.tolist() == [2, 4] and is_verified.tolist() == [[False, True, False], [True, False, False]]
     base = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     assert base.label.tolist() == [2, 4] and base.confidence == pytest.approx([0.8, 0.6])  # the new label's cosine
     result, label_inliers = retrieve.verified(base, labels, is_verified, inliers, settings)
     assert result.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0]) and label_inliers.tolist() == [40, 12]
     # graded: 40 inliers earn the whole weight, 12 only 12/40 of it, so the better-verified answer ranks first
-    graded, _ = retrieve.verified(base, labels, is_verified, inliers, {**settings, "weight": 0.5, "full_inliers": 40})
+    graded_verify = {**verify, "weight": 0.5, "full_inliers": 40}
+    graded, _ = retrieve.verified(base, labels, is_verified, inliers, {**settings, "verify": graded_verify})
     assert graded.confidence == pytest.approx([0.8 + 0.5, 0.6 + 0.5 * 12 / 40])
-    forced, labels, is_verified = retrieve.verified_labels(
-        positions, db_labels, inliers, {**settings, "relabel": False}
-    )
+    # A verified answer does not pay the runner-up margin: relabelled to landmark 2, query 0's runner-up is
+    # the 0.9 it overruled, and it keeps 0.8 + 1.0 however much the margin weighs.
+    margin = {**settings, "margin_weight": 0.5}
+    weighed = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced, margin_weight=0.5)
+    assert weighed.confidence[0] == pytest.approx(0.8 - 0.5 * 0.9)
+    weighed, _ = retrieve.verified(weighed, labels, is_verified, inliers, margin)
+    assert weighed.confidence == pytest.approx([0.8 + 1.0, 0.6 + 1.0])
+    forced, labels, is_verified = retrieve.verified_labels(positions, db_labels, inliers, {**verify, "relabel": False})
     kept = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
     kept, _ = retrieve.verified(kept, labels, is_verified, inliers, settings)
     assert kept.label.tolist() == [1, 4] and kept.confidence == pytest.approx([0.9, 1.6])  # landmark 1 unverified
+    kept = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced, margin_weight=0.5)
+    kept, _ = retrieve.verified(kept, labels, is_verified, inliers, margin)
+    assert kept.confidence[0] == pytest.approx(0.9 - 0.5 * 0.8)  # unverified: it pays the margin to landmark 2
+    # glr2020 has no margin to give back
+    glr = ranking.predict(cosines, positions, db_labels, rerank="none", labels=forced)
+    glr, _ = retrieve.verified(glr, labels, is_verified, inliers, {**margin, "rerank": "glr2020"})
+    assert glr.confidence == pytest.approx([0.9, 1.6])
 
 
 def test_retrieve_verifies_neighbours_read_from_the_shards(tmp_path):
@@ -364,7 +391,7 @@ def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_lef
         "bank": _write(tmp_path / "bank.npy", apply_whitening(bank, final), ids("b", 20)),
         "val": _write(tmp_path / "val.npy", apply_whitening(val, final), ids("v", landmarks), val_labels),
     }
-    settings = {"verify": {"neighbours": 0}, "impostor_weight": 0, "seed": 0}
+    settings = {"verify": {"neighbours": 0}, "impostor_weight": 0, "margin_weight": 0, "seed": 0}  # plain cosine
     chosen = {}
     for name, model in (("folds", "model.pt"), ("in_fit", "no_folds.pt")):
         out = tmp_path / name

@@ -18,7 +18,8 @@ Rerankings (the confidence of that label):
              top-`glr2020_query_bank_k` cosines to the bank.
 Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
 With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
-best cosine among the k. With `impostor_weight`, it also subtracts that times the impostor term of the
+best cosine among the k (an answer that barely beat another landmark is less sure; retrieve gives it
+back where geometric verification settled the answer). With `impostor_weight`, it also subtracts that times the impostor term of the
 answer's nearest database image: that image's mean cosine to its nearest database images of other
 landmarks (retrieve computes it once per database image). A database photo that resembles other
 landmarks' photos (an interior, a close-up, a generic facade) is weak evidence when a query matches it,
@@ -111,6 +112,7 @@ class Reranking:
     chooses_label: PredictionRule | None = None  # a label rule of its own, used instead of `prediction`
     query_bank_k: str = "bank_k"  # the retrieve setting: how many bank photos a query's bank term averages
     uses_impostor: bool = False  # subtracts impostor_weight x the answer's impostor term (so needs db_impostor)
+    uses_margin: bool = False  # subtracts margin_weight x the runner-up's cosine (Predictions.other_cosine)
 
 
 PREDICTION_RULES: dict[str, PredictionRule] = {}
@@ -196,7 +198,7 @@ def glr2020_label(neighbours: Neighbours) -> Choice:
 # ----------------------------------------------------------------------------- rerankings
 
 
-@register_reranking("none", uses_impostor=True)
+@register_reranking("none", uses_impostor=True, uses_margin=True)
 def cosine(scored: Scored) -> np.ndarray:
     other = np.where(np.isfinite(scored.other_cosine), scored.other_cosine, 0.0)
     confidence = scored.top_cosine - scored.margin_weight * other
@@ -205,7 +207,7 @@ def cosine(scored: Scored) -> np.ndarray:
     return confidence
 
 
-@register_reranking("seed004", needs_bank=True, uses_impostor=True)
+@register_reranking("seed004", needs_bank=True, uses_impostor=True, uses_margin=True)
 def seed004(scored: Scored) -> np.ndarray:
     return cosine(scored) - scored.bank_weight * scored.query_bank
 

@@ -19,14 +19,17 @@ follow the registered rules of landmarks.ranking: `prediction` top1 or vote; `re
 rule, which also picks the label). Ties between labels go to the label whose nearest neighbour ranks
 higher. With `impostor_weight` (none, seed004) the confidence also subtracts that times the impostor
 term of the answer's nearest database image: its mean cosine to its `impostor_k` nearest database
-images of other landmarks, computed once per database image by searching the database against itself.
+images of other landmarks, computed once per database image by searching the database against itself,
+and with `margin_weight` that times the runner-up landmark's cosine (an answer that barely beat another
+landmark), except where geometric verification confirmed the answer.
 Settings (config.yaml's retrieve section) come as `--settings` JSON.
 
 Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
 and its first neighbours, read from the shards, counted as RANSAC inliers. A neighbour with at least
 `verify.min_inliers` shows the same physical place: with `verify.relabel` the query takes the landmark
 of its verified neighbour with the most inliers, and a prediction whose landmark has a verified
-neighbour gains `verify.weight` in confidence, so verified answers rank above unverified ones.
+neighbour gains `verify.weight` in confidence (and pays no runner-up margin), so verified answers rank
+above unverified ones.
 
 Writes neighbours.parquet (query_id, rank, neighbour_id, neighbour_landmark_id, cosine; inliers of the
 verified ones), predictions.parquet (id, landmark_id, score, top_cosine, other_cosine, bank_cosine,
@@ -228,17 +231,23 @@ def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.nd
 
 
 def verified(
-    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, v: dict
+    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, s: dict
 ) -> tuple[Predictions, np.ndarray]:
     """A prediction whose label has a verified neighbour gains confidence: `weight` x its best inlier
     count over `full_inliers` (at most 1; full_inliers null = min_inliers: every verified answer gains the
-    whole weight). Returns them and each query's best inlier count for its label (`labels`,
-    `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
+    whole weight), and does not pay the runner-up margin (`margin_weight`): the geometry has settled
+    which landmark it is, and a relabelled answer's runner-up is the cosine it overruled. Returns them
+    and each query's best inlier count for its label (`labels`, `is_verified`, `inliers`: of the first
+    m neighbours, see verified_labels; `s`: the retrieve settings)."""
+    v = s["verify"]
     of_label = labels == result.label[:, None]
     label_inliers = np.where(of_label, inliers, 0).max(axis=1)
     evidence = np.where(of_label & is_verified, inliers, 0).max(axis=1)
     full = v.get("full_inliers") or v["min_inliers"]
     confidence = result.confidence + v["weight"] * np.minimum(evidence / full, 1.0)
+    if reranking(s["rerank"]).uses_margin and s["margin_weight"]:
+        other = np.where(np.isfinite(result.other_cosine), result.other_cosine, 0.0)
+        confidence = confidence + np.where(evidence > 0, s["margin_weight"] * other, 0.0)
     return result._replace(confidence=confidence), label_inliers
 
 
@@ -374,7 +383,7 @@ def answer_queries(
         )
         if relabelled.any():
             result = predict(cosines, positions, db.labels, labels=forced, **options)
-        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"])
+        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s)
     seconds["predict"] = seconds.get("predict", 0.0) + time.perf_counter() - started
     return Answers(result, cosines, positions, query_bank, inliers, label_inliers)
 
@@ -395,7 +404,7 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
     for label in candidates:
         result = predict(cosines, positions, db.labels, labels=np.array([label]), **options)
         if answers.inliers is not None:
-            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings["verify"])
+            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings)
         scored.append((label, float(result.confidence[0])))
     if predicted >= 0:  # the rule's answer stays first, whatever the others score
         scored[0] = (predicted, float(answers.predictions.confidence[row]))

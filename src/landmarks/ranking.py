@@ -18,8 +18,9 @@ Rerankings (the confidence of that label):
              top-`glr2020_query_bank_k` cosines to the bank.
 Ties between labels (equal vote or A sums) go to the label whose nearest neighbour ranks higher.
 With `margin_weight`, the confidence of none/seed004 also subtracts that times the runner-up landmark's
-best cosine among the k (an answer that barely beat another landmark is less sure; retrieve gives it
-back where geometric verification settled the answer). With `impostor_weight`, it also subtracts that times the impostor term of the
+best cosine among the k (an answer that barely beat another landmark is less sure), unless one of the
+answer's neighbours was geometrically verified (`verified`): the geometry has settled which landmark it
+is, and a relabelled answer's runner-up is the cosine verification overruled. With `impostor_weight`, it also subtracts that times the impostor term of the
 answer's nearest database image: that image's mean cosine to its nearest database images of other
 landmarks (retrieve computes it once per database image). A database photo that resembles other
 landmarks' photos (an interior, a close-up, a generic facade) is weak evidence when a query matches it,
@@ -89,6 +90,7 @@ class Scored(NamedTuple):
     margin_weight: float
     bank_weight: float
     impostor_weight: float = 0.0
+    settled: np.ndarray | None = None  # the answer has a geometrically verified neighbour (None: not verified)
 
     def answer_impostor(self) -> np.ndarray:
         """The impostor term of each query's answer (its nearest database image of the answer's landmark)."""
@@ -112,7 +114,6 @@ class Reranking:
     chooses_label: PredictionRule | None = None  # a label rule of its own, used instead of `prediction`
     query_bank_k: str = "bank_k"  # the retrieve setting: how many bank photos a query's bank term averages
     uses_impostor: bool = False  # subtracts impostor_weight x the answer's impostor term (so needs db_impostor)
-    uses_margin: bool = False  # subtracts margin_weight x the runner-up's cosine (Predictions.other_cosine)
 
 
 PREDICTION_RULES: dict[str, PredictionRule] = {}
@@ -198,16 +199,18 @@ def glr2020_label(neighbours: Neighbours) -> Choice:
 # ----------------------------------------------------------------------------- rerankings
 
 
-@register_reranking("none", uses_impostor=True, uses_margin=True)
+@register_reranking("none", uses_impostor=True)
 def cosine(scored: Scored) -> np.ndarray:
     other = np.where(np.isfinite(scored.other_cosine), scored.other_cosine, 0.0)
+    if scored.settled is not None:
+        other = np.where(scored.settled, 0.0, other)
     confidence = scored.top_cosine - scored.margin_weight * other
     if scored.impostor_weight:
         confidence = confidence - scored.impostor_weight * scored.answer_impostor()
     return confidence
 
 
-@register_reranking("seed004", needs_bank=True, uses_impostor=True, uses_margin=True)
+@register_reranking("seed004", needs_bank=True, uses_impostor=True)
 def seed004(scored: Scored) -> np.ndarray:
     return cosine(scored) - scored.bank_weight * scored.query_bank
 
@@ -226,7 +229,9 @@ def glr2020(scored: Scored) -> np.ndarray:
 # ----------------------------------------------------------------------------- predict
 
 
-def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db_terms, cap, weights, forced=None):
+def _predict_chunk(
+    cosines, positions, db_labels, choose, rerank, query_bank, db_terms, cap, weights, forced=None, verified=None
+):
     """`predict` on a block of queries. Labels are compared pairwise among each query's k neighbours
     (a (queries, k, k) mask): cheap for the k of retrieval, and no Python loop per query."""
     rows = np.arange(len(cosines))
@@ -248,6 +253,7 @@ def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db
     other = np.where(valid & ~of_label, cos64, -np.inf).max(axis=1)
     lowest = np.where(valid, cos64, np.inf).min(axis=1)
     other = np.where(np.isfinite(other), other, np.where(np.isfinite(lowest), lowest, -np.inf))
+    settled = None if verified is None else (of_label[:, : verified.shape[1]] & verified).any(axis=1)
     scored = Scored(
         neighbours,
         column,
@@ -258,6 +264,7 @@ def _predict_chunk(cosines, positions, db_labels, choose, rerank, query_bank, db
         weights["margin"],
         weights["bank"],
         weights["impostor"],
+        settled,
     )
     confidence = rerank.confidence(scored)
     confidence[~has_label] = -np.inf
@@ -281,6 +288,7 @@ def predict(
     db_impostor: np.ndarray | None = None,
     impostor_weight: float = 0.0,
     labels: np.ndarray | None = None,
+    verified: np.ndarray | None = None,
 ) -> Predictions:
     """Label, confidence, top and runner-up cosines per query, vectorised; label -1 when no neighbour has
     a label.
@@ -292,7 +300,8 @@ def predict(
     runner-up cosine and the bank similarity; impostor_weight: likewise times `db_impostor` (the
     impostor term per database row) of the answer's nearest database image. labels: a label per query
     (-1: the rule's own) whose confidence to compute instead, e.g. after verification; it must be among
-    the query's neighbours.
+    the query's neighbours. verified: (queries, m) mask of the first m neighbours geometric verification
+    confirmed; an answer with a verified neighbour of its landmark pays no runner-up margin.
     The rules and tie-breaking are in the module docstring.
     """
     choose = prediction_rule(prediction)
@@ -340,6 +349,7 @@ def predict(
             neighbours_per_label,
             weights,
             None if labels is None else np.asarray(labels)[part],
+            None if verified is None else np.asarray(verified, dtype=bool)[part],
         )
         for column, values in zip(out, results):
             column[part] = values

@@ -231,23 +231,17 @@ def verified_labels(positions: np.ndarray, db_labels: np.ndarray, inliers: np.nd
 
 
 def verified(
-    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, s: dict
+    result: Predictions, labels: np.ndarray, is_verified: np.ndarray, inliers: np.ndarray, v: dict
 ) -> tuple[Predictions, np.ndarray]:
     """A prediction whose label has a verified neighbour gains confidence: `weight` x its best inlier
     count over `full_inliers` (at most 1; full_inliers null = min_inliers: every verified answer gains the
-    whole weight), and does not pay the runner-up margin (`margin_weight`): the geometry has settled
-    which landmark it is, and a relabelled answer's runner-up is the cosine it overruled. Returns them
-    and each query's best inlier count for its label (`labels`, `is_verified`, `inliers`: of the first
-    m neighbours, see verified_labels; `s`: the retrieve settings)."""
-    v = s["verify"]
+    whole weight). Returns them and each query's best inlier count for its label (`labels`,
+    `is_verified`, `inliers`: of the first m neighbours, see verified_labels)."""
     of_label = labels == result.label[:, None]
     label_inliers = np.where(of_label, inliers, 0).max(axis=1)
     evidence = np.where(of_label & is_verified, inliers, 0).max(axis=1)
     full = v.get("full_inliers") or v["min_inliers"]
     confidence = result.confidence + v["weight"] * np.minimum(evidence / full, 1.0)
-    if reranking(s["rerank"]).uses_margin and s["margin_weight"]:
-        other = np.where(np.isfinite(result.other_cosine), result.other_cosine, 0.0)
-        confidence = confidence + np.where(evidence > 0, s["margin_weight"] * other, 0.0)
     return result._replace(confidence=confidence), label_inliers
 
 
@@ -372,6 +366,8 @@ def answer_queries(
         seconds["verify"] = seconds.get("verify", 0.0) + time.perf_counter() - started
     started = time.perf_counter()
     options = prediction_options(db, query_bank)
+    if inliers is not None:
+        options["verified"] = is_verified  # a verified answer pays no runner-up margin
     result = predict(cosines, positions, db.labels, **options)
     if inliers is not None:
         relabelled = (forced >= 0) & (forced != result.label)
@@ -383,7 +379,7 @@ def answer_queries(
         )
         if relabelled.any():
             result = predict(cosines, positions, db.labels, labels=forced, **options)
-        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s)
+        result, label_inliers = verified(result, neighbour_labels, is_verified, inliers, s["verify"])
     seconds["predict"] = seconds.get("predict", 0.0) + time.perf_counter() - started
     return Answers(result, cosines, positions, query_bank, inliers, label_inliers)
 
@@ -400,11 +396,12 @@ def alternatives(db: Database, answers: Answers, row: int, limit: int = 3) -> li
     if answers.inliers is not None:
         inliers = answers.inliers[row : row + 1]
         _, neighbour_labels, is_verified = verified_labels(positions, db.labels, inliers, db.settings["verify"])
+        options["verified"] = is_verified
     scored = []
     for label in candidates:
         result = predict(cosines, positions, db.labels, labels=np.array([label]), **options)
         if answers.inliers is not None:
-            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings)
+            result, _ = verified(result, neighbour_labels, is_verified, inliers, db.settings["verify"])
         scored.append((label, float(result.confidence[0])))
     if predicted >= 0:  # the rule's answer stays first, whatever the others score
         scored[0] = (predicted, float(answers.predictions.confidence[row]))

@@ -96,12 +96,11 @@ def other_signals(top, neighbours, predictions, bank_terms) -> dict[str, np.ndar
     }
 
 
-def margin_confidences(verified_top, predictions, gap, index, database, labels, rows) -> dict[str, float]:
-    """GAP with the schema's impostor term and each runner-up weight, paid by every answer or, as retrieve
-    does, only by those no neighbour verified."""
+def margin_confidences(verified_top, predictions, gap, impostor_terms: dict) -> dict[str, float]:
+    """GAP with the schema's impostor term (`impostor_terms`: the answers' terms per impostor_k) and each
+    runner-up weight, paid by every answer or, as retrieve does, only by those no neighbour verified."""
     retrieve = section_settings("retrieve", {}, "defaults")
-    terms = database_impostor_terms(index, database, labels, retrieve["impostor_k"])[np.maximum(rows, 0)]
-    base = verified_top - retrieve["impostor_weight"] * terms
+    base = verified_top - retrieve["impostor_weight"] * impostor_terms[retrieve["impostor_k"]]
     other = predictions["other_cosine"].to_numpy(dtype=float)
     other = np.where(np.isfinite(other), other, 0.0)  # as retrieve scores an answer without a runner-up
     inliers = predictions["inliers"].fillna(0).to_numpy(dtype=float) if "inliers" in predictions else 0.0
@@ -137,12 +136,16 @@ def run_confidences(results: Path, experiment: str) -> dict[str, float]:
 
     gaps = {"top-1 cosine": gap(top), "+ verification": gap(top + bonus)}
     index, _ = build_index(database)
+    schema_k = section_settings("retrieve", {}, "defaults")["impostor_k"]
+    impostor_terms = {  # the answers' impostor terms per k, each searched once
+        k: database_impostor_terms(index, database, labels, k)[np.maximum(rows, 0)] for k in {*IMPOSTOR_K, schema_k}
+    }
     for k in IMPOSTOR_K:
-        terms = database_impostor_terms(index, database, labels, k)[np.maximum(rows, 0)]
+        terms = impostor_terms[k]
         for weight in IMPOSTOR_WEIGHTS:
             gaps[f"- {weight} x impostor k={k}"] = gap(top - weight * terms)
             gaps[f"+ verification - {weight} x impostor k={k}"] = gap(top + bonus - weight * terms)
-    gaps.update(margin_confidences(top + bonus, predictions, gap, index, database, labels, rows))
+    gaps.update(margin_confidences(top + bonus, predictions, gap, impostor_terms))
     bank, _ = load_embeddings(folder / "embed" / "nonlandmark.npy")
     bank_terms = bank_similarity(database, bank, 3)[np.maximum(rows, 0)]
     for name, confidence in other_signals(top, neighbours, predictions, bank_terms).items():

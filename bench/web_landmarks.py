@@ -12,6 +12,10 @@ licence is stated for them): use them for local evaluation only, never copy them
   `data/train/` and `data/test/` folders merged) and 6 Indonesian ones (Borobudur, Gedung Sate, the
   Garuda Wisnu Kencana statue, the Suro and Boyo statue, Tugu Jogja, the National Monument; `Dataset/`).
   This set was not used to choose any default: it is the held-out check of the web set's choices.
+- `other7`: a second held-out set, built after every default was chosen: 5 landmarks of Porto (the
+  Arrabida bridge, the city hall, the Clerigos tower, the Casa da Musica, Serralves; `images/`) and the
+  two of another project's "7 wonders" that no other set has (Christ the Redeemer, the Great Wall;
+  its `Train/` and `Test/` folders merged, the other five wonders left out: world13 has them).
 
 Per landmark the files are walked in name order and the first PER_LANDMARK kept that are real JPEGs
 (many `.jpg` files there are WebP or AVIF), decode, are at most MAX_BYTES and are no near copy of one
@@ -24,6 +28,9 @@ OUT/labels.csv (id, path, landmark_id, landmark_name, split `all`, source reposi
     git clone https://github.com/huynhtiennhat0403/vietnamese-landmark-classifier /tmp/vn
     git clone https://github.com/mvrsa/Machine-Learning-for-Landmark-Recognition /tmp/id
     .venv/bin/python bench/web_landmarks.py --set asia11 --git-dir /tmp/vn/.git /tmp/id/.git --out ../web_landmarks_asia11
+    git clone https://github.com/franciscapessanha/Porto-landmarks-recognition /tmp/porto
+    git clone https://github.com/Hoodiinii/7-Wonders-Of-The-World-Recognition-System /tmp/wonders
+    .venv/bin/python bench/web_landmarks.py --set other7 --git-dir /tmp/porto/.git /tmp/wonders/.git --out ../web_landmarks_other7
     .venv/bin/python bench/real_photos.py --landmarks ../web_landmarks13 --experiments pretrained finetuned
 """
 
@@ -42,11 +49,13 @@ from PIL import Image
 
 
 class Source(NamedTuple):
-    """A repository at a pinned commit whose `folders` each hold one sub-folder of photos per landmark."""
+    """A repository at a pinned commit whose `folders` each hold one sub-folder of photos per landmark;
+    only the sub-folders named in `landmarks` when it is not empty (the others are already in a set)."""
 
     repository: str
     commit: str
     folders: tuple[str, ...]
+    landmarks: tuple[str, ...] = ()
 
 
 SETS = {
@@ -65,6 +74,17 @@ SETS = {
         ),
         Source(
             "mvrsa/Machine-Learning-for-Landmark-Recognition", "4a3a6b219423312e6814e13a43a584296b1879d5", ("Dataset",)
+        ),
+    ],
+    "other7": [
+        Source(
+            "franciscapessanha/Porto-landmarks-recognition", "6570a992fce4117ac8a6bc52bf58505312184b65", ("images",)
+        ),
+        Source(
+            "Hoodiinii/7-Wonders-Of-The-World-Recognition-System",
+            "e709efb6982d9c97a9a258f41320d77d5118c80d",
+            ("7 Wonders Of The World/Dataset/Train", "7 Wonders Of The World/Dataset/Test"),
+            ("Christ The Redeemer Statue", "The Great Wall Of China"),
         ),
     ],
 }
@@ -101,7 +121,8 @@ def files_by_landmark(git_dir: Path, source: Source) -> dict[str, list[tuple[str
         for entry in filter(None, listing):
             meta, path = entry.split("\t", 1)
             parts = Path(path).parts
-            if len(parts) == depth and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            wanted = not source.landmarks or parts[-2] in source.landmarks
+            if len(parts) == depth and wanted and Path(path).suffix.lower() in (".jpg", ".jpeg"):
                 found.setdefault(parts[-2], []).append((path, meta.split()[2]))
     return {landmark: sorted(files) for landmark, files in sorted(found.items())}
 

@@ -87,3 +87,17 @@ def test_refuses_a_clone_without_the_commit_and_an_output_inside_the_repository(
     monkeypatch.setattr(sys, "argv", [*argv[:-1], str(REPO / "bench" / "out" / "set")])
     with pytest.raises(SystemExit, match="inside the repository"):
         builder.main()
+
+
+def test_a_source_can_keep_only_the_landmarks_it_names(tmp_path, monkeypatch):
+    builder = load("web_landmarks")
+    git_dir, commit = photo_repository(tmp_path / "source")
+    only_tower = builder.Source("someone/photos", commit, ("data/train", "data/test"), ("tower",))
+    monkeypatch.setitem(builder.SETS, "tiny", [only_tower])
+    out = tmp_path / "set"
+    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert builder.main() == 0
+    labels = pd.read_csv(out / "labels.csv")
+    assert sorted(labels["id"]) == ["train_tower_1", "train_tower_1_jpg"]
+    assert set(labels["landmark_name"]) == {"tower"} and not (out / "images" / "old_bridge").exists()

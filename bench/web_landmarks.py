@@ -124,6 +124,8 @@ def files_by_landmark(git_dir: Path, source: Source) -> dict[str, list[tuple[str
             wanted = not source.landmarks or parts[-2] in source.landmarks
             if len(parts) == depth and wanted and Path(path).suffix.lower() in (".jpg", ".jpeg"):
                 found.setdefault(parts[-2], []).append((path, meta.split()[2]))
+    if missing := sorted(set(source.landmarks) - set(found)):
+        sys.exit(f"{source.repository}: no .jpg/.jpeg photos of landmark folder(s) {missing} in {source.folders}")
     return {landmark: sorted(files) for landmark, files in sorted(found.items())}
 
 

@@ -101,3 +101,14 @@ def test_a_source_can_keep_only_the_landmarks_it_names(tmp_path, monkeypatch):
     labels = pd.read_csv(out / "labels.csv")
     assert sorted(labels["id"]) == ["train_tower_1", "train_tower_1_jpg"]
     assert set(labels["landmark_name"]) == {"tower"} and not (out / "images" / "old_bridge").exists()
+
+
+def test_a_named_landmark_missing_from_the_commit_is_an_error(tmp_path, monkeypatch):
+    builder = load("web_landmarks")
+    git_dir, commit = photo_repository(tmp_path / "source")
+    misspelt = builder.Source("someone/photos", commit, ("data/train",), ("tower", "towr"))
+    monkeypatch.setitem(builder.SETS, "tiny", [misspelt])
+    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(tmp_path / "set")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match=r"someone/photos: no .jpg/.jpeg photos of landmark folder\(s\) \['towr'\]"):
+        builder.main()

@@ -112,3 +112,23 @@ def test_a_named_landmark_missing_from_the_commit_is_an_error(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit, match=r"someone/photos: no .jpg/.jpeg photos of landmark folder\(s\) \['towr'\]"):
         builder.main()
+
+
+def test_a_set_of_several_sources_numbers_their_landmarks_on_and_refuses_one_landmark_twice(tmp_path, monkeypatch):
+    builder = load("web_landmarks")
+    git_dir, commit = photo_repository(tmp_path / "source")
+    bridge = builder.Source("someone/photos", commit, ("data/train",), ("old bridge",))
+    tower = builder.Source("someone/photos", commit, ("data/train",), ("tower",))
+    monkeypatch.setitem(builder.SETS, "two", [tower, bridge])
+    out = tmp_path / "set"
+    argv = ["web_landmarks.py", "--set", "two", "--git-dir", str(git_dir), str(git_dir), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert builder.main() == 0
+    labels = pd.read_csv(out / "labels.csv")
+    assert dict(zip(labels["landmark_name"], labels["landmark_id"])) == {"tower": 0, "old_bridge": 1}
+    assert labels["id"].is_unique
+
+    monkeypatch.setitem(builder.SETS, "two", [tower, tower])
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], str(tmp_path / "again")])
+    with pytest.raises(SystemExit, match=r"landmark folder\(s\) \['tower'\] in more than one source"):
+        builder.main()

@@ -177,13 +177,14 @@ def write_photos(clones: list[tuple[Source, Path]], out: Path) -> list[list]:
     """Each landmark's picked photos written to OUT/images/<landmark>/<id>.jpg; their labels.csv rows."""
     rows, taken = [], set()
     landmarks = [
-        (source, git_dir, *item) for source, git_dir in clones for item in files_by_landmark(git_dir, source).items()
+        (source, git_dir, landmark.replace(" ", "_"), files)
+        for source, git_dir in clones
+        for landmark, files in files_by_landmark(git_dir, source).items()
     ]
-    names = [landmark.replace(" ", "_") for _, _, landmark, _ in landmarks]
+    names = [name for _, _, name, _ in landmarks]
     if twice := sorted({name for name in names if names.count(name) > 1}):
         sys.exit(f"landmark folder(s) {twice} in more than one source: one landmark would be two classes")
-    for landmark_id, (source, git_dir, landmark, files) in enumerate(landmarks):
-        name = landmark.replace(" ", "_")
+    for landmark_id, (source, git_dir, name, files) in enumerate(landmarks):
         (out / "images" / name).mkdir(parents=True, exist_ok=True)
         picked = pick(git_dir, files)
         for path, data in picked:

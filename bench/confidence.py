@@ -13,7 +13,9 @@ and ranks the same answers by each confidence:
     best cosine of any other landmark among the k neighbours (retrieve's `other_cosine`), for every
     answer or only for those no neighbour verified (a verified relabel's runner-up is the cosine it
     overruled: what retrieve does). The row marked "(schema default)" is what retrieve computes with the
-    schema's settings.
+    schema's settings;
+  - the schema default with each weight of the bank excess (`bank_excess_weight`, 0 = none): minus that
+    times how far the query's bank term (retrieve's `bank_cosine`) exceeds the answer's top-1 cosine.
 Other signals compared the same way (none beat the impostor term): the share of the answer's landmark
 in the k neighbours (weights cosine^3), the top-1 cosine minus the mean of the query's k cosines (a
 query close to everything), the matched image's mean cosine to its 3 nearest non-landmark bank photos
@@ -51,6 +53,7 @@ from landmarks.score import truth_from_selection  # noqa: E402
 IMPOSTOR_K = (1, 3, 5)
 IMPOSTOR_WEIGHTS = (0.25, 0.5, 1.0)
 MARGIN_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
+BANK_EXCESS_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 
 
 def answer_rows(neighbours: pd.DataFrame, predictions: pd.DataFrame, db_row: dict) -> np.ndarray:
@@ -96,16 +99,30 @@ def other_signals(top, neighbours, predictions, bank_terms) -> dict[str, np.ndar
     }
 
 
+def bank_excess(predictions: pd.DataFrame) -> np.ndarray:
+    """How far each query's bank term exceeds its answer's top-1 cosine (0 where not, or not recorded)."""
+    if "bank_cosine" not in predictions:
+        return np.zeros(len(predictions))
+    excess = predictions["bank_cosine"].to_numpy(dtype=float) - predictions["top_cosine"].to_numpy(dtype=float)
+    return np.nan_to_num(np.maximum(excess, 0.0))
+
+
 def margin_confidences(verified_top, predictions, gap, impostor_terms: dict) -> dict[str, float]:
-    """GAP with the schema's impostor term (`impostor_terms`: the answers' terms per impostor_k) and each
-    runner-up weight, paid by every answer or, as retrieve does, only by those no neighbour verified."""
+    """GAP with the schema's impostor term (`impostor_terms`: the answers' terms per impostor_k) and bank
+    excess, and each runner-up weight, paid by every answer or, as retrieve does, only by those no neighbour
+    verified; then the schema's margin with each bank excess weight."""
     retrieve = section_settings("retrieve", {}, "defaults")
+    excess = bank_excess(predictions)
     base = verified_top - retrieve["impostor_weight"] * impostor_terms[retrieve["impostor_k"]]
     other = predictions["other_cosine"].to_numpy(dtype=float)
     other = np.where(np.isfinite(other), other, 0.0)  # as retrieve scores an answer without a runner-up
     inliers = predictions["inliers"].fillna(0).to_numpy(dtype=float) if "inliers" in predictions else 0.0
     unverified = inliers < retrieve["verify"]["min_inliers"]
     gaps = {}
+    without_excess = base - retrieve["margin_weight"] * other * unverified
+    for weight in BANK_EXCESS_WEIGHTS:
+        gaps[f"default with {weight} x bank excess"] = gap(without_excess - weight * excess)
+    base = base - retrieve["bank_excess_weight"] * excess
     for weight in sorted({0.0, *MARGIN_WEIGHTS, retrieve["margin_weight"]}):
         default = " (schema default)" if weight == retrieve["margin_weight"] else ""
         if not weight:

@@ -110,3 +110,15 @@ def test_a_close_runner_up_lowers_the_answer_once_weighed(tmp_path):
     assert gaps["default - 0.0 x runner-up"] == pytest.approx(0.5)
     assert gaps["default - 0.3 x runner-up"] == pytest.approx(0.25)
     assert gaps["default - 0.3 x runner-up if unverified (schema default)"] == pytest.approx(0.5)
+
+
+def test_a_query_more_like_the_bank_than_its_answer_drops_once_the_excess_is_weighed(tmp_path):
+    """qb (wrong) 1.05 - 0.067 - 0.15 = 0.833 against qa (right) 0.9 - 0.15 = 0.75; qb's bank term 1.3
+    exceeds its cosine by 0.25: at weight 0.5 it drops to 0.708, under qa (whose bank term is below its
+    cosine: it pays nothing); at 0.25 (0.771) it does not."""
+    _results(tmp_path)
+    gaps = _rescore(tmp_path, top_cosine=[0.9, 1.05], other_cosine=[0.5, 0.5], inliers=[0, 0], bank_cosine=[0.5, 1.3])
+    assert gaps["default with 0.0 x bank excess"] == pytest.approx(0.25)
+    assert gaps["default with 0.25 x bank excess"] == pytest.approx(0.25)
+    assert gaps["default with 0.5 x bank excess"] == pytest.approx(0.5)
+    assert gaps["default - 0.3 x runner-up if unverified (schema default)"] == pytest.approx(0.5)

@@ -121,6 +121,22 @@ def test_margin_and_bank_weights_shape_the_confidence():
     assert plain.confidence == pytest.approx(plain.top_cosine) and plain.top_cosine == pytest.approx([0.9, 0.7])
 
 
+def test_the_bank_excess_is_paid_only_by_queries_closer_to_the_bank_than_to_their_answer():
+    cosines = np.array([[0.9, 0.5], [0.4, 0.3], [0.3, 0.2]], np.float32)
+    positions = np.array([[0, 1], [0, 1], [1, 0]])
+    db_labels = np.array([1, 2])
+    bank = np.array([0.95, 0.2, 0.5])  # query 1 is less like the bank than its answer: it pays nothing
+    result = ranking.predict(cosines, positions, db_labels, rerank="none", query_bank=bank, bank_excess_weight=0.5)
+    assert result.label.tolist() == [1, 1, 2] and result.top_cosine == pytest.approx([0.9, 0.4, 0.3])
+    assert result.confidence == pytest.approx([0.9 - 0.025, 0.4, 0.3 - 0.1])
+    seed004 = ranking.predict(
+        cosines, positions, db_labels, rerank="seed004", query_bank=bank, bank_weight=1.0, bank_excess_weight=0.5
+    )
+    assert seed004.confidence == pytest.approx(result.confidence - bank)
+    without_bank = ranking.predict(cosines, positions, db_labels, rerank="none", bank_excess_weight=0.5)
+    assert without_bank.confidence == pytest.approx([0.9, 0.4, 0.3])
+
+
 def test_the_impostor_term_of_the_answers_nearest_database_image_lowers_its_confidence():
     """Two queries equally close to their answers: the one whose answer resembles other landmarks' photos
     (impostor term 0.6 against 0.1) ranks lower; labels and cosines do not change."""

@@ -122,6 +122,7 @@ def test_the_confidence_discounts_answers_whose_database_image_resembles_other_l
     for weight in (0.0, 0.5):
         out = tmp_path / f"w{weight}"
         settings = {"k": 5, "verify": {"neighbours": 0}, "impostor_weight": weight, "margin_weight": 0.0}
+        settings["bank_excess_weight"] = 0.0
         runs[weight] = retrieve.retrieve(paths["database"], paths["queries"], paths["bank"], out, **settings)
     plain, discounted = runs[0.0], runs[0.5]
     assert plain["landmark_id"].equals(discounted["landmark_id"]) and plain["impostor_cosine"].isna().all()
@@ -142,9 +143,46 @@ def test_the_default_confidence_also_discounts_a_close_runner_up(clustered, tmp_
         paths["database"], paths["queries"], paths["bank"], tmp_path, k=5, verify={"neighbours": 0}
     )
     top, other = predictions["top_cosine"].astype(float), predictions["other_cosine"].astype(float)
-    expected = top - 0.25 * predictions["impostor_cosine"].astype(float) - 0.3 * other
+    excess = (predictions["bank_cosine"].astype(float) - top).clip(lower=0)
+    expected = top - 0.25 * predictions["impostor_cosine"].astype(float) - 0.3 * other - 0.5 * excess
     assert predictions["score"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-6)
     assert json.loads((tmp_path / "predictor.json").read_text())["retrieve"]["margin_weight"] == 0.3
+
+
+def test_a_photo_more_like_the_nonlandmark_bank_than_its_answer_ranks_below_the_landmark_photos(tmp_path):
+    """Room photos (the bank and two queries from one cluster) find some landmark at a low cosine; with
+    bank_excess_weight they pay for how far their bank term exceeds it and fall below a landmark photo
+    that matches its landmark at an even lower cosine. Landmark photos pay nothing; without a bank nothing
+    is paid at all."""
+    rng = np.random.default_rng(7)
+    dim = 32
+    centres, room = rng.normal(size=(3, dim)), rng.normal(size=dim)
+    train = centres[np.repeat(np.arange(3), 10)] + 0.5 * rng.normal(size=(30, dim))
+    far_view = 0.3 * centres[0] + rng.normal(size=dim)  # a landmark photo its database barely resembles
+    queries = np.vstack([centres + 0.5 * rng.normal(size=(3, dim)), far_view, room + 0.5 * rng.normal(size=(2, dim))])
+    paths = {
+        "database": _write(tmp_path / "train.npy", train, [f"t{i}" for i in range(30)], np.repeat([10, 11, 12], 10)),
+        "queries": _write(tmp_path / "test.npy", queries, [f"q{i}" for i in range(6)]),
+        "bank": _write(tmp_path / "bank.npy", room + 0.5 * rng.normal(size=(20, dim)), [f"b{i}" for i in range(20)]),
+    }
+    plain = {"k": 5, "verify": {"neighbours": 0}, "impostor_weight": 0.0, "margin_weight": 0.0}
+
+    def answers(name, bank="bank", **weights):
+        run = retrieve.retrieve(
+            paths["database"], paths["queries"], paths.get(bank), tmp_path / name, **plain, **weights
+        )
+        return run.set_index("id")
+
+    without, paid = answers("w0", bank_excess_weight=0.0), answers("w05", bank_excess_weight=0.5)
+    top, bank_term = paid["top_cosine"].astype(float), paid["bank_cosine"].astype(float)
+    excess = (bank_term - top).clip(lower=0)
+    assert paid["landmark_id"].equals(without["landmark_id"]) and paid["landmark_id"]["q3"] == 10
+    assert paid["score"].to_numpy() == pytest.approx((top - 0.5 * excess).to_numpy(), abs=1e-6)
+    assert (excess[["q0", "q1", "q2", "q3"]] == 0).all() and (excess[["q4", "q5"]] > 0.1).all()
+    rooms_first = without["score"][["q4", "q5"]].min() > without["score"]["q3"]
+    assert rooms_first and paid["score"][["q4", "q5"]].max() < paid["score"]["q3"]
+    no_bank = answers("nobank", bank="none", bank_excess_weight=0.5)
+    assert no_bank["score"].to_numpy() == pytest.approx(no_bank["top_cosine"].astype(float).to_numpy(), abs=1e-6)
 
 
 def test_glr2020_scores_use_the_bank_as_described(clustered, tmp_path):
@@ -388,7 +426,13 @@ def test_val_photos_in_the_whitenings_fit_are_answered_with_a_whitening_that_lef
         "bank": _write(tmp_path / "bank.npy", apply_whitening(bank, final), ids("b", 20)),
         "val": _write(tmp_path / "val.npy", apply_whitening(val, final), ids("v", landmarks), val_labels),
     }
-    settings = {"verify": {"neighbours": 0}, "impostor_weight": 0, "margin_weight": 0, "seed": 0}  # plain cosine
+    settings = {
+        "verify": {"neighbours": 0},
+        "impostor_weight": 0,
+        "margin_weight": 0,
+        "bank_excess_weight": 0,
+        "seed": 0,
+    }  # plain cosine
     chosen = {}
     for name, model in (("folds", "model.pt"), ("in_fit", "no_folds.pt")):
         out = tmp_path / name

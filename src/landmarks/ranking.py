@@ -25,7 +25,10 @@ answer's nearest database image: that image's mean cosine to its nearest databas
 landmarks (retrieve computes it once per database image). A database photo that resembles other
 landmarks' photos (an interior, a close-up, a generic facade) is weak evidence when a query matches it,
 as CSLS (Conneau et al. 2018) discounts "hub" neighbours; GLR2020's B_j does the same against the
-non-landmark bank.
+non-landmark bank. With `bank_excess_weight` (given the queries' bank terms), it also subtracts that
+times how far the query's bank term exceeds the answer's cosine: a photo more like the non-landmark
+photos than like its answer is likely no landmark at all, while a landmark photo that merely resembles
+the bank a little (sky, street, people), as seed004's whole bank term would punish, pays nothing.
 """
 
 from __future__ import annotations
@@ -86,11 +89,18 @@ class Scored(NamedTuple):
     totals: np.ndarray | None  # the rule's label totals (Choice.totals)
     top_cosine: np.ndarray  # best cosine of the answer's landmark (float64)
     other_cosine: np.ndarray  # the runner-up's (float64; -inf when there is none)
-    query_bank: np.ndarray | None  # the query's bank term (None when the reranking needs no bank)
+    query_bank: np.ndarray | None  # the query's bank term (None: not used, or no bank)
     margin_weight: float
     bank_weight: float
     impostor_weight: float = 0.0
     settled: np.ndarray | None = None  # the answer has a geometrically verified neighbour (None: not verified)
+    bank_excess_weight: float = 0.0
+
+    def bank_excess(self) -> np.ndarray:
+        """How far each query's bank term exceeds its answer's cosine (0 where it does not, or without one)."""
+        if self.query_bank is None:
+            return np.zeros(len(self.column))
+        return np.maximum(self.query_bank - self.top_cosine, 0.0)
 
     def answer_impostor(self) -> np.ndarray:
         """The impostor term of each query's answer (its nearest database image of the answer's landmark)."""
@@ -207,6 +217,8 @@ def cosine(scored: Scored) -> np.ndarray:
     confidence = scored.top_cosine - scored.margin_weight * other
     if scored.impostor_weight:
         confidence = confidence - scored.impostor_weight * scored.answer_impostor()
+    if scored.bank_excess_weight:
+        confidence = confidence - scored.bank_excess_weight * scored.bank_excess()
     return confidence
 
 
@@ -265,6 +277,7 @@ def _predict_chunk(
         weights["bank"],
         weights["impostor"],
         settled,
+        weights["bank_excess"],
     )
     confidence = rerank.confidence(scored)
     confidence[~has_label] = -np.inf
@@ -287,6 +300,7 @@ def predict(
     bank_weight: float = 1.0,
     db_impostor: np.ndarray | None = None,
     impostor_weight: float = 0.0,
+    bank_excess_weight: float = 0.0,
     labels: np.ndarray | None = None,
     verified: np.ndarray | None = None,
 ) -> Predictions:
@@ -298,7 +312,8 @@ def predict(
     the bank (seed004: top-`bank_k`; glr2020: C_i); db_bank: B_j per database row (glr2020).
     margin_weight, bank_weight: the confidence of the top1/vote rules subtracts these times the
     runner-up cosine and the bank similarity; impostor_weight: likewise times `db_impostor` (the
-    impostor term per database row) of the answer's nearest database image. labels: a label per query
+    impostor term per database row) of the answer's nearest database image; bank_excess_weight: likewise
+    times max(0, query_bank - the answer's cosine) (top1/vote; none without query_bank). labels: a label per query
     (-1: the rule's own) whose confidence to compute instead, e.g. after verification; it must be among
     the query's neighbours. verified: (queries, m) mask of the first m neighbours geometric verification
     confirmed; an answer with a verified neighbour of its landmark pays no runner-up margin.
@@ -319,12 +334,18 @@ def predict(
         raise StageError(f"cosines {cosines.shape} and positions {positions.shape} must be the same 2-d shape")
     db_labels = np.asarray(db_labels, dtype=np.int64)
     choose = rule.chooses_label or choose
-    bank = np.asarray(query_bank, dtype=np.float64) if rule.needs_bank else None
+    uses_bank = rule.needs_bank or (bank_excess_weight and query_bank is not None)
+    bank = np.asarray(query_bank, dtype=np.float64) if uses_bank else None
     db_terms = {
         "bank": np.asarray(db_bank, dtype=np.float64) if db_bank is not None else None,
         "impostor": np.asarray(db_impostor, dtype=np.float64) if db_impostor is not None else None,
     }
-    weights = {"margin": margin_weight, "bank": bank_weight, "impostor": impostor_weight}
+    weights = {
+        "margin": margin_weight,
+        "bank": bank_weight,
+        "impostor": impostor_weight,
+        "bank_excess": bank_excess_weight,
+    }
     n = len(cosines)
     out = Predictions(
         np.full(n, -1, np.int64),

@@ -21,7 +21,9 @@ higher. With `impostor_weight` (none, seed004) the confidence also subtracts tha
 term of the answer's nearest database image: its mean cosine to its `impostor_k` nearest database
 images of other landmarks, computed once per database image by searching the database against itself,
 and with `margin_weight` that times the runner-up landmark's cosine (an answer that barely beat another
-landmark), except where geometric verification confirmed the answer.
+landmark), except where geometric verification confirmed the answer, and with `bank_excess_weight`
+that times how far the query's mean top-`bank_k` cosine to the non-landmark bank exceeds the answer's
+cosine (a photo more like the non-landmark photos than its answer; nothing without a bank).
 Settings (config.yaml's retrieve section) come as `--settings` JSON.
 
 Geometric verification (`verify.neighbours` > 0, landmarks.verify): SIFT matches between each query
@@ -319,16 +321,18 @@ class Database(NamedTuple):
 def prediction_options(db: Database, query_bank: np.ndarray) -> dict:
     """`predict`'s keyword arguments for these queries (their bank terms) under the retrieve settings."""
     s = db.settings
+    has_bank = db.bank_index is not None and db.bank_index.ntotal > 0
     return dict(
         prediction=s["prediction"],
         rerank=s["rerank"],
-        query_bank=query_bank,
+        query_bank=query_bank if has_bank else None,  # without a bank there is no bank term to weigh
         db_bank=db.bank_terms,
         neighbours_per_label=s["glr2020_neighbours_per_label"],
         margin_weight=s["margin_weight"],
         bank_weight=s["bank_weight"],
         db_impostor=db.impostor_terms,
         impostor_weight=s["impostor_weight"],
+        bank_excess_weight=s["bank_excess_weight"],
     )
 
 

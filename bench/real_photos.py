@@ -129,6 +129,15 @@ VARIANTS: dict[str, dict] = {
     },
     "lr_1e-3": {"description": "lr 1e-3", "train": {"lr": 1e-3}},
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
+    "whole_image": {
+        "description": "each photo embedded whole, at its aspect ratio, not its centred square",
+        "embed": {"whole_image": True},
+    },
+    "pretrained_whole_image": {
+        "description": "not trained, each photo embedded whole",
+        "train": {"epochs": 0, "whitening": "none"},
+        "embed": {"whole_image": True},
+    },
     "pretrained_flip_tta": {
         "description": "not trained, each photo also embedded mirrored",
         "train": {"epochs": 0, "whitening": "none"},

@@ -142,6 +142,36 @@ def test_rows_follow_the_shard_index_in_float16_with_ids(shards, model_file, tmp
     assert parallel == pytest.approx(stored.astype(np.float32), abs=2e-3)
 
 
+def test_whole_image_embeds_each_photo_at_its_own_aspect_ratio_in_index_order(model_file, tmp_path):
+    """embed.whole_image: photos of three shapes in one batch, each embedded whole (not its centred
+    square), rows in index order as with crops."""
+    rng = np.random.default_rng(3)
+    shapes = [(48, 48), (96, 48), (48, 80), (96, 48), (64, 48), (48, 48), (96, 48)]  # (width, height)
+    photos = [
+        (f"w{n}", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), 1, "train", f"w{n}.png")
+        for n, (w, h) in enumerate(shapes)
+    ]
+    write_image_set(tmp_path, photos)
+    shards = write_shards(
+        tmp_path / "selection.parquet", tmp_path / "images", tmp_path / "shards", ("train",), layout="", size=SIZE
+    )
+    index = ShardIndex.from_dirs(shards)
+    model = _load_model(model_file)
+    whole = embed.compute_embeddings(model, index, SIZE, batch_size=4, whole_image=True, progress=False)
+    cropped = embed.compute_embeddings(model, index, SIZE, batch_size=4, progress=False)
+    images = {position: image for image, _, position in ShardDataset(index, transform=lambda image: image)}
+    mean, std = model.data_config["mean"], model.data_config["std"]
+    for position, image in images.items():
+        tensor = eval_transform(SIZE, mean, std, whole_image=True)(image)
+        assert tensor.shape[1:] == (image.height, image.width)  # stored at the shorter side SIZE already
+        with torch.no_grad():
+            expected = F.normalize(model(tensor.unsqueeze(0)), dim=1)[0].numpy()
+        assert whole[position] == pytest.approx(expected, abs=1e-5)
+    square = np.array([image.width == image.height for _, image in sorted(images.items())])
+    assert np.allclose(whole[square], cropped[square], atol=1e-5)
+    assert not np.allclose(whole[~square], cropped[~square], atol=1e-3)
+
+
 def test_reading_embeddings_checks_the_id_table(shards, model_file, tmp_path):
     vectors = np.eye(3, 4, dtype=np.float32)
     embed.write_embeddings(

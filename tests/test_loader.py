@@ -268,6 +268,10 @@ def test_train_transform_augments_from_config_and_eval_does_not():
     assert x.shape == (3, 32, 32) and torch.equal(x, evaluate(image))
     centre = np.asarray(image.resize((44, 32), Image.Resampling.BICUBIC), np.float32)[:, 6:38] / 255  # 70x50 -> 44x32
     assert torch.allclose(x * 0.25 + 0.5, torch.from_numpy(centre).permute(2, 0, 1), atol=0.02)
+    whole = loader.eval_transform(32, MEAN, STD, whole_image=True)(image)  # embed.whole_image: nothing cut off
+    everything = np.asarray(image.resize((44, 32), Image.Resampling.BICUBIC), np.float32) / 255
+    assert whole.shape == (3, 32, 44)
+    assert torch.allclose(whole * 0.25 + 0.5, torch.from_numpy(everything).permute(2, 0, 1), atol=0.02)
 
 
 def test_loader_pins_memory_only_for_cuda(index):

@@ -19,6 +19,8 @@ from landmarks import embed, predict, retrieve, threshold
 from landmarks.config import section_settings
 
 SPLITS = ("train", "val", "test", "nonlandmark")
+# Views other than the defaults (mirrored too, whole photos): predict must embed a new photo as the embed stage did.
+VIEWS = {"flip_tta": True, "whole_image": True}
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +40,13 @@ def experiment(tiny_set, shards, trained, tmp_path_factory):
                     "--out",
                     str(exp / "embed" / f"{split}.npy"),
                     "--settings",
-                    json.dumps({"flip_tta": True, "workers": 0}),
+                    json.dumps({**VIEWS, "workers": 0}),
                     "--no-progress",
                 ]
             )
             == 0
         )
-    predictor = {"embed": {"flip_tta": True}, "shard": {"size": 64}}
+    predictor = {"embed": VIEWS, "shard": {"size": 64}}
     assert (
         retrieve.main(
             [
@@ -83,7 +85,8 @@ def read_rows(out_dir: Path) -> dict:
 
 def test_retrieve_keeps_what_predict_needs(experiment):
     saved = json.loads((experiment / "retrieve" / "predictor.json").read_text())
-    assert saved["embed"]["flip_tta"] is True and saved["shard"]["size"] == 64
+    assert saved["embed"]["flip_tta"] is True and saved["embed"]["whole_image"] is True
+    assert saved["shard"]["size"] == 64
     threshold = saved["nonlandmark_threshold"]
     assert threshold["source"] == "val" and threshold["landmark_queries"] == 6
     assert threshold["nonlandmark_queries"] == 4  # as many bank photos as val landmark photos (4 in the bank)
@@ -312,7 +315,7 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(
                     "--out",
                     f"results/experiments/x/embed/{split}.npy",
                     "--settings",
-                    json.dumps({"flip_tta": True, "workers": 0}),
+                    json.dumps({**VIEWS, "workers": 0}),
                     "--no-progress",
                 ]
             )
@@ -332,7 +335,7 @@ def test_predict_finds_the_database_images_after_the_results_folder_moves(
                 "--settings",
                 json.dumps({"k": 5, "bank_k": 3, "rerank": "seed004"}),
                 "--predictor",
-                json.dumps({"embed": {"flip_tta": True}, "shard": {"size": 64}}),
+                json.dumps({"embed": VIEWS, "shard": {"size": 64}}),
                 "--shards",
                 *relative.values(),
             ]

@@ -6,7 +6,8 @@ row came from). Images are read once, in batches; on a GPU the model runs under 
 
 Test-time augmentation (optional): the image at several scales (embed.scales `[1.0, 0.75]`) and, with
 embed.flip_tta, each of those mirrored. Every view's embedding is L2-normalised, the views are averaged,
-and the average is L2-normalised again, so every stored row has unit length.
+and the average is L2-normalised again, so every stored row has unit length. With embed.whole_image, each
+photo is embedded whole at its aspect ratio instead of as its centred square.
 
 The array is written straight into a memory-mapped temporary file (renamed into place at the end), so
 memory stays flat however many images the split holds.
@@ -48,6 +49,7 @@ def compute_embeddings(
     device: torch.device | None = None,
     flip: bool = False,
     scales=(1.0,),
+    whole_image: bool = False,
     progress: bool = True,
     amp: bool = True,
     out: np.ndarray | None = None,
@@ -74,7 +76,10 @@ def compute_embeddings(
 
     written = embed_dataset(
         model,
-        ShardDataset(index, MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"])),
+        ShardDataset(
+            index,
+            MultiScaleTransform(sizes, model.data_config["mean"], model.data_config["std"], whole_image=whole_image),
+        ),
         lambda views_by_scale: embed_views(model, views_by_scale, device, flip=flip, amp=amp),
         out,
         batch_size=batch_size,
@@ -198,19 +203,21 @@ def main(argv=None) -> int:
         device=device,
         flip=settings["flip_tta"],
         scales=settings["scales"],
+        whole_image=settings["whole_image"],
         progress=not args.no_progress,
         amp=settings["amp"],
     )
     elapsed = time.perf_counter() - started
     views = len(settings["scales"]) * (2 if settings["flip_tta"] else 1)
     log.info(
-        "embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s) on %s%s in %.1f s (%.1f images/s) -> %s",
+        "embedded %d images (%d-d, %s, %d view(s) each: scales %s, flip %s, %s) on %s%s in %.1f s (%.1f images/s) -> %s",
         len(index),
         model.embedding_dim,
         settings["dtype"],
         views,
         settings["scales"],
         settings["flip_tta"],
+        "whole photos" if settings["whole_image"] else "centred squares",
         device,
         " with bf16 AMP" if settings["amp"] and device.type == "cuda" else "",
         elapsed,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from .common import StageError
@@ -53,7 +53,13 @@ def embed_dataset(
     duration. `check(batch, rows)` may refuse a batch before it is stored. Returns which rows were
     written (a dataset may hold only this process's share of the index)."""
     written = np.zeros(len(out), bool)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_by_shape,
+    )
     bar = tqdm(
         loader,
         total=-(-len(out) // batch_size),
@@ -65,17 +71,32 @@ def embed_dataset(
     was_training = model.training
     model.eval()
     try:
-        for inputs, _, positions in bar:
-            batch = embed_batch(inputs)
-            rows = positions.numpy()
-            if check is not None:
-                check(batch, rows)
-            out[rows] = batch
-            written[rows] = True
+        for groups in bar:
+            for inputs, _, positions in groups:
+                batch = embed_batch(inputs)
+                rows = positions.numpy()
+                if check is not None:
+                    check(batch, rows)
+                out[rows] = batch
+                written[rows] = True
     finally:
         bar.close()
         model.train(was_training)
     return written
+
+
+def _input_shapes(inputs) -> tuple:
+    return tuple(view.shape for view in inputs) if isinstance(inputs, (tuple, list)) else (inputs.shape,)
+
+
+def collate_by_shape(samples: list) -> list:
+    """A batch as groups of (inputs, labels, positions), one per shape of the image tensors, each collated
+    as usual: whole photos (embed.whole_image) keep their aspect ratios, so one batch can hold several
+    sizes. Centre-cropped views all share one shape: one group, the usual batch."""
+    groups: dict[tuple, list] = {}
+    for sample in samples:
+        groups.setdefault(_input_shapes(sample[0]), []).append(sample)
+    return [default_collate(group) for group in groups.values()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,8 +115,8 @@ def tta_sizes(image_size: int, scales) -> list[int]:
 class MultiScaleTransform:
     """One decoded image -> a tuple of tensors, one per TTA size (so each image is read only once)."""
 
-    def __init__(self, sizes, mean, std):
-        self.transforms = [eval_transform(size, mean, std) for size in sizes]
+    def __init__(self, sizes, mean, std, *, whole_image: bool = False):
+        self.transforms = [eval_transform(size, mean, std, whole_image=whole_image) for size in sizes]
 
     def __call__(self, image):
         return tuple(transform(image) for transform in self.transforms)

@@ -509,16 +509,13 @@ def train_transform(settings: dict, mean, std):
     return transforms.Compose(steps)
 
 
-def eval_transform(image_size: int, mean, std):
-    """Shorter side to `image_size`, centre crop, normalise: no augmentation at evaluation time."""
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+def eval_transform(image_size: int, mean, std, *, whole_image: bool = False):
+    """Shorter side to `image_size`, then the centred square (or, with `whole_image`, the whole photo at
+    its own aspect ratio), normalise: no augmentation at evaluation time."""
+    steps = [transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC)]
+    if not whole_image:
+        steps.append(transforms.CenterCrop(image_size))
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 def class_mapping(landmark_ids) -> dict[int, int]:

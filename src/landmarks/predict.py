@@ -313,6 +313,7 @@ def embed_photos(experiment: Experiment, images: list[Image.Image], batch_size: 
         tta_sizes(experiment.image_size, e["scales"]),
         experiment.model.data_config["mean"],
         experiment.model.data_config["std"],
+        whole_image=e["whole_image"],
     )
     out = np.zeros((len(images), experiment.model.embedding_dim), np.float32)
     embed_dataset(

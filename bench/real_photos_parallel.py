@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     json.loads(args.train)  # a typo fails here, not in every process
+    names = [folder.resolve().name for folder in args.landmarks]
+    if len(set(names)) < len(names):
+        parser.error(f"--landmarks: two folders of the same name ({names}): runs and tables are named after them")
     known = {**real_photos.EXPERIMENTS, **real_photos.VARIANTS}
     unknown = set(args.experiments) - set(known)
     if unknown:

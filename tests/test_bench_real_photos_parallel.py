@@ -110,3 +110,17 @@ def test_skips_with_the_reason_when_the_photos_are_absent(tmp_path):
     )
     assert result.returncode == 0 and "SKIPPED: no real photos at" in result.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_two_photo_sets_of_the_same_name_are_refused_before_anything_runs(tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "web").mkdir(parents=True)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--landmarks", str(tmp_path / "a" / "web"), str(tmp_path / "b" / "web")]
+        + ["--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "two folders of the same name" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -59,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.experiments) - set(known)
     if unknown:
         parser.error(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")
+    # name -> spec for the tables, `pretrained` first (the baseline of every gain), as real_photos.py has it
+    args.catalogue = {"pretrained": known["pretrained"], **{name: known[name] for name in args.experiments}}
     return args
 
 
@@ -115,9 +117,6 @@ def run_all(args: argparse.Namespace) -> dict[str, int | None]:
 
 def merge(args: argparse.Namespace, codes: dict[str, int | None]) -> str:
     """Each set's finished runs as one table (real_photos.py's), written to OUT/<set>.csv and .md."""
-    catalogue = {"pretrained": real_photos.EXPERIMENTS["pretrained"]}
-    known = {**real_photos.EXPERIMENTS, **real_photos.VARIANTS}
-    catalogue.update({name: known[name] for name in args.experiments})
     texts = []
     for landmarks in args.landmarks:
         frames = [
@@ -133,7 +132,7 @@ def merge(args: argparse.Namespace, codes: dict[str, int | None]) -> str:
         frame = frame.sort_values(
             ["regime", "seed"], key=lambda c: c.map(args.regimes.index) if c.name == "regime" else c
         )
-        text = real_photos.write_tables(frame, catalogue, args.out / landmarks.resolve().name)
+        text = real_photos.write_tables(frame, args.catalogue, args.out / landmarks.resolve().name)
         texts.append(f"## {landmarks.resolve().name}\n\n{text}")
     unfinished = [
         f"{name} ({'stopped' if code is None else f'exit code {code}'})" for name, code in codes.items() if code != 0

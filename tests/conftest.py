@@ -1,5 +1,6 @@
 """Fixtures and helpers several test modules share."""
 
+import importlib.util
 import json
 import socket
 from pathlib import Path
@@ -23,6 +24,14 @@ def pytest_collection_modifyitems(items):
         return 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("slow") else 2
 
     items.sort(key=waits_longest)  # stable: tests of one rank keep their order
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (bench/ is no package; each script puts on sys.path what it imports)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

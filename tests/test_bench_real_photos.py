@@ -1,22 +1,19 @@
 """bench/real_photos.py: the CSVs it builds (on a stand-in photo list, no photos needed) and its skip."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "real_photos.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("real_photos", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("real_photos")
 
 
 def stand_in_data(root: Path) -> Path:

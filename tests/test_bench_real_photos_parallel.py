@@ -1,31 +1,35 @@
 """bench/real_photos_parallel.py: the merged tables, the time limit and the skip (no photos, no pipeline runs)."""
 
 import argparse
-import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+from conftest import load_bench_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "real_photos_parallel.py"
 
 
 def load_driver():
-    spec = importlib.util.spec_from_file_location("real_photos_parallel", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("real_photos_parallel")
 
 
-def driver_args(tmp_path: Path, **changes) -> argparse.Namespace:
+def run_driver(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, timeout=120
+    )
+
+
+def driver_args(driver, tmp_path: Path, **changes) -> argparse.Namespace:
     settings = {
         "landmarks": [tmp_path / "web", tmp_path / "asia"],
         "regimes": ["full", "fewshot"],
         "seeds": [0, 1],
         "experiments": ["pretrained", "finetuned"],
+        "catalogue": {name: driver.real_photos.EXPERIMENTS[name] for name in ("pretrained", "finetuned")},
         "out": tmp_path / "out",
         "time_limit": None,
         "port": 9000,
@@ -47,7 +51,7 @@ def write_run_rows(out: Path, run: str, regime: str, seed: int, gaps: tuple[floa
 
 def test_each_sets_table_holds_its_finished_runs_in_regime_order_and_names_the_others(tmp_path):
     driver = load_driver()
-    args = driver_args(tmp_path)
+    args = driver_args(driver, tmp_path)
     out = args.out
     write_run_rows(out, "web-fewshot-seed1", "fewshot", 1, (0.44, 0.50))
     write_run_rows(out, "web-full-seed0", "full", 0, (0.60, 0.70))
@@ -88,7 +92,7 @@ def test_the_time_limit_stops_each_run_with_the_processes_it_started(tmp_path, m
         return subprocess.Popen(["bash", "-c", script], start_new_session=True)
 
     monkeypatch.setattr(driver, "start", fake_start)
-    args = driver_args(tmp_path, landmarks=[tmp_path / "web"], seeds=[0], time_limit=2)
+    args = driver_args(driver, tmp_path, landmarks=[tmp_path / "web"], seeds=[0], time_limit=2)
     started = time.monotonic()
 
     codes = driver.run_all(args)
@@ -101,13 +105,7 @@ def test_the_time_limit_stops_each_run_with_the_processes_it_started(tmp_path, m
 
 
 def test_skips_with_the_reason_when_the_photos_are_absent(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--data", str(tmp_path / "absent"), "--landmarks", str(tmp_path)]
-        + ["--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_driver("--data", tmp_path / "absent", "--landmarks", tmp_path, "--out", tmp_path / "out")
     assert result.returncode == 0 and "SKIPPED: no real photos at" in result.stdout
     assert not (tmp_path / "out").exists()
 
@@ -115,12 +113,6 @@ def test_skips_with_the_reason_when_the_photos_are_absent(tmp_path):
 def test_two_photo_sets_of_the_same_name_are_refused_before_anything_runs(tmp_path):
     for parent in ("a", "b"):
         (tmp_path / parent / "web").mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--landmarks", str(tmp_path / "a" / "web"), str(tmp_path / "b" / "web")]
-        + ["--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_driver("--landmarks", tmp_path / "a" / "web", tmp_path / "b" / "web", "--out", tmp_path / "out")
     assert result.returncode == 2 and "two folders of the same name" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -44,27 +44,29 @@ WEIGHTS = (0.5, 0.75, 1.0)
 
 
 def concatenate(fine_tuned: np.ndarray, untrained: np.ndarray, weight: float) -> np.ndarray:
-    """normalise([normalise(fine_tuned), weight x normalise(untrained)]); weight 0 is fine_tuned alone."""
-    return normalise(np.hstack([normalise(fine_tuned), weight * normalise(untrained)]))
+    """normalise([fine_tuned, weight x untrained]) of two L2-normalised embeddings; weight 0 is fine_tuned alone."""
+    return normalise(np.hstack([fine_tuned, weight * untrained]))
 
 
 def whitened(train: np.ndarray, train_labels: np.ndarray, val: np.ndarray, val_labels: np.ndarray):
-    """A function that whitens embeddings with a whitening learned on train + val (None: nothing learned)."""
+    """A function that whitens L2-normalised embeddings with a whitening learned on train + val and normalises
+    them again (the identity where no landmark has two photos: nothing is learned)."""
     whitening = fit_whitening(np.vstack([train, val]).astype(np.float64), np.concatenate([train_labels, val_labels]))
-    return lambda x: normalise(apply_whitening(normalise(x), whitening)) if whitening else normalise(x)
+    return lambda x: normalise(apply_whitening(x, whitening)) if whitening else x
 
 
 def experiment_embeddings(results: Path, experiment: str, landmark_of: dict) -> dict:
+    """The experiment's train, val (None if not embedded) and test embeddings, L2-normalised, with labels and ids."""
     embed = results / "experiments" / experiment / "embed"
     val, val_labels = database(embed, ["val"], landmark_of) if (embed / "val.npy").exists() else (None, None)
     train, train_labels = database(embed, ["train"], landmark_of)
     queries, query_ids = load_embeddings(embed / "test.npy")
     return {
-        "train": train,
+        "train": normalise(train),
         "labels": train_labels,
-        "val": val,
+        "val": None if val is None else normalise(val),
         "val_labels": val_labels,
-        "test": queries,
+        "test": normalise(queries.astype(np.float32)),
         "ids": query_ids,
     }
 
@@ -89,9 +91,9 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     if raw["val"] is not None:
         whiten = whitened(raw["train"], labels, raw["val"], raw["val_labels"])
         untrained["whitened"] = (whiten(raw["train"]), whiten(raw["test"]))
-    gaps = {"fine-tuned": gap(normalise(tuned["train"]), normalise(tuned["test"]))}
+    gaps = {"fine-tuned": gap(tuned["train"], tuned["test"])}
     for kind, (db, queries) in untrained.items():
-        gaps[f"untrained, {kind}"] = gap(normalise(db), normalise(queries))
+        gaps[f"untrained, {kind}"] = gap(db, queries)
         for weight in WEIGHTS:
             gaps[f"fine-tuned + {weight} x untrained, {kind}"] = gap(
                 concatenate(tuned["train"], db, weight), concatenate(tuned["test"], queries, weight)

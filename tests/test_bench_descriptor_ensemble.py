@@ -32,8 +32,8 @@ def write_selection(results):
 
 
 def test_concatenation_weighs_the_untrained_descriptor_and_weight_zero_is_the_fine_tuned_one():
-    tuned = np.array([[3.0, 4.0]])
-    untrained = np.array([[0.0, 2.0]])
+    tuned = np.array([[0.6, 0.8]])  # both L2-normalised, as experiment_embeddings gives them
+    untrained = np.array([[0.0, 1.0]])
     np.testing.assert_allclose(ensemble.concatenate(tuned, untrained, 0.0), [[0.6, 0.8, 0.0, 0.0]])
     both = ensemble.concatenate(tuned, untrained, 1.0)
     np.testing.assert_allclose(both, [[0.6, 0.8, 0.0, 1.0]] / np.sqrt(2))

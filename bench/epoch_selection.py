@@ -17,8 +17,12 @@ pass), to print per epoch:
 Then, per selection rule, the test GAP of the epoch it chooses, and the best epoch's (an oracle). Research
 only: the test queries are never used to choose anything in the pipeline.
 
+`--soups` also scores, after the last epoch, the average of the weights of epochs k..last for every k (as
+model.pt would hold each: WiSE-FT applied; a uniform model soup of one run's epochs, like stochastic
+weight averaging), each with its own learned whitening: an alternative to choosing one epoch on a small val.
+
     .venv/bin/python bench/epoch_selection.py bench/out/cpu384_web_full/full-seed*/results \
-        --out bench/out/epoch_selection/web_full
+        --out bench/out/epoch_selection/web_full [--soups]
 """
 
 from __future__ import annotations
@@ -73,55 +77,95 @@ def recording_embeddings(recorded: list):
     return embed
 
 
-def epoch_scorer(test_index: ShardIndex, rows: list[dict]):
-    """A stand-in for train's evaluate_val_gap that also scores the epoch's model on the test queries."""
+def score_model(model, train_index, val_index, test_index, settings, device, dist) -> tuple[dict, dict]:
+    """train's val result for the model in hand, and the row of val and test scores this script prints."""
+    recorded: list[np.ndarray] = []
+    validation.embed_for_training = recording_embeddings(recorded)
+    try:
+        result = EVALUATE_VAL_GAP(model, train_index, val_index, settings, device, dist)
+    finally:
+        validation.embed_for_training = EMBED_FOR_TRAINING
+    db, val = recorded  # evaluate_val_gap embeds the train photos, then the val queries
+    test = EMBED_FOR_TRAINING(model, test_index, settings, device, dist or train_module.Distributed(device=device))
+    db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
+    train_whitening = None  # what val GAP is judged with; model.pt carries result["whitening"]
+    if settings["whitening"] == "learned":
+        train_whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
+    landmark = val_index.table["landmark_id"].notna().to_numpy()
+    val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
+    white_db, white_val = apply_whitening(db, train_whitening), apply_whitening(val[landmark], train_whitening)
+    model_whitening = result.get("whitening")
+    test_scores = top1_scores(
+        apply_whitening(db, model_whitening), db_labels, apply_whitening(test, model_whitening), test_index.table
+    )
+    row = {
+        "val_gap": result["val_gap"],
+        "val_accuracy": result["val_accuracy"],
+        "val_gap_unwhitened": result.get("val_gap_unwhitened", np.nan),
+        "val_map": mean_average_precision(white_db, db_labels, white_val, val_labels),
+        "val_top1_cosine": float(np.mean(knn(white_db, white_val, 1)[0])),
+        "test_gap": test_scores["val_gap"],
+        "test_accuracy": test_scores["val_accuracy"],
+    }
+    return result, row
+
+
+def average_weights(snapshots: list[dict]) -> dict:
+    """The mean of several state dicts, floating-point tensors only (counters: the last one's)."""
+    return {
+        key: torch.stack([s[key] for s in snapshots]).mean(0) if value.is_floating_point() else value
+        for key, value in snapshots[-1].items()
+    }
+
+
+def epoch_scorer(test_index: ShardIndex, rows: list[dict], soups: list[dict] | None = None):
+    """A stand-in for train's evaluate_val_gap that also scores the epoch's model on the test queries.
+
+    With `soups`, each epoch's weights as model.pt would hold them (WiSE-FT applied) are kept, and after
+    the last epoch the averages of epochs k..last (k = 1, 2, ...; a uniform "model soup" of one run's
+    epochs, as stochastic weight averaging does) are scored the same way and appended to `soups`."""
+    snapshots: list[dict] = []
 
     def evaluate(model, train_index, val_index, settings, device, dist=None):
-        recorded: list[np.ndarray] = []
-        validation.embed_for_training = recording_embeddings(recorded)
-        try:
-            result = EVALUATE_VAL_GAP(model, train_index, val_index, settings, device, dist)
-        finally:
-            validation.embed_for_training = EMBED_FOR_TRAINING
-        db, val = recorded  # evaluate_val_gap embeds the train photos, then the val queries
-        test = EMBED_FOR_TRAINING(model, test_index, settings, device, dist or train_module.Distributed(device=device))
-        db_labels = train_index.table["landmark_id"].to_numpy(dtype=np.int64)
-        train_whitening = None  # what val GAP is judged with; model.pt carries result["whitening"]
-        if settings["whitening"] == "learned":
-            train_whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
-        landmark = val_index.table["landmark_id"].notna().to_numpy()
-        val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
-        white_db, white_val = apply_whitening(db, train_whitening), apply_whitening(val[landmark], train_whitening)
-        model_whitening = result.get("whitening")
-        test_scores = top1_scores(
-            apply_whitening(db, model_whitening), db_labels, apply_whitening(test, model_whitening), test_index.table
-        )
-        rows.append(
-            {
-                "epoch": len(rows),
-                "val_gap": result["val_gap"],
-                "val_accuracy": result["val_accuracy"],
-                "val_gap_unwhitened": result.get("val_gap_unwhitened", np.nan),
-                "val_map": mean_average_precision(white_db, db_labels, white_val, val_labels),
-                "val_top1_cosine": float(np.mean(knn(white_db, white_val, 1)[0])),
-                "test_gap": test_scores["val_gap"],
-                "test_accuracy": test_scores["val_accuracy"],
-            }
-        )
+        result, row = score_model(model, train_index, val_index, test_index, settings, device, dist)
+        rows.append({"epoch": len(rows), **row})
         print(json.dumps(rows[-1]), flush=True)
+        if soups is not None and len(rows) > 1:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            if len(rows) == settings["epochs"] + 1:
+                score_soups(model, snapshots, (train_index, val_index, test_index, settings, device, dist), soups)
         return result
 
     return evaluate
 
 
+def score_soups(model, snapshots: list[dict], scoring: tuple, soups: list[dict]) -> None:
+    """Score the average of epochs k..last for every k, then put the last epoch's weights back."""
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for first in range(1, len(snapshots) + 1):
+            model.load_state_dict(average_weights(snapshots[first - 1 :]))
+            _, row = score_model(model, *scoring)
+            soups.append({"first_epoch": first, "last_epoch": len(snapshots), **row})
+            print(json.dumps(soups[-1]), flush=True)
+    finally:
+        model.load_state_dict(trained)
+
+
 def epochs_of_run(
-    results: Path, experiment: str, out_dir: Path, threads: int, overrides: dict | None = None
+    results: Path,
+    experiment: str,
+    out_dir: Path,
+    threads: int,
+    overrides: dict | None = None,
+    soups: list[dict] | None = None,
 ) -> pd.DataFrame:
-    """Train the run's experiment again (its train.json settings, `overrides` on top); one row per epoch."""
+    """Train the run's experiment again (its train.json settings, `overrides` on top); one row per epoch.
+    With `soups`, the averages of the last epochs are scored too and appended there (epoch_scorer)."""
     overrides = overrides or {}
     settings = json.loads((results / "experiments" / experiment / "train" / "train.json").read_text())["settings"]
     rows: list[dict] = []
-    train_module.evaluate_val_gap = epoch_scorer(ShardIndex.from_dirs(split_dirs(results, "test")), rows)
+    train_module.evaluate_val_gap = epoch_scorer(ShardIndex.from_dirs(split_dirs(results, "test")), rows, soups)
     try:
         train_module.train(
             split_dirs(results, "train"),
@@ -156,6 +200,33 @@ RULES = {
 }
 
 
+def run_tables(results: Path, args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The run's per-epoch table (and with --soups its soups table), read back when already written."""
+    name = results.parent.name
+    table_path, soups_path = args.out / f"{name}.csv", args.out / f"{name}-soups.csv"
+    if table_path.exists() and (soups_path.exists() or not args.soups):
+        return pd.read_csv(table_path), pd.read_csv(soups_path) if args.soups else None
+    soups: list[dict] | None = [] if args.soups else None
+    table = epochs_of_run(
+        results, args.experiment, args.out / name / "train", args.threads, json.loads(args.train), soups
+    )
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(table_path, index=False)
+    if soups is None:
+        return table, None
+    soups_table = pd.DataFrame(soups)
+    soups_table.to_csv(soups_path, index=False)
+    return table, soups_table
+
+
+def soup_rules(soups: pd.DataFrame) -> dict[str, float]:
+    """Test GAP of every soup, and of the one val GAP picks among them (the longer average on a tie)."""
+    picks = {f"average of epochs {row.first_epoch}-{row.last_epoch}": float(row.test_gap) for row in soups.itertuples()}
+    best = soups.loc[soups["val_gap"] >= soups["val_gap"].max() - 1e-12].sort_values("first_epoch").iloc[0]
+    picks["the average val GAP picks"] = float(best["test_gap"])
+    return picks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="finished runs' results folders")
@@ -163,21 +234,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the per-epoch tables and training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train", default="{}", help="JSON train settings over each run's own (a variant to look at)")
+    parser.add_argument(
+        "--soups", action="store_true", help="also score the averages of the last epochs' weights (epoch_scorer)"
+    )
     args = parser.parse_args()
     summary = []
     for results in args.results:
-        name = results.parent.name
-        table_path = args.out / f"{name}.csv"
-        if table_path.exists():
-            table = pd.read_csv(table_path)
-        else:
-            table = epochs_of_run(
-                results, args.experiment, args.out / name / "train", args.threads, json.loads(args.train)
-            )
-            table_path.parent.mkdir(parents=True, exist_ok=True)
-            table.to_csv(table_path, index=False)
-        print(f"\n{name}\n{table.round(3).to_string(index=False)}")
-        summary.append({rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()})
+        table, soups = run_tables(results, args)
+        print(f"\n{results.parent.name}\n{table.round(3).to_string(index=False)}")
+        picks = {rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()}
+        if soups is not None:
+            print(soups.round(3).to_string(index=False))
+            picks.update(soup_rules(soups))
+        summary.append(picks)
     summary = pd.DataFrame(summary, index=[r.parent.name for r in args.results])
     print("\ntest GAP (top-1 cosine) of the epoch each rule picks\n")
     print(summary.T.assign(mean=summary.mean()).round(3).to_string())

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from test_bench_method import load
 
 from landmarks import train, validation
@@ -57,3 +58,39 @@ def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_
     assert table["val_gap"].to_numpy() == pytest.approx(metrics["val_gap"].to_numpy())
     assert table[["val_map", "test_gap", "test_accuracy"]].notna().all().all()
     assert ((table["test_gap"] >= 0) & (table["test_gap"] <= 1)).all()
+
+
+def test_soups_average_the_last_epochs_and_training_goes_on_unchanged(shards, tmp_path):
+    results = tmp_path / "results"
+    (results / "experiments" / "finetuned" / "train").mkdir(parents=True)
+    (results / "shards").symlink_to(shards)
+    settings = section_settings(
+        "train",
+        {"epochs": 2, "image_size": 64, "batch_size": 8, "workers": 0, "backbone": "simple_cnn", "pretrained": "none"},
+        "test",
+    )
+    (results / "experiments" / "finetuned" / "train").joinpath("train.json").write_text(
+        json.dumps({"settings": settings})
+    )
+    soups: list[dict] = []
+    table = epoch_selection.epochs_of_run(results, "finetuned", tmp_path / "again", threads=1, soups=soups)
+    soups = pd.DataFrame(soups)
+    assert soups[["first_epoch", "last_epoch"]].values.tolist() == [[1, 2], [2, 2]]
+    # the average of the last epoch alone is that epoch's model: the same scores
+    last = table.set_index("epoch").loc[2]
+    assert soups.iloc[1][["val_gap", "test_gap"]].to_numpy(float) == pytest.approx(
+        last[["val_gap", "test_gap"]].to_numpy(float)
+    )
+    # scoring the soups put the trained weights back: train's own record of the last epoch is unchanged
+    metrics = pd.read_csv(tmp_path / "again" / "metrics.csv")
+    assert table["val_gap"].to_numpy() == pytest.approx(metrics["val_gap"].to_numpy())
+    picks = epoch_selection.soup_rules(soups)
+    assert set(picks) == {"average of epochs 1-2", "average of epochs 2-2", "the average val GAP picks"}
+
+
+def test_average_weights_means_floats_and_keeps_counters():
+    first = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(1)}
+    second = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(2)}
+    averaged = epoch_selection.average_weights([first, second])
+    assert averaged["w"].tolist() == [2.0, 4.0]
+    assert int(averaged["n"]) == 2

@@ -187,8 +187,22 @@ def chosen_epoch(table: pd.DataFrame, column: str) -> int:
     return int(table.loc[table[column] >= best - 1e-12, "epoch"].max())
 
 
+def trained_unless_clearly_behind(table: pd.DataFrame) -> int:
+    """train's rule, except that the untrained model wins only when it answers at least two more val
+    landmark photos right than the best trained epoch (one photo is within val's noise)."""
+    pick = chosen_epoch(table, "val_gap")
+    trained = table[table["epoch"] > 0]
+    if pick > 0 or trained.empty:
+        return pick
+    challenger = chosen_epoch(trained, "val_gap")
+    right = table.set_index("epoch")["val_accuracy"] * table["val_photos"].iloc[0]
+    return 0 if right[0] - right[challenger] > 1.5 else challenger
+
+
 RULES = {
     "val GAP (train's rule)": lambda t: chosen_epoch(t, "val_gap"),
+    "val GAP, the trained epochs only": lambda t: chosen_epoch(t[t["epoch"] > 0], "val_gap"),
+    "val GAP, untrained only when 2+ val photos ahead": trained_unless_clearly_behind,
     "val mAP": lambda t: chosen_epoch(t, "val_map"),
     "val GAP, then val mAP on a tie": lambda t: int(
         t.loc[t["val_gap"] >= t["val_gap"].max() - 1e-12].sort_values(["val_map", "epoch"]).iloc[-1]["epoch"]
@@ -241,6 +255,7 @@ def main() -> None:
     summary = []
     for results in args.results:
         table, soups = run_tables(results, args)
+        table["val_photos"] = len(ShardIndex.from_dirs(split_dirs(results, "val")))  # landmark photos
         print(f"\n{results.parent.name}\n{table.round(3).to_string(index=False)}")
         picks = {rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()}
         if soups is not None:

@@ -28,6 +28,8 @@ def test_rules_pick_as_train_does_later_epoch_on_a_tie():
         {
             "epoch": [0, 1, 2],
             "val_gap": [0.9, 0.9, 0.8],
+            "val_accuracy": [0.9, 0.9, 0.8],
+            "val_photos": 10,
             "val_map": [0.5, 0.4, 0.7],
             "val_top1_cosine": [0.1, 0.2, 0.3],
             "test_gap": [0.6, 0.7, 0.5],
@@ -38,6 +40,20 @@ def test_rules_pick_as_train_does_later_epoch_on_a_tie():
     assert picks["val mAP"] == 2
     assert picks["val GAP, then val mAP on a tie"] == 0
     assert picks["oracle (best test GAP)"] == 1
+    assert picks["val GAP, the trained epochs only"] == 1
+
+
+@pytest.mark.parametrize(("untrained_right", "picked"), [(9, 2), (10, 0)])
+def test_untrained_model_wins_only_when_two_val_photos_ahead(untrained_right, picked):
+    table = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2],
+            "val_gap": [untrained_right / 10, 0.7, 0.8],
+            "val_accuracy": [untrained_right / 10, 0.7, 0.8],
+            "val_photos": 10,
+        }
+    )
+    assert epoch_selection.trained_unless_clearly_behind(table) == picked
 
 
 def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_path):

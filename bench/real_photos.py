@@ -115,6 +115,11 @@ VARIANTS: dict[str, dict] = {
     },
     "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
     "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
+    "untrained_margin_2": {
+        "description": "the untrained model kept only when it answers 2+ more val photos right than the best "
+        "trained epoch",
+        "train": {"untrained_val_margin": 2},
+    },
     "random_head": {"description": "ArcFace class weights at random", "train": {"head_init": "random"}},
     "bn_trained": {"description": "BatchNorm statistics updated", "train": {"freeze_bn": False}},
     "frozen_backbone_2": {"description": "backbone frozen for 2 epochs", "train": {"freeze_backbone_epochs": 2}},

@@ -400,10 +400,16 @@ def test_the_rule_picks_the_launcher_from_gpus_and_nodes(tmp_path):
 # Fine-tuning on little data: never worse than the start, frozen parts, layer-wise learning rates
 
 
-def fake_val_gaps(monkeypatch, gaps):
-    """evaluate_val_gap returns these val GAPs in turn (epoch 0 first)."""
-    calls = iter(gaps)
-    monkeypatch.setattr(train, "evaluate_val_gap", lambda *a, **k: {"val_gap": next(calls), "val_accuracy": 1.0})
+def fake_val_gaps(monkeypatch, gaps, right=None):
+    """evaluate_val_gap returns these val GAPs in turn (epoch 0 first), with these numbers of val photos
+    answered right when given."""
+    calls = iter(zip(gaps, right or [None] * len(gaps)))
+
+    def evaluate(*args, **kwargs):
+        gap, val_right = next(calls)
+        return {"val_gap": gap, "val_accuracy": 1.0, **({} if val_right is None else {"val_right": val_right})}
+
+    monkeypatch.setattr(train, "evaluate_val_gap", evaluate)
 
 
 def model_weights(path):
@@ -436,6 +442,21 @@ def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, 
     fake_val_gaps(monkeypatch, [1.0, 1.0, 1.0])  # a saturated val: ties go to the more trained model
     train.train([shards / "train"], [shards / "val"], tmp_path / "tied", settings, device=torch.device("cpu"))
     assert json.loads((tmp_path / "tied" / "train.json").read_text())["selected"] == "epoch 2"
+
+
+@pytest.mark.parametrize(("right", "selected"), [([10, 8, 9], "epoch 2"), ([10, 9, 8], "pretrained")])
+def test_an_untrained_val_margin_keeps_the_untrained_model_only_when_clearly_ahead(
+    shards, tmp_path, monkeypatch, right, selected
+):
+    """untrained_val_margin 2: val's choice of the untrained model stands only when it answers 2+ more val
+    photos right than the best trained epoch by val GAP (epoch 2 here: 0.75, ahead of epoch 1)."""
+    fake_val_gaps(monkeypatch, [0.8, 0.7, 0.75], right)
+    settings = settings_for({**TINY, "epochs": 2, "untrained_val_margin": 2})
+    train.train([shards / "train"], [shards / "val"], tmp_path / "run", settings, device=torch.device("cpu"))
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert (summary["selected"], summary["untrained_val_right"]) == (selected, 10)
+    assert summary["best_val_right"] == (9 if selected == "epoch 2" else 10)  # epoch 2 / untrained
+    assert checkpoint(tmp_path / "run" / "model.pt")["epoch"] == (2 if selected == "epoch 2" else 0)
 
 
 def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards, tmp_path):

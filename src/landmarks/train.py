@@ -9,7 +9,9 @@ Model selection: the untrained model is evaluated as "epoch 0", and each epoch e
 evaluation on `val` (val images plus a sample of the non-landmark bank as non-landmark queries,
 embedded, matched against the train images by top-1 neighbour, scored with GAP). The best epoch's
 weights become `model.pt`, the untrained model included: training never ends worse on val than it
-started (ties go to the later epoch). With `wise_alpha` < 1 every epoch's candidate is the WiSE-FT
+started (ties go to the later epoch). With `untrained_val_margin` > 0 the untrained model must also
+answer that many more val landmark photos right than the best trained epoch, which wins otherwise (one
+photo is noise on a small val). With `wise_alpha` < 1 every epoch's candidate is the WiSE-FT
 interpolation of its weights with the starting ones.
 
 Fine-tuning on few photos per landmark (the defaults, measured on real photos: bench/real_photos.py):
@@ -220,6 +222,7 @@ class Training:
         self.build_optimiser()
         self.digest = settings_digest(settings, data_fingerprint(self.train_index, self.val_index), dist.world_size)
         self.last_path, self.best_path = self.out_dir / "last.ckpt", self.out_dir / "best.ckpt"
+        self.best_trained_path = self.out_dir / "best_trained.ckpt"  # with untrained_val_margin > 0
         self.state, self.resumed_from = RunState(), None
         # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
         self.totals = torch.zeros(3, dtype=torch.float64)
@@ -359,6 +362,8 @@ class Training:
                     "metrics": self.state.metrics,
                     "best_score": self.state.best_score,
                     "best_epoch": self.state.best_epoch,
+                    "best_trained_score": self.state.best_trained_score,
+                    "best_trained_epoch": self.state.best_trained_epoch,
                     "clusters": self.state.clusters,
                     "initialised": self.state.initialised,
                     "start_weights": self.state.start_weights,
@@ -419,6 +424,10 @@ class Training:
                 self.state.best_score, self.state.best_epoch = score, epoch
                 if self.dist.is_main:
                     save_checkpoint(self.best_path, self.model_state(epoch, whitening))
+            if epoch > 0 and score >= self.state.best_trained_score:
+                self.state.best_trained_score, self.state.best_trained_epoch = score, epoch
+                if self.dist.is_main and self.settings["untrained_val_margin"] > 0:
+                    save_checkpoint(self.best_trained_path, self.model_state(epoch, whitening))
 
     @contextlib.contextmanager
     def selected_weights(self, epoch: int):
@@ -580,10 +589,26 @@ class Training:
         if not self.best_path.exists():  # deleted by hand after the best epoch: the final weights stand in
             save_checkpoint(self.best_path, self.model_state(self.settings["epochs"]))
         with atomic_path(self.out_dir / "model.pt", suffix=".pt.part") as tmp:
-            shutil.copyfile(self.best_path, tmp)
+            shutil.copyfile(self.best_trained_path if self.untrained_within_margin() else self.best_path, tmp)
         write_metrics_csv(self.state.metrics, self.out_dir / "metrics.csv")
         plot_curves(self.state.metrics, self.out_dir / "curves.png")
         write_json_atomic(self.out_dir / "train.json", self.summary(audit, seconds))
+
+    def untrained_within_margin(self) -> bool:
+        """Whether val chose the untrained model by fewer val landmark photos answered right than
+        `untrained_val_margin` over the best trained epoch: then that epoch is kept instead (on a small
+        val one photo is noise, and a trained epoch that val scores that close usually scores better on
+        the test: bench/real_photos.md, "How well val picks the epoch")."""
+        margin, state = self.settings["untrained_val_margin"], self.state
+        if margin <= 0 or state.best_epoch != 0 or state.best_trained_epoch == 0:
+            return False
+        if not self.best_trained_path.exists():  # deleted by hand: keep what val chose
+            return False
+        right = {row["epoch"]: row.get("val_right", 0) for row in state.metrics}
+        return right[0] - right[state.best_trained_epoch] < margin
+
+    def selected_epoch(self) -> int:
+        return self.state.best_trained_epoch if self.untrained_within_margin() else self.state.best_epoch
 
     def whitening_summary(self, best: dict) -> dict | str | None:
         """train.json's account of the learned whitening in model.pt."""
@@ -603,8 +628,18 @@ class Training:
     def summary(self, audit: dict | None, seconds: float) -> dict:
         """train.json: data sizes, the selected epoch and its val scores, steps, initialisation, resume,
         processes, time, device and settings."""
-        best = next((r for r in self.state.metrics if r["epoch"] == self.state.best_epoch), self.state.metrics[-1])
-        if self.state.best_epoch == 0:
+        chosen = self.selected_epoch()
+        best = next((r for r in self.state.metrics if r["epoch"] == chosen), self.state.metrics[-1])
+        if chosen != self.state.best_epoch:
+            log.info(
+                "the untrained model led on val (GAP %.4f) by fewer than %d val photos answered right: "
+                "model.pt is epoch %d (val GAP %.4f)",
+                self.state.metrics[0]["val_gap"],
+                self.settings["untrained_val_margin"],
+                chosen,
+                best["val_gap"],
+            )
+        if chosen == 0:
             selected = "pretrained" if self.settings["epochs"] else "pretrained (epochs: 0)"
             if self.settings["epochs"]:
                 log.warning(
@@ -612,7 +647,7 @@ class Training:
                     best["val_gap"],
                 )
         else:
-            selected = f"epoch {self.state.best_epoch}"
+            selected = f"epoch {chosen}"
         return {
             "classes": len(self.labels),
             "train_images": len(self.train_index),
@@ -622,6 +657,9 @@ class Training:
             "best_val_gap": best["val_gap"],
             "best_val_accuracy": best["val_accuracy"],
             "untrained_val_gap": self.state.metrics[0]["val_gap"],
+            # val landmark photos answered right, untrained and selected (train.untrained_val_margin)
+            "untrained_val_right": self.state.metrics[0].get("val_right"),
+            "best_val_right": best.get("val_right"),
             "whitening": self.whitening_summary(best),
             "steps_per_epoch": self.steps_per_epoch,
             "global_steps": self.state.global_step,

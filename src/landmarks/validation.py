@@ -167,7 +167,8 @@ def threshold_folds(db, db_labels, val, val_labels, seed: int, fit) -> list[dict
 
 
 def top1_scores(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, query_table: pd.DataFrame) -> dict:
-    """val GAP and accuracy of each query's nearest train image's landmark, ranked by its cosine."""
+    """val GAP and accuracy of each query's nearest train image's landmark, ranked by its cosine, and how
+    many landmark queries it answers right (`val_right`)."""
     from .index import knn
     from .metrics import score_predictions
 
@@ -179,4 +180,8 @@ def top1_scores(db: np.ndarray, db_labels: np.ndarray, queries: np.ndarray, quer
         {"id": query_table["id"], "landmarks": [[] if pd.isna(x) else [int(x)] for x in query_table["landmark_id"]]}
     )
     scores = score_predictions(predictions, truth)
-    return {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy)}
+    labelled = query_table["landmark_id"].notna().to_numpy()
+    right = int(
+        (predictions["landmark_id"].to_numpy()[labelled] == query_table["landmark_id"][labelled].to_numpy()).sum()
+    )
+    return {"val_gap": float(scores.gap), "val_accuracy": float(scores.accuracy), "val_right": right}

@@ -6,7 +6,7 @@ ties and noise decide. This trains a finished run's experiment again, with its o
 epoch also embeds the run's test queries (their database, the train photos, comes from train's own val
 pass), to print per epoch:
 
-- the val scores train computes (`val_gap`, `val_accuracy`, `val_gap_unwhitened`);
+- the val scores train computes (`val_gap`, `val_accuracy`, `val_right`, `val_gap_unwhitened`);
 - `val_map`: the mean average precision of the val landmark photos' rankings of the train photos (every
   photo of their landmark counts, not only the nearest), with the whitening of the train photos as val GAP
   uses it; a finer-grained selection score;
@@ -101,6 +101,7 @@ def score_model(model, train_index, val_index, test_index, settings, device, dis
     row = {
         "val_gap": result["val_gap"],
         "val_accuracy": result["val_accuracy"],
+        "val_right": result["val_right"],  # val landmark photos answered right
         "val_gap_unwhitened": result.get("val_gap_unwhitened", np.nan),
         "val_map": mean_average_precision(white_db, db_labels, white_val, val_labels),
         "val_top1_cosine": float(np.mean(knn(white_db, white_val, 1)[0])),
@@ -189,14 +190,15 @@ def chosen_epoch(table: pd.DataFrame, column: str) -> int:
 
 def trained_unless_clearly_behind(table: pd.DataFrame) -> int:
     """train's rule, except that the untrained model wins only when it answers at least two more val
-    landmark photos right than the best trained epoch (one photo is within val's noise)."""
+    landmark photos right than the best trained epoch (one photo is within val's noise): what
+    `train.untrained_val_margin: 2` does."""
     pick = chosen_epoch(table, "val_gap")
     trained = table[table["epoch"] > 0]
     if pick > 0 or trained.empty:
         return pick
     challenger = chosen_epoch(trained, "val_gap")
-    right = table.set_index("epoch")["val_accuracy"] * table["val_photos"].iloc[0]
-    return 0 if right[0] - right[challenger] > 1.5 else challenger
+    right = table.set_index("epoch")["val_right"]
+    return 0 if right[0] - right[challenger] >= 2 else challenger
 
 
 RULES = {
@@ -255,7 +257,6 @@ def main() -> None:
     summary = []
     for results in args.results:
         table, soups = run_tables(results, args)
-        table["val_photos"] = len(ShardIndex.from_dirs(split_dirs(results, "val")))  # landmark photos
         print(f"\n{results.parent.name}\n{table.round(3).to_string(index=False)}")
         picks = {rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()}
         if soups is not None:

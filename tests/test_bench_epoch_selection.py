@@ -28,8 +28,7 @@ def test_rules_pick_as_train_does_later_epoch_on_a_tie():
         {
             "epoch": [0, 1, 2],
             "val_gap": [0.9, 0.9, 0.8],
-            "val_accuracy": [0.9, 0.9, 0.8],
-            "val_photos": 10,
+            "val_right": [9, 9, 8],
             "val_map": [0.5, 0.4, 0.7],
             "val_top1_cosine": [0.1, 0.2, 0.3],
             "test_gap": [0.6, 0.7, 0.5],
@@ -49,8 +48,7 @@ def test_untrained_model_wins_only_when_two_val_photos_ahead(untrained_right, pi
         {
             "epoch": [0, 1, 2],
             "val_gap": [untrained_right / 10, 0.7, 0.8],
-            "val_accuracy": [untrained_right / 10, 0.7, 0.8],
-            "val_photos": 10,
+            "val_right": [untrained_right, 7, 8],
         }
     )
     assert epoch_selection.trained_unless_clearly_behind(table) == picked

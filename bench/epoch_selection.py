@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from landmarks import train as train_module  # noqa: E402
 from landmarks import validation  # noqa: E402
+from landmarks.config import section_settings  # noqa: E402
 from landmarks.index import knn  # noqa: E402
 from landmarks.loader import ShardIndex  # noqa: E402
 from landmarks.validation import top1_scores  # noqa: E402
@@ -164,7 +165,8 @@ def epochs_of_run(
     """Train the run's experiment again (its train.json settings, `overrides` on top); one row per epoch.
     With `soups`, the averages of the last epochs are scored too and appended there (epoch_scorer)."""
     overrides = overrides or {}
-    settings = json.loads((results / "experiments" / experiment / "train" / "train.json").read_text())["settings"]
+    recorded = json.loads((results / "experiments" / experiment / "train" / "train.json").read_text())["settings"]
+    settings = section_settings("train", {**recorded, **overrides})  # today's defaults for keys added since
     rows: list[dict] = []
     train_module.evaluate_val_gap = epoch_scorer(ShardIndex.from_dirs(split_dirs(results, "test")), rows, soups)
     try:
@@ -172,7 +174,7 @@ def epochs_of_run(
             split_dirs(results, "train"),
             split_dirs(results, "val"),
             out_dir,
-            {**settings, **overrides},
+            settings,
             device=torch.device("cpu"),
             threads=threads,
             bank_dirs=split_dirs(results, "nonlandmark"),

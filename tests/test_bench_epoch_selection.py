@@ -1,6 +1,7 @@
 """bench/epoch_selection.py: every epoch's test score beside the val scores that could choose it."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -54,17 +55,33 @@ def test_untrained_model_wins_only_when_two_val_photos_ahead(untrained_right, pi
     assert epoch_selection.trained_unless_clearly_behind(table) == picked
 
 
-def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_path):
+def finished_run(shards, tmp_path, epochs: int, drop=()) -> Path:
+    """A results folder as a finished run leaves it for this script: the shards and the finetuned
+    experiment's train.json (its settings without the keys in `drop`)."""
     results = tmp_path / "results"
     (results / "experiments" / "finetuned" / "train").mkdir(parents=True)
     (results / "shards").symlink_to(shards)
     settings = section_settings(
         "train",
-        {"epochs": 1, "image_size": 64, "batch_size": 8, "workers": 0, "backbone": "simple_cnn", "pretrained": "none"},
+        {
+            "epochs": epochs,
+            "image_size": 64,
+            "batch_size": 8,
+            "workers": 0,
+            "backbone": "simple_cnn",
+            "pretrained": "none",
+        },
         "test",
     )
-    del settings["untrained_val_margin"]  # a run trained before the key existed: today's default stands in
+    for key in drop:
+        del settings[key]
     (results / "experiments" / "finetuned" / "train" / "train.json").write_text(json.dumps({"settings": settings}))
+    return results
+
+
+def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_path):
+    # a run trained before untrained_val_margin existed: today's default stands in
+    results = finished_run(shards, tmp_path, epochs=1, drop=["untrained_val_margin"])
     table = epoch_selection.epochs_of_run(results, "finetuned", tmp_path / "again", threads=1)
     assert train.evaluate_val_gap is epoch_selection.EVALUATE_VAL_GAP  # put back
     assert validation.embed_for_training is epoch_selection.EMBED_FOR_TRAINING
@@ -76,17 +93,7 @@ def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_
 
 
 def test_soups_average_the_last_epochs_and_training_goes_on_unchanged(shards, tmp_path):
-    results = tmp_path / "results"
-    (results / "experiments" / "finetuned" / "train").mkdir(parents=True)
-    (results / "shards").symlink_to(shards)
-    settings = section_settings(
-        "train",
-        {"epochs": 2, "image_size": 64, "batch_size": 8, "workers": 0, "backbone": "simple_cnn", "pretrained": "none"},
-        "test",
-    )
-    (results / "experiments" / "finetuned" / "train").joinpath("train.json").write_text(
-        json.dumps({"settings": settings})
-    )
+    results = finished_run(shards, tmp_path, epochs=2)
     soups: list[dict] = []
     table = epoch_selection.epochs_of_run(results, "finetuned", tmp_path / "again", threads=1, soups=soups)
     soups = pd.DataFrame(soups)

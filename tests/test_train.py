@@ -459,6 +459,35 @@ def test_an_untrained_val_margin_keeps_the_untrained_model_only_when_clearly_ahe
     assert checkpoint(tmp_path / "run" / "model.pt")["epoch"] == (2 if selected == "epoch 2" else 0)
 
 
+def test_a_resumed_run_remembers_the_best_trained_epoch_for_the_margin(shards, tmp_path, monkeypatch):
+    """untrained_val_margin 2, the untrained model one val photo ahead: the best trained epoch (1) is kept,
+    also when the run is preempted in epoch 2 and resumed (it must not forget epoch 1 was the best)."""
+    settings = {**TINY, "epochs": 2, "checkpoint_every_steps": 1, "untrained_val_margin": 2}
+    fake_val_gaps(monkeypatch, [0.8, 0.75, 0.7], [10, 9, 9])
+    assert train.main(run_args(shards, tmp_path / "straight", settings)) == 0
+
+    resumed, real_save = tmp_path / "resumed", torch.save
+
+    def sigterm_in_epoch_2(obj, path, *args, **kwargs):
+        if Path(path).name.startswith(".last.ckpt.") and obj.get("epoch") == 1 and obj.get("step"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(obj, path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", sigterm_in_epoch_2)
+        fake_val_gaps(patch, [0.8, 0.75], [10, 9])
+        assert train.main(run_args(shards, resumed, settings)) == train.EXIT_INTERRUPTED
+    fake_val_gaps(monkeypatch, [0.7], [9])
+    assert train.main(run_args(shards, resumed, settings)) == 0
+
+    for run in (tmp_path / "straight", resumed):
+        assert json.loads((run / "train.json").read_text())["selected"] == "epoch 1"
+    straight, again = checkpoint(tmp_path / "straight" / "model.pt"), checkpoint(resumed / "model.pt")
+    assert straight["epoch"] == again["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.allclose(again["model"][key].float(), value.float(), atol=1e-6), key
+
+
 def test_wise_ft_interpolates_the_selected_weights_with_the_starting_ones(shards, tmp_path):
     untrained = tmp_path / "untrained"
     train.train(

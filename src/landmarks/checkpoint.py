@@ -78,16 +78,13 @@ def data_fingerprint(*indexes: ShardIndex) -> str:
 @dataclass
 class RunState:
     """What last.ckpt keeps of a run besides weights and optimiser: optimizer steps so far, every
-    evaluated epoch's metrics (epoch 0: the untrained model), the best epoch so far and the best trained
-    one, the subspace clusters in use, how neck and head were initialised, and the starting weights (for
-    WiSE-FT)."""
+    evaluated epoch's metrics (epoch 0: the untrained model), the best epoch so far, the subspace
+    clusters in use, how neck and head were initialised, and the starting weights (for WiSE-FT)."""
 
     global_step: int = 0
     metrics: list[dict] = field(default_factory=list)
     best_score: float = -math.inf
     best_epoch: int = 0
-    best_trained_score: float = -math.inf  # the best epoch after 0 (train.untrained_val_margin)
-    best_trained_epoch: int = 0
     clusters: np.ndarray | None = None
     initialised: dict | None = None
     start_weights: dict | None = None

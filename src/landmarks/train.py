@@ -180,6 +180,12 @@ class TrainModule(nn.Module):
         return loss, correct
 
 
+def selection_score(row: dict) -> float:
+    """What model selection ranks an evaluated epoch by: its val GAP, or without val its number (the
+    last epoch wins)."""
+    return row["val_gap"] if not math.isnan(row["val_gap"]) else float(row["epoch"])
+
+
 def write_metrics_csv(metrics: list[dict], path: Path) -> None:
     with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
         columns = list(dict.fromkeys(key for row in metrics for key in row)) or ["epoch"]
@@ -362,8 +368,6 @@ class Training:
                     "metrics": self.state.metrics,
                     "best_score": self.state.best_score,
                     "best_epoch": self.state.best_epoch,
-                    "best_trained_score": self.state.best_trained_score,
-                    "best_trained_epoch": self.state.best_trained_epoch,
                     "clusters": self.state.clusters,
                     "initialised": self.state.initialised,
                     "start_weights": self.state.start_weights,
@@ -419,15 +423,14 @@ class Training:
                 row["val_accuracy"],
                 row["images_per_s"],
             )
-            score = row["val_gap"] if not math.isnan(row["val_gap"]) else float(epoch)  # no val: keep the last
+            score = selection_score(row)
             if score >= self.state.best_score:
                 self.state.best_score, self.state.best_epoch = score, epoch
                 if self.dist.is_main:
                     save_checkpoint(self.best_path, self.model_state(epoch, whitening))
-            if epoch > 0 and score >= self.state.best_trained_score:
-                self.state.best_trained_score, self.state.best_trained_epoch = score, epoch
-                if self.dist.is_main and self.settings["untrained_val_margin"] > 0:
-                    save_checkpoint(self.best_trained_path, self.model_state(epoch, whitening))
+            new_best_trained = epoch > 0 and epoch == self.best_trained_epoch()
+            if new_best_trained and self.settings["untrained_val_margin"] > 0 and self.dist.is_main:
+                save_checkpoint(self.best_trained_path, self.model_state(epoch, whitening))
 
     @contextlib.contextmanager
     def selected_weights(self, epoch: int):
@@ -599,16 +602,21 @@ class Training:
         `untrained_val_margin` over the best trained epoch: then that epoch is kept instead (on a small
         val one photo is noise, and a trained epoch that val scores that close usually scores better on
         the test: bench/real_photos.md, "How well val picks the epoch")."""
-        margin, state = self.settings["untrained_val_margin"], self.state
-        if margin <= 0 or state.best_epoch != 0 or state.best_trained_epoch == 0:
+        margin, challenger = self.settings["untrained_val_margin"], self.best_trained_epoch()
+        if margin <= 0 or self.state.best_epoch != 0 or challenger == 0:
             return False
         if not self.best_trained_path.exists():  # deleted by hand: keep what val chose
             return False
-        right = {row["epoch"]: row.get("val_right", 0) for row in state.metrics}
-        return right[0] - right[state.best_trained_epoch] < margin
+        right = {row["epoch"]: row.get("val_right", 0) for row in self.state.metrics}
+        return right[0] - right[challenger] < margin
+
+    def best_trained_epoch(self) -> int:
+        """The best epoch after 0 by val (the later on a tie), 0 when none has ended yet."""
+        trained = [row for row in self.state.metrics if row["epoch"] > 0]
+        return max(trained, key=lambda row: (selection_score(row), row["epoch"]))["epoch"] if trained else 0
 
     def selected_epoch(self) -> int:
-        return self.state.best_trained_epoch if self.untrained_within_margin() else self.state.best_epoch
+        return self.best_trained_epoch() if self.untrained_within_margin() else self.state.best_epoch
 
     def whitening_summary(self, best: dict) -> dict | str | None:
         """train.json's account of the learned whitening in model.pt."""

@@ -132,3 +132,32 @@ def test_a_set_of_several_sources_numbers_their_landmarks_on_and_refuses_one_lan
     monkeypatch.setattr(sys, "argv", [*argv[:-1], str(tmp_path / "again")])
     with pytest.raises(SystemExit, match=r"landmark folder\(s\) \['tower'\] in more than one source"):
         builder.main()
+
+
+def test_landmark_folders_sharing_file_names_get_ids_of_their_own_and_per_landmark_caps_each(tmp_path, monkeypatch):
+    """Every landmark folder of one source may hold a `10.jpg` (and a `10.jpeg`): the extension, then the
+    landmark's folder tells them apart; `per_landmark` keeps the first photos of each landmark by name."""
+    builder = load("web_landmarks")
+    root = tmp_path / "source"
+    files = {"images/gate/10.jpg": photo(1), "images/gate/11.jpg": photo(2), "images/gate/12.jpg": photo(3)}
+    files |= {"images/old fort/10.jpeg": photo(4), "images/old fort/10.jpg": photo(5), "images/tower/10.jpg": photo(6)}
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    git(root, "init", "-q")
+    git(root, "add", ".")
+    git(root, "commit", "-qm", "photos")
+    source = builder.Source("someone/photos", git(root, "rev-parse", "HEAD").strip(), ("images",), per_landmark=2)
+    monkeypatch.setitem(builder.SETS, "tiny", [source])
+    out = tmp_path / "set"
+    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(root / ".git"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert builder.main() == 0
+    labels = pd.read_csv(out / "labels.csv")
+    assert dict(zip(labels["source_path"], labels["id"])) == {
+        "images/gate/10.jpg": "10",
+        "images/gate/11.jpg": "11",
+        "images/old fort/10.jpeg": "10_jpeg",
+        "images/old fort/10.jpg": "10_jpg",
+        "images/tower/10.jpg": "tower_10",
+    }

@@ -20,7 +20,7 @@ licence is stated for them): use them for local evaluation only, never copy them
   was found, to check it: 23 Indian monuments (Ajanta, Ellora, the Gateway of India, the Qutub Minar,
   the Golden Temple, ...; the Taj Mahal left out) from a copy of a public web-scraped dataset, 15
   photos each: many landmarks, few photos of each.
-- `all31`: the three sets above as one, 31 landmarks in one database (860 photos): not a new set of
+- `all31`: world13, asia11 and other7 as one, 31 landmarks in one database (860 photos): not a new set of
   photos but a harder task, more landmarks to tell apart (the five clones, in the order above).
 
 Per landmark the files are walked in name order and the first `per_landmark` (30 unless the source

@@ -41,6 +41,11 @@ def photo_repository(root: Path) -> tuple[Path, str]:
         "data/train/tower/tower (2).png": photo(7, "PNG"),
         "data/train/README.md": b"not a landmark",
     }
+    return commit_files(root, files)
+
+
+def commit_files(root: Path, files: dict[str, bytes]) -> tuple[Path, str]:
+    """A new repository at `root` with `files` in one commit: its .git folder and the commit."""
     for path, data in files.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(data)
@@ -50,16 +55,22 @@ def photo_repository(root: Path) -> tuple[Path, str]:
     return root / ".git", git(root, "rev-parse", "HEAD").strip()
 
 
+def build_set(monkeypatch, builder, sources: list, git_dir: Path, out: Path) -> pd.DataFrame:
+    """The builder's command line run on `sources` as set `tiny`, each cloned at `git_dir`: its labels.csv."""
+    monkeypatch.setitem(builder.SETS, "tiny", sources)
+    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", *[str(git_dir)] * len(sources), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert builder.main() == 0
+    return pd.read_csv(out / "labels.csv")
+
+
 def test_builds_labels_from_the_pinned_commit(tmp_path, monkeypatch):
     builder = load("web_landmarks")
     git_dir, commit = photo_repository(tmp_path / "source")
-    monkeypatch.setitem(builder.SETS, "tiny", [builder.Source("someone/photos", commit, ("data/train", "data/test"))])
     out = tmp_path / "set"
-    monkeypatch.setattr(
-        sys, "argv", ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(out)]
+    labels = build_set(
+        monkeypatch, builder, [builder.Source("someone/photos", commit, ("data/train", "data/test"))], git_dir, out
     )
-    assert builder.main() == 0
-    labels = pd.read_csv(out / "labels.csv")
     assert sorted(labels["id"]) == [
         "test_old_bridge_1",
         "train_old_bridge_1",
@@ -93,12 +104,8 @@ def test_a_source_can_keep_only_the_landmarks_it_names(tmp_path, monkeypatch):
     builder = load("web_landmarks")
     git_dir, commit = photo_repository(tmp_path / "source")
     only_tower = builder.Source("someone/photos", commit, ("data/train", "data/test"), ("tower",))
-    monkeypatch.setitem(builder.SETS, "tiny", [only_tower])
     out = tmp_path / "set"
-    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(git_dir), "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    assert builder.main() == 0
-    labels = pd.read_csv(out / "labels.csv")
+    labels = build_set(monkeypatch, builder, [only_tower], git_dir, out)
     assert sorted(labels["id"]) == ["train_tower_1", "train_tower_1_jpg"]
     assert set(labels["landmark_name"]) == {"tower"} and not (out / "images" / "old_bridge").exists()
 
@@ -141,19 +148,9 @@ def test_landmark_folders_sharing_file_names_get_ids_of_their_own_and_per_landma
     root = tmp_path / "source"
     files = {"images/gate/10.jpg": photo(1), "images/gate/11.jpg": photo(2), "images/gate/12.jpg": photo(3)}
     files |= {"images/old fort/10.jpeg": photo(4), "images/old fort/10.jpg": photo(5), "images/tower/10.jpg": photo(6)}
-    for path, data in files.items():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(data)
-    git(root, "init", "-q")
-    git(root, "add", ".")
-    git(root, "commit", "-qm", "photos")
-    source = builder.Source("someone/photos", git(root, "rev-parse", "HEAD").strip(), ("images",), per_landmark=2)
-    monkeypatch.setitem(builder.SETS, "tiny", [source])
-    out = tmp_path / "set"
-    argv = ["web_landmarks.py", "--set", "tiny", "--git-dir", str(root / ".git"), "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv)
-    assert builder.main() == 0
-    labels = pd.read_csv(out / "labels.csv")
+    git_dir, commit = commit_files(root, files)
+    source = builder.Source("someone/photos", commit, ("images",), per_landmark=2)
+    labels = build_set(monkeypatch, builder, [source], git_dir, tmp_path / "set")
     assert dict(zip(labels["source_path"], labels["id"])) == {
         "images/gate/10.jpg": "10",
         "images/gate/11.jpg": "11",

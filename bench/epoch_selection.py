@@ -185,15 +185,15 @@ def epochs_of_run(
 
 
 def chosen_epoch(table: pd.DataFrame, column: str) -> int:
-    """train's rule on `column`: the best score, the later epoch on a tie."""
+    """The best score on `column`, the later epoch on a tie."""
     best = table[column].max()
     return int(table.loc[table[column] >= best - 1e-12, "epoch"].max())
 
 
 def trained_unless_clearly_behind(table: pd.DataFrame) -> int:
-    """train's rule, except that the untrained model wins only when it answers at least two more val
-    landmark photos right than the best trained epoch (one photo is within val's noise): what
-    `train.untrained_val_margin: 2` does."""
+    """train's rule: val GAP, except that the untrained model wins only when it answers at least two more
+    val landmark photos right than the best trained epoch (one photo is within val's noise):
+    `train.untrained_val_margin: 2`, the default."""
     pick = chosen_epoch(table, "val_gap")
     trained = table[table["epoch"] > 0]
     if pick > 0 or trained.empty:
@@ -204,9 +204,9 @@ def trained_unless_clearly_behind(table: pd.DataFrame) -> int:
 
 
 RULES = {
-    "val GAP (train's rule)": lambda t: chosen_epoch(t, "val_gap"),
+    "val GAP (train's rule until the margin)": lambda t: chosen_epoch(t, "val_gap"),
     "val GAP, the trained epochs only": lambda t: chosen_epoch(t[t["epoch"] > 0], "val_gap"),
-    "val GAP, untrained only when 2+ val photos ahead": trained_unless_clearly_behind,
+    "val GAP, untrained only when 2+ val photos ahead (train's rule)": trained_unless_clearly_behind,
     "val mAP": lambda t: chosen_epoch(t, "val_map"),
     "val GAP, then val mAP on a tie": lambda t: int(
         t.loc[t["val_gap"] >= t["val_gap"].max() - 1e-12].sort_values(["val_map", "epoch"]).iloc[-1]["epoch"]

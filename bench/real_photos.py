@@ -115,10 +115,10 @@ VARIANTS: dict[str, dict] = {
     },
     "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
     "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
-    "untrained_margin_2": {
-        "description": "the untrained model kept only when it answers 2+ more val photos right than the best "
-        "trained epoch",
-        "train": {"untrained_val_margin": 2},
+    "untrained_margin_0": {
+        "description": "the untrained model kept whenever its val GAP is the best (the default until this "
+        "round: no margin)",
+        "train": {"untrained_val_margin": 0},
     },
     "random_head": {"description": "ArcFace class weights at random", "train": {"head_init": "random"}},
     "bn_trained": {"description": "BatchNorm statistics updated", "train": {"freeze_bn": False}},

@@ -36,7 +36,8 @@ def test_rules_pick_as_train_does_later_epoch_on_a_tie():
         }
     )
     picks = {rule: pick(table) for rule, pick in epoch_selection.RULES.items()}
-    assert picks["val GAP (train's rule)"] == 1
+    assert picks["val GAP (train's rule until the margin)"] == 1
+    assert picks["val GAP, untrained only when 2+ val photos ahead (train's rule)"] == 1
     assert picks["val mAP"] == 2
     assert picks["val GAP, then val mAP on a tie"] == 0
     assert picks["oracle (best test GAP)"] == 1

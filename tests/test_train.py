@@ -417,7 +417,8 @@ def model_weights(path):
 
 
 def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, tmp_path, monkeypatch):
-    settings = settings_for({**TINY, "epochs": 2})
+    """With no margin (`untrained_val_margin: 0`): the issue's bare rule."""
+    settings = settings_for({**TINY, "epochs": 2, "untrained_val_margin": 0})
     untrained = tmp_path / "untrained"
     train.train(
         [shards / "train"], [shards / "val"], untrained, settings_for({**TINY, "epochs": 0}), device=torch.device("cpu")
@@ -445,13 +446,12 @@ def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, 
 
 
 @pytest.mark.parametrize(("right", "selected"), [([10, 8, 9], "epoch 2"), ([10, 9, 8], "pretrained")])
-def test_an_untrained_val_margin_keeps_the_untrained_model_only_when_clearly_ahead(
-    shards, tmp_path, monkeypatch, right, selected
-):
-    """untrained_val_margin 2: val's choice of the untrained model stands only when it answers 2+ more val
+def test_by_default_the_untrained_model_is_kept_only_when_clearly_ahead(shards, tmp_path, monkeypatch, right, selected):
+    """The default margin (2): val's choice of the untrained model stands only when it answers 2+ more val
     photos right than the best trained epoch by val GAP (epoch 2 here: 0.75, ahead of epoch 1)."""
     fake_val_gaps(monkeypatch, [0.8, 0.7, 0.75], right)
-    settings = settings_for({**TINY, "epochs": 2, "untrained_val_margin": 2})
+    settings = settings_for({**TINY, "epochs": 2})
+    assert settings["untrained_val_margin"] == 2
     train.train([shards / "train"], [shards / "val"], tmp_path / "run", settings, device=torch.device("cpu"))
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     assert (summary["selected"], summary["untrained_val_right"]) == (selected, 10)

@@ -116,8 +116,8 @@ VARIANTS: dict[str, dict] = {
     "no_verify": {"description": "without geometric verification", "retrieve": {"verify": {"neighbours": 0}}},
     "no_wise": {"description": "no WiSE-FT (the fine-tuned weights as they are)", "train": {"wise_alpha": 1.0}},
     "untrained_margin_0": {
-        "description": "the untrained model kept whenever its val GAP is the best (the default until this "
-        "round: no margin)",
+        "description": "the untrained model kept whenever its val GAP is the best (no margin: the default "
+        "before untrained_val_margin 2)",
         "train": {"untrained_val_margin": 0},
     },
     "random_head": {"description": "ArcFace class weights at random", "train": {"head_init": "random"}},

@@ -193,3 +193,22 @@ def test_the_tables_are_written_whole_after_each_run_and_hold_every_finished_see
     assert (tmp_path / "results-fewshot.md").read_text() == text
     finetuned = next(line for line in text.splitlines() if line.startswith("| finetuned | 0.510"))
     assert finetuned.endswith("| 0.090 ± 0.030 |")  # gains per seed +0.12 and +0.06 (sd over the seeds)
+
+
+def test_with_held_out_queries_the_table_also_gives_the_gain_on_the_folders_own_query_photos(tmp_path):
+    bench = load_bench()
+    catalogue = {"pretrained": bench.EXPERIMENTS["pretrained"], "finetuned": bench.EXPERIMENTS["finetuned"]}
+    rows = [
+        {"regime": "fewshot", "seed": seed, "experiment": name, "selected": "epoch 1", "gap": gap}
+        | {"gap_query": query, "gap_heldout": 0.9}
+        for seed, results in ((0, ((0.90, 0.80), (0.92, 0.86))), (1, ((0.95, 0.90), (0.94, 0.92))))
+        for name, (gap, query) in zip(catalogue, results)
+    ]
+    text = bench.render(pd.DataFrame(rows), catalogue)
+
+    header = next(line for line in text.splitlines() if line.startswith("| experiment | GAP |"))
+    assert header.endswith("| GAP − pretrained | GAP query photos − pretrained |")
+    finetuned = next(line for line in text.splitlines() if line.startswith("| finetuned | 0.930"))
+    assert finetuned.endswith("| 0.005 ± 0.015 | 0.040 ± 0.020 |")  # GAP +0.02 / -0.01, query photos +0.06 / +0.02
+    full = bench.render(pd.DataFrame(rows).assign(regime="full", gap_heldout=None), catalogue)
+    assert "query photos − pretrained" not in full  # the queries are the folder's own: the same gain

@@ -417,7 +417,7 @@ def model_weights(path):
 
 
 def test_the_untrained_model_is_epoch_0_and_kept_when_no_epoch_beats_it(shards, tmp_path, monkeypatch):
-    """With no margin (`untrained_val_margin: 0`): the issue's bare rule."""
+    """With no margin (`untrained_val_margin: 0`): the issue's bare rule, but for ties, which go to the later epoch."""
     settings = settings_for({**TINY, "epochs": 2, "untrained_val_margin": 0})
     untrained = tmp_path / "untrained"
     train.train(

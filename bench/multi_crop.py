@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from neighbour_smoothing import finished_runs  # noqa: E402
+from neighbour_smoothing import finished_runs, print_gains  # noqa: E402
 
 from landmarks.common import read_table  # noqa: E402
+from landmarks.config import experiment_settings, load_config  # noqa: E402
 from landmarks.embedding import embed_dataset, model_input, run_model  # noqa: E402
 from landmarks.loader import ShardDataset, ShardIndex  # noqa: E402
 from landmarks.metrics import score_predictions  # noqa: E402
@@ -121,8 +122,9 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     selection = read_table(results / "select" / "selection.parquet")
     truth = truth_from_selection(selection)
     model, checkpoint = model_from_checkpoint(results / "experiments" / experiment / "train" / "model.pt")
-    config = read_config(results.parent / "config.yaml")
-    size = (config.get("embed") or {}).get("image_size") or checkpoint["settings"]["image_size"]
+    # The benchmark writes each run's config.yaml beside its results folder (make demo: the repository's)
+    embed = experiment_settings(load_config(results.parent / "config.yaml"), experiment)["embed"]
+    size = embed["image_size"] or checkpoint["settings"]["image_size"]
     queries, query_table = crop_embeddings(model, results / "shards" / "test", size)
     db, db_table = crop_embeddings(model, results / "shards" / "train", size)
     labels = db_table["landmark_id"].to_numpy().astype(int)
@@ -136,26 +138,12 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     return gaps
 
 
-def read_config(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
-
-
 def main() -> int:
     torch.set_num_threads(2)
     table = finished_runs(__doc__, run_gaps, "train/model.pt")
     if table is None:
         return 1
-    print(table.to_string(float_format="%.3f"))
-    names = [c for c in table.columns if c not in ("run", "experiment")]
-    for experiment, runs in table.groupby("experiment", sort=False):
-        print(f"\n{experiment} ({len(runs)} runs): GAP mean ± sd, gain over plain mean ± sd")
-        for name in names:
-            gain = runs[name] - runs["plain"]
-            print(
-                f"  {name:12s} {runs[name].mean():.3f} ± {runs[name].std():.3f}   {gain.mean():+.3f} ± {gain.std():.3f}"
-            )
+    print_gains(table)
     return 0
 
 

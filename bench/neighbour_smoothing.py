@@ -143,18 +143,27 @@ def finished_runs(description: str, measure, needed: str, argv=None) -> pd.DataF
     return table
 
 
-def main() -> int:
-    table = finished_runs(__doc__, run_gaps, "embed/test.npy")
-    if table is None:
-        return 1
+def print_gains(table: pd.DataFrame) -> None:
+    """Every run's GAPs, then per experiment each setting's mean GAP and its gain over `plain` (the shared
+    summary of the offline benches that compare settings against the plain search)."""
     print(table.to_string(float_format="%.3f"))
+    names = [column for column in table.columns if column not in ("run", "experiment")]
     for experiment, runs in table.groupby("experiment", sort=False):
         print(f"\n{experiment} ({len(runs)} runs): GAP mean ± sd, gain over plain mean ± sd")
-        for name in [name for name in SETTINGS if name in runs]:
+        for name in names:
+            if runs[name].isna().all():  # a setting these runs could not measure (with_val: no val photos)
+                continue
             gain = runs[name] - runs["plain"]
             print(
                 f"  {name:20s} {runs[name].mean():.3f} ± {runs[name].std():.3f}   {gain.mean():+.3f} ± {gain.std():.3f}"
             )
+
+
+def main() -> int:
+    table = finished_runs(__doc__, run_gaps, "embed/test.npy")
+    if table is None:
+        return 1
+    print_gains(table)
     return 0
 
 

@@ -34,14 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from neighbour_smoothing import finished_runs, print_gains  # noqa: E402
+from neighbour_smoothing import (  # noqa: E402
+    compare_settings,
+    gaps_of,
+    model_and_embed_size,
+    nearest_neighbour,
+    query_photo_ids,
+)
 
 from landmarks.common import read_table  # noqa: E402
-from landmarks.config import experiment_settings, load_config  # noqa: E402
 from landmarks.embedding import embed_dataset, model_input, run_model  # noqa: E402
 from landmarks.loader import ShardDataset, ShardIndex  # noqa: E402
-from landmarks.metrics import score_predictions  # noqa: E402
-from landmarks.model import model_from_checkpoint  # noqa: E402
 from landmarks.score import truth_from_selection  # noqa: E402
 
 VIEWS = ("centre", "start", "end", "zoom")
@@ -121,30 +124,20 @@ def settings(queries: np.ndarray, db: np.ndarray) -> dict[str, np.ndarray]:
 def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     selection = read_table(results / "select" / "selection.parquet")
     truth = truth_from_selection(selection)
-    model, checkpoint = model_from_checkpoint(results / "experiments" / experiment / "train" / "model.pt")
-    # The benchmark writes each run's config.yaml beside its results folder (make demo: the repository's)
-    embed = experiment_settings(load_config(results.parent / "config.yaml"), experiment)["embed"]
-    size = embed["image_size"] or checkpoint["settings"]["image_size"]
+    model, size = model_and_embed_size(results, experiment)
     queries, query_table = crop_embeddings(model, results / "shards" / "test", size)
     db, db_table = crop_embeddings(model, results / "shards" / "train", size)
     labels = db_table["landmark_id"].to_numpy().astype(int)
+    query_ids = query_photo_ids(results)
     gaps = {}
     for name, cosines in settings(queries, db).items():
-        best = cosines.argmax(axis=1)
-        pred = pd.DataFrame(
-            {"id": query_table["id"].to_numpy(), "landmark_id": labels[best], "score": cosines.max(axis=1)}
-        )
-        gaps[name] = score_predictions(pred, truth).gap
+        gaps |= gaps_of(name, nearest_neighbour(cosines, query_table["id"], labels), truth, query_ids)
     return gaps
 
 
 def main() -> int:
     torch.set_num_threads(2)
-    table = finished_runs(__doc__, run_gaps, "train/model.pt")
-    if table is None:
-        return 1
-    print_gains(table)
-    return 0
+    return compare_settings(__doc__, run_gaps, "train/model.pt")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from landmarks.common import read_table  # noqa: E402
+from landmarks.config import experiment_settings, load_config  # noqa: E402
 from landmarks.embed import load_embeddings  # noqa: E402
 from landmarks.metrics import score_predictions  # noqa: E402
+from landmarks.model import model_from_checkpoint  # noqa: E402
 from landmarks.score import truth_from_selection  # noqa: E402
 
 # name -> (DBA neighbours, DBA label-aware, QE neighbours, val photos in the database); alpha is shared (ALPHA).
@@ -73,6 +75,35 @@ def augment_database(db: np.ndarray, labels: np.ndarray, k: int, same_landmark: 
     return weighted_mean_of_neighbours(db, db, near, rows, keep)
 
 
+def query_photo_ids(results: Path) -> set | None:
+    """The landmark queries from the folder's own query photos, with every non-landmark query; None when the
+    run has no sources.csv (written by bench/real_photos.py) or no held-out database photos among its queries."""
+    path = results.parent / "sources.csv"
+    if not path.exists():
+        return None
+    sources = pd.read_csv(path)
+    if not (sources["source"] == "heldout").any():
+        return None
+    return set(sources.loc[sources["source"].isin(["query", "nonlandmark"]), "id"])
+
+
+def nearest_neighbour(cosines: np.ndarray, query_ids, db_labels: np.ndarray) -> pd.DataFrame:
+    """Each query's prediction: the nearest database photo's landmark, its cosine as the score."""
+    best = cosines.argmax(axis=1)
+    return pd.DataFrame(
+        {"id": np.asarray(query_ids), "landmark_id": db_labels[best], "score": cosines[np.arange(len(best)), best]}
+    )
+
+
+def gaps_of(name: str, predictions: pd.DataFrame, truth: pd.DataFrame, query_ids: set | None) -> dict[str, float]:
+    """{name: GAP over every query}, and with `query_ids` {name_query: GAP over those queries alone}."""
+    gaps = {name: score_predictions(predictions, truth).gap}
+    if query_ids is not None:
+        chosen = predictions["id"].isin(query_ids)
+        gaps[f"{name}_query"] = score_predictions(predictions[chosen], truth[truth["id"].isin(query_ids)]).gap
+    return gaps
+
+
 def predict(db: np.ndarray, labels: np.ndarray, queries: np.ndarray, qe: int) -> tuple[np.ndarray, np.ndarray]:
     cosines = queries @ db.T
     if qe:
@@ -101,6 +132,7 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
     databases = {False: database(embed, ["train"], landmark_of)}
     if (embed / "val.npy").exists():  # an older run embedded no val photos
         databases[True] = database(embed, ["train", "val"], landmark_of)
+    query_photos = query_photo_ids(results)
     gaps = {}
     for name, (k, same_landmark, qe, with_val) in SETTINGS.items():
         if with_val not in databases:
@@ -108,13 +140,21 @@ def run_gaps(results: Path, experiment: str) -> dict[str, float]:
         db, labels = databases[with_val]
         label, score = predict(augment_database(db, labels, k, same_landmark), labels, queries, qe)
         pred = pd.DataFrame({"id": query_ids["id"].to_numpy(), "landmark_id": label, "score": score})
-        gaps[name] = score_predictions(pred, truth).gap
+        gaps |= gaps_of(name, pred, truth, query_photos)
     return gaps
 
 
 def run_name(results: Path) -> str:
     """The benchmark's <regime>-seed<N> folder name for its results folder, else the path."""
     return results.parent.name if results.name == "results" and results.parent.name != REPO.name else str(results)
+
+
+def model_and_embed_size(results: Path, experiment: str):
+    """A finished run's model.pt (for the benches that embed again) and the size its embed stage used."""
+    model, checkpoint = model_from_checkpoint(results / "experiments" / experiment / "train" / "model.pt")
+    # The benchmark writes each run's config.yaml beside its results folder (make demo: the repository's)
+    embed = experiment_settings(load_config(results.parent / "config.yaml"), experiment)["embed"]
+    return model, embed["image_size"] or checkpoint["settings"]["image_size"]
 
 
 def runs_table(folders, experiments, measure, needed: str) -> pd.DataFrame:
@@ -153,18 +193,24 @@ def print_gains(table: pd.DataFrame) -> None:
         for name in names:
             if runs[name].isna().all():  # a setting these runs could not measure (with_val: no val photos)
                 continue
-            gain = runs[name] - runs["plain"]
+            # A reading over a subset of the queries (`<setting>_query`) is compared with plain's same reading
+            gain = runs[name] - runs["plain_query" if name.endswith("_query") else "plain"]
             print(
-                f"  {name:20s} {runs[name].mean():.3f} ± {runs[name].std():.3f}   {gain.mean():+.3f} ± {gain.std():.3f}"
+                f"  {name:26s} {runs[name].mean():.3f} ± {runs[name].std():.3f}   {gain.mean():+.3f} ± {gain.std():.3f}"
             )
 
 
-def main() -> int:
-    table = finished_runs(__doc__, run_gaps, "embed/test.npy")
+def compare_settings(description: str, measure, needed: str, argv=None) -> int:
+    """An offline bench's whole command: `finished_runs`, then `print_gains`; the exit status."""
+    table = finished_runs(description, measure, needed, argv)
     if table is None:
         return 1
     print_gains(table)
     return 0
+
+
+def main() -> int:
+    return compare_settings(__doc__, run_gaps, "embed/test.npy")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ Prints one table per regime: every experiment's GAP, GAP on landmark queries onl
 ranked by the raw top-1 cosine (no reranking), val GAP, as mean ± standard deviation over the seeds, and
 each experiment's GAP minus the untrained backbone's on the same seed. Writes the per-seed values to
 `bench/out/real_photos/results-<regimes>.csv` and the tables to `results-<regimes>.md` beside it, after
-every run, so a benchmark stopped part-way keeps the seeds it finished.
+every run, so a benchmark stopped part-way keeps the seeds it finished. Each run's folder also holds
+`sources.csv` (id, source: query, heldout, database, nonlandmark, broken), which tells the offline
+benches (`bench/multi_scale.py`) the folder's query photos from the held-out ones.
 
     .venv/bin/python bench/real_photos.py                          # every regime, seeds 0 1 2 (about 1.5 h on 2 cores)
     .venv/bin/python bench/real_photos.py --regimes fewshot --seeds 0 --experiments pretrained finetuned
@@ -592,6 +594,8 @@ def main() -> int:
                 urls_csv = workdir / "urls.csv"
                 table = urls_table(photos, base_url, regime, seed)
                 write_if_changed(urls_csv, table.drop(columns="source").to_csv(index=False))
+                # Which queries are the folder's query photos and which held-out database photos (offline benches)
+                write_if_changed(workdir / "sources.csv", table[["id", "source"]].to_csv(index=False))
                 config = run_config(regime, seed, urls_csv.resolve(), catalogue, train)
                 write_if_changed(workdir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
                 snakemake(workdir, args.cores)

@@ -69,3 +69,24 @@ def test_with_val_a_query_nearest_to_a_val_photo_gets_that_photos_landmark(tmp_p
     assert gaps["plain"] < 1.0  # from the train photos alone the second query looks like landmark 2
     (embed / "val.npy").unlink()
     assert "with_val" not in smoothing.run_gaps(tmp_path, "finetuned")  # a run that embedded no val photos
+
+
+def test_each_reading_is_compared_with_the_plain_search_over_the_same_queries(capsys):
+    table = pd.DataFrame(
+        {"run": ["a", "b"], "experiment": ["x", "x"], "plain": [0.9, 0.8], "plain_query": [0.5, 0.7]}
+        | {"up": [0.95, 0.8], "up_query": [0.6, 0.6]}
+    )
+    smoothing.print_gains(table)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[-4:]}
+    assert "+0.025" in lines["up"]  # (0.05 + 0.0) / 2 over plain
+    assert "+0.000" in lines["up_query"]  # (0.1 - 0.1) / 2 over plain_query, not over plain
+
+
+def test_without_held_out_photos_or_sources_there_is_no_query_reading(tmp_path):
+    assert smoothing.query_photo_ids(tmp_path / "results") is None  # no sources.csv
+    pd.DataFrame({"id": ["a", "b"], "source": ["query", "nonlandmark"]}).to_csv(tmp_path / "sources.csv", index=False)
+    assert smoothing.query_photo_ids(tmp_path / "results") is None  # full regime: every query is a query photo
+    pd.DataFrame({"id": ["a", "b", "c", "d"], "source": ["query", "nonlandmark", "heldout", "database"]}).to_csv(
+        tmp_path / "sources.csv", index=False
+    )
+    assert smoothing.query_photo_ids(tmp_path / "results") == {"a", "b"}

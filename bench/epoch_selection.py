@@ -12,7 +12,9 @@ pass), to print per epoch:
   uses it; a finer-grained selection score;
 - `test_gap`, `test_accuracy`: the test queries answered by their top-1 neighbour among the train photos,
   ranked by its cosine, with the whitening model.pt would carry (no geometric verification; `retrieve`
-  adds it on top), what the epoch would score if val chose it.
+  adds it on top), what the epoch would score if val chose it; with the run's `sources.csv`
+  (`bench/real_photos.py`), `test_gap_query` too: over the folder's query photos alone (Paris few-shot: the
+  web photos, the issue's regime), and each rule's pick read that way.
 
 Then, per selection rule, the test GAP of the epoch it chooses, and the best epoch's (an oracle). Research
 only: the test queries are never used to choose anything in the pipeline.
@@ -38,6 +40,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from neighbour_smoothing import query_photo_ids  # noqa: E402
 
 from landmarks import train as train_module  # noqa: E402
 from landmarks import validation  # noqa: E402
@@ -78,8 +83,9 @@ def recording_embeddings(recorded: list):
     return embed
 
 
-def score_model(model, train_index, val_index, test_index, settings, device, dist) -> tuple[dict, dict]:
-    """train's val result for the model in hand, and the row of val and test scores this script prints."""
+def score_model(model, train_index, val_index, test_index, settings, device, dist, query_ids=None) -> tuple[dict, dict]:
+    """train's val result for the model in hand, and the row of val and test scores this script prints;
+    with `query_ids` also `test_gap_query`, over those test queries alone (the folder's query photos)."""
     recorded: list[np.ndarray] = []
     validation.embed_for_training = recording_embeddings(recorded)
     try:
@@ -96,9 +102,8 @@ def score_model(model, train_index, val_index, test_index, settings, device, dis
     val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
     white_db, white_val = apply_whitening(db, train_whitening), apply_whitening(val[landmark], train_whitening)
     model_whitening = result.get("whitening")
-    test_scores = top1_scores(
-        apply_whitening(db, model_whitening), db_labels, apply_whitening(test, model_whitening), test_index.table
-    )
+    white_db, white_test = apply_whitening(db, model_whitening), apply_whitening(test, model_whitening)
+    test_scores = top1_scores(white_db, db_labels, white_test, test_index.table)
     row = {
         "val_gap": result["val_gap"],
         "val_accuracy": result["val_accuracy"],
@@ -109,6 +114,11 @@ def score_model(model, train_index, val_index, test_index, settings, device, dis
         "test_gap": test_scores["val_gap"],
         "test_accuracy": test_scores["val_accuracy"],
     }
+    if query_ids is not None:
+        chosen = test_index.table["id"].isin(query_ids).to_numpy()
+        row["test_gap_query"] = top1_scores(white_db, db_labels, white_test[chosen], test_index.table[chosen])[
+            "val_gap"
+        ]
     return result, row
 
 
@@ -120,7 +130,7 @@ def average_weights(snapshots: list[dict]) -> dict:
     }
 
 
-def epoch_scorer(test_index: ShardIndex, rows: list[dict], soups: list[dict] | None = None):
+def epoch_scorer(test_index: ShardIndex, rows: list[dict], soups: list[dict] | None = None, query_ids=None):
     """A stand-in for train's evaluate_val_gap that also scores the epoch's model on the test queries.
 
     With `soups`, each epoch's weights as model.pt would hold them (WiSE-FT applied) are kept, and after
@@ -129,7 +139,7 @@ def epoch_scorer(test_index: ShardIndex, rows: list[dict], soups: list[dict] | N
     snapshots: list[dict] = []
 
     def evaluate(model, train_index, val_index, settings, device, dist=None):
-        result, row = score_model(model, train_index, val_index, test_index, settings, device, dist)
+        result, row = score_model(model, train_index, val_index, test_index, settings, device, dist, query_ids)
         rows.append({"epoch": len(rows), **row})
         print(json.dumps(rows[-1]), flush=True)
         if soups is not None and len(rows) > 1:
@@ -168,7 +178,8 @@ def epochs_of_run(
     recorded = json.loads((results / "experiments" / experiment / "train" / "train.json").read_text())["settings"]
     settings = section_settings("train", {**recorded, **overrides})  # today's defaults for keys added since
     rows: list[dict] = []
-    train_module.evaluate_val_gap = epoch_scorer(ShardIndex.from_dirs(split_dirs(results, "test")), rows, soups)
+    test_index = ShardIndex.from_dirs(split_dirs(results, "test"))
+    train_module.evaluate_val_gap = epoch_scorer(test_index, rows, soups, query_photo_ids(results))
     try:
         train_module.train(
             split_dirs(results, "train"),
@@ -261,6 +272,10 @@ def main() -> None:
         table, soups = run_tables(results, args)
         print(f"\n{results.parent.name}\n{table.round(3).to_string(index=False)}")
         picks = {rule: float(table.loc[pick(table), "test_gap"]) for rule, pick in RULES.items()}
+        if "test_gap_query" in table:  # the same epochs over the folder's query photos alone
+            picks |= {
+                f"{rule}, query photos": float(table.loc[pick(table), "test_gap_query"]) for rule, pick in RULES.items()
+            }
         if soups is not None:
             print(soups.round(3).to_string(index=False))
             picks.update(soup_rules(soups))

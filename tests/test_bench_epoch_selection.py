@@ -11,6 +11,7 @@ from test_bench_method import load
 
 from landmarks import train, validation
 from landmarks.config import section_settings
+from landmarks.loader import ShardIndex
 
 epoch_selection = load("epoch_selection")
 
@@ -91,6 +92,24 @@ def test_each_epoch_is_scored_on_val_as_train_scores_it_and_on_test(shards, tmp_
     assert table["val_gap"].to_numpy() == pytest.approx(metrics["val_gap"].to_numpy())
     assert table[["val_map", "test_gap", "test_accuracy"]].notna().all().all()
     assert ((table["test_gap"] >= 0) & (table["test_gap"] <= 1)).all()
+
+
+def test_with_sources_each_epoch_is_also_scored_over_the_folders_query_photos(shards, tmp_path):
+    results = finished_run(shards, tmp_path, epochs=1)
+    test_ids = ShardIndex.from_dirs(epoch_selection.split_dirs(results, "test")).table
+    sources = pd.DataFrame(
+        {"id": test_ids["id"], "source": np.where(test_ids["landmark_id"].isna(), "nonlandmark", "query")}
+    )
+    # A held-out photo that is not among these queries: the query photos are then every test query
+    held_out = pd.DataFrame({"id": ["elsewhere"], "source": ["heldout"]})
+    pd.concat([sources, held_out]).to_csv(tmp_path / "sources.csv", index=False)
+    table = epoch_selection.epochs_of_run(results, "finetuned", tmp_path / "again", threads=1)
+    assert table["test_gap_query"].to_numpy() == pytest.approx(table["test_gap"].to_numpy())
+    # Half the landmark queries marked held out: they leave the query reading
+    landmark_ids = sources.loc[sources["source"] == "query", "id"]
+    sources.loc[sources["id"].isin(landmark_ids.iloc[::2]), "source"] = "heldout"
+    sources.to_csv(tmp_path / "sources.csv", index=False)
+    assert epoch_selection.query_photo_ids(results) == set(sources.loc[sources["source"] != "heldout", "id"])
 
 
 def test_soups_average_the_last_epochs_and_training_goes_on_unchanged(shards, tmp_path):

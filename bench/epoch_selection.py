@@ -102,8 +102,8 @@ def score_model(model, train_index, val_index, test_index, settings, device, dis
     val_labels = val_index.table["landmark_id"][landmark].to_numpy(dtype=np.int64)
     white_db, white_val = apply_whitening(db, train_whitening), apply_whitening(val[landmark], train_whitening)
     model_whitening = result.get("whitening")
-    white_db, white_test = apply_whitening(db, model_whitening), apply_whitening(test, model_whitening)
-    test_scores = top1_scores(white_db, db_labels, white_test, test_index.table)
+    model_db, model_test = apply_whitening(db, model_whitening), apply_whitening(test, model_whitening)
+    test_scores = top1_scores(model_db, db_labels, model_test, test_index.table)
     row = {
         "val_gap": result["val_gap"],
         "val_accuracy": result["val_accuracy"],
@@ -116,7 +116,7 @@ def score_model(model, train_index, val_index, test_index, settings, device, dis
     }
     if query_ids is not None:
         chosen = test_index.table["id"].isin(query_ids).to_numpy()
-        row["test_gap_query"] = top1_scores(white_db, db_labels, white_test[chosen], test_index.table[chosen])[
+        row["test_gap_query"] = top1_scores(model_db, db_labels, model_test[chosen], test_index.table[chosen])[
             "val_gap"
         ]
     return result, row

@@ -136,3 +136,45 @@ def test_average_weights_means_floats_and_keeps_counters():
     averaged = epoch_selection.average_weights([first, second])
     assert averaged["w"].tolist() == [2.0, 4.0]
     assert int(averaged["n"]) == 2
+
+
+def test_val_scores_use_trains_whitening_and_test_scores_model_pts(monkeypatch):
+    """val mAP and the val top-1 cosine are judged as val GAP is (the whitening of the train photos alone);
+    the test queries with the whitening model.pt carries (here none), each split with its own."""
+    from types import SimpleNamespace
+
+    from landmarks.whitening import apply_whitening, fit_whitening
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    centres = unit(rng.normal(size=(3, 6)))
+    db_labels = np.repeat([0, 1, 2], 4)
+    db = unit(centres[db_labels] + 0.4 * rng.normal(size=(12, 6)))
+    val = unit(centres[[0, 1, 2]] + 0.4 * rng.normal(size=(3, 6)))
+    test = unit(centres[[2, 0, 1]] + 0.4 * rng.normal(size=(3, 6)))
+    indexes = {
+        "train": SimpleNamespace(table=pd.DataFrame({"landmark_id": db_labels.astype(float)})),
+        "val": SimpleNamespace(table=pd.DataFrame({"landmark_id": [0.0, 1.0, 2.0]})),
+        "test": SimpleNamespace(table=pd.DataFrame({"id": ["a", "b", "c"], "landmark_id": [2.0, 0.0, 1.0]})),
+    }
+    arrays = {id(indexes["train"]): db, id(indexes["val"]): val, id(indexes["test"]): test}
+    monkeypatch.setattr(epoch_selection, "EMBED_FOR_TRAINING", lambda model, index, *args: arrays[id(index)])
+
+    def evaluate(model, train_index, val_index, settings, device, dist):  # train's: train photos, then val
+        validation.embed_for_training(model, train_index, settings, device, dist)
+        validation.embed_for_training(model, val_index, settings, device, dist)
+        return {"val_gap": 1.0, "val_accuracy": 1.0, "val_right": 3, "whitening": None}
+
+    monkeypatch.setattr(epoch_selection, "EVALUATE_VAL_GAP", evaluate)
+    settings = section_settings("train", {"whitening": "learned"}, "test")
+    _, row = epoch_selection.score_model(
+        None, indexes["train"], indexes["val"], indexes["test"], settings, torch.device("cpu"), dist=None
+    )
+    whitening = fit_whitening(db, db_labels, settings["whitening_shrinkage"], settings["whitening_power"])
+    white_db, white_val = apply_whitening(db, whitening), apply_whitening(val, whitening)
+    assert row["val_map"] == pytest.approx(
+        epoch_selection.mean_average_precision(white_db, db_labels, white_val, [0, 1, 2])
+    )
+    assert row["val_top1_cosine"] == pytest.approx(float(np.mean((white_val @ white_db.T).max(axis=1))), abs=1e-5)
+    expected_test = validation.top1_scores(db, db_labels, test, indexes["test"].table)  # model.pt: no whitening
+    assert row["test_gap"] == pytest.approx(expected_test["val_gap"])

@@ -159,6 +159,8 @@ def test_val_scores_use_trains_whitening_and_test_scores_model_pts(monkeypatch):
     }
     arrays = {id(indexes["train"]): db, id(indexes["val"]): val, id(indexes["test"]): test}
     monkeypatch.setattr(epoch_selection, "EMBED_FOR_TRAINING", lambda model, index, *args: arrays[id(index)])
+    # score_model puts EMBED_FOR_TRAINING (the fake) back into validation: monkeypatch restores the real one
+    monkeypatch.setattr(validation, "embed_for_training", validation.embed_for_training)
 
     def evaluate(model, train_index, val_index, settings, device, dist):  # train's: train photos, then val
         validation.embed_for_training(model, train_index, settings, device, dist)

@@ -38,6 +38,7 @@ benches (`bench/multi_scale.py`) the folder's query photos from the held-out one
     .venv/bin/python bench/real_photos.py --variants               # also the variants that did not win
     .venv/bin/python bench/real_photos.py --test-time --out bench/out/real_photos_test_time  # embedding sizes
     .venv/bin/python bench/real_photos.py --train '{"backbone": "tf_efficientnet_lite2", "pretrained": "efficientnet_lite2_pypi"}'
+    .venv/bin/python bench/real_photos.py --embed '{"scales": [1.0, 1.414]}' --out bench/out/two_scales  # shards sized for it
     .venv/bin/python bench/real_photos.py --landmarks ../web_landmarks_asia11 --regimes fewshot full oneshot  # bench/web_landmarks.py's sets
     .venv/bin/python bench/real_photos.py --landmarks ~/my_photos   # your own: one subfolder of photos per landmark
 
@@ -297,7 +298,7 @@ def urls_table(photos: PhotoFolders, base_url: str, regime: str, seed: int) -> p
     return pd.concat([rows, broken], ignore_index=True)
 
 
-def run_config(regime: str, seed: int, urls_csv: Path, experiments: dict, train: dict) -> dict:
+def run_config(regime: str, seed: int, urls_csv: Path, experiments: dict, train: dict, embed: dict) -> dict:
     return {
         "results_dir": "results",
         "input": {"urls_csv": str(urls_csv)},
@@ -307,7 +308,7 @@ def run_config(regime: str, seed: int, urls_csv: Path, experiments: dict, train:
         "select": {"seed": seed, "test_fraction": 0.0, "min_images_per_class": 2},
         "places365": {"workers": 0},
         "train": {"seed": seed, "workers": 1, **train},
-        "embed": {"workers": 1},
+        "embed": {"workers": 1, **embed},
         "experiments": experiments,
     }
 
@@ -537,6 +538,9 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
         help="the test-time variants instead (embedding size, multi-scale); use their own --out",
     )
     parser.add_argument("--train", default="{}", help="JSON train settings for every experiment (e.g. a backbone)")
+    parser.add_argument(
+        "--embed", default="{}", help='JSON embed settings for every experiment (e.g. {"scales": [1, 1.414]})'
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"working folders and the result tables ({OUT})")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument(
@@ -581,7 +585,7 @@ def main() -> int:
     photos = photo_folders(args)
     if photos is None:
         return 0
-    train = json.loads(args.train)
+    train, embed = json.loads(args.train), json.loads(args.embed)
     server, base_url = serve(photos, args.out / "www", args.port)
     results = []
     try:
@@ -596,7 +600,7 @@ def main() -> int:
                 write_if_changed(urls_csv, table.drop(columns="source").to_csv(index=False))
                 # Which queries are the folder's query photos and which held-out database photos (offline benches)
                 write_if_changed(workdir / "sources.csv", table[["id", "source"]].to_csv(index=False))
-                config = run_config(regime, seed, urls_csv.resolve(), catalogue, train)
+                config = run_config(regime, seed, urls_csv.resolve(), catalogue, train, embed)
                 write_if_changed(workdir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
                 snakemake(workdir, args.cores)
                 results += collect(workdir, regime, seed, catalogue, table)

@@ -46,12 +46,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--experiments", nargs="+", default=["pretrained", "finetuned"])
     parser.add_argument("--train", default="{}", help="JSON train settings for every experiment (e.g. a backbone)")
+    parser.add_argument("--embed", default="{}", help="JSON embed settings for every experiment (e.g. scales)")
     parser.add_argument("--cores", type=int, default=2, help="Snakemake cores of each process")
     parser.add_argument("--port", type=int, default=8800, help="the first process's port; the others count up")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; then stop what is still running")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    json.loads(args.train)  # a typo fails here, not in every process
+    json.loads(args.train), json.loads(args.embed)  # a typo fails here, not in every process
     names = [folder.resolve().name for folder in args.landmarks]
     if len(set(names)) < len(names):
         parser.error(f"--landmarks: two folders of the same name ({names}): runs and tables are named after them")
@@ -74,7 +75,7 @@ def start(args: argparse.Namespace, landmarks: Path, regime: str, seed: int, por
         sys.executable,
         str(BENCH / "real_photos.py"),
         *("--landmarks", str(landmarks), "--data", str(args.data), "--regimes", regime, "--seeds", str(seed)),
-        *("--experiments", *args.experiments, "--train", args.train, "--cores", str(args.cores)),
+        *("--experiments", *args.experiments, "--train", args.train, "--embed", args.embed, "--cores", str(args.cores)),
         *("--port", str(port), "--out", str(args.out / name)),
     ]
     log = (args.out / f"{name}.log").open("w")

@@ -212,3 +212,15 @@ def test_with_held_out_queries_the_table_also_gives_the_gain_on_the_folders_own_
     assert finetuned.endswith("| 0.005 ± 0.015 | 0.040 ± 0.020 |")  # GAP +0.02 / -0.01, query photos +0.06 / +0.02
     full = bench.render(pd.DataFrame(rows).assign(regime="full", gap_heldout=None), catalogue)
     assert "query photos − pretrained" not in full  # the queries are the folder's own: the same gain
+
+
+def test_embed_settings_reach_every_experiment_and_size_the_shards_for_the_largest_scale(tmp_path):
+    from landmarks.config import experiment_settings, shard_size, validate_config
+
+    bench = load_bench()
+    config = bench.run_config("fewshot", 0, tmp_path / "urls.csv", bench.EXPERIMENTS, {}, {"scales": [1.0, 1.414]})
+    config = validate_config(config)
+    for name in bench.EXPERIMENTS:
+        assert experiment_settings(config, name)["embed"]["scales"] == [1.0, 1.414]
+    # trained at 384 px (the default), embedded at 384 and 543 px: the shards keep 543 px
+    assert shard_size(config) == 543

@@ -9,7 +9,8 @@ JPEG; embed = the model (with the experiment's TTA); search / bank / verify / pr
 stage's code (verify: SIFT + RANSAC against the nearest database images); page = outputs + HTML page
 (saliency: one backward pass per photo). Each configuration runs `--rounds` times in this one process,
 interleaved; the table gives the median of each. The model is loaded once per run, as a user's
-command would (its load time is in `total`).
+command would (its load time is in `total`). Several experiments (`--experiment A B`, e.g. one embedded
+at two scales) run interleaved in the same rounds, so their ratio holds on a shared machine.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default=str(ROOT / "results" / "experiments" / "effnet_gem_arcface"))
+    parser.add_argument(
+        "--experiment",
+        nargs="+",
+        default=[str(ROOT / "results" / "experiments" / "effnet_gem_arcface")],
+        help="one or more experiment folders, measured interleaved",
+    )
     parser.add_argument(
         "--photos",
         nargs="+",
@@ -61,13 +67,18 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     photos = args.photos or default_photos(args.limit)
-    runs: dict[str, list[dict]] = {"predict (no saliency)": [], "predict + saliency page": []}
+    configurations = [
+        (f"{Path(experiment).name}: {label}", experiment, saliency)
+        for experiment in args.experiment
+        for label, saliency in (("predict (no saliency)", False), ("predict + saliency page", True))
+    ]
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in configurations}
     with tempfile.TemporaryDirectory() as tmp:
         for round_number in range(args.rounds):
-            for name, saliency in (("predict (no saliency)", False), ("predict + saliency page", True)):
-                out = Path(tmp) / f"{round_number}-{saliency}"
+            for index, (name, experiment, saliency) in enumerate(configurations):
+                out = Path(tmp) / f"{round_number}-{index}"
                 predict.predict(
-                    args.experiment,
+                    experiment,
                     photos,
                     out,
                     device=args.device,
@@ -76,12 +87,12 @@ def main() -> int:
                     progress=False,
                 )
                 runs[name].append(json.loads((out / "predict.json").read_text()))
-    count = runs["predict (no saliency)"][0]["answered"]
+    count = next(iter(runs.values()))[0]["answered"]
     order = ["read", "embed", "search", "bank", "verify", "predict", "page"]  # the order predict runs them
     seen = {phase for summaries in runs.values() for s in summaries for phase in s["seconds"]}
     phases = [p for p in order if p in seen] + sorted(seen - set(order))
     print(
-        f"\n{count} photos answered, experiment {args.experiment}, device {args.device}, {args.threads} threads, "
+        f"\n{count} photos answered, experiments {' '.join(args.experiment)}, device {args.device}, {args.threads} threads, "
         f"median of {args.rounds} rounds\n"
     )
     print("| run | " + " | ".join(f"{p} s" for p in phases) + " | total s | photos/s |")

@@ -67,9 +67,12 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     photos = args.photos or default_photos(args.limit)
+    names = [Path(experiment).name for experiment in args.experiment]
+    if len(set(names)) < len(names):  # e.g. two runs' `finetuned`: name each by its whole path instead
+        names = list(args.experiment)
     configurations = [
-        (f"{Path(experiment).name}: {label}", experiment, saliency)
-        for experiment in args.experiment
+        (f"{name}: {label}", experiment, saliency)
+        for name, experiment in zip(names, args.experiment)
         for label, saliency in (("predict (no saliency)", False), ("predict + saliency page", True))
     ]
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in configurations}

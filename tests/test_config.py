@@ -53,6 +53,7 @@ def test_select_val_min_class_images_default_and_fraction_sum():
         ({"experiments": {"bad/name": {}}}, "experiments"),
         ({"train": {"lr": 0.001, "min_lr": 0.01}}, "key 'train.min_lr': 0.01 is above 'lr'"),
         ({"experiments": {"x": {"train": {"min_lr": 0.1}}}}, "key 'experiments.x.train.min_lr'"),
+        ({"train": {"dynamic_margin_min": 0.6}}, "key 'train.dynamic_margin_min': 0.6 is above 'dynamic_margin_max'"),
         ({"train": {"augment": {"translate": 0.7}}}, "key 'train.augment.translate'"),
         (
             {"select": {"val_fraction": 0.5, "test_fraction": 0.5}},

@@ -65,6 +65,8 @@ def test_dynamic_margins_grow_for_rare_classes():
     margins = dynamic_margins(torch.tensor([1, 16, 81]), 0.05, 0.5)
     # count^-1/4 = 1, 1/2, 1/3, rescaled linearly onto [0.05, 0.5]
     assert margins.tolist() == pytest.approx([0.5, 0.05 + 0.45 * 0.25, 0.05])
+    # every landmark with 5 photos (few-shot): none is rarer, so none gets the low end of the range
+    assert dynamic_margins(torch.tensor([5, 5, 5]), 0.05, 0.5).tolist() == pytest.approx([0.275] * 3)
     settings = section_settings(
         "train",
         {"loss": "subcenter_arcface", "dynamic_margin": True, "subcenters": 1, "embedding_dim": 8, "arcface_s": 4.0},

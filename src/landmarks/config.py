@@ -79,7 +79,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
     """Validate `config` in place, filling defaults; also validate each experiment's merged sections."""
     schema = load_schema()
     _validate(config, schema, source)
-    _check_min_lr(config["train"], source, "train")  # here, so that the error names the key that was set
+    _check_train_ranges(config["train"], source, "train")  # here, so that the error names the key that was set
     select = config["select"]
     if select["val_fraction"] + select["test_fraction"] >= 1:
         raise ConfigError(
@@ -129,7 +129,7 @@ def section_settings(section: str, values: dict | None, source: str = "settings"
     section_schema = schema["$defs"].get(section) or schema["properties"][section]
     _validate(values, {**section_schema, "$defs": schema["$defs"]}, source, prefix=prefix or section)
     if section == "train":
-        _check_min_lr(values, source, prefix or section)
+        _check_train_ranges(values, source, prefix or section)
     return values
 
 
@@ -157,12 +157,14 @@ def parse_settings(text: str | None, section: str, flag: str = "--settings", ove
     return section_settings(section, values, flag)
 
 
-def _check_min_lr(train: dict, source: str, prefix: str) -> None:
-    if train["min_lr"] > train["lr"]:
-        raise ConfigError(
-            f"{source}: key '{prefix}.min_lr': {train['min_lr']} is above 'lr' ({train['lr']}); "
-            "the schedule decays from lr down to min_lr"
-        )
+def _check_train_ranges(train: dict, source: str, prefix: str) -> None:
+    """Pairs of train keys that bound a range: the lower one may not exceed the upper one."""
+    for low, high, why in (
+        ("min_lr", "lr", "the schedule decays from lr down to min_lr"),
+        ("dynamic_margin_min", "dynamic_margin_max", "the rarest landmarks get the largest margin"),
+    ):
+        if train[low] > train[high]:
+            raise ConfigError(f"{source}: key '{prefix}.{low}': {train[low]} is above '{high}' ({train[high]}); {why}")
 
 
 def experiment_settings(config: dict, name: str, source: str = "config") -> dict:

@@ -28,9 +28,12 @@ def inverse_log_class_weights(counts: torch.Tensor) -> torch.Tensor:
 
 def dynamic_margins(counts: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Per-class ArcFace margins that grow for rare classes (GLR2020 winners): m ∝ count^-1/4,
-    rescaled linearly into [low, high]."""
+    rescaled linearly into [low, high]. Classes all of one size (a few-shot train set) have no rare
+    ones: every margin is then the middle of the range, not its low end."""
     x = counts.float().clamp(min=1.0).pow(-0.25)
-    span = (x.max() - x.min()).clamp(min=1e-12)
+    span = x.max() - x.min()
+    if span <= 1e-12:
+        return torch.full_like(x, (low + high) / 2)
     return low + (high - low) * (x - x.min()) / span
 
 

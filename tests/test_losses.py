@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from landmarks import losses as losses_module
@@ -18,6 +19,7 @@ from landmarks.losses import (
     head_names,
     inverse_log_class_weights,
     register_head,
+    spherical_kmeans,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -171,6 +173,24 @@ def test_heads_start_at_the_class_means():
     assert softmax.init_from_class_means(sums) == 2 and softmax.fc.bias.abs().sum() == 0
     assert softmax.logits(torch.tensor([[1.0, 0.0, 0.0]])).argmax() == 0
     assert BatchHardTripletLoss().init_from_class_means(sums) == 0
+
+
+def test_subcenters_start_at_the_views_of_their_landmark():
+    # landmark 0: two views (around x and around y); landmark 1: one image
+    embeddings = torch.tensor([[1.0, 0.1, 0.0], [1.0, -0.1, 0.0], [0.1, 1.0, 0.0], [-0.1, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    classes = torch.tensor([0, 0, 0, 0, 1])
+    head = ArcMarginHead(3, 2, k=2)
+    head.init_from_class_means(torch.zeros(2, 3).index_add_(0, classes, F.normalize(embeddings, dim=1)))
+    assert head.init_subcenters(embeddings, classes) == 1
+    weight = head.weight.detach().view(2, 2, 3)
+    assert sorted(weight[0].argmax(1).tolist()) == [0, 1]  # one sub-center per view, not both at the mean
+    assert torch.allclose(weight[1], torch.tensor([[0.0, 0.0, 1.0]] * 2))  # a single image: its mean
+    # each view's images now match their own sub-center best, with nothing lost against the mean
+    cos = F.normalize(embeddings[:4], dim=1) @ weight[0].T
+    assert (cos.amax(1) > 0.99).all()
+    assert spherical_kmeans(F.normalize(embeddings[:4], dim=1), 1).squeeze(0) == pytest.approx(
+        torch.tensor([2**-0.5, 2**-0.5, 0.0]), abs=1e-6
+    )
 
 
 def test_the_registry_holds_every_loss_the_schema_offers():

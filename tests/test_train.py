@@ -672,11 +672,13 @@ def test_layer_decay_gives_lower_blocks_lower_learning_rates():
 
 def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
     settings = {**TINY, "epochs": 0, "neck_init": "pca", "head_init": "class_means", "pca_shrinkage": 0.5}
+    settings.update(loss="subcenter_arcface", subcenters=2)
     train.train(
         [shards / "train"], [shards / "val"], tmp_path / "init", settings_for(settings), device=torch.device("cpu")
     )
     summary = json.loads((tmp_path / "init" / "train.json").read_text())
     assert summary["initialised"]["images"] == 30 and summary["initialised"]["head_classes_initialised"] == 6
+    assert summary["initialised"]["head_subcenters_spread"] == 6  # every landmark's 2 sub-centers at 2 views
     assert summary["initialised"]["pca"]["shrinkage"] == 0.5
     state = checkpoint(tmp_path / "init" / "model.pt")["model"]
     rows = state["neck.weight"].double()

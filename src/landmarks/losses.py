@@ -37,6 +37,22 @@ def dynamic_margins(counts: torch.Tensor, low: float, high: float) -> torch.Tens
     return low + (high - low) * (x - x.min()) / span
 
 
+def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 10) -> torch.Tensor:
+    """k unit centroids of unit-norm `points` (k <= len(points)) by cosine k-means, started
+    deterministically: the point nearest the mean, then each time the point farthest from those chosen."""
+    mean = F.normalize(points.mean(0), dim=0)
+    chosen = [int((points @ mean).argmax())]
+    while len(chosen) < k:
+        chosen.append(int((points @ points[chosen].T).amax(1).argmin()))
+    centroids = points[chosen]
+    for _ in range(iterations):
+        assignment = (points @ centroids.T).argmax(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        empty = sums.norm(dim=1) == 0
+        centroids = torch.where(empty.unsqueeze(1), centroids, F.normalize(sums, dim=1))
+    return centroids
+
+
 class ArcMarginHead(nn.Module):
     """ArcFace (k=1) and sub-center ArcFace (k>1): logit of the true class is s*cos(theta + m).
 
@@ -77,6 +93,23 @@ class ArcMarginHead(nn.Module):
         weight = self.weight.view(self.n_classes, self.k, -1)
         weight[present] = F.normalize(sums[present], dim=1).unsqueeze(1).to(weight.dtype)
         return int(present.sum())
+
+    @torch.no_grad()
+    def init_subcenters(self, embeddings: torch.Tensor, classes: torch.Tensor) -> int:
+        """Sub-centers (k > 1) of each class at the k-means centroids of its images' embeddings, so that
+        each starts at one view of the landmark. At the class mean all k tie, the max picks the first for
+        every image, and the other k - 1 learn only as copies pushed away from other classes. A class with
+        fewer images than k keeps its surplus sub-centers at the mean. Returns how many classes were set."""
+        weight = self.weight.view(self.n_classes, self.k, -1)
+        spread = 0
+        for label in torch.unique(classes).tolist():
+            members = F.normalize(embeddings[classes == label].float(), dim=1)
+            if len(members) < 2:
+                continue
+            centroids = spherical_kmeans(members, min(self.k, len(members)))
+            weight[label, : len(centroids)] = centroids.to(weight.dtype)
+            spread += 1
+        return spread
 
     def margin_logits(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._apply_margin(self.cosine(embeddings), labels)

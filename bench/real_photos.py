@@ -138,6 +138,14 @@ VARIANTS: dict[str, dict] = {
         "train": {"neck": "linear", "neck_init": "pca", "descriptor": "concat"},
     },
     "lr_1e-3": {"description": "lr 1e-3", "train": {"lr": 1e-3}},
+    "subcenter_arcface": {
+        "description": "sub-center ArcFace, 3 sub-centers per landmark",
+        "train": {"loss": "subcenter_arcface"},
+    },
+    "triplet": {
+        "description": "batch-hard triplet loss (soft margin) on 8 x 4 batches",
+        "train": {"loss": "triplet", "sampler": "pk"},
+    },
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
     "whole_image": {
         "description": "each photo embedded whole, at its aspect ratio, not its centred square",

@@ -172,7 +172,21 @@ def test_heads_start_at_the_class_means():
     softmax = SoftmaxHead(3, 3)
     assert softmax.init_from_class_means(sums) == 2 and softmax.fc.bias.abs().sum() == 0
     assert softmax.logits(torch.tensor([[1.0, 0.0, 0.0]])).argmax() == 0
-    assert BatchHardTripletLoss().init_from_class_means(sums) == 0
+    assert BatchHardTripletLoss().init_from_embeddings(torch.eye(3), torch.tensor([0, 1, 2])) == {
+        "head_classes_initialised": 0
+    }
+
+
+def test_every_head_starts_from_the_embeddings_of_its_images():
+    # the hook train calls: plain ArcFace and softmax heads report their classes, no sub-centers
+    embeddings = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [1.0, -0.2, 0.0], [0.0, 1.0, 0.0]]), dim=1)
+    classes = torch.tensor([0, 0, 2])
+    arcface = ArcMarginHead(3, 3)
+    assert arcface.init_from_embeddings(embeddings, classes) == {"head_classes_initialised": 2}
+    assert torch.allclose(F.normalize(arcface.weight[0].detach(), dim=0), torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+    softmax = SoftmaxHead(3, 3)
+    assert softmax.init_from_embeddings(embeddings, classes) == {"head_classes_initialised": 2}
+    assert softmax.logits(embeddings).argmax(1).tolist() == [0, 0, 2]
 
 
 def test_subcenters_start_at_the_views_of_their_landmark():
@@ -180,8 +194,8 @@ def test_subcenters_start_at_the_views_of_their_landmark():
     embeddings = torch.tensor([[1.0, 0.1, 0.0], [1.0, -0.1, 0.0], [0.1, 1.0, 0.0], [-0.1, 1.0, 0.0], [0.0, 0.0, 1.0]])
     classes = torch.tensor([0, 0, 0, 0, 1])
     head = ArcMarginHead(3, 2, k=2)
-    head.init_from_class_means(torch.zeros(2, 3).index_add_(0, classes, F.normalize(embeddings, dim=1)))
-    assert head.init_subcenters(embeddings, classes) == 1
+    counts = head.init_from_embeddings(F.normalize(embeddings, dim=1), classes)
+    assert counts == {"head_classes_initialised": 2, "head_subcenters_spread": 1}
     weight = head.weight.detach().view(2, 2, 3)
     assert sorted(weight[0].argmax(1).tolist()) == [0, 1]  # one sub-center per view, not both at the mean
     assert torch.allclose(weight[1], torch.tensor([[0.0, 0.0, 1.0]] * 2))  # a single image: its mean

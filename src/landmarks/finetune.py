@@ -26,7 +26,6 @@ from torch import nn
 
 from .distributed import Distributed
 from .loader import ShardIndex
-from .losses import ArcMarginHead
 from .model import LandmarkModel
 from .sampler import epoch_rng, images_per_class
 from .validation import embed_for_training
@@ -42,7 +41,6 @@ def initialise_from_pretrained(
     head: nn.Module,
     train_index: ShardIndex,
     class_of: np.ndarray,
-    n_classes: int,
     settings: dict,
     device,
     dist: Distributed,
@@ -63,29 +61,22 @@ def initialise_from_pretrained(
     if settings["neck_init"] == "pca":
         about["pca"] = model.init_neck_from_pca(pooled.to(device), settings["pca_shrinkage"])
     if settings["head_init"] == "class_means":
-        about.update(head_from_class_means(model, head, pooled.to(device), class_of[chosen], n_classes))
+        about.update(head_from_class_means(model, head, pooled.to(device), class_of[chosen]))
     about["seconds"] = round(time.perf_counter() - started, 1)
     log.info("initialised from the pretrained descriptors of %d train images: %s", len(chosen), about)
     return about
 
 
-def head_from_class_means(
-    model: LandmarkModel, head: nn.Module, pooled: torch.Tensor, classes: np.ndarray, n_classes: int
-) -> dict:
-    """Class weights at each class's mean embedding of the pooled descriptors (`classes`: each row's
-    class), sub-centers at the k-means centroids of its embeddings; returns how many classes were set."""
+def head_from_class_means(model: LandmarkModel, head: nn.Module, pooled: torch.Tensor, classes: np.ndarray) -> dict:
+    """The head started from the embeddings of the pooled descriptors (`classes`: each row's class):
+    each head knows what to set from them (class weights at the class means, sub-centers at its views);
+    returns its counts for train.json."""
     with torch.no_grad():
         was_training = model.training
         model.eval()
         embeddings = F.normalize(model.embedding_from_pooled(pooled).float(), dim=1)
         model.train(was_training)
-    labels = torch.from_numpy(classes).to(embeddings.device)
-    sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device)
-    sums.index_add_(0, labels, embeddings)
-    counts = {"head_classes_initialised": head.init_from_class_means(sums)}
-    if isinstance(head, ArcMarginHead) and head.k > 1:
-        counts["head_subcenters_spread"] = head.init_subcenters(embeddings, labels)
-    return counts
+    return head.init_from_embeddings(embeddings, torch.from_numpy(classes).to(embeddings.device))
 
 
 def set_backbone_frozen(model: LandmarkModel, frozen: bool) -> None:

@@ -53,6 +53,13 @@ def spherical_kmeans(points: torch.Tensor, k: int, iterations: int = 10) -> torc
     return centroids
 
 
+def class_sums(embeddings: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per class, the sum of its images' embeddings (zero for a class without images): the direction
+    of its mean."""
+    sums = torch.zeros(n_classes, embeddings.shape[1], device=embeddings.device, dtype=embeddings.dtype)
+    return sums.index_add_(0, labels, embeddings)
+
+
 class ArcMarginHead(nn.Module):
     """ArcFace (k=1) and sub-center ArcFace (k>1): logit of the true class is s*cos(theta + m).
 
@@ -93,6 +100,17 @@ class ArcMarginHead(nn.Module):
         weight = self.weight.view(self.n_classes, self.k, -1)
         weight[present] = F.normalize(sums[present], dim=1).unsqueeze(1).to(weight.dtype)
         return int(present.sum())
+
+    @torch.no_grad()
+    def init_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+        """`head_init: class_means`: every class at its images' mean (unit-norm) embedding, and with
+        k > 1 its sub-centers at the views among its images. Returns the counts train.json reports."""
+        counts = {
+            "head_classes_initialised": self.init_from_class_means(class_sums(embeddings, labels, self.n_classes))
+        }
+        if self.k > 1:
+            counts["head_subcenters_spread"] = self.init_subcenters(embeddings, labels)
+        return counts
 
     @torch.no_grad()
     def init_subcenters(self, embeddings: torch.Tensor, classes: torch.Tensor) -> int:
@@ -159,6 +177,10 @@ class SoftmaxHead(nn.Module):
         self.fc.bias.zero_()
         return int(present.sum())
 
+    def init_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+        """`head_init: class_means` from the images' (unit-norm) embeddings; returns train.json's count."""
+        return {"head_classes_initialised": self.init_from_class_means(class_sums(embeddings, labels, self.n_classes))}
+
     def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
         logits = self.logits(embeddings)
         if self.binary:
@@ -184,8 +206,8 @@ class BatchHardTripletLoss(nn.Module):
     def logits(self, embeddings: torch.Tensor) -> None:
         return None
 
-    def init_from_class_means(self, sums: torch.Tensor) -> int:
-        return 0  # no class weights to initialise
+    def init_from_embeddings(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
+        return {"head_classes_initialised": 0}  # no class weights to initialise
 
     def loss_and_logits(self, embeddings: torch.Tensor, labels: torch.Tensor):
         return self.forward(embeddings, labels), None

@@ -389,7 +389,6 @@ class Training:
             self.head,
             self.train_index,
             self.class_of,
-            len(self.labels),
             self.settings,
             self.device,
             self.dist,

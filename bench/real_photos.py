@@ -146,6 +146,14 @@ VARIANTS: dict[str, dict] = {
         "description": "batch-hard triplet loss (soft margin) on 8 x 4 batches",
         "train": {"loss": "triplet", "sampler": "pk"},
     },
+    "crop_0.25": {
+        "description": "stronger crops: random resized crops of 25-100% of the photo (the default 50-100%)",
+        "train": {"augment": {"random_resized_crop_scale": [0.25, 1.0]}},
+    },
+    "crop_0.8": {
+        "description": "milder crops: random resized crops of 80-100% of the photo (the default 50-100%)",
+        "train": {"augment": {"random_resized_crop_scale": [0.8, 1.0]}},
+    },
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
     "whole_image": {
         "description": "each photo embedded whole, at its aspect ratio, not its centred square",

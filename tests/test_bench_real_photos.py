@@ -224,3 +224,17 @@ def test_embed_settings_reach_every_experiment_and_size_the_shards_for_the_large
         assert experiment_settings(config, name)["embed"]["scales"] == [1.0, 1.414]
     # trained at 384 px (the default), embedded at 384 and 543 px: the shards keep 543 px
     assert shard_size(config) == 543
+
+
+def test_every_experiment_the_benchmark_offers_is_a_valid_config(tmp_path):
+    # a misspelt key in a variant would otherwise surface only when a user runs it, an hour in
+    from landmarks.config import experiment_settings, validate_config
+
+    bench = load_bench()
+    offered = {**bench.EXPERIMENTS, **bench.VARIANTS, **bench.TEST_TIME}
+    config = validate_config(bench.run_config("fewshot", 0, tmp_path / "urls.csv", offered, {}, {}))
+    crops = {
+        name: experiment_settings(config, name)["train"]["augment"]["random_resized_crop_scale"]
+        for name in ("finetuned", "crop_0.25", "crop_0.8")
+    }
+    assert crops == {"finetuned": [0.5, 1.0], "crop_0.25": [0.25, 1.0], "crop_0.8": [0.8, 1.0]}

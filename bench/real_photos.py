@@ -154,6 +154,14 @@ VARIANTS: dict[str, dict] = {
         "description": "milder crops: random resized crops of 80-100% of the photo (the default 50-100%)",
         "train": {"augment": {"random_resized_crop_scale": [0.8, 1.0]}},
     },
+    "arcface_m_0.1": {
+        "description": "a smaller ArcFace margin, 0.1 (the default 0.3)",
+        "train": {"arcface_m": 0.1},
+    },
+    "arcface_m_0.5": {
+        "description": "a larger ArcFace margin, 0.5 (the default 0.3)",
+        "train": {"arcface_m": 0.5},
+    },
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
     "whole_image": {
         "description": "each photo embedded whole, at its aspect ratio, not its centred square",

@@ -162,6 +162,14 @@ VARIANTS: dict[str, dict] = {
         "description": "a larger ArcFace margin, 0.5 (the default 0.3)",
         "train": {"arcface_m": 0.5},
     },
+    "wise_alpha_0.3": {
+        "description": "WiSE-FT nearer the pretrained weights: 0.3 x fine-tuned (the default 0.5)",
+        "train": {"wise_alpha": 0.3},
+    },
+    "wise_alpha_0.7": {
+        "description": "WiSE-FT nearer the fine-tuned weights: 0.7 x fine-tuned (the default 0.5)",
+        "train": {"wise_alpha": 0.7},
+    },
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
     "whole_image": {
         "description": "each photo embedded whole, at its aspect ratio, not its centred square",

@@ -162,6 +162,10 @@ VARIANTS: dict[str, dict] = {
         "description": "a larger ArcFace margin, 0.5 (the default 0.3)",
         "train": {"arcface_m": 0.5},
     },
+    "arcface_s_64": {
+        "description": "a larger ArcFace scale, 64 as in InsightFace (the default 30)",
+        "train": {"arcface_s": 64.0},
+    },
     "wise_alpha_0.3": {
         "description": "WiSE-FT nearer the pretrained weights: 0.3 x fine-tuned (the default 0.5)",
         "train": {"wise_alpha": 0.3},

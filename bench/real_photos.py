@@ -174,6 +174,14 @@ VARIANTS: dict[str, dict] = {
         "description": "WiSE-FT nearer the fine-tuned weights: 0.7 x fine-tuned (the default 0.5)",
         "train": {"wise_alpha": 0.7},
     },
+    "l2sp_300": {
+        "description": "L2-SP: each step pulls the backbone back towards its pretrained weights (l2sp 300)",
+        "train": {"l2sp": 300.0},
+    },
+    "l2sp_300_no_wise": {
+        "description": "L2-SP (l2sp 300) instead of WiSE-FT (wise_alpha 1.0)",
+        "train": {"l2sp": 300.0, "wise_alpha": 1.0},
+    },
     "flip_tta": {"description": "each photo also embedded mirrored, the two averaged", "embed": {"flip_tta": True}},
     "whole_image": {
         "description": "each photo embedded whole, at its aspect ratio, not its centred square",

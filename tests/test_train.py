@@ -670,6 +670,51 @@ def test_layer_decay_gives_lower_blocks_lower_learning_rates():
     assert {g["lr"] for g in flat} == {0.1, 0.1 * TINY.get("head_lr_multiplier", 10.0)}
 
 
+def test_l2sp_moves_trainable_backbone_weights_back_towards_their_start_at_their_groups_lr():
+    from landmarks.losses import build_head
+    from landmarks.model import LandmarkModel
+
+    settings = settings_for({**TINY, "layer_decay": 0.5, "lr": 0.1})
+    model = LandmarkModel("test_efficientnet", "none", 16)
+    head = build_head(settings, 3, torch.ones(3), model.embedding_dim)
+    optimizer = finetune.build_optimizer(finetune.parameter_groups(model, head, settings), settings)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for param in [*model.parameters(), *head.parameters()]:
+            param.add_(1.0)  # every weight 1 away from its start
+    model.backbone.conv_stem.weight.requires_grad_(False)  # a frozen weight stays where it is
+
+    finetune.pull_towards_start(model, start, optimizer, strength=2.0)
+
+    head_weight = model.backbone.conv_head.weight  # the last block: lr 0.1, so 0.2 of the way back
+    assert torch.allclose(head_weight, start["backbone.conv_head.weight"] + 0.8)
+    lower = model.backbone.blocks[-2][0].conv_pw.weight  # a lower block: a lower lr (layer decay), pulled less
+    lower_start = start[next(f"backbone.{n}" for n, p in model.backbone.named_parameters() if p is lower)]
+    assert (lower - lower_start).min() > 0.8
+    assert torch.equal(model.backbone.conv_stem.weight, start["backbone.conv_stem.weight"] + 1.0)
+    assert torch.equal(model.neck.weight, start["neck.weight"] + 1.0)  # the new layers are not pulled
+
+
+def test_l2sp_training_ends_nearer_the_pretrained_weights_and_keeps_them_for_a_resume(shards, tmp_path):
+    cpu = torch.device("cpu")
+    train.train([shards / "train"], [], tmp_path / "untrained", settings_for({**TINY, "epochs": 0}), device=cpu)
+    start = model_weights(tmp_path / "untrained" / "model.pt")
+    distance = {}
+    for strength in (0.0, 50.0):
+        out = tmp_path / f"l2sp_{strength}"
+        settings = settings_for({**TINY, "epochs": 2, "l2sp": strength, "val_nonlandmark_ratio": 0})
+        train.train([shards / "train"], [], out, settings, device=cpu)
+        last = checkpoint(out / "last.ckpt")
+        if strength:  # what a resumed run pulls towards
+            assert all(torch.equal(last["start_weights"][key], value) for key, value in start.items())
+        else:
+            assert last["start_weights"] is None  # off, and no WiSE-FT in TINY: nothing kept
+        trained = last["model"]
+        backbone = [k for k in trained if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+        distance[strength] = sum(((trained[k] - start[k]) ** 2).sum() for k in backbone).sqrt()
+    assert 0 < distance[50.0] < 0.5 * distance[0.0]
+
+
 def test_neck_and_head_start_from_the_pretrained_descriptors(shards, tmp_path):
     settings = {**TINY, "epochs": 0, "neck_init": "pca", "head_init": "class_means", "pca_shrinkage": 0.5}
     settings.update(loss="subcenter_arcface", subcenters=2)

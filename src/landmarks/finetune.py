@@ -7,6 +7,7 @@
 - Learning rates: `parameter_groups` (backbone at `lr`, scaled down layer by layer with `layer_decay`,
   the rest at `lr * head_lr_multiplier`; no weight decay on one-dimensional parameters),
   `build_optimizer`, and the schedule `warmup_cosine`.
+- Held near the start: `pull_towards_start` (`l2sp`) after every step.
 - End: `interpolate_weights`, the WiSE-FT blend of trained and starting weights (`wise_alpha`).
 
 The defaults were measured on real photos (bench/real_photos.py); `train` applies them, this module
@@ -135,6 +136,18 @@ def build_optimizer(groups: list[dict], settings: dict) -> torch.optim.Optimizer
     if settings["optimizer"] == "adam":
         return torch.optim.Adam(groups)
     return torch.optim.AdamW(groups)
+
+
+def pull_towards_start(model: LandmarkModel, start: dict, optimizer: torch.optim.Optimizer, strength: float) -> None:
+    """L2-SP, decoupled (`l2sp`): after an optimizer step each trainable backbone weight moves lr x strength
+    of the way back to its starting (pretrained) value, at its own group's lr, so a weight the photos
+    push one way every step settles near 1 / strength from where it started, and one they push back and
+    forth returns to it. `start`: the model's state_dict before the first step."""
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    with torch.no_grad():
+        for name, param in model.backbone.named_parameters():
+            if param.requires_grad and id(param) in lr_of:
+                param.lerp_(start[f"backbone.{name}"].to(param.dtype), min(1.0, lr_of[id(param)] * strength))
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final: float = 0.0) -> float:

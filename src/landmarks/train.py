@@ -24,7 +24,7 @@ weights (`wise_alpha: 0.5`), then whitened: a linear whitening learned in closed
 embeddings of each candidate (`whitening: learned`; landmarks.whitening), which val judges with it;
 model.pt carries the whitening fitted again on the train and val photos together (`whitening_from`).
 Also available: a PCA-started linear neck, the GeM descriptor beside a learned one, a frozen backbone
-for the first epochs, layer-wise learning-rate decay.
+for the first epochs, layer-wise learning-rate decay, weight decay towards the pretrained weights (`l2sp`).
 
 Preemptible: `last.ckpt` (written atomically every `checkpoint_every_steps` optimizer steps and at
 each epoch's end) holds the model, head, optimizer, scheduler, AMP scaler, the position in the epoch
@@ -95,6 +95,7 @@ from .finetune import (
     initialise_from_pretrained,
     interpolate_weights,
     parameter_groups,
+    pull_towards_start,
     set_backbone_frozen,
     set_train_mode,
     warmup_cosine,
@@ -393,7 +394,7 @@ class Training:
             self.device,
             self.dist,
         )
-        if self.settings["wise_alpha"] < 1:
+        if self.settings["wise_alpha"] < 1 or self.settings["l2sp"] > 0:
             self.state.start_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         nan = float("nan")
         self.evaluate(
@@ -558,6 +559,8 @@ class Training:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.settings["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.settings["l2sp"] > 0:  # at the lrs this step used, before the schedule moves them
+            pull_towards_start(self.model, self.state.start_weights, self.optimizer, self.settings["l2sp"])
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.global_step += 1

@@ -686,8 +686,8 @@ def test_l2sp_moves_trainable_backbone_weights_back_towards_their_start_at_their
 
     finetune.pull_towards_start(model, start, optimizer, strength=2.0)
 
-    head_weight = model.backbone.conv_head.weight  # the last block: lr 0.1, so 0.2 of the way back
-    assert torch.allclose(head_weight, start["backbone.conv_head.weight"] + 0.8)
+    last_block = model.backbone.conv_head.weight  # the backbone's last block: lr 0.1, so 0.2 of the way back
+    assert torch.allclose(last_block, start["backbone.conv_head.weight"] + 0.8)
     lower = model.backbone.blocks[-2][0].conv_pw.weight  # a lower block: a lower lr (layer decay), pulled less
     lower_start = start[next(f"backbone.{n}" for n, p in model.backbone.named_parameters() if p is lower)]
     assert (lower - lower_start).min() > 0.8

@@ -15,7 +15,10 @@ Regimes:
   fewshot  5 train photos and 1 val photo per landmark (drawn by the seed): the long tail of Google
            Landmarks, where most landmarks have a handful of photos;
   oneshot  1 train photo and 1 val photo per landmark: the database holds one photo of each landmark.
-In fewshot and oneshot the Paris6k photos left over that show their landmark (official ground truth
+  longtail each landmark keeps a number of its photos drawn by the seed, log-uniform between 2 and all
+           of them (most keep a few, some many: Google Landmarks' head and tail in one database), and
+           `select` assigns val and train as in full. Not in the default regimes; ask for it by name.
+In fewshot, oneshot and longtail the Paris6k photos left over that show their landmark (official ground truth
 `ok`; the `junk` views stay unused) are queries too: 8 times more landmark queries than the web photos
 alone, by other Flickr users. The tables give GAP over each kind of landmark query (with every
 non-landmark query) beside the GAP over all of them, and the gain over the untrained backbone on the
@@ -77,8 +80,12 @@ OUT = REPO / "bench" / "out" / "real_photos"
 # labels.csv split value -> role of the photo ("draw": the seed draws queries from them)
 ROLES = {"paris6k": "database", "web_query": "query", "train": "database", "test": "query", "all": "draw"}
 QUERY_FRACTION = 0.3  # of each landmark's photos, in a folder with no queries of its own
-# regime -> (train, val) photos per landmark drawn by the seed; None: select assigns all of them.
-REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1)}
+# regime -> (train, val) photos per landmark drawn by the seed; None: select assigns all of them;
+# LONG_TAIL: how many photos each landmark keeps is drawn too, and select assigns them.
+LONG_TAIL = "long tail"
+REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1), "longtail": LONG_TAIL}
+DEFAULT_REGIMES = ["full", "fewshot", "oneshot"]
+LONG_TAIL_MIN = 2  # photos a landmark keeps at the least (select's min_images_per_class below)
 
 # The experiments every run compares. Every key not set here takes the schema's default, so
 # `finetuned` is what a user gets without touching the train/embed/retrieve sections.
@@ -289,7 +296,9 @@ def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.Dat
     labels["url"] = f"{base_url}/{urllib.parse.quote(folder.name)}/" + labels["path"].map(urllib.parse.quote)
     queries = labels[labels["role"] == "query"].assign(split="test", source="query")
     photos = labels[labels["role"] == "database"].assign(split="", source="database")
-    if REGIMES[regime]:
+    if REGIMES[regime] == LONG_TAIL:
+        photos = keep_long_tail(photos, seed)
+    elif REGIMES[regime]:
         n_train, n_val = REGIMES[regime]
         photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
         place = photos.groupby("landmark_id").cumcount().to_numpy()
@@ -301,6 +310,31 @@ def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.Dat
         photos = photos.assign(split=split, source=np.where(split == "test", "heldout", "database"))
         photos = photos[photos["split"] != "unused"]
     return pd.concat([photos, queries])[["id", "url", "landmark_id", "split", "source"]]
+
+
+def long_tail_count(seed: int, landmark: str, available: int) -> int:
+    """How many of its `available` database photos a landmark keeps in the long-tail regime: drawn
+    log-uniformly between LONG_TAIL_MIN and all of them, so most landmarks keep a few photos and some
+    keep many, as in Google Landmarks (of 21: a median of 6, one landmark in six 15 or more)."""
+    if available <= LONG_TAIL_MIN:
+        return available
+    rng = np.random.default_rng(stable_rank(seed, f"long tail:{landmark}"))
+    drawn = int(np.exp(rng.uniform(np.log(LONG_TAIL_MIN), np.log(available + 1))))
+    return min(max(drawn, LONG_TAIL_MIN), available)
+
+
+def keep_long_tail(photos: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each landmark's first `long_tail_count` database photos in the seed's order, split left to
+    select (val and train, as in full); the others that show the landmark are test queries (`heldout`),
+    as the photos the few-shot regime leaves over."""
+    photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
+    place = photos.groupby("landmark_id").cumcount()
+    available = photos.groupby("landmark_id")["id"].transform("size")
+    keep = [long_tail_count(seed, lm, n) for lm, n in zip(photos["landmark_id"], available)]
+    kept = place.to_numpy() < np.array(keep)
+    split = np.where(kept, "", np.where(photos["shows_landmark"].to_numpy(), "test", "unused"))
+    photos = photos.assign(split=split, source=np.where(split == "test", "heldout", "database"))
+    return photos[photos["split"] != "unused"]
 
 
 def nonlandmark_rows(folder: Path, base_url: str, seed: int) -> pd.DataFrame:
@@ -572,7 +606,7 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
         "subfolder of photos per landmark, instead of DATA/paris6k_subset; its results go to "
         "bench/out/real_photos-<folder name> unless --out says otherwise",
     )
-    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=DEFAULT_REGIMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--experiments", nargs="+", default=None, help="names to run (default: all)")
     parser.add_argument("--variants", action="store_true", help="also run the variants that did not win")

@@ -76,6 +76,32 @@ def test_fewshot_csv_keeps_five_train_and_one_val_photo_per_landmark_and_queries
     assert (full.loc[full["id"].str.startswith("lm"), "split"] == "").all()  # select assigns val and train
 
 
+def test_longtail_keeps_a_seeded_number_of_photos_per_landmark_from_two_to_all_and_queries_the_rest(tmp_path):
+    """Google Landmarks' head and tail in one database: most landmarks keep a few photos, some many;
+    select assigns val and train among them as in full, and the photos left over are queries."""
+    bench = load_bench()
+    data = tmp_path / "data"
+    stand_in_data(data)
+    rows = [{"id": f"p{lm}_{i}", "path": f"{lm}/{i}.jpg", "landmark_id": lm} for lm in range(40) for i in range(30)]
+    pd.DataFrame(rows).to_csv(data / "paris6k_subset" / "labels.csv", index=False)  # 40 landmarks x 30 photos
+    kept = {}
+    for seed in (0, 1):
+        table = bench.urls_table(folders(data), "u", "longtail", seed)
+        landmarks = table[table["id"].str.startswith("p")]
+        counts = landmarks.groupby(["landmark_id", "split"]).size().unstack(fill_value=0)
+        assert set(landmarks["split"]) == {"", "test"}  # nothing unused: no junk views here
+        assert (counts.sum(axis=1) == 30).all()
+        assert landmarks.query("split == 'test'")["source"].value_counts().to_dict() == {
+            "query": 40 * 9,  # ceil(0.3 x 30) drawn queries per landmark, as in full
+            "heldout": (21 - counts[""]).sum(),  # the rest of the 21 database photos
+        }
+        assert counts[""].between(2, 21).all()
+        assert counts[""].median() <= 10 and (counts[""] >= 15).sum() >= 2  # a long tail and a head
+        kept[seed] = set(landmarks.query("split == ''")["id"])
+    assert kept[0] != kept[1]  # the seed draws how many and which
+    assert bench.long_tail_count(0, "x", 1) == 1 and bench.long_tail_count(0, "x", 2) == 2
+
+
 def test_gap_by_query_source_scores_each_kind_of_landmark_query_with_every_nonlandmark_query(tmp_path):
     bench = load_bench()
     table = pd.DataFrame(

@@ -274,6 +274,12 @@ def test_val_test_quota(n, val, test, min_train, expected):
         (3, 0.1, 0.1, 1, 3, 2, (0, 0)),  # 2 pre-assigned test rows leave only the train image
         (3, 0.1, 0.1, 1, 3, 1, (1, 0)),
         (3, 0.0, 0.1, 1, 3, 0, (0, 0)),  # val_fraction 0: no val at all
+        # Pre-assigned test rows count against the train minimum too: 19 of 21 leave 2 images.
+        (21, 0.1, 0.0, 1, 3, 19, (1, 0)),  # 10% of 21 asks for 2 val: 1, and 1 train
+        (21, 0.1, 0.0, 1, 3, 20, (0, 0)),  # the one image left trains
+        (21, 0.1, 0.0, 2, 3, 19, (0, 0)),
+        (21, 0.1, 0.1, 1, 3, 18, (2, 2)),  # the test quota (2) is below the given 18: train keeps 1
+        (30, 0.1, 0.1, 1, 3, 9, (3, 3)),  # enough left: as without given rows
     ],
 )
 def test_val_quota_floor(n, val, test, min_train, min_class, given_test, expected):
@@ -383,6 +389,23 @@ def test_val_min_class_images_option(tmp_path):
     assert "val covers 0 of 7 classes (0 of the 5 with >= 3 images: val_fraction is 0)" in report
     with pytest.raises(ConfigError, match="key 'select.val_min_class_images'"):
         run(tmp_path, [manifest], val_min_class_images=1)
+
+
+def test_preassigned_test_rows_never_leave_a_class_without_train_images(tmp_path):
+    """A CSV that marks most of a small class's photos as test queries (its database is then a photo
+    or two): val's share of the class must not take its last train image, as the report promises."""
+    given = {f"L001x{i:03d}": "test" for i in range(2, 40)}  # class 1: 40 images, 38 of them test
+    given |= {"L004x000": "test", "L004x001": "test", "L004x002": "test"}  # class 4: 1 of 4 left
+    manifest = long_tail_manifest(tmp_path, given=given)
+    for seed in range(3):
+        selection, table, report = run(tmp_path, [manifest], val_fraction=0.1, test_fraction=0.0, seed=seed)
+        splits = per_class_splits(selection)
+        assert splits[1] == {"train": 1, "val": 1, "test": 38}  # 10% of 40 asks for 4 val
+        assert splits[4] == {"train": 1, "val": 0, "test": 3}
+        train = selection[selection["split"] == "train"]["landmark_id"].value_counts()
+        assert set(train.index) == set(LONG_TAIL)  # every class keeps a train image
+        assert "every class keeps at least 1 train image(s)" in report
+        assert_counts_add_up(selection, table)
 
 
 def test_val_floor_never_tears_a_duplicate_group(tmp_path):

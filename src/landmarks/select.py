@@ -451,15 +451,17 @@ def val_test_quota(
     given_test: int = 0,
 ) -> tuple[int, int]:
     """Val and test sizes of a class of n images: fractions rounded half up, shrunk until train
-    keeps `min_train` images (tiny classes lose val/test, never train).
+    keeps `min_train` images (tiny classes lose val/test, never train). A class's test images are
+    its quota, or its `given_test` pre-assigned test rows when there are more: a class of 21 images
+    with 19 given test rows keeps 1 train image of the 2 left, however many val 10% of 21 asks for.
 
     With `val_min_class_images` (0 = off) a class of at least that many images that the fractions
     leave without val gets 1 val image, if one remains after `min_train` train images and its test
-    images (the quota, or `given_test` pre-assigned test rows when there are more)."""
+    images."""
     val = math.floor(n * val_fraction + 0.5 + 1e-9)
     test = math.floor(n * test_fraction + 0.5 + 1e-9)
-    while val + test > 0 and n - val - test < min_train:
-        if test >= val:
+    while n - val - max(test, given_test) < min_train and (val > 0 or test > given_test):
+        if test > given_test and test >= val:  # test shrinks first on a tie, while it is the quota that counts
             test -= 1
         else:
             val -= 1

@@ -16,8 +16,9 @@ Regimes:
            Landmarks, where most landmarks have a handful of photos;
   oneshot  1 train photo and 1 val photo per landmark: the database holds one photo of each landmark.
   longtail each landmark keeps a number of its photos drawn by the seed, log-uniform between 2 and all
-           of them (most keep a few, some many: Google Landmarks' head and tail in one database), and
-           `select` assigns val and train as in full. Not in the default regimes; ask for it by name.
+           of them (most keep a few, some many: Google Landmarks' head and tail in one database); val
+           is 10% of them, and 1 from 3 photos up (select's defaults), the rest train. Not in the
+           default regimes; ask for it by name.
 In fewshot, oneshot and longtail the Paris6k photos left over that show their landmark (official ground truth
 `ok`; the `junk` views stay unused) are queries too: 8 times more landmark queries than the web photos
 alone, by other Flickr users. The tables give GAP over each kind of landmark query (with every
@@ -74,6 +75,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 from landmarks.common import write_text_atomic  # noqa: E402
 from landmarks.images import IMAGE_SUFFIXES  # noqa: E402
+from landmarks.select import Rules, val_test_quota  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "bench" / "out" / "real_photos"
@@ -86,6 +88,7 @@ LONG_TAIL = "long tail"
 REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1), "longtail": LONG_TAIL}
 DEFAULT_REGIMES = ["full", "fewshot", "oneshot"]
 LONG_TAIL_MIN = 2  # photos a landmark keeps at the least (select's min_images_per_class below)
+VAL_FRACTION, VAL_MIN_CLASS_IMAGES = Rules().val_fraction, Rules().val_min_class_images
 
 # The experiments every run compares. Every key not set here takes the schema's default, so
 # `finetuned` is what a user gets without touching the train/embed/retrieve sections.
@@ -152,6 +155,11 @@ VARIANTS: dict[str, dict] = {
     "triplet": {
         "description": "batch-hard triplet loss (soft margin) on 8 x 4 batches",
         "train": {"loss": "triplet", "sampler": "pk"},
+    },
+    "balanced_batches": {
+        "description": "class-balanced batches for the ArcFace loss: 8 landmarks x 4 photos (`sampler: pk`), so a "
+        "landmark with many photos is drawn no more often than one with two (for the long-tail regime)",
+        "train": {"sampler": "pk"},
     },
     "crop_0.25": {
         "description": "stronger crops: random resized crops of 25-100% of the photo (the default 50-100%)",
@@ -324,15 +332,18 @@ def long_tail_count(seed: int, landmark: str, available: int) -> int:
 
 
 def keep_long_tail(photos: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Each landmark's first `long_tail_count` database photos in the seed's order, split left to
-    select (val and train, as in full); the others that show the landmark are test queries (`heldout`),
-    as the photos the few-shot regime leaves over."""
+    """Each landmark's first `long_tail_count` database photos in the seed's order: val as select's
+    defaults would draw it from those photos alone (10%, and 1 from 3 photos up), the rest train; the
+    others that show the landmark are test queries (`heldout`), as the photos few-shot leaves over.
+    (Left to select, val would be 10% of the whole landmark, its queries included.)"""
     photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
-    place = photos.groupby("landmark_id").cumcount()
+    place = photos.groupby("landmark_id").cumcount().to_numpy()
     available = photos.groupby("landmark_id")["id"].transform("size")
-    keep = [long_tail_count(seed, lm, n) for lm, n in zip(photos["landmark_id"], available)]
-    kept = place.to_numpy() < np.array(keep)
-    split = np.where(kept, "", np.where(photos["shows_landmark"].to_numpy(), "test", "unused"))
+    keep = np.array([long_tail_count(seed, lm, n) for lm, n in zip(photos["landmark_id"], available)])
+    val = np.array([val_test_quota(k, VAL_FRACTION, 0.0, 1, VAL_MIN_CLASS_IMAGES)[0] for k in keep])
+    split = np.select(
+        [place < val, place < keep, photos["shows_landmark"].to_numpy()], ["val", "train", "test"], default="unused"
+    )
     photos = photos.assign(split=split, source=np.where(split == "test", "heldout", "database"))
     return photos[photos["split"] != "unused"]
 
@@ -382,7 +393,7 @@ def run_config(regime: str, seed: int, urls_csv: Path, experiments: dict, train:
         "input": {"urls_csv": str(urls_csv)},
         "split": {"partitions": 1},
         "download": {"concurrency": 8, "per_host": 8, "threads": 1},
-        # Paris6k photos are pre-assigned only in the few-shot regime; test is always pre-assigned.
+        # Database photos are pre-assigned in the few-shot, one-shot and long-tail regimes; test always is.
         "select": {"seed": seed, "test_fraction": 0.0, "min_images_per_class": 2},
         "places365": {"workers": 0},
         "train": {"seed": seed, "workers": 1, **train},

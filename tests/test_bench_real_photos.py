@@ -78,7 +78,8 @@ def test_fewshot_csv_keeps_five_train_and_one_val_photo_per_landmark_and_queries
 
 def test_longtail_keeps_a_seeded_number_of_photos_per_landmark_from_two_to_all_and_queries_the_rest(tmp_path):
     """Google Landmarks' head and tail in one database: most landmarks keep a few photos, some many;
-    select assigns val and train among them as in full, and the photos left over are queries."""
+    val is select's default share of them (10%, and 1 from 3 photos up), and the photos left over
+    are queries."""
     bench = load_bench()
     data = tmp_path / "data"
     stand_in_data(data)
@@ -89,15 +90,17 @@ def test_longtail_keeps_a_seeded_number_of_photos_per_landmark_from_two_to_all_a
         table = bench.urls_table(folders(data), "u", "longtail", seed)
         landmarks = table[table["id"].str.startswith("p")]
         counts = landmarks.groupby(["landmark_id", "split"]).size().unstack(fill_value=0)
-        assert set(landmarks["split"]) == {"", "test"}  # nothing unused: no junk views here
-        assert (counts.sum(axis=1) == 30).all()
+        assert (counts.sum(axis=1) == 30).all()  # nothing unused: no junk views here
+        kept_count = counts["train"] + counts["val"]
+        expected_val = ((kept_count * 0.1 + 0.5).astype(int)).clip(lower=(kept_count >= 3).astype(int))
+        assert counts["val"].tolist() == expected_val.tolist()
         assert landmarks.query("split == 'test'")["source"].value_counts().to_dict() == {
             "query": 40 * 9,  # ceil(0.3 x 30) drawn queries per landmark, as in full
-            "heldout": (21 - counts[""]).sum(),  # the rest of the 21 database photos
+            "heldout": (21 - kept_count).sum(),  # the rest of the 21 database photos
         }
-        assert counts[""].between(2, 21).all()
-        assert counts[""].median() <= 10 and (counts[""] >= 15).sum() >= 2  # a long tail and a head
-        kept[seed] = set(landmarks.query("split == ''")["id"])
+        assert kept_count.between(2, 21).all()
+        assert kept_count.median() <= 10 and (kept_count >= 15).sum() >= 2  # a long tail and a head
+        kept[seed] = set(landmarks.query("split in ['train', 'val']")["id"])
     assert kept[0] != kept[1]  # the seed draws how many and which
     assert bench.long_tail_count(0, "x", 1) == 1 and bench.long_tail_count(0, "x", 2) == 2
 

@@ -161,6 +161,11 @@ VARIANTS: dict[str, dict] = {
         "landmark with many photos is drawn no more often than one with two (for the long-tail regime)",
         "train": {"sampler": "pk"},
     },
+    "inverse_log_weights": {
+        "description": "the ArcFace loss of each photo weighted by 1 / log of its landmark's train photos "
+        "(`class_weights: inverse_log`; for the long-tail regime)",
+        "train": {"class_weights": "inverse_log"},
+    },
     "crop_0.25": {
         "description": "stronger crops: random resized crops of 25-100% of the photo (the default 50-100%)",
         "train": {"augment": {"random_resized_crop_scale": [0.25, 1.0]}},

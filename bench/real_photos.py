@@ -166,6 +166,11 @@ VARIANTS: dict[str, dict] = {
         "(`class_weights: inverse_log`; for the long-tail regime)",
         "train": {"class_weights": "inverse_log"},
     },
+    "dynamic_margin": {
+        "description": "per-landmark ArcFace margins, 0.5 for the rarest down to 0.05 for the most common "
+        "(`dynamic_margin: true`, the GLR2020 winners'; for the long-tail regime)",
+        "train": {"dynamic_margin": True},
+    },
     "crop_0.25": {
         "description": "stronger crops: random resized crops of 25-100% of the photo (the default 50-100%)",
         "train": {"augment": {"random_resized_crop_scale": [0.25, 1.0]}},

@@ -12,7 +12,9 @@ bench = load("long_tail")
 def _results(folder, answers):
     """Landmark 1 has 2 train photos (the tail), landmark 2 has 5, landmark 3 has 12 (the head); each has
     two test queries, and one non-landmark query (never counted in a bin)."""
-    train = [(f"t1_{i}", 1) for i in range(2)] + [(f"t2_{i}", 2) for i in range(5)] + [(f"t3_{i}", 3) for i in range(12)]
+    train = (
+        [(f"t1_{i}", 1) for i in range(2)] + [(f"t2_{i}", 2) for i in range(5)] + [(f"t3_{i}", 3) for i in range(12)]
+    )
     queries = [("q1a", 1), ("q1b", 1), ("q2a", 2), ("q2b", 2), ("q3a", 3), ("q3b", 3), ("n0", None)]
     selection = pd.DataFrame(
         {

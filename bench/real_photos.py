@@ -83,7 +83,7 @@ OUT = REPO / "bench" / "out" / "real_photos"
 ROLES = {"paris6k": "database", "web_query": "query", "train": "database", "test": "query", "all": "draw"}
 QUERY_FRACTION = 0.3  # of each landmark's photos, in a folder with no queries of its own
 # regime -> (train, val) photos per landmark drawn by the seed; None: select assigns all of them;
-# LONG_TAIL: how many photos each landmark keeps is drawn too, and select assigns them.
+# LONG_TAIL: how many photos each landmark keeps is drawn too, then its val and train (keep_long_tail).
 LONG_TAIL = "long tail"
 REGIMES = {"full": None, "fewshot": (5, 1), "oneshot": (1, 1), "longtail": LONG_TAIL}
 DEFAULT_REGIMES = ["full", "fewshot", "oneshot"]

@@ -309,6 +309,11 @@ def read_landmarks(folder: Path, seed: int) -> pd.DataFrame:
     return labels[["id", "path", "landmark_id"]].assign(role=role, shows_landmark=shows)
 
 
+def in_seed_order(photos: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Each landmark's photos in an order the seed draws (the regimes keep a prefix of it)."""
+    return photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
+
+
 def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.DataFrame:
     labels = read_landmarks(folder, seed)
     labels["url"] = f"{base_url}/{urllib.parse.quote(folder.name)}/" + labels["path"].map(urllib.parse.quote)
@@ -318,7 +323,7 @@ def landmark_rows(folder: Path, base_url: str, regime: str, seed: int) -> pd.Dat
         photos = keep_long_tail(photos, seed)
     elif REGIMES[regime]:
         n_train, n_val = REGIMES[regime]
-        photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
+        photos = in_seed_order(photos, seed)
         place = photos.groupby("landmark_id").cumcount().to_numpy()
         split = np.select(
             [place < n_train, place < n_train + n_val, photos["shows_landmark"].to_numpy()],
@@ -346,7 +351,7 @@ def keep_long_tail(photos: pd.DataFrame, seed: int) -> pd.DataFrame:
     defaults would draw it from those photos alone (10%, and 1 from 3 photos up), the rest train; the
     others that show the landmark are test queries (`heldout`), as the photos few-shot leaves over.
     (Left to select, val would be 10% of the whole landmark, its queries included.)"""
-    photos = photos.assign(rank=[stable_rank(seed, i) for i in photos["id"]]).sort_values(["landmark_id", "rank"])
+    photos = in_seed_order(photos, seed)
     place = photos.groupby("landmark_id").cumcount().to_numpy()
     available = photos.groupby("landmark_id")["id"].transform("size")
     keep = np.array([long_tail_count(seed, lm, n) for lm, n in zip(photos["landmark_id"], available)])

@@ -158,7 +158,7 @@ VARIANTS: dict[str, dict] = {
     },
     "balanced_batches": {
         "description": "class-balanced batches for the ArcFace loss: 8 landmarks x 4 photos (`sampler: pk`), so a "
-        "landmark with many photos is drawn no more often than one with two (for the long-tail regime)",
+        "landmark with many photos is drawn no more often than one with a single photo (for the long-tail regime)",
         "train": {"sampler": "pk"},
     },
     "inverse_log_weights": {

@@ -94,7 +94,7 @@ def run_args(shards, out_dir, settings):
 
 
 def test_pk_sampler_yields_p_classes_times_k_images():
-    # Class sizes 9, 6, 5, 2 (fewer than K: repeated), 1 (cannot have a positive: never drawn); -1 unlabelled.
+    # Class sizes 9, 6, 5, 2 (fewer than K: repeated), 1 (a triplet has no positive: never drawn); -1 unlabelled.
     class_of = np.array([0] * 9 + [1] * 6 + [2] * 5 + [3] * 2 + [4] + [-1] * 3)
     sampler = TrainBatchSampler(class_of, mode="pk", classes_per_batch=3, images_per_class=4, seed=5)
     sampler.set_epoch(0)
@@ -116,6 +116,26 @@ def test_pk_sampler_yields_p_classes_times_k_images():
     assert counts[4] == 0 and counts[:4].min() > 0
     with pytest.raises(Exception, match="pk_classes = 5, but only 4 classes"):
         bad = TrainBatchSampler(class_of, mode="pk", classes_per_batch=5, images_per_class=2)
+        bad.set_epoch(0)
+        bad.epoch_batches()
+
+
+def test_pk_sampler_for_a_classifier_loss_trains_landmarks_of_one_photo():
+    # ArcFace learns a landmark of one photo from its augmentations: class-balanced batches keep it.
+    class_of = np.array([0] * 9 + [1] * 6 + [2] + [3] + [4])
+    sampler = TrainBatchSampler(
+        class_of, mode="pk", classes_per_batch=3, images_per_class=4, seed=5, min_class_images=1
+    )
+    sampler.batches_per_epoch = 10
+    sampler.set_epoch(0)
+    batches = sampler.epoch_batches()
+    counts = np.bincount(class_of[batches.ravel()], minlength=5)
+    assert counts.min() > 0 and counts[2:].tolist() == [counts[2]] * 3  # every class, the singletons alike
+    for batch in batches:
+        for single in (18, 19, 20):  # a one-photo class fills its K places with that photo
+            assert (batch == single).sum() in (0, 4)
+    with pytest.raises(Exception, match="pk_classes = 6, but only 5 classes have the 1 or more"):
+        bad = TrainBatchSampler(class_of, mode="pk", classes_per_batch=6, images_per_class=2, min_class_images=1)
         bad.set_epoch(0)
         bad.epoch_batches()
 
@@ -588,6 +608,18 @@ def test_one_train_photo_per_landmark_is_whitened_with_the_val_photos(shards, tm
         assert ("whiten_matrix" in checkpoint(out / "model.pt")["model"]) is learned
         whitening = json.loads((out / "train.json").read_text())["whitening"]
         assert whitening["images"] == 12 if learned else whitening.startswith("not learned")
+
+
+def test_class_balanced_batches_train_an_arcface_model_on_one_photo_per_landmark(shards, tmp_path):
+    """One-shot data (the val shards: one photo of each landmark): ArcFace trains on P x K batches,
+    a triplet loss, which needs two photos of a landmark, says so."""
+    pk = {**TINY, "epochs": 1, "sampler": "pk", "pk_classes": 3, "pk_images": 2}
+    out = tmp_path / "arcface"
+    train.train([shards / "val"], [shards / "val"], out, settings_for(pk), device=torch.device("cpu"))
+    assert (out / "model.pt").exists()
+    with pytest.raises(Exception, match="only 0 classes have the 2 or more training images"):
+        triplet = settings_for({**pk, "loss": "triplet"})
+        train.train([shards / "val"], [shards / "val"], tmp_path / "triplet", triplet, device=torch.device("cpu"))
 
 
 def test_val_queries_include_a_sample_of_the_nonlandmark_bank(shards, tmp_path):

@@ -11,8 +11,11 @@ worker decodes the image, nor on how many batches ran before a restart.
 
 Modes (train.sampler):
   random    a permutation of all labelled images, cut into batches of `batch_size`.
-  pk        P classes x K images per batch (batch-hard triplet): classes are visited in shuffled
-            rounds, each class's images in shuffled rounds (a class with fewer than K images repeats).
+  pk        P classes x K images per batch (batch-hard triplet, or class-balanced batches for a
+            classifier loss): classes are visited in shuffled rounds, each class's images in shuffled
+            rounds (a class with fewer than K images repeats, each time with other augmentations). A
+            triplet loss needs a positive, so its classes of one image are left out; a classifier
+            loss (ArcFace, softmax, BCE) trains on them too (`min_class_images`).
   subspace  P x K batches whose P classes all come from one cluster of similar classes (seed 004's
             "subspaces": k-means over class-mean embeddings, `cluster_classes`), so the negatives in
             a batch are hard ones.
@@ -93,8 +96,10 @@ def pk_batches(
     n_batches: int,
     rng: np.random.Generator,
     clusters: np.ndarray | None = None,
+    min_class_images: int = 2,
 ) -> np.ndarray:
-    """(n_batches, P*K) positions: P distinct classes x K images each.
+    """(n_batches, P*K) positions: P distinct classes x K images each, from the classes with at least
+    `min_class_images` images.
 
     With `clusters` (class -> cluster number, -1 = left out) every batch draws its classes from one
     cluster, the cluster picked with probability proportional to its number of images.
@@ -103,11 +108,11 @@ def pk_batches(
     order = np.argsort(labels, kind="stable")
     classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     images = {int(c): positions[order[s : s + n]] for c, s, n in zip(classes, starts, counts)}
-    usable = np.array([c for c in images if len(images[c]) >= 2], dtype=np.int64)
+    usable = np.array([c for c in images if len(images[c]) >= min_class_images], dtype=np.int64)
     if len(usable) < classes_per_batch:
         raise StageError(
-            f"train.pk_classes = {classes_per_batch}, but only {len(usable)} classes have the 2 or more "
-            "training images a P x K batch needs"
+            f"train.pk_classes = {classes_per_batch}, but only {len(usable)} classes have the "
+            f"{min_class_images} or more training images a P x K batch needs"
         )
     pools = {}  # one shuffled round-robin per class, created when the class is first drawn
 
@@ -201,6 +206,7 @@ class TrainBatchSampler(Sampler):
         world_size: int = 1,
         batches_multiple_of: int = 1,
         min_batches: int = 1,
+        min_class_images: int = 2,
     ):
         if mode not in MODES:
             raise StageError(f"train.sampler must be one of {', '.join(MODES)}, got {mode!r}")
@@ -210,6 +216,7 @@ class TrainBatchSampler(Sampler):
             raise StageError("train: no labelled training images")
         self.mode, self.batch_size, self.seed = mode, batch_size, seed
         self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
+        self.min_class_images = min_class_images
         self.rank, self.world_size = rank, world_size
         self.epoch, self.skip, self.clusters = 0, 0, None
         self._batches: np.ndarray | None = None
@@ -259,6 +266,7 @@ class TrainBatchSampler(Sampler):
                     n_batches,
                     rng,
                     self.clusters if self.mode == "subspace" else None,
+                    self.min_class_images,
                 )
         return self._batches
 

@@ -278,6 +278,8 @@ class Training:
             world_size=dist.world_size,
             batches_multiple_of=self.accumulation,
             min_batches=settings["min_steps_per_epoch"] * self.accumulation,
+            # A triplet needs a positive; a classifier learns a landmark of one photo from its augmentations.
+            min_class_images=1 if head_entry(settings["loss"]).has_logits else 2,
         )
         transform = train_transform(settings, self.model.data_config["mean"], self.model.data_config["std"])
         dataset = SeededDataset(ShardMapDataset(self.train_index, transform, self.labels))

@@ -225,6 +225,7 @@ class Training:
         self.train_index, self.val_index, self.labels, self.class_of, counts = load_training_data(
             train_dirs, val_dirs, bank_dirs, settings
         )
+        self.has_logits = head_entry(settings["loss"]).has_logits  # a classifier head, not the triplet loss
         # In this order: the model's and the head's random initial weights come first from the seeded state.
         self.build_model(counts)
         self.build_loader()
@@ -235,7 +236,6 @@ class Training:
         self.state, self.resumed_from = RunState(), None
         # This process's sums over the epoch so far: loss x images, images, correct top-1 (classifier heads).
         self.totals = torch.zeros(3, dtype=torch.float64)
-        self.has_logits = head_entry(settings["loss"]).has_logits
         self.last_epoch_positions: list[np.ndarray] = []
 
     def build_model(self, counts: np.ndarray) -> None:
@@ -279,7 +279,7 @@ class Training:
             batches_multiple_of=self.accumulation,
             min_batches=settings["min_steps_per_epoch"] * self.accumulation,
             # A triplet needs a positive; a classifier learns a landmark of one photo from its augmentations.
-            min_class_images=1 if head_entry(settings["loss"]).has_logits else 2,
+            min_class_images=1 if self.has_logits else 2,
         )
         transform = train_transform(settings, self.model.data_config["mean"], self.model.data_config["std"])
         dataset = SeededDataset(ShardMapDataset(self.train_index, transform, self.labels))
